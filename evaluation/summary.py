@@ -1,0 +1,60 @@
+"""Per-editor, per-edit-type means of per-item PIE-Bench results, in the paper's scales.
+
+Conventions:
+- rows with a non-empty `error` are dropped; `n` counts the remaining (successful) items;
+- means ignore NaN, as everyone averaging the reference CSVs does (background metrics are NaN for full masks,
+  so `n_unedit` counts the items whose background metrics exist);
+- PSNR is +inf when an edit leaves the background bit-identical. One inf would make the mean inf and hide every
+  other item, so inf counts as NaN in the mean and `n_psnr_inf` reports how many items were perfect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from evaluation.metrics import PAPER_SCALES
+
+# per-item columns that are not metrics; `seconds`, `nfe` and `peak_mem_mb` are averaged but listed last
+ID_COLUMNS = ("editor", "edit_type", "error", "note", "image_id", "image_path")
+COST_COLUMNS = ("seconds", "nfe", "peak_mem_mb")
+
+
+def _succeeded(results: pd.DataFrame) -> pd.DataFrame:
+    if "error" not in results:
+        return results
+    error = results["error"].fillna("").astype(str).str.strip()
+    return results[error == ""]
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (editor, edit type) plus an `"all"` edit-type row per editor."""
+    ok = _succeeded(results).copy()
+    ok["edit_type"] = ok["edit_type"].astype(str)
+    numeric = [c for c in ok.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(ok[c])]
+    metrics = [c for c in PAPER_SCALES if c in numeric]
+    metrics += [c for c in numeric if c not in PAPER_SCALES and c not in COST_COLUMNS]
+    costs = [c for c in COST_COLUMNS if c in numeric]
+
+    psnr = ok["psnr_unedit_part"] if "psnr_unedit_part" in ok else pd.Series(np.nan, index=ok.index)
+    counts = pd.DataFrame({"n": 1, "n_unedit": psnr.notna().astype(int), "n_psnr_inf": np.isinf(psnr).astype(int)})
+    values = ok[metrics + costs].astype(float).replace([np.inf, -np.inf], np.nan)
+    for raw, (column, factor) in PAPER_SCALES.items():
+        if raw in values:
+            values[raw] *= factor
+    values = values.rename(columns={raw: column for raw, (column, _) in PAPER_SCALES.items()})
+    frame = pd.concat([ok[["editor", "edit_type"]], counts, values], axis=1)
+
+    per_type = frame.groupby(["editor", "edit_type"], sort=True)
+    overall = frame.assign(edit_type="all").groupby(["editor", "edit_type"], sort=True)
+    aggregations = {c: "sum" for c in counts} | {c: "mean" for c in values}  # pandas' mean skips NaN
+    summary = pd.concat([per_type.agg(aggregations), overall.agg(aggregations)]).reset_index()
+    # "all" after the per-type rows of its editor
+    summary["_all"] = summary["edit_type"] == "all"
+    summary = summary.sort_values(["editor", "_all", "edit_type"], kind="stable").drop(columns="_all")
+    return summary.reset_index(drop=True)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """A fixed-width table: two decimals for paper-scale numbers, four significant digits for small ones."""
+    return summary.to_string(index=False, float_format=lambda v: f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}")
