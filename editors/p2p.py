@@ -7,7 +7,7 @@ A `P2PController` sees the attention probabilities of the conditional half and
   ``cross_replace_steps`` fraction of the steps;
 - self-attention: replaces the targets' maps with the source's for the first ``self_replace_steps`` fraction of
   the steps, on layers with at most (latent/2)² queries (32² for SD's 64² latents);
-- stores the cross-attention maps at the blend resolution (latent/4, SD's 16²) for `LocalBlend`, which after
+- stores the cross-attention maps at the blend resolution (latent/4: SD's five 16² layers) for `LocalBlend`, which after
   each denoising step keeps the target latent equal to the source outside the blend words' attention mask.
 
 Only layers whose maps the controller needs at the current step materialise probabilities; every other call goes

@@ -135,8 +135,8 @@ class KeyBackbone:
         self.model = model.eval()
         self.image_size = image_size
         self._key_proj = _last_key_projection(model)
-        # The reference ran torchvision < 0.17, whose tensor Resize did not antialias (the default became True
-        # in 0.17); pin False so that 512 -> 224 matches the published numbers.
+        # Tensor Resize antialiases by default since torchvision 0.17 (Jan 2024), not before. The published numbers
+        # (2023; the reference repo pins no torchvision) were made without it, so pin antialias=False.
         self._resize = Resize(image_size, max_size=480 if image_size < 480 else None, antialias=False)
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
@@ -254,9 +254,9 @@ class PieBenchMetrics:
 
     @property
     def unavailable(self) -> list[str]:
-        missing = {"structure_distance": self.structure, "lpips_unedit_part": self.lpips}
-        missing |= {key: self.clip for key in METRIC_KEYS if key.startswith("clip_")}
-        return [key for key in METRIC_KEYS if key in missing and missing[key] is None]
+        backbones = {"structure_distance": self.structure, "lpips_unedit_part": self.lpips}
+        backbones |= dict.fromkeys(METRIC_KEYS[5:], self.clip)  # the three CLIP scores
+        return [key for key in METRIC_KEYS if key in backbones and backbones[key] is None]
 
     def compute(
         self, source: np.ndarray, edited: np.ndarray, mask: np.ndarray, source_prompt: str, target_prompt: str
@@ -270,7 +270,7 @@ class PieBenchMetrics:
             "ssim_unedit_part": ssim_unedit_part(source, edited, mask, self.device),
         }
         if self.clip is None:
-            return out | {key: nan for key in METRIC_KEYS[5:]}
+            return out | dict.fromkeys(METRIC_KEYS[5:], nan)
         return out | {
             "clip_similarity_source_image": clip_score(self.clip, source, source_prompt),
             "clip_similarity_target_image": clip_score(self.clip, edited, target_prompt),
@@ -297,13 +297,10 @@ def _try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on
     try:
         return loader()
     except Exception as err:  # offline hub/torchvision downloads fail with many exception types
-        message = (
-            f"cannot load the backbone of {metric} from {source}: {type(err).__name__}: {err}. To fix: {hint}, "
-            "or use on_missing='warn' to skip the metric (its values become NaN)."
-        )
+        message = f"cannot load the backbone of {metric} from {source}: {type(err).__name__}: {err}. To fix: {hint}"
         if on_missing == "error":
-            raise RuntimeError(message) from err
-        log.warning("%s is unavailable: %s", metric, message)
+            raise RuntimeError(f"{message}, or use on_missing='warn' to score without it (NaN).") from err
+        log.warning("%s is unavailable, its values will be NaN. %s.", metric, message)
         return None
 
 
@@ -317,7 +314,10 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchM
         raise ValueError(f"on_missing must be 'error' or 'warn', got {on_missing!r}")
     structure_cfg, clip_cfg, lpips_cfg = (cfg.get(key) or {} for key in ("structure", "clip", "lpips"))
     off = (None, "none")
-    hf_hint = "pre-populate HF_HOME on a machine with network access, or set {} to a local model directory"
+    hf_hint = (
+        "pre-populate HF_HOME on a machine with network access (offline, HF_HUB_OFFLINE=1 skips the slow retries), "
+        "or set {} to a local model directory"
+    )
 
     structure = None
     kind = structure_cfg.get("backbone", "dino")

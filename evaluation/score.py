@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.edits.is_dir():
         raise SystemExit(f"edits folder not found: {args.edits}")
-    dataset = PieBenchDataset(args.data, edit_types=args.edit_types, limit=args.limit)
+    try:
+        dataset = PieBenchDataset(args.data, edit_types=args.edit_types, limit=args.limit)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err} Here that is the --data flag.") from err
     if metrics is None:
         metrics = build_metrics(
             {

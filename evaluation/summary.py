@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from evaluation.metrics import PAPER_SCALES
+from evaluation.metrics import METRIC_KEYS, PAPER_SCALES
 
 # per-item columns that are not metrics; `seconds`, `nfe` and `peak_mem_mb` are averaged but listed last
 ID_COLUMNS = ("editor", "edit_type", "error", "note", "image_id", "image_path")
@@ -31,12 +31,13 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (editor, edit type) plus an `"all"` edit-type row per editor."""
     ok = _succeeded(results).copy()
     ok["edit_type"] = ok["edit_type"].astype(str)
-    numeric = [c for c in ok.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(ok[c])]
+    known = [*METRIC_KEYS, *COST_COLUMNS]  # always numbers, even when a column is empty or all NaN
+    numeric = [c for c in ok.columns if c in known or c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(ok[c])]
     metrics = [c for c in PAPER_SCALES if c in numeric]
     metrics += [c for c in numeric if c not in PAPER_SCALES and c not in COST_COLUMNS]
     costs = [c for c in COST_COLUMNS if c in numeric]
 
-    psnr = ok["psnr_unedit_part"] if "psnr_unedit_part" in ok else pd.Series(np.nan, index=ok.index)
+    psnr = ok["psnr_unedit_part"].astype(float) if "psnr_unedit_part" in ok else pd.Series(np.nan, index=ok.index)
     counts = pd.DataFrame({"n": 1, "n_unedit": psnr.notna().astype(int), "n_psnr_inf": np.isinf(psnr).astype(int)})
     values = ok[metrics + costs].astype(float).replace([np.inf, -np.inf], np.nan)
     for raw, (column, factor) in PAPER_SCALES.items():
@@ -47,7 +48,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     per_type = frame.groupby(["editor", "edit_type"], sort=True)
     overall = frame.assign(edit_type="all").groupby(["editor", "edit_type"], sort=True)
-    aggregations = {c: "sum" for c in counts} | {c: "mean" for c in values}  # pandas' mean skips NaN
+    aggregations = dict.fromkeys(counts, "sum") | dict.fromkeys(values, "mean")  # pandas' mean skips NaN
     summary = pd.concat([per_type.agg(aggregations), overall.agg(aggregations)]).reset_index()
     # "all" after the per-type rows of its editor
     summary["_all"] = summary["edit_type"] == "all"

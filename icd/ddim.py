@@ -23,12 +23,13 @@ def ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor | floa
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, offset: int = 0) -> list[int]:
-    """Descending DDIM grid ``[T - stride + offset, ..., offset]``; 50 steps, offset 0 gives 980, 960, ..., 0.
+    """Descending DDIM grid ``[(N - 1) * stride + offset, ..., offset]`` (diffusers' "leading" spacing, stride T // N);
+    50 steps, offset 0 gives 980, 960, ..., 0.
 
     Prompt-to-Prompt / Null-Text Inversion / PIE-Bench run offset 0 (not the ``steps_offset=1`` of SD's config).
     """
     stride = num_train_timesteps // num_steps
-    return [t + offset for t in range(num_train_timesteps - stride, -1, -stride)][:num_steps]
+    return [i * stride + offset for i in reversed(range(num_steps))]
 
 
 def abar_at(alphas_cumprod: torch.Tensor, t: int, final: float | torch.Tensor) -> torch.Tensor:
@@ -39,3 +40,36 @@ def abar_at(alphas_cumprod: torch.Tensor, t: int, final: float | torch.Tensor) -
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance in the classic scale: scale 1 is the plain conditional prediction."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-sample timesteps (iCD training and inference)
+
+
+def abar_rows(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """``abar_t`` for a scalar or per-sample timestep [B], shaped to broadcast against ``like`` [B, ...]."""
+    t = torch.as_tensor(t, device=alphas_cumprod.device)
+    abar = alphas_cumprod[t].to(like.device, like.dtype)
+    return abar.reshape(-1, *([1] * (like.ndim - 1))) if abar.ndim else abar
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM forward marginal) for a scalar or per-sample t."""
+    abar = abar_rows(alphas_cumprod, t, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def jump(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor | int,
+         alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The consistency-model jump J(x; t -> s; eps) of iCD, either direction, with the hard boundary at s = 0.
+
+    A jump to s = 0 returns the clean prediction x0 (abar := 1), not a point at noise level abar_0: that is how the
+    distilled models are trained and sampled. ``t`` and ``s`` are ints or per-sample tensors [B].
+    """
+    return ddim_jump(x, eps, abar_rows(alphas_cumprod, t, x), _boundary_abar(alphas_cumprod, s, x))
+
+
+def _boundary_abar(alphas_cumprod: torch.Tensor, s: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    abar = abar_rows(alphas_cumprod, s, like)
+    at_zero = torch.as_tensor(s, device=like.device).reshape(abar.shape) == 0
+    return torch.where(at_zero, torch.ones_like(abar), abar)

@@ -8,7 +8,16 @@ import pytest
 import torch
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionModel, ViTConfig, ViTModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from editors.tokenizers import char_tokenizer
 from evaluation.metrics import (
@@ -28,13 +37,23 @@ from evaluation.metrics import (
     structure_distance,
 )
 
-CLIP_CONFIG = dict(
-    text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                     max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-    vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                       num_attention_heads=2),
-    projection_dim=16,
-)
+
+def tiny_clip_config():
+    text = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)  # ids of editors.tokenizers.char_tokenizer
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                              num_attention_heads=2)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # the 2 shared cores are usually busy; two intra-op threads then wait on each other and run ~10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_vit():
@@ -47,7 +66,7 @@ def tiny_vit():
 def tiny_clip_parts():
     torch.manual_seed(0)
     processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPModel(CLIPConfig(**CLIP_CONFIG)).eval(), char_tokenizer(), processor
+    return CLIPModel(tiny_clip_config()).eval(), char_tokenizer(), processor
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +117,8 @@ def test_empty_mask_equals_whole_image_metrics(lpips_net):
     source, edited, _ = images()
     empty = np.zeros(source.shape[:2])
     x, y = as_tensor(edited), as_tensor(source)
-    assert psnr_unedit_part(source, edited, empty) == pytest.approx(peak_signal_noise_ratio(x, y, 1.0).item(), abs=1e-6)
+    whole_psnr = peak_signal_noise_ratio(x, y, data_range=1.0).item()
+    assert psnr_unedit_part(source, edited, empty) == pytest.approx(whole_psnr, abs=1e-6)
     assert mse_unedit_part(source, edited, empty) == pytest.approx(mean_squared_error(x, y).item(), abs=1e-6)
     whole_ssim = structural_similarity_index_measure(x, y, data_range=1.0).item()
     assert ssim_unedit_part(source, edited, empty) == pytest.approx(whole_ssim, abs=1e-6)
@@ -180,7 +200,7 @@ def test_keys_are_last_layer_key_projection(dino):
 
 
 def test_clip_vision_backbone():
-    model = CLIPVisionModel(CLIPConfig(**CLIP_CONFIG).vision_config).eval()
+    model = CLIPVisionModel(tiny_clip_config().vision_config).eval()
     backbone = KeyBackbone.from_clip_vision(model)
     source, edited, _ = images()
     assert backbone.image_size == 32

@@ -8,7 +8,15 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    ViTConfig,
+    ViTModel,
+)
 
 from editors.tokenizers import char_tokenizer
 from evaluation.metrics import METRIC_KEYS, ClipScorer, KeyBackbone, PieBenchMetrics
@@ -18,26 +26,34 @@ from evaluation.summary import format_summary, summarize
 
 SIZE = 64
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # the 2 shared cores are usually busy; two intra-op threads then wait on each other and run ~10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # summary
 
 
 def results_frame():
-    base = {"nfe": 4, "peak_mem_mb": 100.0, "clip_similarity_source_image": 20.0, "gt_psnr": 30.0}
+    nan, inf = math.nan, math.inf
+    columns = ["editor", "edit_type", "error", "structure_distance", "psnr_unedit_part", "lpips_unedit_part",
+               "mse_unedit_part", "ssim_unedit_part", "clip_similarity_target_image",
+               "clip_similarity_target_image_edit_part", "seconds"]
     rows = [
-        dict(editor="a", edit_type="1", error="", structure_distance=0.010, psnr_unedit_part=20.0,
-             lpips_unedit_part=0.1, mse_unedit_part=0.01, ssim_unedit_part=0.7, clip_similarity_target_image=25.0,
-             clip_similarity_target_image_edit_part=22.0, seconds=1.0),
-        dict(editor="a", edit_type="1", error=np.nan, structure_distance=0.030, psnr_unedit_part=math.inf,
-             lpips_unedit_part=0.0, mse_unedit_part=0.0, ssim_unedit_part=1.0, clip_similarity_target_image=27.0,
-             clip_similarity_target_image_edit_part=24.0, seconds=3.0),
-        dict(editor="a", edit_type="9", error="", structure_distance=0.020, psnr_unedit_part=np.nan,
-             lpips_unedit_part=np.nan, mse_unedit_part=np.nan, ssim_unedit_part=np.nan,
-             clip_similarity_target_image=30.0, clip_similarity_target_image_edit_part=30.0, seconds=2.0),
-        dict(editor="a", edit_type="9", error="RuntimeError: boom", structure_distance=9.0, seconds=99.0),
-        dict(editor="b", edit_type="1", error="", structure_distance=0.5, psnr_unedit_part=10.0, seconds=5.0),
+        ("a", "1", "", 0.010, 20.0, 0.1, 0.01, 0.7, 25.0, 22.0, 1.0),
+        ("a", "1", nan, 0.030, inf, 0.0, 0.0, 1.0, 27.0, 24.0, 3.0),  # NaN error = success; identical background
+        ("a", "9", "", 0.020, nan, nan, nan, nan, 30.0, 30.0, 2.0),  # full mask
+        ("a", "9", "RuntimeError: boom", 9.0, nan, nan, nan, nan, nan, nan, 99.0),
+        ("b", "1", "", 0.5, 10.0, nan, nan, nan, nan, nan, 5.0),
     ]
-    return pd.DataFrame([base | row for row in rows])
+    extra = {"nfe": 4, "peak_mem_mb": 100.0, "clip_similarity_source_image": 20.0, "gt_psnr": 30.0}
+    return pd.DataFrame(rows, columns=columns).assign(**extra)
 
 
 def test_summary_scales_nan_inf_and_counts():
@@ -97,14 +113,12 @@ def tiny_models():
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(image_size=224, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=37), add_pooling_layer=False)
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16,
-    ))
+    text = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                              num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return vit, clip, char_tokenizer(), processor
 

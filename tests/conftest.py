@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+# Tests never touch the network or a W&B server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
+FP32 = {"dtype": "float32", "vae_dtype": "float32"}
+NO_OFFLOAD = {"mode": "none"}
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    from editors.models import load_components
+
+    return load_components(TINY, FP32, NO_OFFLOAD, "cpu")

@@ -1,0 +1,52 @@
+import torch
+
+from editors.ddim_p2p import DDIMP2PEditor
+from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
+
+
+def test_reference_grid():
+    assert ddim_timesteps(50) == list(range(980, -1, -20))
+    assert ddim_timesteps(10)[:2] == [900, 800] and ddim_timesteps(10)[-1] == 0
+    assert ddim_timesteps(6) == [830, 664, 498, 332, 166, 0]  # stride 1000 // 6, always ending at 0
+
+
+def test_jump_round_trip_and_identity():
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    a, b = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+    assert torch.allclose(ddim_jump(ddim_jump(x, eps, a, b), eps, b, a), x, atol=1e-12)
+    assert torch.allclose(ddim_jump(x, eps, a, a), x, atol=1e-12)
+    x0 = ddim_jump(x, eps, a, 1.0)  # hard boundary: the clean prediction
+    assert torch.allclose(x0, (x - (1 - a).sqrt() * eps) / a.sqrt())
+
+
+def test_abar_final_and_cfg():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    assert abar_at(alphas, -20, alphas[0]) == alphas[0]
+    u, c = torch.zeros(3), torch.ones(3)
+    assert torch.equal(cfg(u, c, 1.0), c) and torch.equal(cfg(u, c, 7.5), 7.5 * c)
+
+
+def test_inversion_trajectory_shape_and_identity_first_step(tiny_components):
+    editor = DDIMP2PEditor(tiny_components, num_steps=10)
+    z0 = torch.randn(1, 4, 16, 16)
+    trajectory = editor.invert(z0, tiny_components.encode_prompts(["a red circle"]))
+    assert len(trajectory) == 11
+    assert torch.equal(trajectory[1], trajectory[0])  # abar_final = abar_0: the first step is exactly the identity
+
+
+def _round_trip_error(components, steps: int, z0, cond) -> float:
+    editor = DDIMP2PEditor(components, num_steps=steps)
+    z = editor.invert(z0, cond)[-1]
+    with torch.no_grad():
+        for t in editor.timesteps:  # unguided (conditional) denoising, the exact reverse of the inversion
+            z = ddim_jump(z, components.unet_eps(z, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+    return (z - z0).pow(2).mean().item()
+
+
+def test_inversion_reconstructs_better_with_more_steps(tiny_components):
+    torch.manual_seed(0)
+    z0 = torch.randn(1, 4, 16, 16)
+    cond = tiny_components.encode_prompts(["a blue square"])
+    errors = [_round_trip_error(tiny_components, n, z0, cond) for n in (10, 25, 100)]
+    assert errors[0] > errors[1] > errors[2], errors

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+
+from editors.ddim_p2p import DDIMP2PEditor
+from editors.p2p import LocalBlend, P2PController, controlled_attention, make_controller
+
+SRC, TGT = "a red circle on a gray background", "a blue circle on a gray background"
+
+
+class PlainAttention:
+    """A controller that never asks for probabilities: every layer takes the fused kernel."""
+
+    step = 0
+
+    def needs_probs(self, is_cross, queries):
+        return False
+
+    def step_callback(self, latents):
+        return latents
+
+
+def _setup(components, steps=8):
+    editor = DDIMP2PEditor(components, num_steps=steps)
+    torch.manual_seed(0)
+    x_t = torch.randn(1, 4, 16, 16)
+    uncond = [components.encode_prompts([""])] * steps
+    return editor, x_t, uncond
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(blend_words=("red", "blue"), amplify=2.0),
+        dict(blend_words=None, cross_replace_steps=1.0, self_replace_steps=1.0),
+        dict(blend_words=("circle", "circle"), mode="replace", amplify=4.0, blend_start=0.0),
+    ],
+)
+def test_source_branch_equals_plain_reconstruction(tiny_components, settings):
+    c = tiny_components
+    editor, x_t, uncond = _setup(c)
+    text = c.encode_prompts([SRC, TGT])
+    controller = make_controller([SRC, TGT], c.tokenizer, editor.num_steps, c.latent_size, **settings)
+    edited = editor.denoise(x_t, text, uncond, controller)
+    plain = editor.denoise(x_t, text[:1], uncond, PlainAttention())
+    assert torch.allclose(edited[0], plain[0], atol=1e-4), (edited[0] - plain[0]).abs().max()
+    assert not torch.allclose(edited[1], plain[0], atol=1e-3)  # the target did change
+
+
+def test_identical_prompts_give_identical_rows(tiny_components):
+    c = tiny_components
+    editor, x_t, uncond = _setup(c)
+    text = c.encode_prompts([SRC, SRC])
+    controller = make_controller([SRC, SRC], c.tokenizer, editor.num_steps, c.latent_size, ("circle", "circle"),
+                                 amplify=1.0, blend_start=0.0)
+    latents = editor.denoise(x_t, text, uncond, controller)
+    assert torch.allclose(latents[0], latents[1], atol=1e-5)
+
+
+def test_controller_edits_only_conditional_target_rows(tiny_components):
+    c = tiny_components
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, None, amplify=1.0)
+    probs = torch.rand(2 * 2 * 4, 64, 77).softmax(-1)  # [2 * P * heads, Q, K]
+    for is_cross in (True, False):
+        out = controller(probs, is_cross, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor")
+        assert torch.equal(out[:12], probs[:12])  # uncond half and the source's conditional rows
+        assert not torch.equal(out[12:], probs[12:])
+    # self-attention replacement copies the source maps exactly
+    out = controller(probs, False, "x.attn1.processor")
+    assert torch.equal(out[12:], probs[8:12])
+
+
+def test_schedules_and_which_layers_materialise(tiny_components):
+    c = tiny_components
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, None)
+    small, large = (c.latent_size // 2) ** 2, c.latent_size**2
+    controller.step = 0
+    assert controller.needs_probs(True, large) and controller.needs_probs(False, small)
+    assert not controller.needs_probs(False, large)  # the largest self-attention maps are never injected
+    controller.step = 19
+    assert controller.needs_probs(True, large)
+    controller.step = 20  # int(0.4 * 51) = 20: cross replacement over
+    assert not controller.needs_probs(True, large) and controller.needs_probs(False, small)
+    controller.step = 30  # int(0.6 * 50) = 30: self replacement over
+    assert not controller.needs_probs(False, small) and not controller.needs_probs(True, small)
+
+
+def test_only_needed_layers_materialise_probabilities(tiny_components):
+    c = tiny_components
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, ("red", "blue"))
+    calls = []
+    original = P2PController.__call__
+
+    def spy(self, probs, is_cross, layer):
+        calls.append((is_cross, probs.shape[1]))
+        return original(self, probs, is_cross, layer)
+
+    text = torch.cat([c.encode_prompts(["", ""]), c.encode_prompts([SRC, TGT])])
+    P2PController.__call__ = spy
+    try:
+        with controlled_attention(c.unet, controller), torch.no_grad():
+            for step in (0, 40):
+                controller.step = step
+                c.unet(torch.randn(4, 4, 16, 16), 500, encoder_hidden_states=text)
+    finally:
+        P2PController.__call__ = original
+    layers = c.unet.attn_processors
+    n_cross = sum(name.split(".")[-2] == "attn2" for name in layers)
+    n_blend = 4  # cross layers at the blend resolution 4² (latent 16 / 4): down_blocks.2, mid, up_blocks.0 (x2)
+    n_small_self = 7  # self layers with <= 8² queries: down_blocks.1-2, mid, up_blocks.0-1 (x2 each)
+    step0 = n_cross + n_small_self
+    assert len(calls) == step0 + n_blend
+    assert all(is_cross and q == 16 for is_cross, q in calls[step0:])
+    assert controller.store.maps().shape[:2] == (2, n_blend * 8)  # [P, layers * heads]; 64 channels / head dim 8
+    assert c.unet.attn_processors.keys() == layers.keys()  # processors restored
+
+
+def test_local_blend_mask_and_noop():
+    torch.manual_seed(0)
+    alphas = torch.zeros(2, 77)
+    alphas[0, 3], alphas[1, 5] = 1, 1
+    blend = LocalBlend(alphas, resolution=4, start_step=0)
+    maps = torch.rand(2, 8, 16, 77)
+    mask = blend.mask(maps, (16, 16))
+    assert (mask[1] >= mask[0]).all()  # target mask contains the source mask
+    same = torch.randn(1, 4, 16, 16).expand(2, -1, -1, -1)
+    assert torch.equal(blend(same, maps, step=5), same)
+
+
+def test_local_blend_waits_for_start_step():
+    alphas = torch.zeros(2, 77)
+    alphas[:, 2] = 1
+    blend = LocalBlend(alphas, resolution=4, start_step=10)
+    latents = torch.randn(2, 4, 16, 16)
+    assert torch.equal(blend(latents, torch.rand(2, 8, 16, 77), step=9), latents)
+    blended = blend(latents, torch.rand(2, 8, 16, 77), step=10)
+    assert torch.equal(blended[0], latents[0])
+
+
+def test_missing_blend_word_is_a_clear_error(tiny_components):
+    with pytest.raises(ValueError, match="blend word 'cat' is not a whole word"):
+        make_controller([SRC, TGT], tiny_components.tokenizer, 50, 16, ("cat", "blue"))
+
+
+def test_edit_reports_calls_and_returns_both_images(tiny_components):
+    from PIL import Image
+
+    from editors.base import EditRequest, build_editor
+
+    editor = build_editor({"name": "ddim_p2p", "num_steps": 6}, tiny_components)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    result = editor.edit(EditRequest(image, SRC, TGT, blend_words=("red", "blue")))
+    assert result.nfe == 5 + 6  # inversion skips its identity step; one batched call per denoising step
+    assert result.edited.size == result.reconstruction.size == (64, 64)
+    assert result.seconds > 0
