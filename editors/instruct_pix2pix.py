@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
-from editors.base import EditRequest, EditResult, Editor, register
+from editors.base import Editor, EditRequest, EditResult, register
 from editors.models import Components, attach_pipeline
 
 
@@ -34,12 +34,12 @@ class InstructPix2PixEditor(Editor):
     def __init__(self, components: Components, num_steps: int = 50, guidance_scale: float = 7.5,
                  image_guidance_scale: float = 1.5):
         super().__init__(components)
-        latent_channels = components.vae.config.latent_channels
-        if components.unet.config.in_channels != 2 * latent_channels or components.text_encoder_2 is not None:
+        c = components
+        channels = 2 * c.vae.config.latent_channels  # noisy latent + image latent
+        if c.unet.config.in_channels != channels or c.text_encoder_2 is not None:
             raise ValueError(
-                f"instruct_pix2pix needs an InstructPix2Pix UNet ({2 * latent_channels} input channels: noisy latent + "
-                f"image latent) on an SD-family model; model={components.name} has "
-                f"{components.unet.config.in_channels}. Use model=ip2p (or model=tiny_ip2p for tests)"
+                f"instruct_pix2pix needs an SD-family InstructPix2Pix UNet ({channels} input channels); "
+                f"model={c.name} has {c.unet.config.in_channels}. Use model=ip2p (or model=tiny_ip2p for tests)"
             )
         guided = guidance_scale > 1 and image_guidance_scale >= 1
         if not guided and (guidance_scale, image_guidance_scale) != (1, 1):
@@ -52,14 +52,13 @@ class InstructPix2PixEditor(Editor):
         self.guidance_scale = guidance_scale
         self.image_guidance_scale = image_guidance_scale
         # The checkpoint's beta schedule (kept by the loaded DDIM scheduler), sampled the way the reference samples.
-        scheduler = EulerAncestralDiscreteScheduler.from_config(components.scheduler.config, timestep_spacing="linspace")
-        c = components
+        scheduler = EulerAncestralDiscreteScheduler.from_config(c.scheduler.config, timestep_spacing="linspace")
         self.pipe = StableDiffusionInstructPix2PixPipeline(
             vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        attach_pipeline(components, self.pipe)
+        attach_pipeline(c, self.pipe)
 
     @torch.no_grad()
     def sample(self, image_latents: torch.Tensor, instruction: str, generator: torch.Generator) -> torch.Tensor:

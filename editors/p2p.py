@@ -44,6 +44,8 @@ class P2PController:
             raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
         self.num_prompts = len(prompts)
         self.step = 0
+        # False when the UNet batch holds only the P conditional rows (guidance-embedded models, unguided steps)
+        self.has_uncond = True
         self.cross_alpha = seq_aligner.cross_replace_alpha(prompts, num_steps, cross_replace_steps, tokenizer)
         self.self_window = seq_aligner.self_replace_window(num_steps, self_replace_steps)
         self.self_max_queries = (latent_size // 2) ** 2
@@ -85,8 +87,9 @@ class P2PController:
         return new
 
     def __call__(self, probs: torch.Tensor, is_cross: bool, layer: str) -> torch.Tensor:
-        """probs [2 * P * heads, Q, K], uncond half first; returns the (possibly edited) probabilities."""
-        half = probs.shape[0] // 2
+        """probs [2 * P * heads, Q, K], uncond half first (or [P * heads, Q, K] without it); returns the (possibly
+        edited) probabilities."""
+        half = probs.shape[0] // 2 if self.has_uncond else 0
         cond = probs[half:].unflatten(0, (self.num_prompts, -1))  # [P, h, Q, K]
         base, targets = cond[0], cond[1:]
         queries = probs.shape[1]

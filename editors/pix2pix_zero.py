@@ -34,11 +34,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from editors.base import EditRequest, EditResult, Editor, register
+from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import controlled_attention
 from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
-# -- 3. noise regularisation -------------------------------------------------------------------------------------------
+# -- 3. noise regularisation ------------------------------------------------------------------------------------------
 
 
 def auto_corr_loss(eps: torch.Tensor, generator: torch.Generator | None = None, min_size: int = 8) -> torch.Tensor:
@@ -86,7 +86,7 @@ def regularize_noise(eps: torch.Tensor, lambda_ac: float, lambda_kl: float, num_
     return eps
 
 
-# -- 4./5. the attention controller ------------------------------------------------------------------------------------
+# -- 4./5. the attention controller -----------------------------------------------------------------------------------
 
 
 class CrossAttentionGuidance:

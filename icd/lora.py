@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -61,7 +62,13 @@ def add_icd_adapters(unet: UNet2DConditionModel, rank: int = 64, alpha: float = 
                      target_modules: Sequence[str] = TARGET_MODULES) -> None:
     """Add ``icd_fwd`` and ``icd_rev``, both equal to the teacher (independent weights, same init)."""
     for name in ADAPTERS:
-        unet.add_adapter(lora_config(rank, alpha, target_modules), adapter_name=name)
+        _add_adapter(unet, lora_config(rank, alpha, target_modules), name)
+
+
+def _add_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
+    with warnings.catch_warnings():  # peft warns when a second adapter joins the first: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=name)
 
 
 def lora_parameters(unet: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
@@ -168,7 +175,7 @@ def load_adapter(unet: UNet2DConditionModel, adapter: str, path: str | Path, alp
     alpha = config.get("lora_alpha", alpha if alpha is not None else RELEASED_ALPHA)
     if adapter in getattr(unet, "peft_config", {}):
         unet.delete_adapters(adapter)
-    unet.add_adapter(lora_config(ranks.pop(), alpha, modules), adapter_name=adapter)
+    _add_adapter(unet, lora_config(ranks.pop(), alpha, modules), adapter)
     result = set_peft_model_state_dict(unet, weights, adapter_name=adapter)
     expected = set(adapter_state_dict(unet, adapter))
     if result.unexpected_keys or expected != set(weights):
@@ -176,3 +183,21 @@ def load_adapter(unet: UNet2DConditionModel, adapter: str, path: str | Path, alp
                          f"({len(expected - set(weights))} missing, {len(set(weights) - expected)} unexpected)")
     log.info("loaded LoRA %s from %s (rank %d, alpha %s, %d modules)", adapter, path, unet.peft_config[adapter].r,
              alpha, len(modules))
+
+
+def attach_adapters(unet: UNet2DConditionModel, forward_path: str | Path | None = None,
+                    reverse_path: str | Path | None = None, rank: int = 64, alpha: float = 8) -> list[str]:
+    """Give ``unet`` both adapters, from files where given, else freshly initialised (== the teacher).
+
+    Replaces adapters of the same names already on the UNet. Returns the names of the untrained ones.
+    """
+    untrained = []
+    for name, path in ((FORWARD, forward_path), (REVERSE, reverse_path)):
+        if path:
+            load_adapter(unet, name, path)
+            continue
+        if name in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(name)
+        _add_adapter(unet, lora_config(rank, alpha), name)
+        untrained.append(name)
+    return untrained

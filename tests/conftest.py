@@ -2,7 +2,9 @@ import os
 
 import pytest
 
-# Tests never touch the network or a W&B server.
+# Tests never touch the network or a W&B server. Tiny models are overhead-bound: one thread is faster on 2 shared
+# cores (and subprocesses such as run.py inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

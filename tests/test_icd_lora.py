@@ -122,7 +122,7 @@ def test_guidance_backends(tiny, inputs):
         eps_c = plain(x, t, encoder_hidden_states=text).sample
         eps_u = plain(x, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
         expected = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)  # code units: w = 0 is the conditional eps
-        assert torch.allclose(guided(x, t, text, w), expected, atol=1e-5)
+        assert torch.allclose(guided(x, t, text, w), expected, atol=1e-4)
         assert torch.allclose(guided(x, t, text, w)[0], eps_c[0], atol=1e-5)
 
 

@@ -47,14 +47,6 @@ def tiny_clip_config():
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the 2 shared cores are usually busy; two intra-op threads then wait on each other and run ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_vit():
     torch.manual_seed(0)

@@ -27,14 +27,6 @@ from evaluation.summary import format_summary, summarize
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the 2 shared cores are usually busy; two intra-op threads then wait on each other and run ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # summary

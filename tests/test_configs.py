@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "precision", "offload", "dataset", "editor", "metrics", "logger", "debug", "experiment")
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+@pytest.fixture
+def hydra_conf():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def test_every_group_has_options():
+    assert {group for group, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_file_composes(hydra_conf, group, option):
+    cfg = compose(config_name="run", overrides=[f"{group}={option}"], return_hydra_config=True)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert {"model", "precision", "offload", "dataset", "editor", "metrics", "logger"} <= container.keys()
+    for key in ("model", "editor", "dataset", "logger"):
+        assert cfg[key].name, f"{group}={option}: {key}.name is empty"
+    assert cfg.precision.dtype in ("float32", "float16", "bfloat16")
+    assert cfg.offload.mode in ("none", "model", "sequential")
+
+
+def test_default_is_offline_tiny_ddim_p2p(hydra_conf):
+    cfg = compose(config_name="run")
+    assert (cfg.model.name, cfg.editor.name, cfg.dataset.name, cfg.metrics.on_missing) == (
+        "tiny", "ddim_p2p", "builtin", "warn")
+    assert cfg.logger.mode == "offline"
+
+
+def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
+    cfg = compose(config_name="run", overrides=["dataset=pie_bench", "dataset.root=/data/PIE-Bench_v1"])
+    assert cfg.metrics.structure.path == "facebook/dino-vitb8"
+    assert cfg.metrics.clip.path == "openai/clip-vit-large-patch14" and cfg.metrics.lpips.net == "squeeze"
+    assert cfg.metrics.on_missing == "error"
+
+
+def test_ddim_p2p_reference_defaults(hydra_conf):
+    cfg = compose(config_name="run", overrides=["editor=ddim_p2p"]).editor
+    assert (cfg.num_steps, cfg.guidance_scale, cfg.cross_replace_steps, cfg.self_replace_steps) == (50, 7.5, 0.4, 0.6)
+    assert (cfg.mode, cfg.amplify, cfg.blend_start, cfg.blend_threshold) == ("refine", 2.0, 0.2, 0.3)

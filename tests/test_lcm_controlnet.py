@@ -1,0 +1,158 @@
+"""SDXL-family LCM + ControlNet-Canny on the tiny SDXL model: Canny control, 4 LCM steps = 4 UNet calls (CFG on a
+doubled batch, or the w-embedding), the control image's effect, ControlNet loading, refusals, and a 2-image run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
+from PIL import Image
+
+from editors.base import EditRequest, build_editor
+from editors.lcm_controlnet import canny_edges
+from editors.models import ModelLoadError, load_components
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
+FP32 = {"dtype": "float32", "vae_dtype": "float32"}
+NO_OFFLOAD = {"mode": "none"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
+
+
+def square(box=(16, 20, 44, 52)) -> Image.Image:
+    image = Image.new("RGB", (64, 64), (30, 90, 200))
+    image.paste((220, 200, 40), box)
+    return image
+
+
+def request(image: Image.Image, seed: int = 0) -> EditRequest:
+    return EditRequest(image, "a yellow square", "a red square", "make it red", None, seed)
+
+
+def unet_batches(unet: torch.nn.Module, run) -> list[int]:
+    """Batch size of every UNet call made by ``run()``."""
+    batches = []
+    handle = unet.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return batches
+
+
+def test_canny_edges():
+    edges = np.asarray(canny_edges(square(), 100, 200))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert (edges[..., 0] == edges[..., 1]).all() and (edges[..., 0] == edges[..., 2]).all()
+    ys, xs = np.nonzero(edges[..., 0])
+    assert 14 <= ys.min() and ys.max() <= 53 and 14 <= xs.min() and xs.max() <= 45  # only around the square's border
+    assert not np.asarray(canny_edges(Image.new("RGB", (64, 64), (9, 9, 9)), 100, 200)).any()
+
+
+def test_four_steps_four_unet_calls_with_cfg_batch(components):
+    editor = build_editor({"name": "lcm_controlnet"}, components)
+    results = []
+    batches = unet_batches(components.unet, lambda: results.append(editor.edit(request(square()))))
+    result = results[0]
+    assert result.edited.size == (64, 64) and result.reconstruction is None
+    assert result.nfe == 4 and result.extras["controlnet_calls"] == 4
+    assert batches == [2] * 4  # LCM-LoRA-style UNet (no w-embedding): guidance 1.5 is CFG on a doubled batch
+    assert editor.pipe.scheduler.timesteps.tolist() == [999, 759, 499, 259]
+    assert editor.pipe.unet is components.unet and editor.pipe.controlnet is components.controlnet
+
+
+def test_w_embedding_unet_runs_unbatched(components):
+    """A full LCM UNet (time_cond_proj_dim) takes the guidance scale as an embedding: still 4 calls, batch 1."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(components.unet.config, time_cond_proj_dim=16).eval()
+    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
+    c.unet = unet
+    editor = build_editor({"name": "lcm_controlnet"}, c)
+    results = []
+    batches = unet_batches(unet, lambda: results.append(editor.edit(request(square()))))
+    assert results[0].nfe == 4 and batches == [1] * 4
+
+
+def test_fixed_seed_and_control_image(components):
+    editor = build_editor({"name": "lcm_controlnet"}, components)
+    a, b = editor.edit(request(square(), seed=1)), editor.edit(request(square(), seed=2))
+    assert a.edited.tobytes() == b.edited.tobytes()  # seed 42 for every edit, as the reference runs it
+    moved = editor.edit(request(square((4, 4, 30, 30)), seed=1))
+    assert moved.edited.tobytes() != a.edited.tobytes()  # different edges, different result
+
+    per_item = build_editor({"name": "lcm_controlnet", "seed": None}, components)
+    assert per_item.edit(request(square(), 1)).edited.tobytes() != per_item.edit(request(square(), 2)).edited.tobytes()
+
+    no_control = build_editor({"name": "lcm_controlnet", "controlnet_conditioning_scale": 0.0}, components)
+    x, y = no_control.edit(request(square())), no_control.edit(request(square((4, 4, 30, 30))))
+    assert x.edited.tobytes() == y.edited.tobytes()  # the source enters only through the ControlNet
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision(dtype):
+    c = load_components(TINY_SDXL, {"dtype": dtype, "vae_dtype": "float32"}, NO_OFFLOAD, "cpu")
+    result = build_editor({"name": "lcm_controlnet"}, c).edit(request(square()))
+    assert result.edited.size == (64, 64) and result.nfe == 4
+    assert c.unet.dtype == c.controlnet.dtype == getattr(torch, dtype)
+
+
+def test_pretrained_controlnet_is_loaded_from_the_editor_config(components, tmp_path):
+    components.controlnet.save_pretrained(tmp_path / "controlnet")
+    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
+    c.controlnet = None  # as for a pretrained model: the ControlNet is the editor's choice
+    editor = build_editor({"name": "lcm_controlnet", "controlnet": str(tmp_path / "controlnet")}, c)
+    assert editor.controlnet is not components.controlnet
+    loaded, built = editor.controlnet.controlnet_mid_block.weight, components.controlnet.controlnet_mid_block.weight
+    assert torch.equal(loaded, built)
+    reference = build_editor({"name": "lcm_controlnet"}, components)
+    assert editor.edit(request(square())).edited.tobytes() == reference.edit(request(square())).edited.tobytes()
+    with pytest.raises(ModelLoadError, match="editor.controlnet="):
+        build_editor({"name": "lcm_controlnet", "controlnet": str(tmp_path / "missing")}, c)
+
+
+def test_refusals_and_attention_slicing(tiny_components):
+    with pytest.raises(ValueError, match="SDXL-family"):
+        build_editor({"name": "lcm_controlnet"}, tiny_components)
+    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
+    c.unet.set_attn_processor(AttnProcessor())  # stock: slicing may replace it
+    build_editor({"name": "lcm_controlnet", "attention_slicing": True}, c)
+    assert all(isinstance(p, SlicedAttnProcessor) for p in c.unet.attn_processors.values())
+
+    class Custom(AttnProcessor):
+        pass
+
+    c.unet.set_attn_processor(Custom())
+    with pytest.raises(ValueError, match="Custom"):
+        build_editor({"name": "lcm_controlnet", "attention_slicing": True}, c)
+
+
+@pytest.mark.slow
+def test_run_py_two_images(tmp_path):
+    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "run.py", "editor=lcm_controlnet", "model=tiny_sdxl", "dataset.limit=2", "logger=none",
+         "warmup=false", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=env, check=True, capture_output=True,
+    )
+    results = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
+    assert len(results) == 2
+    assert (results["error"] == "").all() and (results["nfe"] == 4).all()

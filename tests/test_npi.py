@@ -1,0 +1,74 @@
+"""Negative-Prompt Inversion + P2P (design §3.2) on the tiny model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from editors.base import EditRequest
+from editors.ddim_p2p import DDIMP2PEditor
+from editors.npi import NegativePromptInversionEditor
+from editors.p2p import make_controller
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
+BLEND = ("red", "blue")
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def test_source_embedding_replaces_null_and_no_optimisation(tiny_components, monkeypatch):
+    c = tiny_components
+    editor = NegativePromptInversionEditor(c, num_steps=5)
+    text, uncond = c.encode_prompts(PROMPTS[:1]), c.encode_prompts([""])
+    embeddings = editor.null_embeddings([], text, uncond)
+    assert len(embeddings) == 5 and all(torch.equal(e, text) for e in embeddings)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("NPI must not optimise")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    result = editor.edit(EditRequest(_image(), PROMPTS[0], PROMPTS[1], blend_words=BLEND))
+    assert result.nfe == (5 - 1) + 5  # inversion (identity step skipped) + the batched edit
+    assert result.nfe == DDIMP2PEditor(c, num_steps=5).edit(EditRequest(_image(), *PROMPTS)).nfe
+    assert result.extras["backward_passes"] == 0
+
+
+def test_source_branch_reconstructs_better_than_ddim(tiny_components):
+    """With ∅ = c_src the source row's guidance vanishes: it retraces the unguided inversion."""
+    c = tiny_components
+    text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
+    errors = {}
+    for editor in (DDIMP2PEditor(c, num_steps=5), NegativePromptInversionEditor(c, num_steps=5)):
+        z0 = c.encode_image(_image())
+        trajectory = editor.invert(z0, text[:1])
+        controller = make_controller(PROMPTS, c.tokenizer, 5, c.latent_size, BLEND, **editor.controller_args)
+        latents = editor.denoise(trajectory[-1], text, editor.null_embeddings(trajectory, text[:1], uncond),
+                                 controller)
+        errors[editor.name] = (latents[0] - z0[0]).pow(2).mean().item()
+    assert errors["npi"] < errors["ddim_p2p"]
+
+
+@pytest.mark.slow
+def test_run_py(tmp_path):
+    steps = 5
+    out = tmp_path / "run"
+    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "run.py", "editor=npi", "model=tiny", "dataset.limit=2", f"editor.num_steps={steps}",
+         "logger=none", "warmup=false", f"hydra.run.dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = pd.read_csv(out / "results.csv", dtype={"error": str}, keep_default_na=False)
+    assert len(results) == 2 and (results["error"] == "").all()
+    assert (results["editor"] == "npi").all() and (results["nfe"] == 2 * steps - 1).all()

@@ -1,0 +1,132 @@
+"""Pix2Pix-Zero (design §3.4) on the tiny model: regulariser, reference/edit passes, cost."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from editors.base import EditRequest
+from editors.pix2pix_zero import (
+    CrossAttentionGuidance,
+    Pix2PixZeroEditor,
+    auto_corr_loss,
+    kl_loss,
+    regularize_noise,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _ac(eps: torch.Tensor, seed: int = 0) -> float:
+    return auto_corr_loss(eps, torch.Generator().manual_seed(seed)).item()
+
+
+def test_regulariser_lowers_its_losses():
+    torch.manual_seed(0)
+    # correlated, off-scale noise: a smoothed field with a mean offset
+    eps = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 20, 20), 5, stride=1) * 3 + 0.5  # [1, 4, 16, 16]
+    regularized = regularize_noise(eps, lambda_ac=20, lambda_kl=20, num_reg_steps=5, num_ac_rolls=5,
+                                   generator=torch.Generator().manual_seed(1))
+    assert regularized.shape == eps.shape
+    assert all(_ac(regularized, seed) < _ac(eps, seed) for seed in range(5))
+    assert kl_loss(regularized) < kl_loss(eps)
+    # white noise is (nearly) KL's minimum, and switched-off weights change nothing
+    assert kl_loss(torch.randn(1, 4, 64, 64)).abs() < 1e-2
+    assert torch.equal(regularize_noise(eps, 0.0, 0.0, 5, 5), eps)
+
+
+def test_auto_corr_loss_is_a_pyramid_of_rolled_correlations():
+    eps = torch.randn(2, 4, 32, 32)
+    # a constant map is perfectly correlated with any roll of itself: 2 axes x 3 levels (32, 16, 8) per map
+    assert auto_corr_loss(torch.ones(1, 1, 32, 32)).item() == pytest.approx(6.0)
+    assert auto_corr_loss(eps, torch.Generator().manual_seed(0)) > 0
+    with torch.enable_grad():
+        x = eps.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(auto_corr_loss(x), x)
+    assert torch.isfinite(grad).all()
+
+
+def test_identical_prompts_without_guidance_reproduce_the_reference_pass(tiny_components):
+    c = tiny_components
+    editor = Pix2PixZeroEditor(c, num_steps=5, xa_guidance=0.0)
+    caption = c.encode_prompts(PROMPTS[:1])
+    x_t = editor.invert(c.encode_image(_image()), caption, torch.Generator().manual_seed(0))[-1]
+    controller = CrossAttentionGuidance(offload_maps=False)
+    reference = editor.reference(x_t, caption, controller)
+    cross_layers = {name for name in c.unet.attn_processors if name.endswith("attn2.processor")}
+    assert len(controller.maps) == 5 and all(set(maps) == cross_layers for maps in controller.maps)
+    edited = editor.edit_pass(x_t, torch.cat([caption, caption]), controller)
+    torch.testing.assert_close(edited, reference, rtol=0, atol=1e-4)  # fused vs materialised attention rounding
+    # with identical prompts the guidance loss starts at zero: the guided edit stays on the reference too
+    editor.xa_guidance = 0.1
+    torch.testing.assert_close(editor.edit_pass(x_t, torch.cat([caption, caption]), controller), reference,
+                               rtol=0, atol=1e-3)
+
+
+def test_guidance_step_descends_the_attention_loss(tiny_components):
+    c = tiny_components
+    editor = Pix2PixZeroEditor(c, num_steps=5)
+    source, target = c.encode_prompts(PROMPTS)
+    context = torch.stack([source, target])
+    controller = CrossAttentionGuidance(offload_maps=False)
+    x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    editor.reference(x_t, source[None], controller)
+    controller.step = 2
+    x_in = torch.cat([x_t] * 2) * 0.9  # off the reference latent: a non-zero loss
+
+    def loss(x):
+        controller.mode, controller.loss = "guide", None
+        from editors.p2p import controlled_attention
+
+        with controlled_attention(c.unet, controller), torch.no_grad():
+            c.unet_eps(x, editor.timesteps[2], context)
+        return controller.loss.item()
+
+    editor.xa_guidance = 1e-2
+    from editors.p2p import controlled_attention
+
+    with controlled_attention(c.unet, controller):
+        stepped = editor.guide(x_in, editor.timesteps[2], context, controller)
+    assert controller.mode == "off" and controller.loss is None
+    assert loss(stepped) < loss(x_in)
+
+
+def test_edit_cost_and_outputs(tiny_components):
+    steps = 4
+    request = EditRequest(_image(), PROMPTS[0], PROMPTS[1])
+    result = Pix2PixZeroEditor(tiny_components, num_steps=steps).edit(request)
+    assert result.nfe == (steps - 1) + steps + 2 * steps  # inversion + reference + (guided + recomputed) edit
+    assert result.extras["backward_passes"] == steps
+    assert result.edited.size == result.reconstruction.size == (64, 64)
+    assert result.edited != result.reconstruction
+    unguided = Pix2PixZeroEditor(tiny_components, num_steps=steps, xa_guidance=0.0).edit(request)
+    assert unguided.nfe == 3 * steps - 1 and unguided.extras["backward_passes"] == 0
+    with pytest.raises(ValueError, match="caption"):
+        Pix2PixZeroEditor(tiny_components, caption="blip")
+
+
+@pytest.mark.slow
+def test_run_py(tmp_path):
+    steps = 5
+    out = tmp_path / "run"
+    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "run.py", "editor=pix2pix_zero", "model=tiny", "dataset.limit=2",
+         f"editor.num_steps={steps}", "logger=none", "warmup=false", f"hydra.run.dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = pd.read_csv(out / "results.csv", dtype={"error": str}, keep_default_na=False)
+    assert len(results) == 2 and (results["error"] == "").all()
+    assert (results["editor"] == "pix2pix_zero").all() and (results["nfe"] == 4 * steps - 1).all()

@@ -1,0 +1,134 @@
+"""run.py end to end on the tiny model over generated PIE-Bench-format folders (subprocesses, as a user runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from evaluation.harness import RESULT_COLUMNS
+from evaluation.toyset import write_piebench
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]
+
+
+def run_py(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDITLAB_CACHE": str(cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_results(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "results.csv", dtype={"image_id": str, "edit_type": str, "error": str},
+                       keep_default_na=False, na_values={"psnr_unedit_part": ["nan"]})
+
+
+def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path):
+    out = tmp_path / "run"
+    proc = run_py(*FAST, "dataset.limit=3", f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    results = read_results(out)
+    assert list(results.columns) == list(RESULT_COLUMNS)
+    assert len(results) == 3 and (results["error"] == "").all()
+    assert (results["nfe"] == 3 + 4).all()  # 4-step inversion (identity step skipped) + 4 batched edit steps
+    assert (results[["editor", "model", "precision"]].iloc[0] == ["ddim_p2p", "tiny", "fp32"]).all()
+    assert (results["seconds"] > 0).all() and (results["peak_mem_mb"] > 0).all()
+    summary = pd.read_csv(out / "summary.csv", dtype={"edit_type": str})
+    assert "all" in set(summary["edit_type"]) and {"psnr", "mse_x1e4", "ssim_x1e2", "n"} <= set(summary.columns)
+    assert int(summary.loc[summary["edit_type"] == "all", "n"].iloc[0]) == 3
+    assert "psnr" in proc.stdout and "ddim_p2p" in proc.stdout  # the summary table is printed
+    assert len(list((out / "annotation_images").rglob("*.png"))) == 3
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_multirun_sweep_gives_every_job_its_results_and_wandb_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_py("-m", *FAST, "precision=fp32,bf16", "editor.num_steps=3,4", "dataset.limit=1",
+           f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.csv").exists())
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        results = read_results(job)
+        assert len(results) == 1 and (results["error"] == "").all()
+        seen.add((results["precision"].iloc[0], int(results["nfe"].iloc[0])))
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+    assert seen == {("fp32", 5), ("fp32", 7), ("bf16", 5), ("bf16", 7)}
+
+
+def test_rerun_into_the_same_directory_skips_finished_items(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    run_py(*FAST, "dataset.limit=2", "logger=none", f"hydra.run.dir={out}", cache=cache)
+    first = read_results(out)
+    proc = run_py(*FAST, "dataset.limit=3", "logger=none", f"hydra.run.dir={out}", cache=cache)
+    second = read_results(out)
+    assert len(second) == 3 and second["image_id"].is_unique
+    pd.testing.assert_frame_equal(second.iloc[:2], first)  # finished rows untouched
+    assert "resuming: 2 of 3 items already done" in proc.stderr + proc.stdout
+
+
+def _bad_input_set(root: Path) -> dict[str, str]:
+    """A generated set with one item of each kind of bad input; returns image id -> what is wrong with it."""
+    write_piebench(root, n_per_type=1, size=64, seed=0, edit_types=("1", "2", "3", "4", "5", "6", "7", "8"))
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    ids = sorted(mapping)
+    image = lambda i: root / "annotation_images" / mapping[ids[i]]["image_path"]  # noqa: E731
+    image(0).unlink()
+    image(1).write_bytes(b"not an image")
+    rgb = np.asarray(Image.open(image(2)))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), "RGBA").save(image(2))
+    grey16 = (np.asarray(Image.open(image(3)).convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(grey16).save(image(3))  # mode I;16
+    mapping[ids[4]]["editing_prompt"] = "a " + "very " * 20 + "long prompt"
+    mapping[ids[5]]["blended_word"] = "unicorn unicorn"
+    Image.open(image(6)).resize((96, 64)).save(image(6))
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    return dict(zip(ids, ["missing", "corrupt", "rgba", "grey16", "long", "blend", "odd_size", "fine"]))
+
+
+def test_bad_inputs_get_error_rows_and_the_run_goes_on(tmp_path):
+    root, out = tmp_path / "bad", tmp_path / "run"
+    kinds = _bad_input_set(root)
+    run_py(*FAST, "dataset=pie_bench", f"dataset.root={root}", "metrics=offline", "logger=none",
+           f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    rows = read_results(out).set_index("image_id")
+    by_kind = {kind: rows.loc[image_id] for image_id, kind in kinds.items()}
+    assert "FileNotFoundError" in by_kind["missing"]["error"]
+    assert "cannot read image" in by_kind["corrupt"]["error"]
+    assert "at most 77" in by_kind["long"]["error"]
+    assert "blend word 'unicorn'" in by_kind["blend"]["error"]
+    for kind, note in (("rgba", "RGBA->RGB"), ("grey16", "16-bit"), ("odd_size", "resized 96x64->64x64")):
+        assert by_kind[kind]["error"] == "" and note in by_kind[kind]["note"], (kind, by_kind[kind].to_dict())
+    assert by_kind["fine"]["error"] == "" and by_kind["fine"]["note"] == ""
+
+
+def test_unknown_editor_is_a_clear_error(tmp_path):
+    proc = run_py("editor=nope", cache=tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and "editor" in proc.stderr and "nope" in proc.stderr
+
+
+def test_missing_pie_bench_root_is_a_clear_error(tmp_path):
+    proc = run_py(*FAST, "dataset=pie_bench", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and "dataset.root" in proc.stderr
+
+
+@pytest.mark.parametrize("limit", [2])
+def test_sharding_splits_the_items(tmp_path, limit):
+    cache, ids = tmp_path / "cache", []
+    for shard in (0, 1):
+        out = tmp_path / f"shard{shard}"
+        run_py(*FAST, f"dataset.limit={limit}", "dataset.num_shards=2", f"dataset.shard={shard}", "logger=none",
+               f"hydra.run.dir={out}", cache=cache)
+        ids.append(set(read_results(out)["image_id"]))
+    assert len(ids[0]) == len(ids[1]) == 1 and not ids[0] & ids[1]
