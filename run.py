@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if multirun else output_dir.name
     try:
-        return objective(run(cfg, output_dir, group))
+        return objective(run(cfg, output_dir, group, hydra_cfg.job.override_dirname or "default"))
     except Exception as err:
         if not multirun:
             raise

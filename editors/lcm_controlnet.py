@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 from diffusers import ControlNetModel, LCMScheduler, StableDiffusionXLControlNetPipeline
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 from PIL import Image
 
 from editors.base import Editor, EditRequest, EditResult, register
@@ -98,9 +98,9 @@ class LCMControlNetEditor(Editor):
     def _enable_attention_slicing(self) -> None:
         """Sliced attention saves memory but replaces *every* attention processor (UNet and ControlNet): refuse when
         any is not a stock one, since that would silently drop someone's attention control."""
-        stock = (AttnProcessor, AttnProcessor2_0)
+        stock = (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor)  # exact types: subclasses may do more
         custom = sorted({type(p).__name__ for net in (self.components.unet, self.controlnet)
-                         for p in net.attn_processors.values() if not isinstance(p, stock)})
+                         for p in net.attn_processors.values() if type(p) not in stock})
         if custom:
             raise ValueError(f"attention_slicing=true would replace the custom attention processors {custom}")
         self.pipe.enable_attention_slicing()

@@ -37,7 +37,7 @@ METRIC_KEYS = (
     "clip_similarity_source_image", "clip_similarity_target_image", "clip_similarity_target_image_edit_part",
 )
 RESULT_COLUMNS = (
-    "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS,
+    "run", "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS,
     "seconds", "nfe", "peak_mem_mb", "error", "note",
 )
 
@@ -138,15 +138,18 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
     return Outcome(row)
 
 
-def run(cfg: DictConfig, output_dir: Path, group: str) -> pd.DataFrame:
-    """Run the configured editor over the configured dataset; returns the summary table."""
+def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default") -> pd.DataFrame:
+    """Run the configured editor over the configured dataset; returns the summary table.
+
+    ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg.dataset)
     components = load_components(cfg.model, cfg.precision, cfg.offload, cfg.device)
     editor = build_editor(OmegaConf.to_container(cfg.editor), components)
     metrics = build_metrics(OmegaConf.to_container(cfg.metrics), components.device)
     results = ResultsFile(output_dir / "results.csv")
-    run_info = {"editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
+    run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
 
     with RunLogger(cfg, output_dir, group) as logger:
         todo = [item for item in dataset if item.image_id not in results.done]

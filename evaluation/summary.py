@@ -15,8 +15,9 @@ import pandas as pd
 
 from evaluation.metrics import METRIC_KEYS, PAPER_SCALES
 
-# per-item columns that are not metrics; `seconds`, `nfe` and `peak_mem_mb` are averaged but listed last
-ID_COLUMNS = ("editor", "edit_type", "error", "note", "image_id", "image_path")
+# a run is identified by these (those present are group keys); the other non-metric columns are per-item labels
+RUN_COLUMNS = ("run", "editor", "model", "precision")
+ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "image_id", "image_path")
 COST_COLUMNS = ("seconds", "nfe", "peak_mem_mb")
 
 
@@ -28,7 +29,8 @@ def _succeeded(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (editor, edit type) plus an `"all"` edit-type row per editor."""
+    """One row per (run, editor, model, precision, edit type) plus an `"all"` edit-type row per run; each of
+    those keys is used only when present, so a sweep's concatenated results summarise in one table."""
     ok = _succeeded(results).copy()
     ok["edit_type"] = ok["edit_type"].astype(str)
     known = [*METRIC_KEYS, *COST_COLUMNS]  # always numbers, even when a column is empty or all NaN
@@ -44,15 +46,16 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         if raw in values:
             values[raw] *= factor
     values = values.rename(columns={raw: column for raw, (column, _) in PAPER_SCALES.items()})
-    frame = pd.concat([ok[["editor", "edit_type"]], counts, values], axis=1)
+    keys = [c for c in RUN_COLUMNS if c in ok]
+    frame = pd.concat([ok[[*keys, "edit_type"]], counts, values], axis=1)
 
-    per_type = frame.groupby(["editor", "edit_type"], sort=True)
-    overall = frame.assign(edit_type="all").groupby(["editor", "edit_type"], sort=True)
+    per_type = frame.groupby([*keys, "edit_type"], sort=True)
+    overall = frame.assign(edit_type="all").groupby([*keys, "edit_type"], sort=True)
     aggregations = dict.fromkeys(counts, "sum") | dict.fromkeys(values, "mean")  # pandas' mean skips NaN
     summary = pd.concat([per_type.agg(aggregations), overall.agg(aggregations)]).reset_index()
-    # "all" after the per-type rows of its editor
+    # "all" after the per-type rows of its run
     summary["_all"] = summary["edit_type"] == "all"
-    summary = summary.sort_values(["editor", "_all", "edit_type"], kind="stable").drop(columns="_all")
+    summary = summary.sort_values([*keys, "_all", "edit_type"], kind="stable").drop(columns="_all")
     return summary.reset_index(drop=True)
 
 

@@ -62,11 +62,12 @@ def add_icd_adapters(unet: UNet2DConditionModel, rank: int = 64, alpha: float = 
                      target_modules: Sequence[str] = TARGET_MODULES) -> None:
     """Add ``icd_fwd`` and ``icd_rev``, both equal to the teacher (independent weights, same init)."""
     for name in ADAPTERS:
-        _add_adapter(unet, lora_config(rank, alpha, target_modules), name)
+        add_named_adapter(unet, lora_config(rank, alpha, target_modules), name)
 
 
-def _add_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
-    with warnings.catch_warnings():  # peft warns when a second adapter joins the first: that is the point here
+def add_named_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
+    """``unet.add_adapter`` without peft's warning about a second adapter (that is the point here)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(config, adapter_name=name)
 
@@ -175,7 +176,7 @@ def load_adapter(unet: UNet2DConditionModel, adapter: str, path: str | Path, alp
     alpha = config.get("lora_alpha", alpha if alpha is not None else RELEASED_ALPHA)
     if adapter in getattr(unet, "peft_config", {}):
         unet.delete_adapters(adapter)
-    _add_adapter(unet, lora_config(ranks.pop(), alpha, modules), adapter)
+    add_named_adapter(unet, lora_config(ranks.pop(), alpha, modules), adapter)
     result = set_peft_model_state_dict(unet, weights, adapter_name=adapter)
     expected = set(adapter_state_dict(unet, adapter))
     if result.unexpected_keys or expected != set(weights):
@@ -198,6 +199,6 @@ def attach_adapters(unet: UNet2DConditionModel, forward_path: str | Path | None 
             continue
         if name in getattr(unet, "peft_config", {}):
             unet.delete_adapters(name)
-        _add_adapter(unet, lora_config(rank, alpha), name)
+        add_named_adapter(unet, lora_config(rank, alpha), name)
         untrained.append(name)
     return untrained

@@ -49,10 +49,12 @@ def consistency_target(x_next: torch.Tensor, t_next: torch.Tensor, s: torch.Tens
 
 def reverse_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch.Tensor, text: torch.Tensor,
                         w: torch.Tensor, student: EpsFn, teacher: EpsFn, schedule: BoundarySchedule,
-                        alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        alphas_cumprod: torch.Tensor,
+                        target_net: EpsFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse CD (trains the reverse model): from a grid point t' towards the reverse boundary below t = t' - 20.
 
     x0, noise [B, C, h, w]; grid_index [B] in 0..N-1; w [B] the sampled guidance (teacher and student alike).
+    ``target_net``: the network of the target jump (an EMA copy); default the online student, as the reference.
     """
     t_start = schedule.grid_at(grid_index)  # t' in {19, ..., 999}
     t_next = schedule.reverse_step(t_start)  # t = t' - 20, with 19 -> 0
@@ -61,13 +63,13 @@ def reverse_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch
     prediction = jump(x_start, student(x_start, t_start, text, w), t_start, s, alphas_cumprod)
     with torch.no_grad():
         x_next = teacher_step(x_start, teacher(x_start, t_start, text, w), t_start, t_next, alphas_cumprod)
-    target = consistency_target(x_next, t_next, s, text, w, student, alphas_cumprod)
+    target = consistency_target(x_next, t_next, s, text, w, target_net or student, alphas_cumprod)
     return prediction, target
 
 
 def forward_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch.Tensor, text: torch.Tensor,
-                        student: EpsFn, teacher: EpsFn, schedule: BoundarySchedule,
-                        alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        student: EpsFn, teacher: EpsFn, schedule: BoundarySchedule, alphas_cumprod: torch.Tensor,
+                        target_net: EpsFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward CD (trains the forward model), unguided: from a grid point t towards the forward boundary above
     t' = t + 20. grid_index [B] in 0..N-2 (t = 999 has nowhere to go)."""
     w = torch.zeros(x0.shape[0], device=x0.device)
@@ -78,7 +80,7 @@ def forward_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch
     prediction = jump(x_start, student(x_start, t_start, text, w), t_start, s, alphas_cumprod)
     with torch.no_grad():
         x_next = teacher_step(x_start, teacher(x_start, t_start, text, w), t_start, t_next, alphas_cumprod)
-    target = consistency_target(x_next, t_next, s, text, w, student, alphas_cumprod)
+    target = consistency_target(x_next, t_next, s, text, w, target_net or student, alphas_cumprod)
     return prediction, target
 
 

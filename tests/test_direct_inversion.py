@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from editors.base import EditRequest
+from editors.base import EditRequest, build_editor
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.direct_inversion import DirectInversionEditor
 from editors.p2p import make_controller
@@ -61,6 +62,16 @@ def test_cost_is_one_extra_pass(tiny_components):
     expected = tiny_components.decode_latents(tiny_components.encode_image(request.image))[0]
     assert np.abs(np.asarray(result.reconstruction, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     assert not np.array_equal(np.asarray(ddim.reconstruction), np.asarray(expected))
+
+
+def test_config_has_the_reference_defaults(tiny_components):
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "direct_inversion.yaml"))
+    assert cfg == {
+        "name": "direct_inversion", "num_steps": 50, "guidance_scale": 7.5,
+        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
+        "blend_start": 0.2, "blend_threshold": 0.3,
+    }
+    assert isinstance(build_editor(cfg, tiny_components), DirectInversionEditor)
 
 
 @pytest.mark.slow

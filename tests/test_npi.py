@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from editors.base import EditRequest
+from editors.base import EditRequest, build_editor
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.npi import NegativePromptInversionEditor
 from editors.p2p import make_controller
@@ -56,6 +57,16 @@ def test_source_branch_reconstructs_better_than_ddim(tiny_components):
                                  controller)
         errors[editor.name] = (latents[0] - z0[0]).pow(2).mean().item()
     assert errors["npi"] < errors["ddim_p2p"]
+
+
+def test_config_has_the_reference_defaults(tiny_components):
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "npi.yaml"))
+    assert cfg == {
+        "name": "npi", "num_steps": 50, "guidance_scale": 7.5,
+        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
+        "blend_start": 0.2, "blend_threshold": 0.3,
+    }
+    assert isinstance(build_editor(cfg, tiny_components), NegativePromptInversionEditor)
 
 
 @pytest.mark.slow

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import editors.null_text as null_text
-from editors.base import EditRequest
+from editors.base import EditRequest, build_editor
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.models import load_components
 from editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
@@ -125,6 +126,17 @@ def test_half_precision_optimises_in_fp32_and_restores_the_weights():
     assert torch.float32 in seen and torch.bfloat16 in seen  # optimisation in fp32, inversion and edit in bf16
     assert c.unet.dtype == torch.bfloat16
     assert result.extras["backward_passes"] > 0 and all(np.isfinite(result.extras["nti_final_losses"][:-1]))
+
+
+def test_config_has_the_reference_defaults(tiny_components):
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "null_text.yaml"))
+    assert cfg == {
+        "name": "null_text", "num_steps": 50, "guidance_scale": 7.5, "num_inner_steps": 10, "learning_rate": 0.01,
+        "early_stop_epsilon": 1e-5,
+        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
+        "blend_start": 0.2, "blend_threshold": 0.3,
+    }
+    assert isinstance(build_editor(cfg, tiny_components), NullTextEditor)
 
 
 @pytest.mark.slow

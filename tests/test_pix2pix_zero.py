@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from editors.base import EditRequest
+from editors.base import EditRequest, build_editor
+from editors.p2p import controlled_attention
 from editors.pix2pix_zero import (
     CrossAttentionGuidance,
     Pix2PixZeroEditor,
@@ -76,29 +78,25 @@ def test_identical_prompts_without_guidance_reproduce_the_reference_pass(tiny_co
 
 def test_guidance_step_descends_the_attention_loss(tiny_components):
     c = tiny_components
-    editor = Pix2PixZeroEditor(c, num_steps=5)
+    editor = Pix2PixZeroEditor(c, num_steps=5, xa_guidance=1e-2)
     source, target = c.encode_prompts(PROMPTS)
-    context = torch.stack([source, target])
+    context = torch.stack([source, target])  # [caption, edit]
     controller = CrossAttentionGuidance(offload_maps=False)
     x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     editor.reference(x_t, source[None], controller)
-    controller.step = 2
+    step, t = 2, editor.timesteps[2]
     x_in = torch.cat([x_t] * 2) * 0.9  # off the reference latent: a non-zero loss
 
-    def loss(x):
+    def loss(x: torch.Tensor) -> float:
         controller.mode, controller.loss = "guide", None
-        from editors.p2p import controlled_attention
-
         with controlled_attention(c.unet, controller), torch.no_grad():
-            c.unet_eps(x, editor.timesteps[2], context)
+            c.unet_eps(x, t, context)
         return controller.loss.item()
 
-    editor.xa_guidance = 1e-2
-    from editors.p2p import controlled_attention
-
+    controller.step = step
     with controlled_attention(c.unet, controller):
-        stepped = editor.guide(x_in, editor.timesteps[2], context, controller)
-    assert controller.mode == "off" and controller.loss is None
+        stepped = editor.guide(x_in, t, context, controller)
+    assert controller.mode == "off" and controller.loss is None and not stepped.requires_grad
     assert loss(stepped) < loss(x_in)
 
 
@@ -114,6 +112,15 @@ def test_edit_cost_and_outputs(tiny_components):
     assert unguided.nfe == 3 * steps - 1 and unguided.extras["backward_passes"] == 0
     with pytest.raises(ValueError, match="caption"):
         Pix2PixZeroEditor(tiny_components, caption="blip")
+
+
+def test_config_has_the_reference_defaults(tiny_components):
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "pix2pix_zero.yaml"))
+    assert cfg == {
+        "name": "pix2pix_zero", "num_steps": 50, "guidance_scale": 7.5, "xa_guidance": 0.1, "lambda_ac": 20.0,
+        "lambda_kl": 20.0, "num_reg_steps": 5, "num_ac_rolls": 5, "caption": "source_prompt", "offload_maps": True,
+    }
+    assert isinstance(build_editor(cfg, tiny_components), Pix2PixZeroEditor)
 
 
 @pytest.mark.slow

@@ -132,3 +132,19 @@ def test_sharding_splits_the_items(tmp_path, limit):
                f"hydra.run.dir={out}", cache=cache)
         ids.append(set(read_results(out)["image_id"]))
     assert len(ids[0]) == len(ids[1]) == 1 and not ids[0] & ids[1]
+
+
+def test_aggregate_summarises_a_sweep_per_run(tmp_path, capsys):
+    from evaluation.aggregate import main as aggregate
+
+    sweep = tmp_path / "sweep"
+    run_py("-m", *FAST, "experiment=benchmark", "editor.num_steps=2,3", "dataset.limit=1", "dataset.num_shards=2",
+           "dataset.shard=0,1", f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    summary = aggregate([str(sweep)])
+    overall = summary[summary["edit_type"] == "all"].set_index("run")
+    assert len(overall) == 2  # shards merged per configuration, configurations kept apart
+    assert ["editor.num_steps=2" in run for run in sorted(overall.index)] == [True, False]
+    assert all("shard" not in run for run in overall.index)
+    assert list(overall["n"]) == [1, 1]  # limit 1 then 2 shards: one item in shard 0, none in shard 1
+    assert list(overall["nfe"]) == [1 + 2, 2 + 3]
+    assert "peak_mem_mb" in capsys.readouterr().out and (sweep / "aggregate_summary.csv").exists()

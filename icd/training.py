@@ -1,0 +1,394 @@
+"""iCD training with Lightning: both students as LoRA adapters on the teacher's UNet, four losses per batch.
+
+Per batch (one image latent x0, one noise, shared by the four losses; `icd.losses` has the math):
+
+1. reverse CD  -> reverse adapter, w drawn from the discrete training set (teacher and student see the same w)
+2. forward CD  -> forward adapter, w = 0
+3. L_f (forward preservation, x lambda_f)  -> forward adapter, w = 0
+4. L_r (reverse preservation, x lambda_r)  -> reverse adapter, w = 0
+
+``topology="sequential"`` (the reference): four backward + optimizer steps in that order, each model with its own
+AdamW, so later losses see the already-updated other model. ``"joint"`` (the paper's eq. 5): one backward of the
+weighted sum and one step of a single AdamW over both adapters.
+
+Manual optimisation: Lightning counts every ``optimizer.step()`` as a global step, so one sequential iteration is
+4 global steps (`steps_per_iteration`); ``train.py`` converts iterations to ``max_steps`` for the Trainer.
+Gradient clipping runs in `on_before_optimizer_step`, after the AMP scaler has unscaled the gradients.
+Checkpoints hold the adapters only (plus optimizer state); `export_adapters` writes the two ``.safetensors`` files
+the iCD editor and diffusers' ``load_lora_weights`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from editors.models import Components, load_components
+from icd.guidance import GuidancePolicy
+from icd.losses import (
+    forward_consistency, forward_preservation, pseudo_huber, reverse_consistency, reverse_preservation,
+)
+from icd.lora import (
+    ADAPTERS, FORWARD, REVERSE, TARGET_MODULES, AdapterSwitch, add_icd_adapters, add_named_adapter, lora_config,
+    lora_parameters, save_adapter,
+)
+from icd.sampling import inversion_start, run_pairs
+from icd.schedule import BoundarySchedule
+from icd.teacher import GuidedUNet, add_guidance_embedding, guidance_mode, load_cfg_distilled
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("reverse_cd", "forward_cd", "forward_preservation", "reverse_preservation")
+ADAPTER_OF = {"reverse_cd": REVERSE, "forward_cd": FORWARD, "forward_preservation": FORWARD,
+              "reverse_preservation": REVERSE}
+EMA_SUFFIX = "_ema"
+
+
+def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher: Mapping[str, Any]) -> Components:
+    """The base model (frozen parts in the compute dtype, VAE in its own) with the teacher's UNet:
+    ``guidance: embedded`` loads ``checkpoint`` (a CFG-distilled state dict) into a w-embedded UNet, or adds a
+    random w-embedding when there is none (only sensible for the tiny test teacher); ``cfg`` keeps the plain UNet."""
+    components = load_components(model, precision, {"mode": "none"}, "cpu")
+    mode = teacher.get("guidance", "embedded")
+    if mode == "embedded" and teacher.get("checkpoint"):
+        components.unet = load_cfg_distilled(components.unet, teacher["checkpoint"], teacher.get("embed_dim", 512))
+    elif mode == "embedded" and guidance_mode(components.unet) != "embedded":
+        if model.get("kind") != "tiny":
+            raise ValueError("teacher.guidance=embedded needs teacher.checkpoint (sd15_cfg_distill.pt / "
+                             "sdxl_cfg_distill.pt) for a real model; use teacher=cfg for a plain SD UNet")
+        components.unet = add_guidance_embedding(components.unet, teacher.get("embed_dim", 512))
+    elif mode not in ("embedded", "cfg"):
+        raise ValueError(f"unknown teacher.guidance={mode!r}; expected embedded or cfg")
+    return components
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [0, 1], [B, ...] -> [B]."""
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+class ICDModule(pl.LightningModule):
+    def __init__(
+        self,
+        components: Components,
+        schedule: BoundarySchedule,
+        policy: GuidancePolicy,
+        guidance: str = "auto",
+        lora_rank: int = 64,
+        lora_alpha: float = 8,
+        target_modules: Sequence[str] = TARGET_MODULES,
+        huber_c: float = 0.001,
+        lambda_f: float = 1.5,
+        lambda_r: float = 1.5,
+        topology: str = "sequential",
+        ema_decay: float = 0.0,
+        lr: float = 8e-6,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        gradient_checkpointing: bool = False,
+        validation_every: int = 0,
+        validation_seed: int = 0,
+    ):
+        super().__init__()
+        if topology not in ("sequential", "joint"):
+            raise ValueError(f"unknown optim.topology={topology!r}; expected sequential or joint")
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the adapters only
+        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scaling_factor = components.vae.config.scaling_factor
+        self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
+        self.schedule, self.policy = schedule, policy
+        self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance
+        self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": lambda_f,
+                             "reverse_preservation": lambda_r}
+        self.huber_c, self.topology, self.ema_decay = huber_c, topology, ema_decay
+        self.optim = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=adam_eps)
+        self.warmup_steps, self.max_grad_norm = warmup_steps, max_grad_norm
+        self.validation_every, self.validation_seed = validation_every, validation_seed
+
+        # Students: two adapters on the teacher's UNet, trainable params in fp32 whatever the frozen dtype.
+        add_icd_adapters(self.unet, lora_rank, lora_alpha, target_modules)
+        for name in ADAPTERS:
+            for p in lora_parameters(self.unet, name):
+                p.data = p.data.float()
+        self.switch = AdapterSwitch(self.unet, trainable=True)
+        if ema_decay > 0:  # optional target networks: frozen copies of both adapters, moved by EMA
+            for name in ADAPTERS:
+                add_named_adapter(self.unet, lora_config(lora_rank, lora_alpha, target_modules), name + EMA_SUFFIX)
+                for ema, p in zip(lora_parameters(self.unet, name + EMA_SUFFIX), lora_parameters(self.unet, name)):
+                    ema.data = p.data.clone()
+                    ema.requires_grad_(False)
+            self.switch = AdapterSwitch(self.unet, trainable=True)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._guided: GuidedUNet | None = None
+        self.iteration, self.skipped = 0, 0
+        self.current_loss: str | None = None
+        self.validation_history: list[dict[str, float]] = []
+        self._batch_start: float | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen parts never run in train mode
+        self.text_encoder.eval()
+        return self
+
+    # -- networks -------------------------------------------------------------------------------------------------
+    @property
+    def guided(self) -> GuidedUNet:
+        if self._guided is None:
+            uncond = self.encode_text([""]) if self.guidance == "cfg" else None
+            self._guided = GuidedUNet(self.unet, self.guidance, uncond)
+        return self._guided
+
+    def eps_fn(self, adapter: str | None):
+        """EpsFn of one student (adapter name) or of the teacher (None)."""
+
+        def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            self.switch.activate(adapter)
+            return self.guided(x, t, text, w)
+
+        return eps
+
+    def target_fn(self, adapter: str):
+        return self.eps_fn(adapter + EMA_SUFFIX if self.ema_decay > 0 else adapter)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> fp32 latents; the VAE runs outside autocast in its own dtype (fp32)."""
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            latents = posterior.sample() if sample else posterior.mean
+        return latents.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """fp32 latents -> images in [0, 1] [B, 3, H, W]."""
+        with torch.autocast(self.device.type, enabled=False):
+            x = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # -- losses ---------------------------------------------------------------------------------------------------
+    def draw(self, batch: int) -> dict[str, torch.Tensor]:
+        """Per-sample random choices of one iteration (global RNG, seeded by seed_everything)."""
+        n, m = len(self.schedule.grid), self.schedule.num_segments
+        return {
+            "w": self.policy.sample_train(batch).to(self.device),
+            "reverse_index": torch.randint(0, n, (batch,), device=self.device),
+            "forward_index": torch.randint(0, n - 1, (batch,), device=self.device),
+            "segment": torch.randint(0, m, (batch,), device=self.device),
+        }
+
+    def loss(self, name: str, x0: torch.Tensor, noise: torch.Tensor, text: torch.Tensor,
+             draws: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        fwd, rev, teacher = self.eps_fn(FORWARD), self.eps_fn(REVERSE), self.eps_fn(None)
+        s, abar = self.schedule, self.alphas_cumprod
+        if name == "reverse_cd":
+            pred, target = reverse_consistency(x0, noise, draws["reverse_index"], text, draws["w"], rev, teacher, s,
+                                               abar, self.target_fn(REVERSE))
+        elif name == "forward_cd":
+            pred, target = forward_consistency(x0, noise, draws["forward_index"], text, fwd, teacher, s, abar,
+                                               self.target_fn(FORWARD))
+        elif name == "forward_preservation":
+            pred, target = forward_preservation(x0, noise, draws["segment"], text, fwd, rev, s, abar)
+        else:
+            pred, target = reverse_preservation(x0, noise, draws["segment"], text, fwd, rev, s, abar)
+        return pseudo_huber(pred, target, self.huber_c)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self.skipped += int(batch["skipped"])
+        self.log("data/skipped", float(self.skipped))
+        if not batch["captions"]:
+            return None  # every sample of the batch was unreadable
+        x0 = self.encode_images(batch["pixels"])
+        text = self.encode_text(batch["captions"])
+        noise = torch.randn_like(x0)
+        draws = self.draw(x0.shape[0])
+        optimizers, schedulers = self._optimizers()
+        values = {}
+        if self.topology == "sequential":
+            for name in LOSSES:
+                self.current_loss = name
+                loss = self.loss(name, x0, noise, text, draws)
+                self._step(loss * self.loss_weights[name], optimizers[ADAPTER_OF[name]],
+                           schedulers[ADAPTER_OF[name]])
+                values[name] = loss.detach()
+        else:
+            self.current_loss = "total"
+            losses = {name: self.loss(name, x0, noise, text, draws) for name in LOSSES}
+            self._step(sum(losses[n] * self.loss_weights[n] for n in LOSSES), optimizers["joint"],
+                       schedulers["joint"])
+            values = {n: v.detach() for n, v in losses.items()}
+        self.current_loss = None
+        if self.ema_decay > 0:
+            self._update_ema()
+        self.log_dict({f"train/{n}": v for n, v in values.items()}, prog_bar=True)
+        self.log("train/lr", schedulers[next(iter(schedulers))].get_last_lr()[0])
+        self.log("train/iteration", float(self.iteration + 1))
+        return None
+
+    def _step(self, loss: torch.Tensor, optimizer, scheduler) -> None:
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    def _optimizers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        if self.topology == "joint":
+            return {"joint": optimizers}, {"joint": schedulers}
+        return dict(zip((REVERSE, FORWARD), optimizers)), dict(zip((REVERSE, FORWARD), schedulers))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for name in ADAPTERS:
+            for ema, p in zip(lora_parameters(self.unet, name + EMA_SUFFIX), lora_parameters(self.unet, name)):
+                ema.lerp_(p, 1 - self.ema_decay)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.max_grad_norm > 0:  # called after the AMP scaler unscaled the gradients
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps (Lightning global steps) per batch."""
+        return len(LOSSES) if self.topology == "sequential" else 1
+
+    def configure_optimizers(self):
+        def make(params):
+            optimizer = torch.optim.AdamW(params, **self.optim)
+            warmup = max(self.warmup_steps, 1)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+        reverse, forward = lora_parameters(self.unet, REVERSE), lora_parameters(self.unet, FORWARD)
+        if self.topology == "joint":
+            return make([{"params": reverse}, {"params": forward}])
+        return [make(reverse), make(forward)]
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.validation_every and self.iteration == 0:
+            self.validate()  # the baseline: both students still equal the teacher
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None and batch["captions"]:
+            seconds = time.perf_counter() - self._batch_start
+            self.log("train/images_per_sec", len(batch["captions"]) / seconds)
+        self.iteration += 1
+        if self.validation_every and self.iteration % self.validation_every == 0:
+            self.validate()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
+        checkpoint["icd"] = {"iteration": self.iteration, "skipped": self.skipped,
+                             "reverse": list(self.schedule.reverse), "forward": list(self.schedule.forward)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("icd", {})
+        if saved and (tuple(saved["reverse"]), tuple(saved["forward"])) != (self.schedule.reverse,
+                                                                           self.schedule.forward):
+            raise ValueError(f"checkpoint boundaries E={saved['reverse']} F={saved['forward']} differ from "
+                             f"the configured {self.schedule}")
+        self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
+
+    # -- validation: round trip and samples -----------------------------------------------------------------------
+    @torch.no_grad()
+    def round_trip(self, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Forward (w = 0, from x_19 with a seeded noise) then reverse (w = 0) to the clean latent."""
+        x0 = self.encode_images(pixels, sample=False)
+        text = self.encode_text(captions)
+        generator = torch.Generator().manual_seed(self.validation_seed)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        zeros = torch.zeros(x0.shape[0], device=self.device)
+        fwd, rev = self.eps_fn(FORWARD), self.eps_fn(REVERSE)
+        x = inversion_start(x0, noise, self.schedule.start, self.alphas_cumprod)
+        x_T = run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), self.alphas_cumprod)
+        rec = run_pairs(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros),
+                        self.alphas_cumprod)
+        noise_T = torch.randn(x0.shape, generator=generator).to(self.device)
+        gen = run_pairs(noise_T, self.schedule.reverse_pairs(),
+                        lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)),
+                        self.alphas_cumprod)
+        return {"x0": x0, "reconstruction": rec, "generation": gen}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch = getattr(datamodule, "validation", None)
+        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
+            return {}
+        previous = self.switch.active
+        pixels = batch["pixels"].to(self.device)
+        with self.trainer.precision_plugin.forward_context():
+            out = self.round_trip(pixels, batch["captions"])
+        images = (pixels.float() + 1) / 2
+        reconstructed = self.decode_latents(out["reconstruction"])
+        metrics = {"val/latent_mse": (out["reconstruction"] - out["x0"]).pow(2).mean().item(),
+                   "val/psnr": psnr(reconstructed, images).mean().item(), "iteration": float(self.iteration)}
+        self.validation_history.append(metrics)
+        self.switch.activate(previous)
+        grid = torch.cat([torch.cat(list(row), dim=2) for row in
+                          (images, reconstructed, self.decode_latents(out["generation"]))], dim=1)  # [3, 3H, B*W]
+        picture = Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        if self.trainer.log_dir:
+            folder = Path(self.trainer.log_dir) / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            picture.save(folder / f"iteration_{self.iteration:06d}.png")
+        for logger in self.loggers:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=self.global_step)
+            if hasattr(logger, "log_image"):
+                logger.log_image("val/originals_reconstructions_generations", [picture], step=self.global_step)
+        log.info("validation at iteration %d: latent MSE %.5f, PSNR %.2f dB", self.iteration,
+                 metrics["val/latent_mse"], metrics["val/psnr"])
+        return metrics
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def export_adapters(self, directory: str | Path) -> dict[str, Path]:
+        """``forward.safetensors`` / ``reverse.safetensors`` (diffusers style) + ``schedule.json``, in fp32."""
+        directory = Path(directory)
+        paths = {name: save_adapter(self.unet, adapter, directory / f"{name}.safetensors")
+                 for name, adapter in (("forward", FORWARD), ("reverse", REVERSE))}
+        info = {"reverse_steps": self.schedule.reverse_steps, "forward_steps": self.schedule.forward_steps,
+                "guidance": self.guidance, "train_scales": list(self.policy.train_scales),
+                "iteration": self.iteration}
+        (directory / "schedule.json").write_text(json.dumps(info, indent=2) + "\n")
+        return paths
+
+
+class ExportAdapters(pl.Callback):
+    """Write the adapters every ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``)."""
+
+    def __init__(self, directory: str | Path, every_n_iterations: int = 0):
+        self.directory, self.every = Path(directory), every_n_iterations
+
+    def on_train_batch_end(self, trainer, module: ICDModule, outputs, batch, batch_idx) -> None:
+        if self.every and module.iteration % self.every == 0 and trainer.is_global_zero:
+            module.export_adapters(self.directory / f"iteration_{module.iteration:06d}")
+
+    def on_train_end(self, trainer, module: ICDModule) -> None:
+        if trainer.is_global_zero:
+            paths = module.export_adapters(self.directory)
+            log.info("exported the iCD adapters: %s", ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,120 @@
+"""Train iCD (forward + reverse LoRA students of a CFG-distilled teacher):  python train.py [group=option ...]
+
+Defaults (conf/train.yaml): the tiny teacher on a generated captioned toy set, CPU when no GPU is present, a few
+hundred iterations, W&B offline into the run directory, adapters exported to <run dir>/lora/. Real runs pick a
+preset, e.g. ``python train.py train/experiment=sd15_reference teacher.checkpoint=/ckpt/sd15_cfg_distill.pt
+data.root=/data/coco/train2014 data.annotations=/data/coco/annotations/captions_train2014.json``.
+
+Sweeps: ``python train.py -m icd.num_steps=3,4`` runs the jobs one after another (single device each).
+
+Multi-GPU / multi-node: DDP, one process per GPU. Never combine Hydra ``-m`` with Lightning's own ddp launcher
+(it re-executes sys.argv, so each rank would start its own sweep). Either let Lightning spawn the local ranks of
+one run:
+    python train.py trainer.devices=8 trainer.strategy=ddp_find_unused_parameters_true ...
+or start every rank yourself (torchrun / srun set the environment Lightning reads), e.g. on each of 2 nodes:
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 train.py \
+        trainer.devices=8 trainer.num_nodes=2 trainer.strategy=ddp_find_unused_parameters_true \
+        hydra.run.dir=/shared/runs/icd_sd15 ...
+(with SLURM: ``srun --ntasks-per-node 8 python train.py trainer.num_nodes=2 ...``; give every rank the same
+``hydra.run.dir``). ``find_unused_parameters`` is needed because each loss reaches only one adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from icd.data import ICDDataModule
+from icd.guidance import GuidancePolicy
+from icd.schedule import BoundarySchedule
+from icd.training import ExportAdapters, ICDModule, load_teacher
+
+log = logging.getLogger("train")
+
+LIGHTNING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+
+
+def build_schedule(icd: DictConfig) -> BoundarySchedule:
+    return BoundarySchedule(
+        icd.num_steps,
+        reverse=list(icd.reverse_boundaries) if icd.reverse_boundaries else None,
+        forward=list(icd.forward_boundaries) if icd.forward_boundaries else None,
+        num_ddim_steps=icd.num_ddim_steps, start=icd.start_timestep,
+    )
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, group: str):
+    if cfg.logger.name == "none":
+        return False
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                       save_dir=str(output_dir), group=cfg.logger.group or group, tags=list(cfg.logger.tags),
+                       config=OmegaConf.to_container(cfg, resolve=True), name=output_dir.name)
+
+
+def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
+    """One training run; returns the last validation metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    schedule = build_schedule(cfg.icd)
+    log.info("iCD with %s; inference reverse %s, forward %s", schedule, schedule.reverse_steps,
+             schedule.forward_steps)
+    components = load_teacher(cfg.model, cfg.precision, cfg.teacher)
+    policy = GuidancePolicy(scale=cfg.icd.guidance.eval_scale, tau=cfg.icd.guidance.eval_tau,
+                            train_scales=tuple(float(w) for w in cfg.icd.guidance.train_scales))
+    module = ICDModule(
+        components, schedule, policy, guidance=cfg.teacher.guidance, lora_rank=cfg.icd.lora.rank,
+        lora_alpha=cfg.icd.lora.alpha, target_modules=list(cfg.icd.lora.target_modules),
+        huber_c=cfg.icd.loss.huber_c, lambda_f=cfg.icd.loss.lambda_f, lambda_r=cfg.icd.loss.lambda_r,
+        topology=cfg.optim.topology, ema_decay=cfg.icd.loss.ema_decay, lr=cfg.optim.lr, betas=list(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay, adam_eps=cfg.optim.eps, warmup_steps=cfg.optim.warmup_steps,
+        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+        validation_every=cfg.trainer.validation_every, validation_seed=cfg.seed,
+    )
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.pop("name", None)
+    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed, **data)
+
+    steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
+    tc = cfg.trainer
+    callbacks = [ExportAdapters(output_dir / "lora", tc.export_every)]
+    if tc.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=tc.checkpoint_every
+                                         * steps, save_last=True, save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=LIGHTNING_PRECISION[cfg.precision.dtype], max_steps=tc.iterations * steps,
+        log_every_n_steps=max(1, tc.log_every * steps), logger=build_logger(cfg, output_dir, group),
+        callbacks=callbacks, default_root_dir=str(output_dir), enable_progress_bar=tc.progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    finally:
+        if trainer.logger:
+            import wandb
+
+            wandb.finish()  # one W&B run per job, also in a multirun
+    return module.validation_history[-1] if module.validation_history else {}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    os.environ.setdefault("WANDB_DIR", str(output_dir))
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else output_dir.name
+    metrics = train(cfg, output_dir, group)
+    return metrics.get("val/latent_mse", math.nan)  # a sweep objective: the round-trip error
+
+
+if __name__ == "__main__":
+    main()
