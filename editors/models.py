@@ -13,8 +13,8 @@ Three kinds of model config:
 
 Any kind takes an optional ``lora`` (hub id, directory or file in the diffusers LoRA format; ``lora_weight_name``
 names the file inside a repo), loaded through the pipeline's LoRA loader and, with ``lora_fuse`` (default true),
-fused into the weights. It is loaded before offload
-hooks are installed: loading LoRAs into an offloaded pipeline misreads the hooks (diffusers #10914).
+fused into the weights. It is loaded before offload hooks are installed: loading LoRAs into an offloaded pipeline
+misreads the hooks (diffusers #10914).
 
 The VAE stays in ``precision.vae_dtype`` (fp32 by default; a model config may set its own ``vae_dtype``): encoding
 images in half precision is a known NaN source, and inversion starts from that latent. Latent trajectories are kept

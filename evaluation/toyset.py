@@ -471,3 +471,16 @@ def write_piebench(root, n_per_type: int = 2, size: int = 64, seed: int = 0, edi
     _write_atomic(root / "mapping_file.json", json.dumps(mapping).encode())
     _write_atomic(root / "toyset.json", (json.dumps(params, indent=2) + "\n").encode())
     return root
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+GRAMMAR_WORDS = ("a", "an", "and", "on", "background", "the", "it", "make", "turn", "into", "add", "remove",
+                 "bigger", "smaller")
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption or an editing instruction of the toy world can contain, sorted: the toy models'
+    tokenizer gives each one a single token."""
+    phrases = (*SHAPES, *COLOURS, *BG_COLOURS, *BG_PATTERNS, *TEXTURES, *SIZES, *STYLES.values(),
+               *STYLE_INSTRUCTIONS.values(), *GRAMMAR_WORDS)
+    return sorted({word for phrase in phrases for word in phrase.split()})

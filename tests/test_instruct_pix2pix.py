@@ -23,15 +23,6 @@ NO_OFFLOAD = {"mode": "none"}
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return load_components(TINY_IP2P, FP32, NO_OFFLOAD, "cpu")
@@ -110,7 +101,7 @@ def test_refusals(components, tiny_components):
 
 @pytest.mark.slow
 def test_run_py_two_images(tmp_path):
-    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache")}
     subprocess.run(
         [sys.executable, "run.py", "editor=instruct_pix2pix", "model=tiny_ip2p", "editor.num_steps=3",
          "dataset.limit=2", "logger=none", "warmup=false", f"hydra.run.dir={tmp_path}"],

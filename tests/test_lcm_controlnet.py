@@ -24,15 +24,6 @@ FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
@@ -147,7 +138,7 @@ def test_refusals_and_attention_slicing(tiny_components):
 
 @pytest.mark.slow
 def test_run_py_two_images(tmp_path):
-    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache")}
     subprocess.run(
         [sys.executable, "run.py", "editor=lcm_controlnet", "model=tiny_sdxl", "dataset.limit=2", "logger=none",
          "warmup=false", f"hydra.run.dir={tmp_path}"],

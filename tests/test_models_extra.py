@@ -20,22 +20,13 @@ NO_OFFLOAD = {"mode": "none"}
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sdxl_unet_inputs(batch: int = 1) -> dict:
+def sdxl_unet_inputs() -> dict:
+    """One call's inputs for the tiny SDXL UNet: latents, text states [1, 77, 64], pooled text, micro-conditioning."""
     torch.manual_seed(0)
     return {
-        "sample": torch.randn(batch, 4, 16, 16), "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, 77, 64),
-        "added_cond_kwargs": {"text_embeds": torch.randn(batch, 32),
-                              "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64.0]])},
+        "sample": torch.randn(1, 4, 16, 16), "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(1, 77, 64),
+        "added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64.0]])},
     }
 
 

@@ -61,7 +61,7 @@ def test_zero_inner_steps_is_exactly_ddim_p2p(tiny_components):
 
 
 def test_optimisation_improves_guided_reconstruction_and_keeps_identity_step(tiny_components):
-    steps = 5
+    steps = 4
     ddim = NullTextEditor(tiny_components, num_steps=steps, num_inner_steps=0)
     nti = NullTextEditor(tiny_components, num_steps=steps)
     for seed in range(2):

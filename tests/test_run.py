@@ -63,6 +63,7 @@ def test_multirun_sweep_gives_every_job_its_results_and_wandb_run(tmp_path):
         seen.add((results["precision"].iloc[0], int(results["nfe"].iloc[0])))
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
+        assert sweep.name.encode() in next(runs[0].glob("*.wandb")).read_bytes()  # W&B group = the sweep
     assert seen == {("fp32", 5), ("fp32", 7), ("bf16", 5), ("bf16", 7)}
 
 

@@ -1,0 +1,733 @@
+"""Build the toy world's models from seed, with the project's own code:
+
+    python scripts/build_toy_world.py                      # the shipped weights (profile "gpu"; ~8 min on one H100)
+    python scripts/build_toy_world.py --profile cpu        # the same recipe sized for 2 CPU cores (about an hour)
+    python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
+
+The world is `evaluation.toyset`: 64² scenes of one or two coloured shapes on a background, captioned in a fixed
+46-word grammar. The stages, each with a progress bar and its losses logged to ``<out>/build_log.jsonl``:
+
+1. data: render the training scenes (captions plus hard-negative captions that differ in one attribute), held-out
+   scenes and (source, instruction, target) edit triples. Every item has its own generator, seeded by
+   (seed, stream, index), so the data does not depend on the number of worker processes.
+2. vae: an `AutoencoderKL` (block channels 32, 64, 64), 64² RGB <-> 4 x 16² latents (factor 4, like the tiny test
+   model), trained on MSE with a tiny KL term; its scaling factor is set to 1 / std of the latents, as SD's 0.18215.
+3. teacher: a `CLIPTokenizer` whose vocabulary holds every toy word as one token, a 2-layer `CLIPTextModel` and an
+   SD-shaped `UNet2DConditionModel` (channels 48, 96, 96; cross-attention at 16², 8², 4², so P2P's latent-relative
+   rules see the same layer layout as on SD), trained jointly on epsilon prediction with SD's noise schedule and
+   10 % caption dropout for classifier-free guidance. EMA weights are kept.
+4. clip: a small `CLIPModel` (4-layer ViT, patch 8; 2-layer text tower) trained contrastively, each image also
+   against a caption that differs in one attribute, so it can tell "red circle" from "blue circle". It scores
+   CLIP similarity on toy runs and its vision tower serves the structure distance there.
+5. ip2p: an InstructPix2Pix-style UNet (8 input channels: noisy latent + source latent), initialised from the
+   teacher and fine-tuned on edit triples with 5 % text and 5 % image dropout (the two guidance terms).
+6. eval: the quality bars, measured through `editors.models.load_components` on the saved files, written to
+   ``<out>/quality.json``: VAE PSNR, CLIP zero-shot accuracy, teacher samples judged by the toy CLIP, DDIM
+   inversion round trips (unguided, CFG 7.5, CFG 7.5 with Null-Text Inversion).
+
+Output (diffusers layout, loadable as ``model.kind: pretrained``): ``<out>/{unet,vae,text_encoder,tokenizer,
+scheduler}`` plus ``<out>/clip`` (CLIPModel + tokenizer + image processor) and ``<out>/ip2p_unet``. Diffusion
+weights are stored in float16 (the loader casts them to the run's precision); the CLIP model in float32, since
+transformers loads it in its stored dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from editors.models import load_components, sd_scheduler  # noqa: E402
+from evaluation.metrics import CLIP_MEAN, CLIP_STD  # noqa: E402
+from evaluation.toyset import (  # noqa: E402
+    BG_COLOURS, COLOURS, SHAPES, Scene, make_edit, random_scene, vocabulary,
+)
+from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
+
+SIZE = 64  # image side; latents are 16²
+MAX_LENGTH = 77
+ALL_STAGES = ("data", "vae", "teacher", "clip", "ip2p", "eval")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much data and how many optimiser steps each stage gets."""
+
+    train_scenes: int
+    heldout_scenes: int
+    edits: int
+    vae_steps: int
+    vae_batch: int
+    teacher_steps: int
+    teacher_batch: int
+    clip_steps: int
+    clip_batch: int
+    ip2p_steps: int
+    ip2p_batch: int
+    eval_steps: int = 50  # DDIM steps of the evaluation samples and round trips
+    eval_images: int = 64
+    nti_images: int = 8
+
+
+PROFILES = {
+    "gpu": Profile(60_000, 1_000, 20_000, 6_000, 64, 8_000, 256, 3_000, 512, 3_000, 256),
+    "cpu": Profile(8_000, 500, 4_000, 600, 32, 2_000, 64, 1_500, 128, 600, 32, eval_images=32, nti_images=2),
+    "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, eval_steps=4, eval_images=4, nti_images=1),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ tokens
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merge loop: repeatedly join the adjacent pair of lowest rank."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
+    return parts
+
+
+def word_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
+    """A `CLIPTokenizer` in which every word of `words` is one token.
+
+    The vocabulary keeps CLIP's byte-level characters (so an unknown word still tokenizes, letter by letter) and
+    adds merges word by word: while the current merges split a word, the first two of its pieces are merged. A merge
+    appended later never changes the split of a word already whole, since BPE applies lower-ranked merges first.
+    """
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted(set(words)):
+        while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=MAX_LENGTH)
+
+
+def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """[N, 77] int64, padded with the end token as `Components.encode_prompts` does."""
+    return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    # a 4-entry seed, so no stream collides with the benchmark set's default_rng([seed, type, k])
+    return np.random.default_rng([seed, 0x70F, stream, index])
+
+
+def perturb(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with one attribute changed (an object's shape, colour, texture or size, the background's colour or
+    pattern, the style): a hard negative caption for the contrastive CLIP."""
+    from evaluation.toyset import BG_PATTERNS, SIZES, STYLES, TEXTURES
+
+    def other(options, current):
+        options = [o for o in options if o != current]
+        return options[int(rng.integers(len(options)))]
+
+    kind = ("shape", "colour", "texture", "size", "background", "pattern", "style")[int(rng.integers(7))]
+    i = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[i]
+    if kind in ("shape", "colour", "texture", "size"):
+        options = {"shape": SHAPES, "colour": COLOURS, "texture": TEXTURES, "size": SIZES}[kind]
+        new = obj._replace(**{kind: other(options, getattr(obj, kind))})
+        return replace(scene, objects=scene.objects[:i] + (new,) + scene.objects[i + 1 :])
+    if kind == "background":
+        return replace(scene, background=other(BG_COLOURS, scene.background))
+    if kind == "pattern":
+        return replace(scene, bg_pattern=other(BG_PATTERNS, scene.bg_pattern))
+    return replace(scene, style=other(STYLES, scene.style))
+
+
+def alternatives(scene: Scene) -> dict[str, list[str]]:
+    """Zero-shot checks of a scene: for every object's shape and colour and for the background colour, the captions
+    of the scenes that differ in that attribute only. A model gets a check right when it ranks the scene's own
+    caption above all of that check's alternatives."""
+    truth = scene.caption()
+    checks: dict[str, list[str]] = {}
+    for i, obj in enumerate(scene.objects):
+        for kind, options in (("shape", SHAPES), ("colour", COLOURS)):
+            caps = []
+            for value in options:
+                new = obj._replace(**{kind: value})
+                cap = replace(scene, objects=scene.objects[:i] + (new,) + scene.objects[i + 1 :]).caption()
+                if cap != truth:
+                    caps.append(cap)
+            checks[f"{kind}{i}"] = caps
+    checks["background"] = [replace(scene, background=b).caption() for b in BG_COLOURS if b != scene.background]
+    return checks
+
+
+def _scene_item(args: tuple[int, int, int]) -> tuple[np.ndarray, Scene, str, list[str]]:
+    seed, stream, index = args
+    rng = _rng(seed, stream, index)
+    scene = random_scene(rng)
+    negatives = [perturb(scene, rng).caption() for _ in range(4)]
+    return scene.render(SIZE), scene, scene.caption(), negatives
+
+
+def _edit_item(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, str]:
+    seed, stream, index = args
+    edit = make_edit("0", _rng(seed, stream, index), SIZE)
+    return edit.source.render(SIZE), edit.target.render(SIZE), edit.instruction
+
+
+def _parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> list:
+    if workers <= 1:
+        return [fn(job) for job in tqdm(jobs, desc=desc, unit="img")]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, jobs, chunksize=64), total=len(jobs), desc=desc, unit="img"))
+
+
+@dataclass
+class Scenes:
+    images: torch.Tensor  # [N, 64, 64, 3] uint8
+    scenes: list[Scene]
+    captions: list[str]
+    negatives: list[list[str]]  # 4 per scene
+
+
+@dataclass
+class Edits:
+    sources: torch.Tensor  # [N, 64, 64, 3] uint8
+    targets: torch.Tensor
+    instructions: list[str]
+
+
+def render_scenes(n: int, seed: int, stream: int, workers: int, desc: str) -> Scenes:
+    items = _parallel_map(_scene_item, [(seed, stream, i) for i in range(n)], workers, desc)
+    images, scenes, captions, negatives = zip(*items)
+    return Scenes(torch.from_numpy(np.stack(images)), list(scenes), list(captions), list(negatives))
+
+
+def render_edits(n: int, seed: int, workers: int) -> Edits:
+    items = _parallel_map(_edit_item, [(seed, 2, i) for i in range(n)], workers, "render edit triples")
+    sources, targets, instructions = zip(*items)
+    return Edits(torch.from_numpy(np.stack(sources)), torch.from_numpy(np.stack(targets)), list(instructions))
+
+
+def to_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1], as `Components.encode_image` feeds the VAE."""
+    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+        sample_size=SIZE,
+    )
+
+
+def text_config(vocab_size: int, hidden: int, layers: int, heads: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        hidden_act="quick_gelu", **extra,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def build_clip(vocab_size: int) -> CLIPModel:
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=SIZE,
+                  patch_size=8, hidden_act="quick_gelu")
+    text = text_config(vocab_size, hidden=64, layers=2, heads=4).to_dict()
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+class Log:
+    """Losses and notes of every stage, one JSON object per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+        log: Log, emas: Iterable[AveragedModel] = (), warmup: int = 200, max_seconds: float | None = None,
+        weight_decay: float = 1e-2) -> int:
+    """AdamW with linear warmup and cosine decay on `loss_fn(step)`; EMAs updated after every step.
+
+    `max_seconds` (a safety for time-limited machines) shortens the run, schedule included, when the measured
+    speed says `steps` would not fit; the number of steps taken is logged and returned.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    plan = {"total": steps, "warmup": min(warmup, max(1, steps // 10))}
+
+    def lr_factor(step: int) -> float:
+        if step < plan["warmup"]:
+            return (step + 1) / plan["warmup"]
+        progress = min(1.0, (step - plan["warmup"]) / max(1, plan["total"] - plan["warmup"]))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start, step, running = time.perf_counter(), 0, None
+    bar = tqdm(total=steps, desc=stage, unit="step")
+    while step < plan["total"]:
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        for ema in emas:
+            ema.update_parameters(ema.module_ref)
+        step += 1
+        value = loss.item() if step % 25 == 0 or step == plan["total"] else None
+        if value is not None:
+            running = value if running is None else 0.9 * running + 0.1 * value
+            bar.set_postfix(loss=f"{running:.4f}")
+            log.write(stage=stage, step=step, loss=value, lr=schedule.get_last_lr()[0],
+                      seconds=round(time.perf_counter() - start, 1))
+        if max_seconds and step == 50:
+            per_step = (time.perf_counter() - start) / step
+            fits = int(max_seconds / per_step)
+            if fits < plan["total"]:
+                plan["total"] = max(fits, step + 1)
+                bar.total = plan["total"]
+                log.write(stage=stage, note=f"time cap {max_seconds:.0f}s: {plan['total']} of {steps} steps")
+        bar.update(1)
+    bar.close()
+    log.write(stage=stage, done=True, steps=step, seconds=round(time.perf_counter() - start, 1))
+    return step
+
+
+def ema_of(module: torch.nn.Module, decay: float) -> AveragedModel:
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.module_ref = module  # the live module whose weights it follows
+    return ema
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@dataclass
+class World:
+    """What the stages hand each other."""
+
+    args: argparse.Namespace
+    profile: Profile
+    device: torch.device
+    log: Log
+    train: Scenes | None = None
+    heldout: Scenes | None = None
+    edits: Edits | None = None
+    tokenizer: CLIPTokenizer | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.args.out
+
+    def generator(self, stage: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.args.seed * 1000 + stage)
+
+    def batch_index(self, n: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, n, (batch,), generator=gen, device=self.device)
+
+
+def stage_data(w: World) -> None:
+    p, workers = w.profile, w.args.workers
+    w.train = render_scenes(p.train_scenes, w.args.seed, 0, workers, "render training scenes")
+    w.heldout = render_scenes(p.heldout_scenes, w.args.seed, 1, workers, "render held-out scenes")
+    w.edits = render_edits(p.edits, w.args.seed, workers)
+    w.tokenizer = word_tokenizer(vocabulary())
+    words = {word for text in w.train.captions + w.edits.instructions for word in text.split()}
+    unknown = words - set(vocabulary())
+    if unknown:
+        raise ValueError(f"captions or instructions use words outside the toy vocabulary: {sorted(unknown)}")
+    seen = set(w.train.captions)
+    w.log.write(stage="data", train_scenes=p.train_scenes, distinct_captions=len(seen), edits=p.edits,
+                heldout_captions_unseen=float(np.mean([c not in seen for c in w.heldout.captions])))
+
+
+def stage_vae(w: World) -> None:
+    torch.manual_seed(w.args.seed)
+    vae = build_vae().to(w.device).train()
+    gen, images, p = w.generator(1), w.train.images, w.profile
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x = to_pixels(images[w.batch_index(len(images), p.vae_batch, gen).cpu()], w.device)
+        with autocast(w.device):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(gen)).sample
+        # MSE is what PSNR measures; the KL term only keeps the latents bounded (SD's VAE uses 1e-6 too)
+        return F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
+
+    fit("vae", list(vae.parameters()), loss_fn, p.vae_steps, lr=6e-4, log=w.log, weight_decay=0.0,
+        max_seconds=w.args.max_seconds.get("vae"))
+    vae.eval()
+    with torch.no_grad():  # SD's 0.18215 plays this role: unit-variance latents for the diffusion model
+        sample = images[: min(len(images), 2048)]
+        means = torch.cat([vae.encode(to_pixels(chunk, w.device)).latent_dist.mean for chunk in sample.split(256)])
+    vae.register_to_config(scaling_factor=round(1.0 / means.std().item(), 5))
+    w.log.write(stage="vae", scaling_factor=vae.config.scaling_factor)
+    vae.to(torch.float16).save_pretrained(w.out / "vae")
+
+
+def load_vae(w: World) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(w.out / "vae", dtype=torch.float32).to(w.device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device: torch.device, scaled: bool = True) -> torch.Tensor:
+    """Posterior means [N, 4, 16, 16] (times the scaling factor unless `scaled` is False, as IP2P's image input)."""
+    factor = vae.config.scaling_factor if scaled else 1.0
+    return torch.cat([vae.encode(to_pixels(c, device)).latent_dist.mean * factor for c in images.split(512)])
+
+
+def denoising_loss(unet, text_encoder, latents, ids, alphas_cumprod, gen, extra=None) -> torch.Tensor:
+    """Epsilon-prediction MSE at a uniform random timestep (SD's objective)."""
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=gen, device=latents.device)
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    if extra is not None:  # InstructPix2Pix: the source latent joins on channels
+        noisy = torch.cat([noisy, extra], dim=1)
+    with autocast(latents.device):
+        text = text_encoder(ids)[0]
+        eps = unet(noisy, t, encoder_hidden_states=text).sample
+    return F.mse_loss(eps.float(), noise)
+
+
+def stage_teacher(w: World) -> None:
+    p, device = w.profile, w.device
+    vae = load_vae(w)
+    latents = encode_latents(vae, w.train.images, device)  # [N, 4, 16, 16]
+    ids = token_ids(w.tokenizer, w.train.captions).to(device)
+    empty = token_ids(w.tokenizer, [""]).to(device)  # the unconditional input, as encode_prompts([""]) gives
+    torch.manual_seed(w.args.seed + 1)
+    text_encoder = CLIPTextModel(text_config(len(w.tokenizer), hidden=64, layers=2, heads=4)).to(device).train()
+    unet = build_unet(cross_attention_dim=64).to(device).train()
+    scheduler = sd_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    emas = [ema_of(unet, 0.999), ema_of(text_encoder, 0.999)]
+    gen = w.generator(2)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = w.batch_index(len(latents), p.teacher_batch, gen)
+        batch_ids = ids[idx].clone()
+        dropped = torch.rand(len(idx), generator=gen, device=device) < 0.1  # caption dropout: learns eps(x, "")
+        batch_ids[dropped] = empty
+        return denoising_loss(unet, text_encoder, latents[idx], batch_ids, alphas_cumprod, gen)
+
+    fit("teacher", [*unet.parameters(), *text_encoder.parameters()], loss_fn, p.teacher_steps, lr=3e-4, log=w.log,
+        emas=emas, max_seconds=w.args.max_seconds.get("teacher"))
+    emas[0].module.to(torch.float16).save_pretrained(w.out / "unet")
+    emas[1].module.to(torch.float16).save_pretrained(w.out / "text_encoder")
+    w.tokenizer.save_pretrained(w.out / "tokenizer")
+    scheduler.save_pretrained(w.out / "scheduler")
+    (w.out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2) + "\n")
+
+
+def clip_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, 64, 64, 3] -> CLIP inputs: what the saved `CLIPImageProcessor` gives a 64² image."""
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    return (images.to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _pooled(out) -> torch.Tensor:
+    # transformers 5 returns an output object from get_*_features, with the projection in pooler_output
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def stage_clip(w: World) -> None:
+    p, device = w.profile, w.device
+    torch.manual_seed(w.args.seed + 2)
+    model = build_clip(len(w.tokenizer)).to(device).train()
+    ids = token_ids(w.tokenizer, w.train.captions).to(device)  # [N, 77]
+    negatives = [token_ids(w.tokenizer, [neg[k] for neg in w.train.negatives]) for k in range(4)]
+    negatives = torch.stack(negatives, dim=1).to(device)  # [N, 4, 77]
+    gen = w.generator(3)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = w.batch_index(len(ids), p.clip_batch, gen)
+        k = torch.randint(0, 4, (len(idx),), generator=gen, device=device)
+        texts = torch.cat([ids[idx], negatives[idx, k]])  # [2B, 77]: captions, then one hard negative each
+        with autocast(device):
+            image = F.normalize(_pooled(model.get_image_features(
+                pixel_values=clip_pixels(w.train.images[idx.cpu()], device))).float(), dim=-1)
+            text = F.normalize(_pooled(model.get_text_features(input_ids=texts)).float(), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # [B, 2B]
+        target = torch.arange(len(idx), device=device)
+        # images pick their caption among all 2B texts; captions pick their image among the B images
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
+
+    fit("clip", list(model.parameters()), loss_fn, p.clip_steps, lr=5e-4, log=w.log,
+        max_seconds=w.args.max_seconds.get("clip"))
+    model.eval().save_pretrained(w.out / "clip")
+    w.tokenizer.save_pretrained(w.out / "clip")
+    CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": SIZE}, do_center_crop=True, crop_size={"height": SIZE, "width": SIZE},
+        do_rescale=True, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    ).save_pretrained(w.out / "clip")
+
+
+def stage_ip2p(w: World) -> None:
+    p, device = w.profile, w.device
+    vae = load_vae(w)
+    target = encode_latents(vae, w.edits.targets, device)  # scaled, the denoising target
+    source = encode_latents(vae, w.edits.sources, device, scaled=False)  # posterior mode, unscaled, as IP2P
+    text_encoder = CLIPTextModel.from_pretrained(w.out / "text_encoder", dtype=torch.float32).to(device)
+    text_encoder.eval().requires_grad_(False)
+    teacher = UNet2DConditionModel.from_pretrained(w.out / "unet", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_config({**teacher.config, "in_channels": 8})
+    state = teacher.state_dict()
+    conv_in = state.pop("conv_in.weight")  # [C, 4, 3, 3]: the source-latent channels start at zero
+    unet.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        unet.conv_in.weight.zero_()
+        unet.conv_in.weight[:, :4] = conv_in
+    unet.to(device).train()
+    ids = token_ids(w.tokenizer, w.edits.instructions).to(device)
+    empty = token_ids(w.tokenizer, [""]).to(device)
+    alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)
+    ema, gen = ema_of(unet, 0.999), w.generator(4)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = w.batch_index(len(target), p.ip2p_batch, gen)
+        batch_ids, image = ids[idx].clone(), source[idx].clone()
+        # 5 % without the instruction, 5 % without the image: the two unconditional terms of IP2P's guidance
+        batch_ids[torch.rand(len(idx), generator=gen, device=device) < 0.05] = empty
+        image[torch.rand(len(idx), generator=gen, device=device) < 0.05] = 0
+        return denoising_loss(unet, text_encoder, target[idx], batch_ids, alphas_cumprod, gen, extra=image)
+
+    fit("ip2p", list(unet.parameters()), loss_fn, p.ip2p_steps, lr=1e-4, log=w.log, emas=[ema],
+        max_seconds=w.args.max_seconds.get("ip2p"))
+    ema.module.to(torch.float16).save_pretrained(w.out / "ip2p_unet")
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+class ToyClip:
+    """The saved toy CLIP as a zero-shot judge: does an image rank its own caption above captions that differ in
+    one attribute?"""
+
+    def __init__(self, path: Path, device: torch.device):
+        self.model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        self.device = device
+
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> torch.Tensor:
+        ids = token_ids(self.tokenizer, captions).to(self.device)
+        return F.normalize(_pooled(self.model.get_text_features(input_ids=ids)), dim=-1)
+
+    @torch.no_grad()
+    def image(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = clip_pixels(images, self.device)
+        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+
+    def checks(self, images: torch.Tensor, scenes: list[Scene]) -> list[dict[str, bool]]:
+        """Per image, {check name: correct} for every check of `alternatives`."""
+        embeds = self.image(images)
+        results = []
+        for embed, scene in zip(embeds, scenes):
+            outcome = {}
+            for name, others in alternatives(scene).items():
+                scores = self.text([scene.caption(), *others]) @ embed
+                outcome[name] = bool(scores.argmax() == 0)
+            results.append(outcome)
+        return results
+
+
+def accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
+    """Accuracy per attribute kind (shape, colour, background) and the fraction of images with every check right."""
+    by_kind: dict[str, list[bool]] = {}
+    for outcome in checks:
+        for name, ok in outcome.items():
+            by_kind.setdefault(name.rstrip("0123456789"), []).append(ok)
+    result = {kind: float(np.mean(v)) for kind, v in by_kind.items()}
+    result["all_correct"] = float(np.mean([all(o.values()) for o in checks]))
+    return result
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded [-1, 1] images [B, 3, H, W] -> uint8 [B, H, W, 3], rounded as `Components.decode_latents`."""
+    x = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[torch.Tensor], scale: float,
+                   num_steps: int) -> torch.Tensor:
+    """Plain DDIM sampling from x_t [B, 4, h, w] with CFG `scale` (1 = conditional only, no unconditional pass);
+    `uncond_steps[i]` is the unconditional embedding of step i ([1 or B, 77, D])."""
+    stride = c.scheduler.config.num_train_timesteps // num_steps
+    final = c.scheduler.final_alpha_cumprod
+    latents = x_t
+    for i, t in enumerate(ddim_timesteps(num_steps, c.scheduler.config.num_train_timesteps)):
+        if scale == 1.0:
+            eps = c.unet_eps(latents, t, cond)
+        else:
+            uncond = uncond_steps[i].expand(len(latents), -1, -1)
+            eps_u, eps_c = c.unet_eps(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
+            eps = cfg(eps_u, eps_c, scale)
+        abar_t = abar_at(c.alphas_cumprod, t, final).to(c.device)
+        abar_s = abar_at(c.alphas_cumprod, t - stride, final).to(c.device)
+        latents = ddim_jump(latents, eps, abar_t, abar_s)
+    return latents
+
+
+def decode(c, latents: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return to_uint8(c.vae.decode(latents / c.vae.config.scaling_factor).sample)
+
+
+def stage_eval(w: World) -> dict:
+    from editors.ddim_p2p import DDIMP2PEditor
+    from editors.null_text import NullTextEditor
+
+    p, device = w.profile, w.device
+    model = {"name": "toy", "kind": "pretrained", "path": str(w.out.resolve()), "resolution": SIZE}
+    c = load_components(model, {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}, str(device))
+    judge = ToyClip(w.out / "clip", device)
+    held, n = w.heldout, min(p.eval_images, len(w.heldout.captions))
+    report: dict = {"profile": w.args.profile, "eval_images": n, "ddim_steps": p.eval_steps}
+
+    # 1. VAE reconstruction on held-out scenes (the ceiling of every edit)
+    images = held.images[:n]
+    z0 = encode_latents(c.vae, images, device)
+    recon = decode(c, z0)
+    report["vae_psnr"] = float(np.mean([psnr(a, b) for a, b in zip(recon, images.numpy())]))
+
+    # 2. toy CLIP zero-shot: shape, colour and background of held-out scenes
+    report["clip_zero_shot"] = accuracy(judge.checks(held.images, held.scenes))
+
+    # 3. teacher: held-out captions sampled with 50-step DDIM + CFG, judged by the toy CLIP
+    cond = c.encode_prompts(held.captions[:n])
+    uncond = c.encode_prompts([""])
+    gen = torch.Generator(device).manual_seed(w.args.seed)
+    noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=gen, device=device)
+    for scale in (5.0, 7.5):
+        samples = decode(c, guided_denoise(c, noise, cond, [uncond] * p.eval_steps, scale, p.eval_steps))
+        report[f"teacher_cfg{scale:g}"] = accuracy(judge.checks(torch.from_numpy(samples), held.scenes[:n]))
+    seen = set(w.train.captions) if w.train else set()
+    report["teacher_captions_unseen_in_training"] = float(np.mean([cap not in seen for cap in held.captions[:n]]))
+
+    # 4. DDIM inversion round trips: unguided, and under CFG 7.5 with the "" embedding or Null-Text Inversion's
+    ddim = DDIMP2PEditor(c, num_steps=p.eval_steps)
+    trajectory = ddim.invert(z0, cond)
+    sources = images.numpy()
+
+    def round_trip(latents: torch.Tensor, k: int | None = None) -> float:
+        out = decode(c, latents)
+        return float(np.mean([psnr(a, b) for a, b in zip(out, sources[: k or n])]))
+
+    report["ddim_round_trip_psnr"] = round_trip(guided_denoise(c, trajectory[-1], cond, [], 1.0, p.eval_steps))
+    report["ddim_cfg7.5_round_trip_psnr"] = round_trip(
+        guided_denoise(c, trajectory[-1], cond, [uncond] * p.eval_steps, 7.5, p.eval_steps))
+    k = min(p.nti_images, n)
+    nti = NullTextEditor(c, num_steps=p.eval_steps)
+    nti_latents, plain_latents = [], []
+    for i in range(k):
+        traj = nti.invert(z0[i : i + 1], cond[i : i + 1])
+        nulls = nti.null_embeddings(traj, cond[i : i + 1], uncond)
+        nti_latents.append(guided_denoise(c, traj[-1], cond[i : i + 1], nulls, 7.5, p.eval_steps))
+        plain_latents.append(guided_denoise(c, traj[-1], cond[i : i + 1], [uncond] * p.eval_steps, 7.5, p.eval_steps))
+    report["nti_images"] = k
+    report["ddim_cfg7.5_round_trip_psnr_nti_subset"] = round_trip(torch.cat(plain_latents), k)
+    report["nti_cfg7.5_round_trip_psnr"] = round_trip(torch.cat(nti_latents), k)
+    report["vae_psnr_nti_subset"] = float(np.mean([psnr(a, b) for a, b in zip(recon[:k], sources[:k])]))
+    return report
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "weights" / "toy")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="profile", help="= --profile quick")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default=",".join(ALL_STAGES), help=f"comma-separated subset of {ALL_STAGES}")
+    parser.add_argument("--workers", type=int, default=max(1, min(16, multiprocessing.cpu_count())),
+                        help="processes rendering the data")
+    parser.add_argument("--max-seconds", default="", type=lambda s: {k: float(v) for k, v in
+                                                                      (kv.split("=") for kv in s.split(",") if kv)},
+                        help="time caps per training stage, e.g. teacher=200,vae=60 (shortens the schedule)")
+    parser.add_argument("--keep-going", action="store_true", help="log a failing stage and go on with the next")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := set(stages) - set(ALL_STAGES):
+        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {ALL_STAGES}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    w = World(args, PROFILES[args.profile], torch.device(args.device), Log(args.out / "build_log.jsonl"))
+    w.log.write(stage="start", profile=args.profile, device=args.device, seed=args.seed, stages=stages,
+                config=PROFILES[args.profile].__dict__)
+    report: dict = {}
+    for stage in ["data", *[s for s in stages if s != "data"]]:  # every stage needs the data
+        start = time.perf_counter()
+        try:
+            result = globals()[f"stage_{stage}"](w)
+        except Exception:
+            w.log.write(stage=stage, error=traceback.format_exc())
+            if not args.keep_going:
+                raise
+            print(f"stage {stage} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        minutes = (time.perf_counter() - start) / 60
+        w.log.write(stage=stage, minutes=round(minutes, 2))
+        print(f"[{stage}] done in {minutes:.1f} min", flush=True)
+        if stage == "eval":
+            report = result
+            (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
