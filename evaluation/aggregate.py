@@ -16,7 +16,7 @@ import pandas as pd
 
 from evaluation.summary import RUN_COLUMNS, format_summary, summarize
 
-COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "peak_mem_mb")
+COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
 def collect(folder: Path) -> pd.DataFrame:

@@ -38,7 +38,7 @@ METRIC_KEYS = (
 )
 RESULT_COLUMNS = (
     "run", "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS,
-    "seconds", "nfe", "peak_mem_mb", "error", "note",
+    "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note",
 )
 
 
@@ -124,7 +124,8 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
             torch.cuda.reset_peak_memory_stats(components.device)
         result = editor.edit(EditRequest(image, item.source_prompt, item.target_prompt, item.instruction,
                                          item.blend_words, seed))
-        row.update(seconds=result.seconds, nfe=result.nfe, peak_mem_mb=peak_memory_mb(components.device))
+        row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
+                   peak_mem_mb=peak_memory_mb(components.device))
         row.update(metrics.compute(np.asarray(image), np.asarray(result.edited), mask, item.source_prompt,
                                    item.target_prompt))
         return Outcome(row, image, result.edited)

@@ -18,7 +18,7 @@ from evaluation.metrics import METRIC_KEYS, PAPER_SCALES
 # a run is identified by these (those present are group keys); the other non-metric columns are per-item labels
 RUN_COLUMNS = ("run", "editor", "model", "precision")
 ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "image_id", "image_path")
-COST_COLUMNS = ("seconds", "nfe", "peak_mem_mb")
+COST_COLUMNS = ("seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
 def _succeeded(results: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Captioned images for iCD training: an image folder, COCO captions, webdataset tar shards, or a generated toy set.
 
-Every source yields ``{"pixels": [3, res, res] in [-1, 1], "caption": str}``: short side resized to the model
+Every source yields ``{"pixels": [3, res, res] in [-1, 1], "caption": str}`` (a dataset of precomputed VAE
+latents may yield ``"latents"`` instead; the training module then skips the VAE): short side resized to the model
 resolution (bicubic), centre-cropped. An unreadable or broken sample yields ``None`` instead of raising; `collate`
 drops those and reports how many it dropped in the batch's ``skipped`` field, so the training module can count
 them (across DataLoader workers) without a run ever crashing on one bad file.
@@ -66,10 +67,14 @@ def _load(source: str | Path | bytes, caption: Any, resolution: int, name: str) 
 
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
-    """Stack the good samples; ``skipped`` counts the dropped ones (the batch may be smaller, even empty)."""
+    """Stack the good samples' tensors (``pixels``, or precomputed ``latents``); ``skipped`` counts the dropped
+    ones, so the batch may be smaller, even empty."""
     good = [s for s in samples if s is not None]
-    pixels = torch.stack([s["pixels"] for s in good]) if good else torch.zeros(0, 3, 1, 1)
-    return {"pixels": pixels, "captions": [s["caption"] for s in good], "skipped": len(samples) - len(good)}
+    batch = {"captions": [s["caption"] for s in good], "skipped": len(samples) - len(good)}
+    for key in ("pixels", "latents"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([s[key] for s in good])
+    return batch
 
 
 # -- map-style sources ------------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ class ICDModule(pl.LightningModule):
         self.log("data/skipped", float(self.skipped))
         if not batch["captions"]:
             return None  # every sample of the batch was unreadable
-        x0 = self.encode_images(batch["pixels"])
+        x0 = batch["latents"].float() if "latents" in batch else self.encode_images(batch["pixels"])
         text = self.encode_text(batch["captions"])
         noise = torch.randn_like(x0)
         draws = self.draw(x0.shape[0])
@@ -316,23 +316,22 @@ class ICDModule(pl.LightningModule):
 
     # -- validation: round trip and samples -----------------------------------------------------------------------
     @torch.no_grad()
-    def round_trip(self, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Forward (w = 0, from x_19 with a seeded noise) then reverse (w = 0) to the clean latent."""
-        x0 = self.encode_images(pixels, sample=False)
-        text = self.encode_text(captions)
+    def round_trip(self, x0: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward (w = 0, from x_19 with a seeded noise) then reverse (w = 0) down to the clean latent, and a
+        generation from seeded noise with the evaluation guidance. x0 [B, 4, h, w], text [B, 77, D]."""
         generator = torch.Generator().manual_seed(self.validation_seed)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        zeros = torch.zeros(x0.shape[0], device=self.device)
-        fwd, rev = self.eps_fn(FORWARD), self.eps_fn(REVERSE)
-        x = inversion_start(x0, noise, self.schedule.start, self.alphas_cumprod)
-        x_T = run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), self.alphas_cumprod)
-        rec = run_pairs(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros),
-                        self.alphas_cumprod)
         noise_T = torch.randn(x0.shape, generator=generator).to(self.device)
-        gen = run_pairs(noise_T, self.schedule.reverse_pairs(),
-                        lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)),
-                        self.alphas_cumprod)
-        return {"x0": x0, "reconstruction": rec, "generation": gen}
+        zeros = torch.zeros(x0.shape[0], device=self.device)
+        fwd, rev, abar = self.eps_fn(FORWARD), self.eps_fn(REVERSE), self.alphas_cumprod
+        x = inversion_start(x0, noise, self.schedule.start, abar)
+        x_T = run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), abar)
+        reconstruction = run_pairs(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros), abar)
+        generation = run_pairs(noise_T, self.schedule.reverse_pairs(),
+                               lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)), abar)
+        self.switch.activate(REVERSE)
+        return {"reconstruction": reconstruction, "generation": generation,
+                "latent_mse": (reconstruction - x0).pow(2).mean()}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -340,16 +339,14 @@ class ICDModule(pl.LightningModule):
         batch = getattr(datamodule, "validation", None)
         if not batch or not batch["captions"] or not self.trainer.is_global_zero:
             return {}
-        previous = self.switch.active
         pixels = batch["pixels"].to(self.device)
         with self.trainer.precision_plugin.forward_context():
-            out = self.round_trip(pixels, batch["captions"])
+            out = self.round_trip(self.encode_images(pixels, sample=False), self.encode_text(batch["captions"]))
         images = (pixels.float() + 1) / 2
         reconstructed = self.decode_latents(out["reconstruction"])
-        metrics = {"val/latent_mse": (out["reconstruction"] - out["x0"]).pow(2).mean().item(),
-                   "val/psnr": psnr(reconstructed, images).mean().item(), "iteration": float(self.iteration)}
+        metrics = {"val/latent_mse": out["latent_mse"].item(), "val/psnr": psnr(reconstructed, images).mean().item(),
+                   "iteration": float(self.iteration)}
         self.validation_history.append(metrics)
-        self.switch.activate(previous)
         grid = torch.cat([torch.cat(list(row), dim=2) for row in
                           (images, reconstructed, self.decode_latents(out["generation"]))], dim=1)  # [3, 3H, B*W]
         picture = Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -279,9 +280,9 @@ class Log:
 
 
 def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-        log: Log, emas: Iterable[AveragedModel] = (), warmup: int = 200, max_seconds: float | None = None,
+        log: Log, emas: Iterable[tuple[AveragedModel, torch.nn.Module]] = (), warmup: int = 200, max_seconds: float | None = None,
         weight_decay: float = 1e-2) -> int:
-    """AdamW with linear warmup and cosine decay on `loss_fn(step)`; EMAs updated after every step.
+    """AdamW with linear warmup and cosine decay on `loss_fn(step)`; each (EMA, module) pair updated every step.
 
     `max_seconds` (a safety for time-limited machines) shortens the run, schedule included, when the measured
     speed says `steps` would not fit; the number of steps taken is logged and returned.
@@ -305,8 +306,8 @@ def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], t
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        for ema in emas:
-            ema.update_parameters(ema.module_ref)
+        for ema, module in emas:
+            ema.update_parameters(module)
         step += 1
         value = loss.item() if step % 25 == 0 or step == plan["total"] else None
         if value is not None:
@@ -327,10 +328,9 @@ def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], t
     return step
 
 
-def ema_of(module: torch.nn.Module, decay: float) -> AveragedModel:
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.module_ref = module  # the live module whose weights it follows
-    return ema
+def ema_of(module: torch.nn.Module, decay: float) -> tuple[AveragedModel, torch.nn.Module]:
+    """An exponential moving average of `module`'s parameters, paired with the module it follows."""
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)), module
 
 
 def autocast(device: torch.device):
@@ -379,10 +379,10 @@ def stage_data(w: World) -> None:
 def stage_vae(w: World) -> None:
     torch.manual_seed(w.args.seed)
     vae = build_vae().to(w.device).train()
-    gen, images, p = w.generator(1), w.train.images, w.profile
+    gen, images, p = w.generator(1), w.train.images.to(w.device), w.profile
 
     def loss_fn(step: int) -> torch.Tensor:
-        x = to_pixels(images[w.batch_index(len(images), p.vae_batch, gen).cpu()], w.device)
+        x = to_pixels(images[w.batch_index(len(images), p.vae_batch, gen)], w.device)
         with autocast(w.device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(gen)).sample
@@ -448,8 +448,8 @@ def stage_teacher(w: World) -> None:
 
     fit("teacher", [*unet.parameters(), *text_encoder.parameters()], loss_fn, p.teacher_steps, lr=3e-4, log=w.log,
         emas=emas, max_seconds=w.args.max_seconds.get("teacher"))
-    emas[0].module.to(torch.float16).save_pretrained(w.out / "unet")
-    emas[1].module.to(torch.float16).save_pretrained(w.out / "text_encoder")
+    emas[0][0].module.to(torch.float16).save_pretrained(w.out / "unet")
+    emas[1][0].module.to(torch.float16).save_pretrained(w.out / "text_encoder")
     w.tokenizer.save_pretrained(w.out / "tokenizer")
     scheduler.save_pretrained(w.out / "scheduler")
     (w.out / "model_index.json").write_text(json.dumps({
@@ -480,7 +480,7 @@ def stage_clip(w: World) -> None:
     ids = token_ids(w.tokenizer, w.train.captions).to(device)  # [N, 77]
     negatives = [token_ids(w.tokenizer, [neg[k] for neg in w.train.negatives]) for k in range(4)]
     negatives = torch.stack(negatives, dim=1).to(device)  # [N, 4, 77]
-    gen = w.generator(3)
+    images, gen = w.train.images.to(device), w.generator(3)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = w.batch_index(len(ids), p.clip_batch, gen)
@@ -488,7 +488,7 @@ def stage_clip(w: World) -> None:
         texts = torch.cat([ids[idx], negatives[idx, k]])  # [2B, 77]: captions, then one hard negative each
         with autocast(device):
             image = F.normalize(_pooled(model.get_image_features(
-                pixel_values=clip_pixels(w.train.images[idx.cpu()], device))).float(), dim=-1)
+                pixel_values=clip_pixels(images[idx], device))).float(), dim=-1)
             text = F.normalize(_pooled(model.get_text_features(input_ids=texts)).float(), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # [B, 2B]
         target = torch.arange(len(idx), device=device)
@@ -536,7 +536,7 @@ def stage_ip2p(w: World) -> None:
 
     fit("ip2p", list(unet.parameters()), loss_fn, p.ip2p_steps, lr=1e-4, log=w.log, emas=[ema],
         max_seconds=w.args.max_seconds.get("ip2p"))
-    ema.module.to(torch.float16).save_pretrained(w.out / "ip2p_unet")
+    ema[0].module.to(torch.float16).save_pretrained(w.out / "ip2p_unet")
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -570,11 +570,11 @@ class ToyClip:
         embeds = self.image(images)
         results = []
         for embed, scene in zip(embeds, scenes):
-            outcome = {}
-            for name, others in alternatives(scene).items():
-                scores = self.text([scene.caption(), *others]) @ embed
-                outcome[name] = bool(scores.argmax() == 0)
-            results.append(outcome)
+            checks = alternatives(scene)
+            captions = [scene.caption(), *{cap for others in checks.values() for cap in others}]
+            score = dict(zip(captions, (self.text(captions) @ embed).tolist()))  # one text batch per scene
+            truth = score[scene.caption()]
+            results.append({name: all(truth > score[cap] for cap in others) for name, others in checks.items()})
         return results
 
 
@@ -703,6 +703,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown := set(stages) - set(ALL_STAGES):
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {ALL_STAGES}")
     args.out.mkdir(parents=True, exist_ok=True)
+    diffusers_logging.set_verbosity_error()  # silences the advice on casting to float16 before saving
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     w = World(args, PROFILES[args.profile], torch.device(args.device), Log(args.out / "build_log.jsonl"))

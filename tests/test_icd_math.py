@@ -289,3 +289,31 @@ def test_dynamic_cfg_step_function():
     policy = GuidancePolicy(scale=19.0, tau=0.8)
     assert policy.rows(519, 2, unguided_rows=[0]).tolist() == [0.0, 19.0]  # the source row is never guided
     assert policy.rows(999, 2, unguided_rows=[0]).tolist() == [0.0, 0.0]
+
+
+def test_guidance_per_loss():
+    """Reverse CD: w from the training set, identical for student, teacher and target; all other losses: w = 0."""
+    abar = sd_abar(torch.float32)
+    schedule = BoundarySchedule(4)
+    g = torch.Generator().manual_seed(7)
+    x0, noise, text = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g), torch.zeros(6, 77, 8)
+    policy = GuidancePolicy()
+    w = policy.sample_train(6, torch.Generator().manual_seed(1))
+    calls = []
+
+    def recorder(role):
+        def eps(x, t, text, w):
+            calls.append((role, w.clone()))
+            return torch.zeros_like(x)
+        return eps
+
+    index = torch.arange(0, 48, 8)
+    reverse_consistency(x0, noise, index, text, w, recorder("student"), recorder("teacher"), schedule, abar)
+    assert set(w.tolist()) <= set(policy.train_scales)
+    assert torch.equal(calls[0][1], w) and torch.equal(calls[1][1], w)  # student and teacher: the same w
+    assert all(set(c[1].tolist()) <= set(w.tolist()) for c in calls[2:])  # target rows: their own w
+    calls.clear()
+    forward_consistency(x0, noise, index, text, recorder("student"), recorder("teacher"), schedule, abar)
+    forward_preservation(x0, noise, torch.arange(6) % 4, text, recorder("fwd"), recorder("rev"), schedule, abar)
+    reverse_preservation(x0, noise, torch.arange(6) % 4, text, recorder("fwd"), recorder("rev"), schedule, abar)
+    assert calls and all(not c[1].any() for c in calls)
