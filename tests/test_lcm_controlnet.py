@@ -1,13 +1,9 @@
 """SDXL-family LCM + ControlNet-Canny on the tiny SDXL model: Canny control, 4 LCM steps = 4 UNet calls (CFG on a
 doubled batch, or the w-embedding), the control image's effect, ControlNet loading, refusals, and a 2-image run."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -134,16 +130,3 @@ def test_refusals_and_attention_slicing(tiny_components):
     c.unet.set_attn_processor(Custom())
     with pytest.raises(ValueError, match="Custom"):
         build_editor({"name": "lcm_controlnet", "attention_slicing": True}, c)
-
-
-@pytest.mark.slow
-def test_run_py_two_images(tmp_path):
-    env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache")}
-    subprocess.run(
-        [sys.executable, "run.py", "editor=lcm_controlnet", "model=tiny_sdxl", "dataset.limit=2", "logger=none",
-         "warmup=false", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, env=env, check=True, capture_output=True,
-    )
-    results = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
-    assert len(results) == 2
-    assert (results["error"] == "").all() and (results["nfe"] == 4).all()

@@ -150,3 +150,28 @@ def test_aggregate_summarises_a_sweep_per_run(tmp_path, capsys):
     assert list(overall["n"]) == [1, 1]  # limit 1 then 2 shards: one item in shard 0, none in shard 1
     assert list(overall["nfe"]) == [1 + 2, 2 + 3]
     assert "peak_mem_mb" in capsys.readouterr().out and (sweep / "aggregate_summary.csv").exists()
+
+
+N = 5  # steps in the P2P-family runs below
+EDITOR_RUNS = [  # editor, model, overrides, expected UNet calls per edit
+    ("ddim_p2p", "tiny", [f"editor.num_steps={N}"], lambda nfe: nfe == 2 * N - 1),
+    ("npi", "tiny", [f"editor.num_steps={N}"], lambda nfe: nfe == 2 * N - 1),
+    ("direct_inversion", "tiny", [f"editor.num_steps={N}"], lambda nfe: nfe == 3 * N - 1),
+    ("pix2pix_zero", "tiny", [f"editor.num_steps={N}"], lambda nfe: nfe == 4 * N - 1),
+    # inversion N-1 + optimisation sum(k_i + 2) over N-1 steps with 1 <= k_i <= 10 + edit N
+    ("null_text", "tiny", [f"editor.num_steps={N}"], lambda nfe: 5 * N - 4 <= nfe <= 14 * N - 13),
+    ("instruct_pix2pix", "tiny_ip2p", ["editor.num_steps=3"], lambda nfe: nfe == 3),
+    ("lcm_controlnet", "tiny_sdxl", [], lambda nfe: nfe == 4),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("editor", "model", "overrides", "nfe_ok"), EDITOR_RUNS, ids=[r[0] for r in EDITOR_RUNS])
+def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_ok):
+    out = tmp_path / "run"
+    run_py(f"editor={editor}", f"model={model}", *overrides, "dataset.limit=2", "logger=none", "warmup=false",
+           f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    results = read_results(out)
+    assert len(results) == 2 and (results["error"] == "").all(), results["error"].tolist()
+    assert (results["editor"] == editor).all() and results["nfe"].map(nfe_ok).all(), results["nfe"].tolist()
+    assert len(list((out / "annotation_images").rglob("*.png"))) == 2
