@@ -8,15 +8,15 @@
    replacement for 40 % of the steps, self-attention for 60 %.
 4. Decode: row 0 is the reconstruction (P2P never touches the source branch), row 1 the edit.
 
-Subclasses change one step: `null_embeddings` (Null-Text / Negative-Prompt Inversion) or `correct_latents`
-(Direct Inversion).
+Subclasses change one step: `null_embeddings` (Null-Text / Negative-Prompt Inversion), or `prepare_denoise` and
+`correct_latents` (Direct Inversion).
 """
 
 from __future__ import annotations
 
 import torch
 
-from editors.base import EditRequest, EditResult, Editor, register
+from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import controlled_attention, make_controller
 from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
@@ -67,6 +67,10 @@ class DDIMP2PEditor(Editor):
         """Unconditional embedding for each denoising step: the plain "" embedding (NTI optimises these)."""
         return [uncond] * self.num_steps
 
+    def prepare_denoise(self, trajectory: list[torch.Tensor], text: torch.Tensor, uncond_steps: list[torch.Tensor],
+                        request: EditRequest) -> None:
+        """Hook before the edit pass (Direct Inversion runs its offset pass here)."""
+
     def correct_latents(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         """Hook after each denoising step (Direct Inversion adds its recorded offset to the source row)."""
         return latents
@@ -99,6 +103,7 @@ class DDIMP2PEditor(Editor):
         z0 = c.encode_image(request.image)  # [1, 4, h, w]
         trajectory = self.invert(z0, text[:1])
         uncond_steps = self.null_embeddings(trajectory, text[:1], uncond)
+        self.prepare_denoise(trajectory, text, uncond_steps, request)
         latents = self.denoise(trajectory[-1], text, uncond_steps, controller)
         reconstruction, edited = c.decode_latents(latents)
         return EditResult(edited=edited, reconstruction=reconstruction)

@@ -69,23 +69,19 @@ class DirectInversionEditor(DDIMP2PEditor):
         source = self.targets[step] + (latents[:1] - self.predictions[step])
         return torch.cat([source, latents[1:]])
 
-    def _edit(self, request: EditRequest) -> EditResult:
+    def prepare_denoise(self, trajectory: list[torch.Tensor], text: torch.Tensor, uncond_steps: list[torch.Tensor],
+                        request: EditRequest) -> None:
         c = self.components
         prompts = [request.source_prompt, request.target_prompt]
-        text = c.encode_prompts(prompts)  # [2, 77, D]
-        uncond = c.encode_prompts([""])  # [1, 77, D]
-        controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size, request.blend_words,
-                                     **self.controller_args)  # built first: bad blend words fail before any work
-        z0 = c.encode_image(request.image)  # [1, 4, h, w]
-        trajectory = self.invert(z0, text[:1])
-        uncond_steps = self.null_embeddings(trajectory, text[:1], uncond)
         offset_controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size,
                                             request.blend_words, **self.controller_args)
         self.targets = trajectory[-2::-1]  # z*_{N-1}, ..., z*_0
         self.predictions = self.source_predictions(trajectory, text, uncond_steps, offset_controller)
+
+    def _edit(self, request: EditRequest) -> EditResult:
         try:
-            latents = self.denoise(trajectory[-1], text, uncond_steps, controller)
+            result = super()._edit(request)
         finally:
             self.targets, self.predictions = [], []
-        reconstruction, edited = c.decode_latents(latents)
-        return EditResult(edited=edited, reconstruction=reconstruction, extras={"backward_passes": 0})
+        result.extras["backward_passes"] = 0
+        return result
