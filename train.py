@@ -1,21 +1,22 @@
 """Train iCD (forward + reverse LoRA students of a CFG-distilled teacher):  python train.py [group=option ...]
 
 Defaults (conf/train.yaml): the tiny teacher on a generated captioned toy set, CPU when no GPU is present, a few
-hundred iterations, W&B offline into the run directory, adapters exported to <run dir>/lora/. Real runs pick a
-preset, e.g. ``python train.py train/experiment=sd15_reference teacher.checkpoint=/ckpt/sd15_cfg_distill.pt
-data.root=/data/coco/train2014 data.annotations=/data/coco/annotations/captions_train2014.json``.
+dozen iterations, W&B offline into the run directory, adapters exported to <run dir>/lora/. The training groups
+live under ``train/`` and their keys under ``train.``. Real runs pick a preset, e.g. ``python train.py
+train/experiment=sd15_reference train.teacher.checkpoint=/ckpt/sd15_cfg_distill.pt
+train.data.root=/data/coco/train2014 train.data.annotations=/data/coco/annotations/captions_train2014.json``.
 
-Sweeps: ``python train.py -m icd.num_steps=3,4`` runs the jobs one after another (single device each).
+Sweeps: ``python train.py -m train.icd.num_steps=3,4`` runs the jobs one after another (single device each).
 
 Multi-GPU / multi-node: DDP, one process per GPU. Never combine Hydra ``-m`` with Lightning's own ddp launcher
 (it re-executes sys.argv, so each rank would start its own sweep). Either let Lightning spawn the local ranks of
 one run:
-    python train.py trainer.devices=8 trainer.strategy=ddp_find_unused_parameters_true ...
+    python train.py train.trainer.devices=8 train.trainer.strategy=ddp_find_unused_parameters_true ...
 or start every rank yourself (torchrun / srun set the environment Lightning reads), e.g. on each of 2 nodes:
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 train.py \
-        trainer.devices=8 trainer.num_nodes=2 trainer.strategy=ddp_find_unused_parameters_true \
+        train.trainer.devices=8 train.trainer.num_nodes=2 train.trainer.strategy=ddp_find_unused_parameters_true \
         hydra.run.dir=/shared/runs/icd_sd15 ...
-(with SLURM: ``srun --ntasks-per-node 8 python train.py trainer.num_nodes=2 ...``; give every rank the same
+(with SLURM: ``srun --ntasks-per-node 8 python train.py train.trainer.num_nodes=2 ...``; give every rank the same
 ``hydra.run.dir``). ``find_unused_parameters`` is needed because each loss reaches only one adapter.
 """
 
@@ -51,40 +52,40 @@ def build_schedule(icd: DictConfig) -> BoundarySchedule:
     )
 
 
-def build_logger(cfg: DictConfig, output_dir: Path, group: str):
-    if cfg.logger.name == "none":
+def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: str):
+    if logger.name == "none":
         return False
     from pytorch_lightning.loggers import WandbLogger
 
-    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-                       save_dir=str(output_dir), group=cfg.logger.group or group, tags=list(cfg.logger.tags),
-                       config=OmegaConf.to_container(cfg, resolve=True), name=output_dir.name)
+    return WandbLogger(project=logger.project, entity=logger.entity, mode=logger.mode, save_dir=str(output_dir),
+                       group=logger.group or group, tags=list(logger.tags), name=output_dir.name,
+                       config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     """One training run; returns the last validation metrics."""
     pl.seed_everything(cfg.seed, workers=True)
-    schedule = build_schedule(cfg.icd)
+    t = cfg.train
+    schedule = build_schedule(t.icd)
     log.info("iCD with %s; inference reverse %s, forward %s", schedule, schedule.reverse_steps,
              schedule.forward_steps)
-    components = load_teacher(cfg.model, cfg.precision, cfg.teacher)
-    policy = GuidancePolicy(scale=cfg.icd.guidance.eval_scale, tau=cfg.icd.guidance.eval_tau,
-                            train_scales=tuple(float(w) for w in cfg.icd.guidance.train_scales))
+    components = load_teacher(cfg.model, cfg.precision, t.teacher)
+    policy = GuidancePolicy(scale=t.icd.guidance.eval_scale, tau=t.icd.guidance.eval_tau,
+                            train_scales=tuple(float(w) for w in t.icd.guidance.train_scales))
     module = ICDModule(
-        components, schedule, policy, guidance=cfg.teacher.guidance, lora_rank=cfg.icd.lora.rank,
-        lora_alpha=cfg.icd.lora.alpha, target_modules=list(cfg.icd.lora.target_modules),
-        huber_c=cfg.icd.loss.huber_c, lambda_f=cfg.icd.loss.lambda_f, lambda_r=cfg.icd.loss.lambda_r,
-        topology=cfg.optim.topology, ema_decay=cfg.icd.loss.ema_decay, lr=cfg.optim.lr, betas=list(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, adam_eps=cfg.optim.eps, warmup_steps=cfg.optim.warmup_steps,
-        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-        validation_every=cfg.trainer.validation_every, validation_seed=cfg.seed,
+        components, schedule, policy, guidance=t.teacher.guidance, lora_rank=t.icd.lora.rank,
+        lora_alpha=t.icd.lora.alpha, target_modules=list(t.icd.lora.target_modules), huber_c=t.icd.loss.huber_c,
+        lambda_f=t.icd.loss.lambda_f, lambda_r=t.icd.loss.lambda_r, topology=t.optim.topology,
+        ema_decay=t.icd.loss.ema_decay, lr=t.optim.lr, betas=list(t.optim.betas), weight_decay=t.optim.weight_decay,
+        adam_eps=t.optim.eps, warmup_steps=t.optim.warmup_steps, max_grad_norm=t.optim.max_grad_norm,
+        gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
+        validation_seed=cfg.seed,
     )
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.pop("name", None)
-    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed, **data)
+    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
+                               **OmegaConf.to_container(t.data, resolve=True))
 
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
-    tc = cfg.trainer
+    tc = t.trainer
     callbacks = [ExportAdapters(output_dir / "lora", tc.export_every)]
     if tc.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=tc.checkpoint_every
@@ -92,9 +93,10 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     trainer = pl.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
         precision=LIGHTNING_PRECISION[cfg.precision.dtype], max_steps=tc.iterations * steps,
-        log_every_n_steps=max(1, tc.log_every * steps), logger=build_logger(cfg, output_dir, group),
+        log_every_n_steps=max(1, tc.log_every * steps), logger=build_logger(t.logger, cfg, output_dir, group),
         callbacks=callbacks, default_root_dir=str(output_dir), enable_progress_bar=tc.progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_checkpointing=bool(tc.checkpoint_every), enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)

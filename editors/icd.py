@@ -27,12 +27,13 @@ runs and counts calls like the real thing, but its edits mean nothing; it says s
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from editors.base import EditRequest, EditResult, Editor, register
+from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import LocalBlend, P2PController, controlled_attention, word_token_alphas
 from editors.seq_aligner import get_equalizer
 from icd.guidance import GuidancePolicy
@@ -54,6 +55,17 @@ def new_words(source: str, target: str) -> list[str]:
     """Target-prompt words absent from the source prompt, stop words removed (what AttentionReweight amplifies)."""
     source_words = set(source.lower().split())
     return [w for w in dict.fromkeys(target.split()) if w.lower() not in source_words and w.lower() not in STOP_WORDS]
+
+
+@dataclass
+class Prompts:
+    """Conditioning of P prompts: token embeddings [P, 77, D] and, for SDXL, per-row ``text_embeds`` / ``time_ids``."""
+
+    text: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def rows(self, index: slice) -> "Prompts":
+        return Prompts(self.text[index], None if self.added is None else {k: v[index] for k, v in self.added.items()})
 
 
 @register("icd")
@@ -84,6 +96,8 @@ class ICDEditor(Editor):
         if method not in ("p2p", "prompt_switch"):
             raise ValueError(f"unknown editor.method={method!r}; expected p2p or prompt_switch")
         c = components
+        if getattr(c, "offload", "none") == "sequential":  # its per-module hooks would not cover the new LoRA layers
+            raise ValueError("iCD adds LoRA adapters to the UNet: use offload=none or offload=model")
         if teacher_checkpoint:
             if c.pipeline is not None:
                 raise ValueError("editor.teacher_checkpoint replaces the UNet: use offload=none with it")
@@ -94,11 +108,11 @@ class ICDEditor(Editor):
                         "editor.reverse_lora to trained .safetensors files for real edits", untrained)
         for name in (FORWARD, REVERSE):  # peft keeps new adapters in fp32; at inference they join the UNet's dtype
             for p in lora_parameters(c.unet, name):
-                p.data = p.data.to(c.device, c.dtype)
+                p.data = p.data.to(c.dtype)
         self.switch = AdapterSwitch(c.unet)
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
-        uncond = c.encode_prompts([""]) if mode_ == "cfg" else None
-        self.eps = GuidedUNet(c.unet, mode_, uncond, dtype=c.dtype)
+        uncond = self.encode([""]) if mode_ == "cfg" else Prompts(None)
+        self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=guidance_scale, tau=tau)
         self.method = method
@@ -112,50 +126,76 @@ class ICDEditor(Editor):
     def abar(self) -> torch.Tensor:
         return self.components.alphas_cumprod.to(self.components.device)
 
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Prompts:
+        """SD: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states concatenated,
+        the second's pooled projection and the size micro-conditioning (original = target = model resolution)."""
+        c = self.components
+        if c.text_encoder_2 is None:
+            return Prompts(c.encode_prompts(prompts))
+        for prompt in prompts:
+            c.check_prompt(prompt)
+        hidden = []
+        for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(c.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        r = c.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=c.device, dtype=c.dtype).expand(len(prompts), -1)
+        return Prompts(torch.cat(hidden, dim=-1).to(c.dtype),
+                       {"text_embeds": out.text_embeds.to(c.dtype), "time_ids": time_ids})
+
+    def _eps(self, x: torch.Tensor, t: int, prompts: Prompts, w: torch.Tensor) -> torch.Tensor:
+        return self.eps(x, t, prompts.text, w, prompts.added)
+
     # -- 2. inversion (forward model) -----------------------------------------------------------------------------
     @torch.no_grad()
-    def invert(self, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0 [B, 4, h, w], cond [B, 77, D], noise like x0 -> x_999 [B, 4, h, w]."""
+    def invert(self, x0: torch.Tensor, source: Prompts, noise: torch.Tensor) -> torch.Tensor:
+        """x0 [B, 4, h, w], source prompts (B rows), noise like x0 -> x_999 [B, 4, h, w]."""
         self.switch.activate(FORWARD)
         w = torch.zeros(x0.shape[0])
         x = inversion_start(x0, noise, self.schedule.start, self.abar)
-        return run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: self.eps(x, t, cond, w), self.abar)
+        return run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: self._eps(x, t, source, w), self.abar)
 
     # -- 3. decoding (reverse model) ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_latents(self, x_T: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Plain generation / reconstruction: every row guided by the dynamic schedule. x_T, text [B, ...]."""
+    def generate_latents(self, x_T: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        """Plain generation / reconstruction: every row guided by the dynamic schedule. x_T [B, ...], B prompts."""
         self.switch.activate(REVERSE)
         rows = x_T.shape[0]
         return run_pairs(x_T, self.schedule.reverse_pairs(),
-                         lambda i, x, t: self.eps(x, t, text, self.policy.rows(t, rows)), self.abar)
+                         lambda i, x, t: self._eps(x, t, prompts, self.policy.rows(t, rows)), self.abar)
 
     @torch.no_grad()
-    def decode_p2p(self, x_T: torch.Tensor, text: torch.Tensor, controller: P2PController) -> torch.Tensor:
-        """x_T [1, 4, h, w], text [P, 77, D] (source first) -> latents [P, 4, h, w]; the source row is unguided."""
+    def decode_p2p(self, x_T: torch.Tensor, prompts: Prompts, controller: P2PController) -> torch.Tensor:
+        """x_T [1, 4, h, w], P prompts (source first) -> latents [P, 4, h, w]; the source row is unguided."""
         self.switch.activate(REVERSE)
-        prompts = text.shape[0]
+        rows = prompts.text.shape[0]
 
         def eps(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
             controller.step = i
-            w = self.policy.rows(t, prompts, unguided_rows=[0])
+            w = self.policy.rows(t, rows, unguided_rows=[0])
             controller.has_uncond = self.eps.needs_uncond(w)  # batch [uncond x P, cond x P] or [cond x P]
-            return self.eps(x, t, text, w)
+            return self._eps(x, t, prompts, w)
 
-        latents = x_T.expand(prompts, -1, -1, -1).clone()
+        latents = x_T.expand(rows, -1, -1, -1).clone()
         with controlled_attention(self.components.unet, controller):
             return run_pairs(latents, self.schedule.reverse_pairs(), eps, self.abar,
                              callback=lambda i, x: controller.step_callback(x))
 
     @torch.no_grad()
-    def decode_prompt_switch(self, x_T: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """x_T [1, 4, h, w], text [2, 77, D] (source, target): source prompt unguided above tau, target below."""
+    def decode_prompt_switch(self, x_T: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        """x_T [1, 4, h, w], prompts (source, target): the source prompt's token embeddings, unguided, above tau;
+        the target's, guided, below. SDXL's pooled / size conditioning is the target's throughout (as the
+        reference swaps encoder_hidden_states only)."""
         self.switch.activate(REVERSE)
         threshold = self.policy.tau * self.policy.num_train_timesteps
+        target = prompts.rows(slice(1, 2))
+        source = Prompts(prompts.text[:1], target.added)
 
         def eps(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
-            row = 0 if t > threshold else 1
-            return self.eps(x, t, text[row:row + 1], self.policy.rows(t, 1))
+            return self._eps(x, t, source if t > threshold else target, self.policy.rows(t, 1))
 
         return run_pairs(x_T, self.schedule.reverse_pairs(), eps, self.abar)
 
@@ -182,15 +222,15 @@ class ICDEditor(Editor):
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components
         prompts = [request.source_prompt, request.target_prompt]
-        text = c.encode_prompts(prompts)  # [2, 77, D]
+        cond = self.encode(prompts)  # text [2, 77, D]
         controller = self.controller(prompts, request.blend_words) if self.method == "p2p" else None
         x0 = c.encode_image(request.image)  # [1, 4, h, w]
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
-        x_T = self.invert(x0, text[:1], noise)
+        x_T = self.invert(x0, cond.rows(slice(0, 1)), noise)
         if controller is not None:
-            reconstruction, edited = c.decode_latents(self.decode_p2p(x_T, text, controller))
+            reconstruction, edited = c.decode_latents(self.decode_p2p(x_T, cond, controller))
             return EditResult(edited=edited, reconstruction=reconstruction)
-        (edited,) = c.decode_latents(self.decode_prompt_switch(x_T, text))
+        (edited,) = c.decode_latents(self.decode_prompt_switch(x_T, cond))
         return EditResult(edited=edited)
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -200,4 +240,4 @@ class ICDEditor(Editor):
         generator = torch.Generator().manual_seed(seed)
         shape = (len(prompts), c.unet.config.in_channels, c.latent_size, c.latent_size)
         x_T = torch.randn(shape, generator=generator).to(c.device)
-        return c.decode_latents(self.generate_latents(x_T, c.encode_prompts(prompts)))
+        return c.decode_latents(self.generate_latents(x_T, self.encode(prompts)))

@@ -147,8 +147,8 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg.dataset)
     components = load_components(cfg.model, cfg.precision, cfg.offload, cfg.device)
-    editor = build_editor(OmegaConf.to_container(cfg.editor), components)
-    metrics = build_metrics(OmegaConf.to_container(cfg.metrics), components.device)
+    editor = build_editor(OmegaConf.to_container(cfg.editor, resolve=True), components)
+    metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), components.device)
     results = ResultsFile(output_dir / "results.csv")
     run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
 

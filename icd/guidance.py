@@ -30,7 +30,7 @@ def code_to_classic(w: float) -> float:
 
 
 def guidance_embedding(w: torch.Tensor, dim: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of 1000 w with frequencies exp(-j ln(1e4) / (dim/2 - 1)): [B] -> [B, dim], sin half first."""
+    """Sinusoidal embedding of 1000 w, frequencies exp(-j ln(1e4) / (dim/2 - 1)): [B] -> [B, dim], sin half first."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=w.device) / (half - 1))
     angles = 1000.0 * w.to(torch.float64)[:, None] * freqs[None]  # [B, half]

@@ -162,6 +162,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not weights or not all(".lora_A." in k or ".lora_B." in k for k in weights):
         raise ValueError(f"{path}: not a peft-style UNet LoRA file (expected keys '<module>.lora_A.weight')")
     config = json.loads(metadata[_METADATA_KEY]) if _METADATA_KEY in metadata else {}
+    config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in config.items()}  # diffusers prefixes "unet."
     return weights, config
 
 

@@ -33,12 +33,13 @@ def guidance_mode(unet: UNet2DConditionModel) -> str:
 class GuidedUNet:
     """eps(x, t, text, w) for fp32 latents; returns fp32.
 
-    ``uncond`` [1, 77, D] is the empty-prompt embedding (needed by the ``cfg`` backend only). ``dtype`` is the
-    dtype the UNet inputs are cast to (None: leave them, e.g. under autocast).
+    ``uncond`` [1, 77, D] is the empty-prompt embedding (needed by the ``cfg`` backend only), ``uncond_added`` its
+    SDXL micro-conditioning (``text_embeds`` [1, P], ``time_ids`` [1, 6]). ``dtype`` is the dtype the UNet inputs
+    are cast to (None: leave them, e.g. under autocast).
     """
 
     def __init__(self, unet: UNet2DConditionModel, mode: str | None = None, uncond: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, uncond_added: dict[str, torch.Tensor] | None = None):
         self.unet = unet
         self.mode = mode or guidance_mode(unet)
         if self.mode not in GUIDANCE_MODES:
@@ -47,7 +48,7 @@ class GuidedUNet:
             raise ValueError("guidance mode 'embedded' needs a UNet with time_cond_proj_dim (a CFG-distilled teacher)")
         if self.mode == "cfg" and uncond is None:
             raise ValueError("guidance mode 'cfg' needs the empty-prompt embedding (uncond)")
-        self.uncond = uncond
+        self.uncond, self.uncond_added = uncond, uncond_added
         self.dtype = dtype
 
     def needs_uncond(self, w: torch.Tensor) -> bool:
@@ -59,18 +60,24 @@ class GuidedUNet:
             x, text = x.to(self.dtype), text.to(self.dtype)
         return self.unet(x, t, encoder_hidden_states=text, **kwargs).sample.float()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [B, C, h, w], t int or [B], text [B, 77, D], w [B] -> eps [B, C, h, w]."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor, w: torch.Tensor,
+                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, C, h, w], t int or [B], text [B, 77, D], w [B], added (SDXL) per-row tensors -> eps [B, C, h, w]."""
         t = torch.as_tensor(t, device=x.device)
+        kwargs = {} if added is None else {"added_cond_kwargs": added}
         if self.mode == "embedded":
             proj = self.unet.time_embedding.cond_proj
             emb = guidance_embedding(w.to(x.device), proj.in_features, self.dtype or proj.weight.dtype)
-            return self._unet(x, t, text, timestep_cond=emb)
+            return self._unet(x, t, text, timestep_cond=emb, **kwargs)
         if not self.needs_uncond(w):
-            return self._unet(x, t, text)
+            return self._unet(x, t, text, **kwargs)
         t2 = t.repeat(2) if t.ndim else t
-        uncond = self.uncond.to(text.dtype).expand(x.shape[0], -1, -1)
-        eps_u, eps_c = self._unet(torch.cat([x, x]), t2, torch.cat([uncond, text])).chunk(2)
+        rows = x.shape[0]
+        uncond = self.uncond.to(text.dtype).expand(rows, -1, -1)
+        if added is not None:  # rows [uncond x B, cond x B], as the text
+            kwargs = {"added_cond_kwargs": {k: torch.cat([self.uncond_added[k].expand(rows, *v.shape[1:]).to(v), v])
+                                            for k, v in added.items()}}
+        eps_u, eps_c = self._unet(torch.cat([x, x]), t2, torch.cat([uncond, text]), **kwargs).chunk(2)
         w = w.to(x.device, eps_c.dtype).view(-1, *([1] * (x.ndim - 1)))
         return eps_c + w * (eps_c - eps_u)
 

@@ -33,12 +33,24 @@ from PIL import Image
 
 from editors.models import Components, load_components
 from icd.guidance import GuidancePolicy
-from icd.losses import (
-    forward_consistency, forward_preservation, pseudo_huber, reverse_consistency, reverse_preservation,
-)
 from icd.lora import (
-    ADAPTERS, FORWARD, REVERSE, TARGET_MODULES, AdapterSwitch, add_icd_adapters, add_named_adapter, lora_config,
-    lora_parameters, save_adapter,
+    ADAPTERS,
+    FORWARD,
+    REVERSE,
+    TARGET_MODULES,
+    AdapterSwitch,
+    add_icd_adapters,
+    add_named_adapter,
+    lora_config,
+    lora_parameters,
+    save_adapter,
+)
+from icd.losses import (
+    forward_consistency,
+    forward_preservation,
+    pseudo_huber,
+    reverse_consistency,
+    reverse_preservation,
 )
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
@@ -104,6 +116,9 @@ class ICDModule(pl.LightningModule):
         super().__init__()
         if topology not in ("sequential", "joint"):
             raise ValueError(f"unknown optim.topology={topology!r}; expected sequential or joint")
+        if components.text_encoder_2 is not None:
+            raise NotImplementedError(f"{components.name}: training SDXL-family models (two text encoders, pooled "
+                                      "and size conditioning) is not wired yet; the iCD editor runs them")
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
@@ -242,8 +257,9 @@ class ICDModule(pl.LightningModule):
         if self.ema_decay > 0:
             self._update_ema()
         self.log_dict({f"train/{n}": v for n, v in values.items()}, prog_bar=True)
+        self.iteration += 1  # here, not in on_train_batch_end: checkpoint callbacks run before the module's hooks
         self.log("train/lr", schedulers[next(iter(schedulers))].get_last_lr()[0])
-        self.log("train/iteration", float(self.iteration + 1))
+        self.log("train/iteration", float(self.iteration))
         return None
 
     def _step(self, loss: torch.Tensor, optimizer, scheduler) -> None:
@@ -297,8 +313,7 @@ class ICDModule(pl.LightningModule):
         if self._batch_start is not None and batch["captions"]:
             seconds = time.perf_counter() - self._batch_start
             self.log("train/images_per_sec", len(batch["captions"]) / seconds)
-        self.iteration += 1
-        if self.validation_every and self.iteration % self.validation_every == 0:
+        if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
             self.validate()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -350,10 +365,9 @@ class ICDModule(pl.LightningModule):
         grid = torch.cat([torch.cat(list(row), dim=2) for row in
                           (images, reconstructed, self.decode_latents(out["generation"]))], dim=1)  # [3, 3H, B*W]
         picture = Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-        if self.trainer.log_dir:
-            folder = Path(self.trainer.log_dir) / "validation"
-            folder.mkdir(parents=True, exist_ok=True)
-            picture.save(folder / f"iteration_{self.iteration:06d}.png")
+        folder = Path(self.trainer.default_root_dir) / "validation"  # not trainer.log_dir: it broadcasts (DDP)
+        folder.mkdir(parents=True, exist_ok=True)
+        picture.save(folder / f"iteration_{self.iteration:06d}.png")
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=self.global_step)
             if hasattr(logger, "log_image"):

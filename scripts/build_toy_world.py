@@ -1,8 +1,15 @@
 """Build the toy world's models from seed, with the project's own code:
 
-    python scripts/build_toy_world.py                      # the shipped weights (profile "gpu"; ~8 min on one H100)
-    python scripts/build_toy_world.py --profile cpu        # the same recipe sized for 2 CPU cores (about an hour)
+    python scripts/build_toy_world.py --device cuda        # profile "gpu": about 30 min on one H100 (see below)
+    python scripts/build_toy_world.py --profile cpu        # the same recipe, far fewer steps: about an hour on 2 cores
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
+
+Measured on one H100 (these small networks are launch-bound there, so step time hardly depends on the batch):
+VAE 21 steps/s (batch 64), teacher 8 steps/s (batch 256), CLIP 45 steps/s (batch 512), IP2P UNet 10 steps/s (batch
+256). The shipped weights in weights/toy came from a time-capped run of the "gpu" profile
+(``--max-seconds vae=55,teacher=195,clip=40,ip2p=65``: 618 VAE, 1253 teacher, 1146 CLIP, 595 IP2P steps) continued
+once with ``--resume --stages teacher,clip`` (2021 more teacher and 1366 more CLIP steps); weights/toy/build_log.jsonl
+holds both runs' losses. ``--resume`` continues from the weights in ``--out`` with a new warmup + cosine cycle.
 
 The world is `evaluation.toyset`: 64² scenes of one or two coloured shapes on a background, captioned in a fixed
 46-word grammar. The stages, each with a progress bar and its losses logged to ``<out>/build_log.jsonl``:
@@ -48,8 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffusers.utils import logging as diffusers_logging
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -60,7 +67,13 @@ sys.path.insert(0, str(REPO))
 from editors.models import load_components, sd_scheduler  # noqa: E402
 from evaluation.metrics import CLIP_MEAN, CLIP_STD  # noqa: E402
 from evaluation.toyset import (  # noqa: E402
-    BG_COLOURS, COLOURS, SHAPES, Scene, make_edit, random_scene, vocabulary,
+    BG_COLOURS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    make_edit,
+    random_scene,
+    vocabulary,
 )
 from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
 
@@ -91,7 +104,7 @@ class Profile:
 
 PROFILES = {
     "gpu": Profile(60_000, 1_000, 20_000, 6_000, 64, 8_000, 256, 3_000, 512, 3_000, 256),
-    "cpu": Profile(8_000, 500, 4_000, 600, 32, 2_000, 64, 1_500, 128, 600, 32, eval_images=32, nti_images=2),
+    "cpu": Profile(8_000, 500, 2_000, 400, 32, 800, 64, 500, 128, 150, 32, eval_images=16, nti_images=2),
     "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, eval_steps=4, eval_images=4, nti_images=1),
 }
 
@@ -181,12 +194,13 @@ def alternatives(scene: Scene) -> dict[str, list[str]]:
     return checks
 
 
-def _scene_item(args: tuple[int, int, int]) -> tuple[np.ndarray, Scene, str, list[str]]:
-    seed, stream, index = args
+def _scene_item(args: tuple[int, int, int, bool]) -> tuple[np.ndarray, Scene, str, list[str]]:
+    seed, stream, index, render = args
     rng = _rng(seed, stream, index)
     scene = random_scene(rng)
     negatives = [perturb(scene, rng).caption() for _ in range(4)]
-    return scene.render(SIZE), scene, scene.caption(), negatives
+    image = scene.render(SIZE) if render else np.zeros((SIZE, SIZE, 3), np.uint8)  # captions alone are cheap
+    return image, scene, scene.caption(), negatives
 
 
 def _edit_item(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, str]:
@@ -217,14 +231,17 @@ class Edits:
     instructions: list[str]
 
 
-def render_scenes(n: int, seed: int, stream: int, workers: int, desc: str) -> Scenes:
-    items = _parallel_map(_scene_item, [(seed, stream, i) for i in range(n)], workers, desc)
+def render_scenes(n: int, seed: int, stream: int, workers: int, desc: str, render: bool = True) -> Scenes:
+    items = _parallel_map(_scene_item, [(seed, stream, i, render) for i in range(n)], workers, desc)
     images, scenes, captions, negatives = zip(*items)
     return Scenes(torch.from_numpy(np.stack(images)), list(scenes), list(captions), list(negatives))
 
 
 def render_edits(n: int, seed: int, workers: int) -> Edits:
     items = _parallel_map(_edit_item, [(seed, 2, i) for i in range(n)], workers, "render edit triples")
+    if not items:
+        empty = torch.zeros(0, SIZE, SIZE, 3, dtype=torch.uint8)
+        return Edits(empty, empty, [])
     sources, targets, instructions = zip(*items)
     return Edits(torch.from_numpy(np.stack(sources)), torch.from_numpy(np.stack(targets)), list(instructions))
 
@@ -280,8 +297,8 @@ class Log:
 
 
 def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-        log: Log, emas: Iterable[tuple[AveragedModel, torch.nn.Module]] = (), warmup: int = 200, max_seconds: float | None = None,
-        weight_decay: float = 1e-2) -> int:
+        log: Log, emas: Iterable[tuple[AveragedModel, torch.nn.Module]] = (), warmup: int = 200,
+        max_seconds: float | None = None, weight_decay: float = 1e-2) -> int:
     """AdamW with linear warmup and cosine decay on `loss_fn(step)`; each (EMA, module) pair updated every step.
 
     `max_seconds` (a safety for time-limited machines) shortens the run, schedule included, when the measured
@@ -315,9 +332,11 @@ def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], t
             bar.set_postfix(loss=f"{running:.4f}")
             log.write(stage=stage, step=step, loss=value, lr=schedule.get_last_lr()[0],
                       seconds=round(time.perf_counter() - start, 1))
-        if max_seconds and step == 50:
-            per_step = (time.perf_counter() - start) / step
-            fits = int(max_seconds / per_step)
+        if step == 20:  # the first steps pay for kernel selection: time the speed from here
+            warm_start = time.perf_counter()
+        if max_seconds and step == 70:
+            per_step = (time.perf_counter() - warm_start) / 50
+            fits = int((max_seconds - (time.perf_counter() - start)) / per_step) + step
             if fits < plan["total"]:
                 plan["total"] = max(fits, step + 1)
                 bar.total = plan["total"]
@@ -362,10 +381,12 @@ class World:
 
 
 def stage_data(w: World) -> None:
-    p, workers = w.profile, w.args.workers
-    w.train = render_scenes(p.train_scenes, w.args.seed, 0, workers, "render training scenes")
+    """Render what the requested stages use (evaluation alone needs only the training captions)."""
+    p, workers, stages = w.profile, w.args.workers, set(w.args.stages.split(","))
+    w.train = render_scenes(p.train_scenes, w.args.seed, 0, workers, "render training scenes",
+                            render=bool(stages & {"vae", "teacher", "clip"}))
     w.heldout = render_scenes(p.heldout_scenes, w.args.seed, 1, workers, "render held-out scenes")
-    w.edits = render_edits(p.edits, w.args.seed, workers)
+    w.edits = render_edits(p.edits if "ip2p" in stages else 0, w.args.seed, workers)
     w.tokenizer = word_tokenizer(vocabulary())
     words = {word for text in w.train.captions + w.edits.instructions for word in text.split()}
     unknown = words - set(vocabulary())
@@ -405,7 +426,8 @@ def load_vae(w: World) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device: torch.device, scaled: bool = True) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device: torch.device,
+                   scaled: bool = True) -> torch.Tensor:
     """Posterior means [N, 4, 16, 16] (times the scaling factor unless `scaled` is False, as IP2P's image input)."""
     factor = vae.config.scaling_factor if scaled else 1.0
     return torch.cat([vae.encode(to_pixels(c, device)).latent_dist.mean * factor for c in images.split(512)])
@@ -432,8 +454,14 @@ def stage_teacher(w: World) -> None:
     ids = token_ids(w.tokenizer, w.train.captions).to(device)
     empty = token_ids(w.tokenizer, [""]).to(device)  # the unconditional input, as encode_prompts([""]) gives
     torch.manual_seed(w.args.seed + 1)
-    text_encoder = CLIPTextModel(text_config(len(w.tokenizer), hidden=64, layers=2, heads=4)).to(device).train()
-    unet = build_unet(cross_attention_dim=64).to(device).train()
+    if w.args.resume and (w.out / "unet").is_dir():
+        text_encoder = CLIPTextModel.from_pretrained(w.out / "text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(w.out / "unet", dtype=torch.float32)
+        w.log.write(stage="teacher", note="continued from the saved teacher")
+    else:
+        text_encoder = CLIPTextModel(text_config(len(w.tokenizer), hidden=64, layers=2, heads=4))
+        unet = build_unet(cross_attention_dim=64)
+    text_encoder, unet = text_encoder.to(device).train(), unet.to(device).train()
     scheduler = sd_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     emas = [ema_of(unet, 0.999), ema_of(text_encoder, 0.999)]
@@ -476,7 +504,12 @@ def _pooled(out) -> torch.Tensor:
 def stage_clip(w: World) -> None:
     p, device = w.profile, w.device
     torch.manual_seed(w.args.seed + 2)
-    model = build_clip(len(w.tokenizer)).to(device).train()
+    if w.args.resume and (w.out / "clip").is_dir():
+        model = CLIPModel.from_pretrained(w.out / "clip", dtype=torch.float32)
+        w.log.write(stage="clip", note="continued from the saved CLIP")
+    else:
+        model = build_clip(len(w.tokenizer))
+    model = model.to(device).train()
     ids = token_ids(w.tokenizer, w.train.captions).to(device)  # [N, 77]
     negatives = [token_ids(w.tokenizer, [neg[k] for neg in w.train.negatives]) for k in range(4)]
     negatives = torch.stack(negatives, dim=1).to(device)  # [N, 4, 77]
@@ -512,14 +545,18 @@ def stage_ip2p(w: World) -> None:
     source = encode_latents(vae, w.edits.sources, device, scaled=False)  # posterior mode, unscaled, as IP2P
     text_encoder = CLIPTextModel.from_pretrained(w.out / "text_encoder", dtype=torch.float32).to(device)
     text_encoder.eval().requires_grad_(False)
-    teacher = UNet2DConditionModel.from_pretrained(w.out / "unet", dtype=torch.float32)
-    unet = UNet2DConditionModel.from_config({**teacher.config, "in_channels": 8})
-    state = teacher.state_dict()
-    conv_in = state.pop("conv_in.weight")  # [C, 4, 3, 3]: the source-latent channels start at zero
-    unet.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        unet.conv_in.weight.zero_()
-        unet.conv_in.weight[:, :4] = conv_in
+    if w.args.resume and (w.out / "ip2p_unet").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(w.out / "ip2p_unet", dtype=torch.float32)
+        w.log.write(stage="ip2p", note="continued from the saved IP2P UNet")
+    else:
+        teacher = UNet2DConditionModel.from_pretrained(w.out / "unet", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_config({**teacher.config, "in_channels": 8})
+        state = teacher.state_dict()
+        conv_in = state.pop("conv_in.weight")  # [C, 4, 3, 3]: the source-latent channels start at zero
+        unet.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            unet.conv_in.weight.zero_()
+            unet.conv_in.weight[:, :4] = conv_in
     unet.to(device).train()
     ids = token_ids(w.tokenizer, w.edits.instructions).to(device)
     empty = token_ids(w.tokenizer, [""]).to(device)
@@ -694,6 +731,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                       (kv.split("=") for kv in s.split(",") if kv)},
                         help="time caps per training stage, e.g. teacher=200,vae=60 (shortens the schedule)")
     parser.add_argument("--keep-going", action="store_true", help="log a failing stage and go on with the next")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training the teacher, CLIP and IP2P UNet saved in --out (new optimiser, "
+                             "new warmup + cosine cycle) instead of starting from random weights")
     return parser.parse_args(argv)
 
 
@@ -706,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers_logging.set_verbosity_error()  # silences the advice on casting to float16 before saving
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     w = World(args, PROFILES[args.profile], torch.device(args.device), Log(args.out / "build_log.jsonl"))
     w.log.write(stage="start", profile=args.profile, device=args.device, seed=args.seed, stages=stages,
                 config=PROFILES[args.profile].__dict__)

@@ -18,6 +18,7 @@ from icd.lora import FORWARD, REVERSE, add_icd_adapters, lora_parameters, save_a
 from icd.teacher import add_guidance_embedding
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
+TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 SOURCE, TARGET = "a red circle on gray", "a blue circle on gray"
 
@@ -37,8 +38,8 @@ def files(tmp_path_factory):
     return root
 
 
-def make_editor(files=None, **params):
-    components = load_components(TINY, FP32, {"mode": "none"}, "cpu")
+def make_editor(files=None, model=TINY, **params):
+    components = load_components(model, FP32, {"mode": "none"}, "cpu")
     if files is not None:
         params = dict(teacher_checkpoint=str(files / "cfg_distill.pt"),
                       forward_lora=str(files / f"{FORWARD}.safetensors"),
@@ -76,10 +77,9 @@ def test_other_recipes_count_calls(params, image, caplog):
 
 
 def test_inversion_start_determinism_and_exact_round_trip(editor):
-    c = editor.components
     g = torch.Generator().manual_seed(1)
     x_star, noise = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
-    text = c.encode_prompts([SOURCE])
+    text = editor.encode([SOURCE])
     first = editor.invert(x_star, text, noise)
     assert torch.equal(first, editor.invert(x_star, text, noise))
     assert first.shape == (1, 4, 16, 16)
@@ -87,7 +87,7 @@ def test_inversion_start_determinism_and_exact_round_trip(editor):
     abar = editor.abar
     seen = []
 
-    def delta(x, t, text, w):  # analytic teacher of the single point x*: the loops must then be exact
+    def delta(x, t, text, w, added=None):  # analytic teacher of the single point x*: the loops must then be exact
         seen.append((int(t), w.tolist()))
         a = abar[t]
         return (x - a.sqrt() * x_star) / (1 - a).sqrt()
@@ -112,15 +112,14 @@ STRONG = dict(cross_replace_steps=1.0, self_replace_steps=1.0, amplify=10.0, ble
 @pytest.mark.parametrize("guidance,settings", [("embedded", {}), ("embedded", STRONG), ("cfg", STRONG)])
 def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guidance):
     editor = make_editor(files, guidance=guidance, **settings)
-    c = editor.components
     g = torch.Generator().manual_seed(2)
     x_T = torch.randn(1, 4, 16, 16, generator=g)
     prompts = [SOURCE, "a big blue circle on gray"]
-    text = c.encode_prompts(prompts)
+    text = editor.encode(prompts)
     latents = editor.decode_p2p(x_T, text, editor.controller(prompts, ("red", "blue")))
     plain_policy, editor.policy = editor.policy, dataclasses.replace(editor.policy, scale=0.0)
     try:
-        plain = editor.generate_latents(x_T, text[:1])
+        plain = editor.generate_latents(x_T, text.rows(slice(0, 1)))
     finally:
         editor.policy = plain_policy
     # Only float noise of batch-size-dependent kernels separates the two, amplified by the final 1 / sqrt(abar_259)
@@ -132,9 +131,8 @@ def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guid
 def test_p2p_rows_identical_without_edit(files):
     editor = make_editor(files, cross_replace_steps=0.0, self_replace_steps=0.0, local_blend=False, amplify=1.0,
                          guidance_scale=0.0)
-    c = editor.components
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    text = c.encode_prompts([SOURCE, SOURCE])
+    text = editor.encode([SOURCE, SOURCE])
     latents = editor.decode_p2p(x_T, text, editor.controller([SOURCE, SOURCE], None))
     assert torch.allclose(latents[0], latents[1], atol=1e-6)
 
@@ -143,3 +141,20 @@ def test_generation_gives_each_prompt_its_own_noise(editor):
     first, second = editor.generate([SOURCE, SOURCE], seed=0)
     assert np.asarray(first).shape == (64, 64, 3)
     assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+@pytest.mark.parametrize("guidance", ["embedded", "cfg"])
+def test_sdxl_prompt_switch_recipe(guidance, image):
+    """The iCD-XL recipe on the tiny SDXL-shaped model: two text encoders, pooled + size conditioning."""
+    components = load_components(TINY_SDXL, FP32, {"mode": "none"}, "cpu")
+    if guidance == "embedded":
+        components.unet = add_guidance_embedding(components.unet)
+    editor = build_editor({"name": "icd", "method": "prompt_switch", "reverse_steps": [249, 499, 699, 999],
+                           "forward_steps": [19, 249, 499, 699], "tau": 0.7}, components)
+    assert editor.eps.mode == guidance
+    prompts = editor.encode([SOURCE, TARGET])
+    assert prompts.text.shape[-1] == 64 and set(prompts.added) == {"text_embeds", "time_ids"}
+    result = editor.edit(EditRequest(image, SOURCE, TARGET, seed=1))
+    assert result.nfe == 8 and result.edited.size == (64, 64)
+    again = editor.edit(EditRequest(image, SOURCE, TARGET, seed=1))
+    assert np.array_equal(np.asarray(result.edited), np.asarray(again.edited))  # seeded inversion noise

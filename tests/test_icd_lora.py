@@ -11,8 +11,16 @@ from diffusers import StableDiffusionPipeline
 from editors.models import build_tiny, sd_scheduler
 from icd.guidance import guidance_embedding
 from icd.lora import (
-    FORWARD, REVERSE, TARGET_MODULES, AdapterSwitch, adapted_module_names, add_icd_adapters, load_adapter,
-    lora_parameters, read_adapter_file, save_adapter,
+    FORWARD,
+    REVERSE,
+    TARGET_MODULES,
+    AdapterSwitch,
+    adapted_module_names,
+    add_icd_adapters,
+    load_adapter,
+    lora_parameters,
+    read_adapter_file,
+    save_adapter,
 )
 from icd.teacher import GuidedUNet, add_guidance_embedding, load_cfg_distilled
 
@@ -139,7 +147,7 @@ def test_cfg_distilled_checkpoint_round_trip(tiny, inputs, tmp_path):
 
 @pytest.mark.parametrize("style", ["diffusers", "released"])
 def test_save_load_round_trip(tiny, inputs, tmp_path, style):
-    unet = with_adapters(tiny[0], randomise=True)
+    unet = with_adapters(tiny[0], alpha=16, randomise=True)  # alpha travels in the file's metadata
     switch = AdapterSwitch(unet)
     expected = {}
     for adapter in (FORWARD, REVERSE):
@@ -158,11 +166,11 @@ def test_save_load_round_trip(tiny, inputs, tmp_path, style):
     for adapter in (FORWARD, REVERSE):
         switch.activate(adapter)
         assert torch.allclose(eps(fresh, inputs), expected[adapter], atol=1e-5)
-        assert fresh.peft_config[adapter].lora_alpha == 8 and fresh.peft_config[adapter].r == 4
+        assert fresh.peft_config[adapter].lora_alpha == 16 and fresh.peft_config[adapter].r == 4
 
 
 def test_exports_load_and_fuse_in_diffusers(tiny, inputs, tmp_path):
-    unet = with_adapters(tiny[0], randomise=True)
+    unet = with_adapters(tiny[0], rank=4, alpha=8, randomise=True)  # scale 2: wrong if diffusers assumed alpha = r
     AdapterSwitch(unet).activate(REVERSE)
     expected = eps(unet, inputs)
     save_adapter(unet, REVERSE, tmp_path / "reverse.safetensors")
@@ -176,3 +184,17 @@ def test_exports_load_and_fuse_in_diffusers(tiny, inputs, tmp_path):
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     assert torch.allclose(eps(pipe.unet, inputs), expected, atol=1e-5)
+
+
+def test_released_files_without_metadata_load_with_alpha_8(tiny, inputs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    unet = with_adapters(tiny[0], rank=4, alpha=8, randomise=True)
+    AdapterSwitch(unet).activate(REVERSE)
+    expected = eps(unet, inputs)
+    save_adapter(unet, REVERSE, tmp_path / "with_meta.safetensors", style="released")
+    save_file(load_file(tmp_path / "with_meta.safetensors"), tmp_path / "released.safetensors")  # keys only
+    fresh = copy.deepcopy(tiny[0])
+    load_adapter(fresh, REVERSE, tmp_path / "released.safetensors")
+    assert fresh.peft_config[REVERSE].lora_alpha == 8
+    assert torch.allclose(eps(fresh, inputs), expected, atol=1e-5)

@@ -10,10 +10,14 @@ import torch
 from icd.ddim import add_noise, ddim_jump, jump
 from icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
 from icd.losses import (
-    forward_consistency, forward_preservation, pseudo_huber, reverse_consistency, reverse_preservation,
+    forward_consistency,
+    forward_preservation,
+    pseudo_huber,
+    reverse_consistency,
+    reverse_preservation,
 )
 from icd.sampling import ddim_solve, inversion_start, run_pairs
-from icd.schedule import BoundarySchedule, default_boundaries, ddim_grid, forward_pairs, reverse_pairs
+from icd.schedule import BoundarySchedule, ddim_grid, default_boundaries, forward_pairs, reverse_pairs
 
 SD15_REVERSE, SD15_FORWARD = [259, 519, 779, 999], [19, 259, 519, 779]
 SDXL_REVERSE, SDXL_FORWARD = [249, 499, 699, 999], [19, 249, 499, 699]
@@ -129,7 +133,7 @@ def test_jump_semigroup_and_inverse_with_shared_eps():
         assert torch.allclose(jump(jump(x, eps, t, s, abar), eps, s, t, abar), x, atol=1e-10)
 
 
-# -- 6. delta teacher: all losses vanish, encode -> decode is exact ----------------------------------------------------
+# -- 6. delta teacher: all losses vanish, encode -> decode is exact ---------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_delta_teacher_zero_losses(dtype):
     abar = sd_abar(dtype)

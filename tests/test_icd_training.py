@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from editors.models import Components, build_tiny, sd_scheduler
 from icd.data import collate
 from icd.guidance import GuidancePolicy
-from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter, lora_parameters
+from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from icd.schedule import BoundarySchedule
 from icd.teacher import GuidedUNet
 from icd.training import LOSSES, ICDModule
@@ -105,7 +105,7 @@ def test_each_loss_steps_its_own_adapter_in_order():
     for loss, _, with_grad in recorder.steps:
         own = reverse if loss in ("reverse_cd", "reverse_preservation") else forward
         assert with_grad and with_grad <= own, loss  # nothing outside the stepped adapter: base, cond_proj, VAE, CLIP
-        assert len(with_grad) > len(own) / 2  # and (B = 0 at init) at least every lora_B of it
+        assert len(with_grad) >= len(own) / 2  # at least every lora_B of it (lora_A has zero grad while B = 0)
     assert module.iteration == 1 and module.trainer.global_step == 4
 
 
@@ -138,7 +138,7 @@ def test_ema_targets_track_the_students():
     pl.seed_everything(0)
     module = make_module(ema_decay=0.5)
     trainer(1, module).fit(module, train_dataloaders=loader())
-    named = dict(module.unet.named_parameters())
+    named = dict(module.named_parameters())
     for adapter in (FORWARD, REVERSE):
         online_b = [n for n in names_of(module, adapter) if ".lora_B." in n]
         assert online_b

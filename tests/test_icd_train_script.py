@@ -1,0 +1,58 @@
+"""train.py: the Hydra config composes (default, sweeps over train.icd.num_steps, presets) and a short run writes the
+adapters, a checkpoint, validation images and an offline W&B run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from icd.lora import read_adapter_file
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("steps,reverse,forward", [(3, (0, 339, 679), (339, 679, 999)),
+                                                   (4, (0, 259, 519, 779), (259, 519, 779, 999))])
+def test_sweep_over_num_steps_composes(steps, reverse, forward):
+    schedule = train.build_schedule(config(f"train.icd.num_steps={steps}").train.icd)
+    assert (schedule.reverse, schedule.forward) == (reverse, forward)
+
+
+def test_presets_compose_and_explicit_lists_win():
+    schedule = train.build_schedule(config("train/icd=sd15_3step").train.icd)
+    assert schedule.reverse == (0, 339, 699) and schedule.reverse_steps == [339, 699, 999]
+    xl = config("train/icd=sdxl_4step").train.icd
+    assert train.build_schedule(xl).forward_steps == [19, 249, 499, 699] and len(xl.guidance.train_scales) == 10
+    cfg = config("train/experiment=sd15_reference")
+    t = cfg.train
+    assert (cfg.model.name, cfg.precision.name, t.data.kind, t.optim.lr) == ("sd15", "bf16", "coco", 8e-6)
+    assert train.LIGHTNING_PRECISION[cfg.precision.dtype] == "bf16-mixed" and t.trainer.gradient_checkpointing
+
+
+def test_short_run_writes_adapters_checkpoint_and_logs(tmp_path):
+    cfg = config("train.trainer.iterations=2", "train.trainer.validation_every=1", "train.trainer.checkpoint_every=1",
+                 "train.trainer.progress_bar=false", f"train.data.root={tmp_path / 'toy'}", "train.data.n_images=6",
+                 "train.data.batch_size=2", "train.data.validation_size=2", "train.icd.lora.rank=4",
+                 "train.icd.num_steps=2")
+    metrics = train.train(cfg, tmp_path / "run", "test")
+    run = tmp_path / "run"
+    assert set(metrics) == {"val/latent_mse", "val/psnr", "iteration"} and metrics["iteration"] == 2
+    for name in ("forward", "reverse"):
+        weights, meta = read_adapter_file(run / "lora" / f"{name}.safetensors")
+        assert weights and meta["r"] == 4 and meta["lora_alpha"] == 8
+    info = json.loads((run / "lora" / "schedule.json").read_text())
+    assert info["reverse_steps"] == [499, 999] and info["forward_steps"] == [19, 499]  # m = 2: L = 25
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(".lora_" in k for k in checkpoint["state_dict"]) and checkpoint["icd"]["iteration"] == 2
+    assert len(list(run.rglob("validation/iteration_*.png"))) == 3  # before training and after each iteration
+    assert list((run / "wandb").glob("offline-run-*"))

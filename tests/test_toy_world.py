@@ -1,0 +1,146 @@
+"""The toy world: shipped weights load offline through the normal loader, its tokenizer is word-level, the shipped
+model behaves like a diffusion model should (DDIM round trip, a P2P colour edit), ground-truth metrics, configs,
+and the build script's quick mode."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from editors.base import EditRequest, build_editor
+from editors.models import load_components
+from evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
+from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
+from evaluation.toyset import COLOURS, Obj, Scene, vocabulary, write_piebench
+from icd.ddim import ddim_jump
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "weights" / "toy"
+TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 64}
+FP32 = {"dtype": "float32", "vae_dtype": "float32"}
+NO_OFFLOAD = {"mode": "none"}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_components(TOY, FP32, NO_OFFLOAD, "cpu")
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    return ClipScorer.from_pretrained(str(WEIGHTS / "clip"))
+
+
+def test_toy_model_loads_offline_as_an_sd_model(toy):
+    assert (toy.resolution, toy.vae_scale_factor, toy.latent_size) == (64, 4, 16)
+    assert toy.unet.config.in_channels == 4 and toy.unet.dtype == torch.float32  # stored in fp16, cast on load
+    assert toy.unet.config.cross_attention_dim == toy.text_encoder.config.hidden_size
+    text = toy.encode_prompts(["a red circle on a gray background", ""])
+    assert text.shape == (2, 77, toy.text_encoder.config.hidden_size) and torch.isfinite(text).all()
+    ip2p = load_components({**TOY, "unet_path": str(WEIGHTS / "ip2p_unet")}, FP32, NO_OFFLOAD, "cpu")
+    assert ip2p.unet.config.in_channels == 8
+
+
+def test_shipped_weights_fit_the_size_budget():
+    weights = list(WEIGHTS.rglob("*.safetensors"))
+    assert weights and sum(p.stat().st_size for p in weights) <= 30 * 2**20
+
+
+@pytest.mark.parametrize("folder", ["tokenizer", "clip"])
+def test_tokenizer_gives_every_toy_word_one_token(folder):
+    tokenizer = CLIPTokenizer.from_pretrained(WEIGHTS / folder)
+    for word in vocabulary():
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, f"{word!r} -> {tokenizer.convert_ids_to_tokens(ids)}"  # start, word, end
+    caption = "a blurry photo of a large striped red circle and a blue star on a dotted gray background"
+    assert len(tokenizer(caption).input_ids) == len(caption.split()) + 2
+    assert tokenizer.tokenize("cat") == ["c", "a", "t</w>"]  # unknown words still tokenize, letter by letter
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
+    editor = build_editor({"name": "ddim_p2p", "num_steps": 20}, toy)
+    scene = Scene((Obj("circle", "red", size="large"),), "gray")
+    image = scene.render(64)
+    z0 = toy.encode_image(Image.fromarray(image))
+    cond = toy.encode_prompts([scene.caption()])
+    latents = editor.invert(z0, cond)[-1]
+    for t in editor.timesteps:  # unguided DDIM back down (eta = 0)
+        latents = ddim_jump(latents, toy.unet_eps(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+    vae_psnr = _psnr(np.asarray(toy.decode_latents(z0)[0]), image)
+    round_trip = _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
+    assert vae_psnr > 18 and round_trip > vae_psnr - 1.0  # measured 20.3 and 20.3 dB
+
+
+def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_clip):
+    """A blue star made orange by DDIM + P2P (20 steps): inside the star the colour moves to orange, the toy CLIP
+    prefers the target caption more for the edit than for the reconstruction, and the background stays."""
+    obj, new = Obj("star", "blue", size="large"), "orange"
+    source, target = Scene((obj,), "beige"), Scene((obj._replace(colour=new),), "beige")
+    image = source.render(64)
+    editor = build_editor({"name": "ddim_p2p", "num_steps": 20}, toy)
+    result = editor.edit(EditRequest(Image.fromarray(image), source.caption(), target.caption(),
+                                     blend_words=("star", "star"), seed=0))
+    edited, reconstruction = np.asarray(result.edited), np.asarray(result.reconstruction)
+
+    inside = source.object_mask(0, 64)
+    distance = {name: np.linalg.norm(img[inside].mean(0) - np.asarray(COLOURS[new]))
+                for name, img in (("edited", edited), ("reconstruction", reconstruction))}
+    assert distance["edited"] < 0.5 * distance["reconstruction"]
+
+    def preference(img):  # toy-CLIP score of the target caption minus that of the source caption
+        return clip_score(toy_clip, img, target.caption()) - clip_score(toy_clip, img, source.caption())
+
+    assert preference(edited) > preference(reconstruction)
+    assert preference(image) < 0  # the toy CLIP knows the source is blue
+    assert psnr_unedit_part(image, edited, inside.astype(float)) > 22  # measured 24.4 (VAE ceiling ~25)
+
+
+def test_ground_truth_metrics(tmp_path):
+    root = write_piebench(tmp_path / "toy", n_per_type=1, edit_types=["6"])
+    entry = next(iter(json.loads((root / "mapping_file.json").read_text()).values()))
+    target = np.asarray(Image.open(root / "ground_truth" / entry["image_path"]).convert("RGB"))
+    source = np.asarray(Image.open(root / "annotation_images" / entry["image_path"]).convert("RGB"))
+    perfect = ground_truth_scores(root, entry["image_path"], target)
+    assert math.isinf(perfect["gt_psnr"]) and perfect["gt_mse"] == 0
+    assert perfect["gt_ssim"] == pytest.approx(1.0, abs=1e-3)  # torchmetrics' SSIM of identical images: 0.99975
+    unedited = ground_truth_metrics(source, target)
+    assert 0 < unedited["gt_mse"] and unedited["gt_ssim"] < 1 and math.isfinite(unedited["gt_psnr"])
+    missing = ground_truth_scores(root, "no/such.png", target)
+    assert set(missing) == set(GT_KEYS) and all(math.isnan(v) for v in missing.values())
+    small = ground_truth_scores(root, entry["image_path"], target[::2, ::2])  # resized like the harness does
+    assert small["gt_psnr"] > 20
+
+
+def test_toy_experiment_composes():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=["experiment=toy"])
+    GlobalHydra.instance().clear()
+    assert (cfg.model.name, cfg.model.path, cfg.dataset.size) == ("toy", "./weights/toy", 64)
+    assert cfg.metrics.clip.path == "./weights/toy/clip" and cfg.metrics.lpips.net is None
+
+
+def test_build_script_quick_mode(tmp_path):
+    out = tmp_path / "toy"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_toy_world.py"), "--quick", "--device", "cpu",
+                    "--workers", "1", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+    report = json.loads((out / "quality.json").read_text())
+    assert {"vae_psnr", "clip_zero_shot", "teacher_cfg5", "ddim_round_trip_psnr", "nti_cfg7.5_round_trip_psnr"} <= \
+        report.keys()
+    stages = {json.loads(line)["stage"] for line in (out / "build_log.jsonl").read_text().splitlines()}
+    assert {"data", "vae", "teacher", "clip", "ip2p", "eval"} <= stages
+    components = load_components({**TOY, "path": str(out), "unet_path": str(out / "ip2p_unet")}, FP32, NO_OFFLOAD,
+                                 "cpu")
+    assert components.unet.config.in_channels == 8
