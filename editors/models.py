@@ -28,7 +28,6 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -46,6 +45,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from editors.paths import is_local, resolve_local
 from editors.tokenizers import CLIP_MAX_LENGTH, char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class PromptTooLongError(ValueError):
 
 
 def sd_scheduler(**overrides: Any) -> DDIMScheduler:
-    """Stable Diffusion 1.x noise schedule as the P2P / PIE-Bench reference runs it (steps_offset 0, abar_final = abar_0)."""
+    """SD 1.x noise schedule as the P2P / PIE-Bench reference runs it (steps_offset 0, abar_final = abar_0)."""
     config = dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=0,
@@ -300,8 +300,8 @@ def _build_local(archs: Mapping[str, Callable], model: Mapping[str, Any], defaul
 
 def _local_or_hub(path: str, key: str) -> str:
     """An absolute or ./relative path must be a directory (a clear error now beats a hub lookup); else a hub id."""
-    local = Path(path).expanduser()
-    if local.is_absolute() or path.startswith("."):
+    if is_local(path):
+        local = resolve_local(path)
         if not local.is_dir():
             raise ModelLoadError(f"{key}={path!r} is not a directory; point {key} at a diffusers model folder")
         return str(local)

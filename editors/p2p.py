@@ -7,8 +7,8 @@ A `P2PController` sees the attention probabilities of the conditional half and
   ``cross_replace_steps`` fraction of the steps;
 - self-attention: replaces the targets' maps with the source's for the first ``self_replace_steps`` fraction of
   the steps, on layers with at most (latent/2)² queries (32² for SD's 64² latents);
-- stores the cross-attention maps at the blend resolution (latent/4: SD's five 16² layers) for `LocalBlend`, which after
-  each denoising step keeps the target latent equal to the source outside the blend words' attention mask.
+- stores the cross-attention maps at the blend resolution (latent/4: SD's five 16² layers) for `LocalBlend`, which
+  after each denoising step keeps the target latent equal to the source outside the blend words' attention mask.
 
 Only layers whose maps the controller needs at the current step materialise probabilities; every other call goes
 through the fused scaled-dot-product kernel. The source branch is never modified, so it equals a plain
@@ -199,7 +199,7 @@ def make_controller(
 
 
 class ControlledAttnProcessor:
-    """Stock attention whose probabilities the controller may read and replace; fused SDPA when it does not need them."""
+    """Stock attention whose probabilities the controller may read and replace; fused SDPA when it needs none."""
 
     def __init__(self, controller, layer: str):
         self.controller = controller

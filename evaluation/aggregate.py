@@ -3,8 +3,9 @@
     python -m evaluation.aggregate multirun/2026-11-23/10-00-00 [--out summary.csv]
 
 Jobs are told apart by the ``run`` column (their overrides, shard keys excluded, so the shards of one configuration
-summarise together); rows of the same item in the same run (overlapping shards, retried jobs) keep the latest. Prints the cost table (seconds
-per edit, UNet evaluations, peak memory per editor / model / precision) and the full summary.
+summarise together); rows of the same item in the same run (overlapping shards, retried jobs) keep the latest.
+Prints the cost table (seconds per edit, UNet evaluations, peak memory per editor / model / precision) and the full
+summary.
 """
 
 from __future__ import annotations

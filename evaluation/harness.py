@@ -25,19 +25,16 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, build_editor
 from editors.models import load_components
-from evaluation.metrics import build_metrics
+from evaluation.ground_truth import GT_KEYS, ground_truth_scores
+from evaluation.metrics import METRIC_KEYS, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
 from evaluation.summary import format_summary, summarize
 from evaluation.wandb_logger import RunLogger
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = (
-    "structure_distance", "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part",
-    "clip_similarity_source_image", "clip_similarity_target_image", "clip_similarity_target_image_edit_part",
-)
 RESULT_COLUMNS = (
-    "run", "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS,
+    "run", "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS, *GT_KEYS,
     "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note",
 )
 
@@ -81,7 +78,8 @@ class ResultsFile:
         self.path = path
         self.done: set[str] = set()
         if path.exists() and path.stat().st_size:
-            previous = pd.read_csv(path, dtype={"image_id": str, "edit_type": str, "error": str}, keep_default_na=False)
+            previous = pd.read_csv(path, dtype={"image_id": str, "edit_type": str, "error": str},
+                                   keep_default_na=False)
             self.done = set(previous.loc[previous["error"] == "", "image_id"])
         else:
             with path.open("w", newline="") as f:
@@ -128,6 +126,7 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
                    peak_mem_mb=peak_memory_mb(components.device))
         row.update(metrics.compute(np.asarray(image), np.asarray(result.edited), mask, item.source_prompt,
                                    item.target_prompt))
+        row.update(ground_truth_scores(dataset.root, item.image_path, np.asarray(result.edited)))
         return Outcome(row, image, result.edited)
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
@@ -176,6 +175,8 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
               f"{failed} failed | {output_dir}")
         if metrics.unavailable:
             print(f"unavailable metrics (no backbone): {', '.join(metrics.unavailable)}")
+        if cfg.metrics.get("label"):
+            print(f"metric backbones: {cfg.metrics.label} (not comparable with the PIE-Bench reference backbones)")
         print(format_summary(summary))
         logger.log_summary(frame, summary, output_dir)
     return summary

@@ -278,9 +278,17 @@ class PieBenchMetrics:
         }
 
 
+def _weights(path: str) -> str:
+    """Hub ids pass through; local paths may be relative to the repository (shipped toy backbones)."""
+    from editors.paths import is_local, resolve_local
+
+    return str(resolve_local(path)) if is_local(path) else path
+
+
 def _load_structure(kind: str, path: str, device: str | torch.device) -> KeyBackbone:
     from transformers import CLIPVisionModel, ViTModel
 
+    path = _weights(path)
     if kind == "dino":
         return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False).to(device))
     return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path).to(device))
@@ -333,7 +341,7 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchM
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in off:
         clip = _try_load(
             "clip_similarity_*", repr(clip_path), hf_hint.format("clip.path"),
-            lambda: ClipScorer.from_pretrained(clip_path, device), on_missing,
+            lambda: ClipScorer.from_pretrained(_weights(clip_path), device), on_missing,
         )
     lpips_model = None
     if (net := lpips_cfg.get("net", "squeeze")) not in off:

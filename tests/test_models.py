@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import FP32, NO_OFFLOAD, TINY
@@ -47,6 +49,15 @@ def test_pretrained_loads_a_local_diffusers_folder(tmp_path, tiny_components):
     assert torch.allclose(text, tiny_components.encode_prompts(["a blue square"]))
     z = torch.randn(1, 4, 16, 16)
     assert torch.allclose(c.unet_eps(z, 10, text), tiny_components.unet_eps(z, 10, text), atol=1e-6)
+
+
+def test_relative_local_paths_fall_back_to_the_repository(tmp_path, monkeypatch):
+    from editors.paths import REPO_ROOT, resolve_local
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_local("./conf") == REPO_ROOT / "conf"  # shipped folders load from any working directory
+    (tmp_path / "conf").mkdir()
+    assert resolve_local("./conf") == Path("./conf")  # the working directory's own folder wins
 
 
 def test_missing_local_weights_name_model_path(tmp_path):

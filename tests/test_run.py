@@ -40,6 +40,7 @@ def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path):
     assert len(results) == 3 and (results["error"] == "").all()
     assert (results["nfe"] == 3 + 4).all()  # 4-step inversion (identity step skipped) + 4 batched edit steps
     assert (results["backward_passes"] == 0).all()
+    assert results[["gt_psnr", "gt_ssim", "gt_mse"]].notna().all().all()  # the built-in set ships its true edits
     assert (results[["editor", "model", "precision"]].iloc[0] == ["ddim_p2p", "tiny", "fp32"]).all()
     assert (results["seconds"] > 0).all() and (results["peak_mem_mb"] > 0).all()
     summary = pd.read_csv(out / "summary.csv", dtype={"edit_type": str})

@@ -10,7 +10,15 @@ from PIL import Image
 from evaluation import piebench
 from evaluation.piebench import rle_decode
 from evaluation.toyset import (
-    EDIT_TYPES, MAX_PROMPT_CHARS, Obj, Scene, bracket, edit_mask, random_scene, toy_edits, write_piebench,
+    EDIT_TYPES,
+    MAX_PROMPT_CHARS,
+    Obj,
+    Scene,
+    bracket,
+    edit_mask,
+    random_scene,
+    toy_edits,
+    write_piebench,
 )
 
 N, SIZE, SEED = 2, 64, 0
