@@ -89,6 +89,17 @@ def _segment_bounds(segment: torch.Tensor, schedule: BoundarySchedule) -> tuple[
     return bounds[segment, 0], bounds[segment, 1]
 
 
+def _round_trip(x_start: torch.Tensor, t_start: torch.Tensor, t_far: torch.Tensor, text: torch.Tensor,
+                frozen: EpsFn, trained: EpsFn, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave x_start for t_far with the frozen student (no grad), come back with the trained one; unguided.
+    Returns (prediction, target = x_start)."""
+    w = torch.zeros(x_start.shape[0], device=x_start.device)
+    with torch.no_grad():
+        x_far = jump(x_start, frozen(x_start, t_start, text, w), t_start, t_far, alphas_cumprod)
+    prediction = jump(x_far, trained(x_far, t_far, text, w), t_far, t_start, alphas_cumprod)
+    return prediction, x_start
+
+
 def forward_preservation(x0: torch.Tensor, noise: torch.Tensor, segment: torch.Tensor, text: torch.Tensor,
                          forward_student: EpsFn, reverse_student: EpsFn, schedule: BoundarySchedule,
                          alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,23 +107,15 @@ def forward_preservation(x0: torch.Tensor, noise: torch.Tensor, segment: torch.T
 
     segment [B] in 0..m-1 picks (lo, hi) from `BoundarySchedule.segments`; unguided throughout.
     """
-    w = torch.zeros(x0.shape[0], device=x0.device)
     lo, hi = _segment_bounds(segment, schedule)
     x_hi = add_noise(x0, noise, hi, alphas_cumprod)
-    with torch.no_grad():
-        x_lo = jump(x_hi, reverse_student(x_hi, hi, text, w), hi, lo, alphas_cumprod)
-    prediction = jump(x_lo, forward_student(x_lo, lo, text, w), lo, hi, alphas_cumprod)
-    return prediction, x_hi
+    return _round_trip(x_hi, hi, lo, text, reverse_student, forward_student, alphas_cumprod)
 
 
 def reverse_preservation(x0: torch.Tensor, noise: torch.Tensor, segment: torch.Tensor, text: torch.Tensor,
                          forward_student: EpsFn, reverse_student: EpsFn, schedule: BoundarySchedule,
                          alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L_r (trains the reverse model): x_lo -> forward (no grad) -> x_hi -> reverse -> should return to x_lo."""
-    w = torch.zeros(x0.shape[0], device=x0.device)
     lo, hi = _segment_bounds(segment, schedule)
     x_lo = add_noise(x0, noise, lo, alphas_cumprod)
-    with torch.no_grad():
-        x_hi = jump(x_lo, forward_student(x_lo, lo, text, w), lo, hi, alphas_cumprod)
-    prediction = jump(x_hi, reverse_student(x_hi, hi, text, w), hi, lo, alphas_cumprod)
-    return prediction, x_lo
+    return _round_trip(x_lo, lo, hi, text, forward_student, reverse_student, alphas_cumprod)
