@@ -47,6 +47,18 @@ def consistency_target(x_next: torch.Tensor, t_next: torch.Tensor, s: torch.Tens
     return target
 
 
+def _consistency_pair(x0: torch.Tensor, noise: torch.Tensor, t_start: torch.Tensor, t_next: torch.Tensor,
+                      s: torch.Tensor, text: torch.Tensor, w: torch.Tensor, student: EpsFn, teacher: EpsFn,
+                      target_net: EpsFn, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both CD directions: the student's jump t_start -> s against the target net's jump from the teacher's one-step
+    solution at t_next to the same boundary s (no gradient through the target)."""
+    x_start = add_noise(x0, noise, t_start, alphas_cumprod)
+    prediction = jump(x_start, student(x_start, t_start, text, w), t_start, s, alphas_cumprod)
+    with torch.no_grad():
+        x_next = teacher_step(x_start, teacher(x_start, t_start, text, w), t_start, t_next, alphas_cumprod)
+    return prediction, consistency_target(x_next, t_next, s, text, w, target_net, alphas_cumprod)
+
+
 def reverse_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch.Tensor, text: torch.Tensor,
                         w: torch.Tensor, student: EpsFn, teacher: EpsFn, schedule: BoundarySchedule,
                         alphas_cumprod: torch.Tensor,
@@ -59,12 +71,8 @@ def reverse_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch
     t_start = schedule.grid_at(grid_index)  # t' in {19, ..., 999}
     t_next = schedule.reverse_step(t_start)  # t = t' - 20, with 19 -> 0
     s = schedule.reverse_boundary(t_next)  # computed from t, not t'
-    x_start = add_noise(x0, noise, t_start, alphas_cumprod)
-    prediction = jump(x_start, student(x_start, t_start, text, w), t_start, s, alphas_cumprod)
-    with torch.no_grad():
-        x_next = teacher_step(x_start, teacher(x_start, t_start, text, w), t_start, t_next, alphas_cumprod)
-    target = consistency_target(x_next, t_next, s, text, w, target_net or student, alphas_cumprod)
-    return prediction, target
+    return _consistency_pair(x0, noise, t_start, t_next, s, text, w, student, teacher, target_net or student,
+                             alphas_cumprod)
 
 
 def forward_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch.Tensor, text: torch.Tensor,
@@ -76,12 +84,8 @@ def forward_consistency(x0: torch.Tensor, noise: torch.Tensor, grid_index: torch
     t_start = schedule.grid_at(grid_index)  # t in {19, ..., 979}
     t_next = schedule.forward_step(t_start)  # t' = t + 20
     s = schedule.forward_boundary(t_next)
-    x_start = add_noise(x0, noise, t_start, alphas_cumprod)
-    prediction = jump(x_start, student(x_start, t_start, text, w), t_start, s, alphas_cumprod)
-    with torch.no_grad():
-        x_next = teacher_step(x_start, teacher(x_start, t_start, text, w), t_start, t_next, alphas_cumprod)
-    target = consistency_target(x_next, t_next, s, text, w, target_net or student, alphas_cumprod)
-    return prediction, target
+    return _consistency_pair(x0, noise, t_start, t_next, s, text, w, student, teacher, target_net or student,
+                             alphas_cumprod)
 
 
 def _segment_bounds(segment: torch.Tensor, schedule: BoundarySchedule) -> tuple[torch.Tensor, torch.Tensor]:
