@@ -27,7 +27,6 @@ runs and counts calls like the real thing, but its edits mean nothing; it says s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -35,12 +34,13 @@ from PIL import Image
 
 from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import LocalBlend, P2PController, controlled_attention, word_token_alphas
+from editors.paths import resolve_local
 from editors.seq_aligner import get_equalizer
 from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
-from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled
+from icd.teacher import Conditioning, GuidedUNet, encode_conditioning, guidance_mode, load_cfg_distilled
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,6 @@ def new_words(source: str, target: str) -> list[str]:
     """Target-prompt words absent from the source prompt, stop words removed (what AttentionReweight amplifies)."""
     source_words = set(source.lower().split())
     return [w for w in dict.fromkeys(target.split()) if w.lower() not in source_words and w.lower() not in STOP_WORDS]
-
-
-@dataclass
-class Prompts:
-    """Conditioning of P prompts: token embeddings [P, 77, D] and, for SDXL, per-row ``text_embeds`` / ``time_ids``."""
-
-    text: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None
-
-    def rows(self, index: slice) -> "Prompts":
-        return Prompts(self.text[index], None if self.added is None else {k: v[index] for k, v in self.added.items()})
 
 
 @register("icd")
@@ -102,6 +91,7 @@ class ICDEditor(Editor):
             if c.pipeline is not None:
                 raise ValueError("editor.teacher_checkpoint replaces the UNet: use offload=none with it")
             c.unet = load_cfg_distilled(c.unet, teacher_checkpoint)
+        forward_lora, reverse_lora = (resolve_local(p) if p else None for p in (forward_lora, reverse_lora))
         untrained = attach_adapters(c.unet, forward_lora, reverse_lora, lora_rank, lora_alpha)
         if untrained:
             log.warning("iCD runs UNTRAINED adapters %s (equal to the teacher): set editor.forward_lora / "
@@ -111,7 +101,7 @@ class ICDEditor(Editor):
                 p.data = p.data.to(c.dtype)
         self.switch = AdapterSwitch(c.unet)
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
-        uncond = self.encode([""]) if mode_ == "cfg" else Prompts(None)
+        uncond = self.encode([""]) if mode_ == "cfg" else Conditioning(None)
         self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=guidance_scale, tau=tau)
@@ -127,31 +117,22 @@ class ICDEditor(Editor):
         return self.components.alphas_cumprod.to(self.components.device)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Prompts:
-        """SD: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states concatenated,
-        the second's pooled projection and the size micro-conditioning (original = target = model resolution)."""
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning (SD or SDXL, `encode_conditioning`); over-long prompts raise."""
         c = self.components
-        if c.text_encoder_2 is None:
-            return Prompts(c.encode_prompts(prompts))
         for prompt in prompts:
             c.check_prompt(prompt)
-        hidden = []
-        for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(c.device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-        r = c.resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=c.device, dtype=c.dtype).expand(len(prompts), -1)
-        return Prompts(torch.cat(hidden, dim=-1).to(c.dtype),
-                       {"text_embeds": out.text_embeds.to(c.dtype), "time_ids": time_ids})
+        encoders = [(c.tokenizer, c.text_encoder)]
+        if c.text_encoder_2 is not None:
+            encoders.append((c.tokenizer_2, c.text_encoder_2))
+        return encode_conditioning(prompts, encoders, c.resolution, c.device, c.dtype)
 
-    def _eps(self, x: torch.Tensor, t: int, prompts: Prompts, w: torch.Tensor) -> torch.Tensor:
+    def _eps(self, x: torch.Tensor, t: int, prompts: Conditioning, w: torch.Tensor) -> torch.Tensor:
         return self.eps(x, t, prompts.text, w, prompts.added)
 
     # -- 2. inversion (forward model) -----------------------------------------------------------------------------
     @torch.no_grad()
-    def invert(self, x0: torch.Tensor, source: Prompts, noise: torch.Tensor) -> torch.Tensor:
+    def invert(self, x0: torch.Tensor, source: Conditioning, noise: torch.Tensor) -> torch.Tensor:
         """x0 [B, 4, h, w], source prompts (B rows), noise like x0 -> x_999 [B, 4, h, w]."""
         self.switch.activate(FORWARD)
         w = torch.zeros(x0.shape[0])
@@ -160,7 +141,7 @@ class ICDEditor(Editor):
 
     # -- 3. decoding (reverse model) ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_latents(self, x_T: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    def generate_latents(self, x_T: torch.Tensor, prompts: Conditioning) -> torch.Tensor:
         """Plain generation / reconstruction: every row guided by the dynamic schedule. x_T [B, ...], B prompts."""
         self.switch.activate(REVERSE)
         rows = x_T.shape[0]
@@ -168,7 +149,7 @@ class ICDEditor(Editor):
                          lambda i, x, t: self._eps(x, t, prompts, self.policy.rows(t, rows)), self.abar)
 
     @torch.no_grad()
-    def decode_p2p(self, x_T: torch.Tensor, prompts: Prompts, controller: P2PController) -> torch.Tensor:
+    def decode_p2p(self, x_T: torch.Tensor, prompts: Conditioning, controller: P2PController) -> torch.Tensor:
         """x_T [1, 4, h, w], P prompts (source first) -> latents [P, 4, h, w]; the source row is unguided."""
         self.switch.activate(REVERSE)
         rows = prompts.text.shape[0]
@@ -185,14 +166,14 @@ class ICDEditor(Editor):
                              callback=lambda i, x: controller.step_callback(x))
 
     @torch.no_grad()
-    def decode_prompt_switch(self, x_T: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    def decode_prompt_switch(self, x_T: torch.Tensor, prompts: Conditioning) -> torch.Tensor:
         """x_T [1, 4, h, w], prompts (source, target): the source prompt's token embeddings, unguided, above tau;
         the target's, guided, below. SDXL's pooled / size conditioning is the target's throughout (as the
         reference swaps encoder_hidden_states only)."""
         self.switch.activate(REVERSE)
         threshold = self.policy.tau * self.policy.num_train_timesteps
-        target = prompts.rows(slice(1, 2))
-        source = Prompts(prompts.text[:1], target.added)
+        target = prompts[1:2]
+        source = Conditioning(prompts.text[:1], target.added)
 
         def eps(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
             return self._eps(x, t, source if t > threshold else target, self.policy.rows(t, 1))
@@ -226,7 +207,7 @@ class ICDEditor(Editor):
         controller = self.controller(prompts, request.blend_words) if self.method == "p2p" else None
         x0 = c.encode_image(request.image)  # [1, 4, h, w]
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
-        x_T = self.invert(x0, cond.rows(slice(0, 1)), noise)
+        x_T = self.invert(x0, cond[0:1], noise)
         if controller is not None:
             reconstruction, edited = c.decode_latents(self.decode_p2p(x_T, cond, controller))
             return EditResult(edited=edited, reconstruction=reconstruction)

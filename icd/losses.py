@@ -1,9 +1,10 @@
 """The four iCD objectives as pure functions of noise-prediction callables.
 
 Every network enters as an ``EpsFn(x, t, text, w) -> eps`` (t and w per sample), so the same code runs with LoRA
-students on a UNet, with analytic teachers in tests, and with any guidance backend. Each builder returns
-``(prediction, target)``: the prediction carries the gradient of exactly one student, the target carries none.
-The loss is `pseudo_huber` of the two.
+students on a UNet, with analytic teachers in tests, and with any guidance backend. ``text`` is passed through
+untouched except for row selection (``text[rows]``): a tensor [B, L, D] or an `icd.teacher.Conditioning` (SDXL).
+Each builder returns ``(prediction, target)``: the prediction carries the gradient of exactly one student, the
+target carries none. The loss is `pseudo_huber` of the two.
 
 Student parameterisation (no c_skip / c_out): f(x, t; s) = J(x; t -> s; eps_student(x, t)), with J the DDIM jump
 and its hard boundary at s = 0 (`icd.ddim.jump`). The teacher takes one DDIM grid step (stride 20) with the plain

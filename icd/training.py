@@ -54,7 +54,14 @@ from icd.losses import (
 )
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
-from icd.teacher import GuidedUNet, add_guidance_embedding, guidance_mode, load_cfg_distilled
+from icd.teacher import (
+    Conditioning,
+    GuidedUNet,
+    add_guidance_embedding,
+    encode_conditioning,
+    guidance_mode,
+    load_cfg_distilled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +123,12 @@ class ICDModule(pl.LightningModule):
         super().__init__()
         if topology not in ("sequential", "joint"):
             raise ValueError(f"unknown optim.topology={topology!r}; expected sequential or joint")
-        if components.text_encoder_2 is not None:
-            raise NotImplementedError(f"{components.name}: training SDXL-family models (two text encoders, pooled "
-                                      "and size conditioning) is not wired yet; the iCD editor runs them")
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
-        self.tokenizer = components.tokenizer
+        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
+        self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
+        self.resolution = components.resolution
         self.scaling_factor = components.vae.config.scaling_factor
         self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
         self.schedule, self.policy = schedule, policy
@@ -157,24 +163,25 @@ class ICDModule(pl.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vae.eval()  # frozen parts never run in train mode
-        self.text_encoder.eval()
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):  # frozen parts never run in train mode
+            if frozen is not None:
+                frozen.eval()
         return self
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
     def guided(self) -> GuidedUNet:
         if self._guided is None:
-            uncond = self.encode_text([""]) if self.guidance == "cfg" else None
-            self._guided = GuidedUNet(self.unet, self.guidance, uncond)
+            uncond = self.encode_text([""]) if self.guidance == "cfg" else Conditioning(None)
+            self._guided = GuidedUNet(self.unet, self.guidance, uncond.text, uncond_added=uncond.added)
         return self._guided
 
     def eps_fn(self, adapter: str | None):
         """EpsFn of one student (adapter name) or of the teacher (None)."""
 
-        def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        def eps(x: torch.Tensor, t: torch.Tensor, cond: Conditioning, w: torch.Tensor) -> torch.Tensor:
             self.switch.activate(adapter)
-            return self.guided(x, t, text, w)
+            return self.guided(x, t, cond.text, w, cond.added)
 
         return eps
 
@@ -182,10 +189,10 @@ class ICDModule(pl.LightningModule):
         return self.eps_fn(adapter + EMA_SUFFIX if self.ema_decay > 0 else adapter)
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """Captions -> their conditioning (SD: text [B, 77, D]; SDXL: also pooled and size embeddings)."""
+        encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
+        return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
@@ -333,7 +340,7 @@ class ICDModule(pl.LightningModule):
     @torch.no_grad()
     def round_trip(self, x0: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward (w = 0, from x_19 with a seeded noise) then reverse (w = 0) down to the clean latent, and a
-        generation from seeded noise with the evaluation guidance. x0 [B, 4, h, w], text [B, 77, D]."""
+        generation from seeded noise with the evaluation guidance. x0 [B, 4, h, w], text: B rows' conditioning."""
         generator = torch.Generator().manual_seed(self.validation_seed)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         noise_T = torch.randn(x0.shape, generator=generator).to(self.device)

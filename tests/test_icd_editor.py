@@ -119,7 +119,7 @@ def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guid
     latents = editor.decode_p2p(x_T, text, editor.controller(prompts, ("red", "blue")))
     plain_policy, editor.policy = editor.policy, dataclasses.replace(editor.policy, scale=0.0)
     try:
-        plain = editor.generate_latents(x_T, text.rows(slice(0, 1)))
+        plain = editor.generate_latents(x_T, text[0:1])
     finally:
         editor.policy = plain_policy
     # Only float noise of batch-size-dependent kernels separates the two, amplified by the final 1 / sqrt(abar_259)

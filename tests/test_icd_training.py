@@ -10,15 +10,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from editors.models import Components, build_tiny, sd_scheduler
+from editors.base import EditRequest, build_editor
+from editors.models import Components, build_tiny, load_components, sd_scheduler
 from icd.data import collate
 from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from icd.schedule import BoundarySchedule
 from icd.teacher import GuidedUNet
-from icd.training import LOSSES, ICDModule
+from icd.training import LOSSES, ICDModule, load_teacher
 
 CAPTIONS = ("a red circle", "a blue square", "a green star")
 
@@ -194,7 +196,36 @@ def test_export_is_what_the_editor_loads(tmp_path):
         switch.activate(adapter)
         with torch.no_grad():
             expected = module.eps_fn(adapter)(x, t, text, w)
-            assert torch.allclose(GuidedUNet(fresh)(x, t, text, w), expected, atol=1e-5)
+            assert torch.allclose(GuidedUNet(fresh)(x, t, text.text, w), expected, atol=1e-5)
+
+
+def test_sdxl_family_trains_with_pooled_and_size_conditioning(tmp_path):
+    """Tiny SDXL teacher (two text encoders, text_time conditioning, two-pass CFG): each loss steps its own adapter,
+    and the exported adapters drive the iCD-XL editor."""
+    pl.seed_everything(0)
+    tiny_sdxl = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
+    fp32 = {"dtype": "float32", "vae_dtype": "float32"}
+    module = ICDModule(load_teacher(tiny_sdxl, fp32, {"guidance": "cfg"}), BoundarySchedule(4),
+                       GuidancePolicy(scale=7.0), lora_rank=4, lr=1e-3)
+    cond = module.encode_text(list(CAPTIONS[:2]))
+    assert cond.text.shape == (2, 77, 64) and cond.added["text_embeds"].shape == (2, 32)
+    assert cond.added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    assert cond[1:].added["text_embeds"].shape == (1, 32)  # rows select every part
+    recorder = StepRecorder()
+    trainer(1, module, [recorder]).fit(module, train_dataloaders=loader())
+    assert [loss for loss, _, _ in recorder.steps] == list(LOSSES)
+    for loss, _, with_grad in recorder.steps:
+        own = names_of(module, REVERSE if loss in ("reverse_cd", "reverse_preservation") else FORWARD)
+        assert with_grad and with_grad <= own, loss
+
+    paths = module.export_adapters(tmp_path)
+    editor = build_editor({"name": "icd", "method": "prompt_switch", "reverse_steps": [249, 499, 699, 999],
+                           "forward_steps": [19, 249, 499, 699], "forward_lora": str(paths["forward"]),
+                           "reverse_lora": str(paths["reverse"])},
+                          load_components(tiny_sdxl, fp32, {"mode": "none"}, "cpu"))
+    image = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    result = editor.edit(EditRequest(image, "a red circle", "a blue circle", seed=0))
+    assert result.edited.size == (64, 64) and result.nfe == 8
 
 
 def test_round_trip_is_exact_only_when_untrained_students_are_consistent():
