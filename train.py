@@ -29,6 +29,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -86,7 +87,7 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
 
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer
-    callbacks = [ExportAdapters(output_dir / "lora", tc.export_every)]
+    callbacks = [ExportAdapters(output_dir / "lora", tc.export_every, getattr(torch, tc.export_dtype))]
     if tc.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=tc.checkpoint_every
                                          * steps, save_last=True, save_top_k=-1))

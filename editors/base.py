@@ -12,6 +12,7 @@ calls and the seconds the edit took; the harness measures memory around it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,20 @@ def register(name: str) -> Callable[[type[Editor]], type[Editor]]:
     return wrap
 
 
+def _parameters(cls: type[Editor]) -> list[str]:
+    """The constructor parameters of an editor class, following ``**kwargs`` passed on to its parent classes."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in ("self", "components") and p.name not in names]
+        if klass is Editor or not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
     """``cfg`` is the ``editor`` config: ``name`` picks the class, every other key is a constructor parameter."""
     _import_editor_modules()
@@ -99,4 +114,8 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
     name = params.pop("name")
     if name not in EDITORS:
         raise KeyError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
+    accepted = _parameters(EDITORS[name])
+    if unknown := sorted(set(params) - set(accepted)):  # e.g. debug's editor.num_steps on an editor without steps
+        raise TypeError(f"editor {name} has no parameter {', '.join(unknown)}; "
+                        f"it takes: {', '.join(accepted) or 'none'}")
     return EDITORS[name](components, **params)

@@ -98,7 +98,8 @@ class DDIMP2PEditor(Editor):
         prompts = [request.source_prompt, request.target_prompt]
         text = c.encode_prompts(prompts)  # [2, 77, D]
         uncond = c.encode_prompts([""])  # [1, 77, D]
-        controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size, request.blend_words,
+        controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size, c.blend_resolution,
+                                     request.blend_words,
                                      **self.controller_args)  # built first: bad blend words fail before any work
         z0 = c.encode_image(request.image)  # [1, 4, h, w]
         trajectory = self.invert(z0, text[:1])

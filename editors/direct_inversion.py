@@ -73,7 +73,7 @@ class DirectInversionEditor(DDIMP2PEditor):
                         request: EditRequest) -> None:
         c = self.components
         prompts = [request.source_prompt, request.target_prompt]
-        offset_controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size,
+        offset_controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size, c.blend_resolution,
                                             request.blend_words, **self.controller_args)
         self.targets = trajectory[-2::-1]  # z*_{N-1}, ..., z*_0
         self.predictions = self.source_predictions(trajectory, text, uncond_steps, offset_controller)

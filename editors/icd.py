@@ -195,7 +195,7 @@ class ICDEditor(Editor):
         blend = None
         if p["local_blend"] and blend_words is not None:
             alphas = word_token_alphas(prompts, list(blend_words), c.tokenizer)
-            blend = LocalBlend(alphas, resolution=max(c.latent_size // 4, 1), start_step=int(p["blend_start"] * steps),
+            blend = LocalBlend(alphas, resolution=c.blend_resolution, start_step=int(p["blend_start"] * steps),
                                threshold=p["blend_threshold"])
         return P2PController(prompts, c.tokenizer, steps, c.latent_size, p["cross_replace_steps"],
                              p["self_replace_steps"], mode, equalizer, blend)

@@ -100,6 +100,16 @@ class Components:
         return self.resolution // self.vae_scale_factor
 
     @property
+    def blend_resolution(self) -> int:
+        """Side of the cross-attention maps P2P's LocalBlend reads: latent/4 (SD's five 16² layers on 64² latents),
+        or, when the UNet has no cross-attention there, its cross-attention size nearest to that (ties: the finer;
+        the toy UNet's 4² on 8² latents)."""
+        target = max(self.latent_size // 4, 1)
+        sizes = [self.latent_size // 2**i for i, kind in enumerate(self.unet.config.down_block_types)
+                 if "CrossAttn" in kind]
+        return min(sizes, key=lambda s: (abs(s - target), -s)) if sizes else target
+
+    @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(torch.float32)
 

@@ -175,6 +175,7 @@ def make_controller(
     tokenizer,
     num_steps: int,
     latent_size: int,
+    blend_resolution: int,
     blend_words: tuple[str, str] | None,
     cross_replace_steps: float = 0.4,
     self_replace_steps: float = 0.6,
@@ -184,13 +185,14 @@ def make_controller(
     blend_start: float = 0.2,
     blend_threshold: float = 0.3,
 ) -> P2PController:
-    """The PIE-Bench reference controller: Refine, plus LocalBlend and a x``amplify`` re-weight of the target blend
-    word when blend words are given (exactly what the reference builds for every image)."""
+    """The PIE-Bench reference controller: Refine, plus LocalBlend (on the maps of side ``blend_resolution``,
+    `Components.blend_resolution`) and a x``amplify`` re-weight of the target blend word when blend words are given
+    (exactly what the reference builds for every image)."""
     blend, equalizer = None, None
     if blend_words is not None:
         if local_blend:
             alphas = word_token_alphas(prompts[:2], list(blend_words), tokenizer)
-            blend = LocalBlend(alphas, resolution=max(latent_size // 4, 1), start_step=int(blend_start * num_steps),
+            blend = LocalBlend(alphas, resolution=blend_resolution, start_step=int(blend_start * num_steps),
                                threshold=blend_threshold)
         if amplify != 1.0:
             equalizer = seq_aligner.get_equalizer(prompts[1], [blend_words[1]], [amplify], tokenizer)

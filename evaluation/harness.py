@@ -143,10 +143,18 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
 
     ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated.
     """
+    if cfg.get("tour_editor") and cfg.tour_editor != cfg.editor.name:
+        raise ValueError(f"the toy tour picks each job's editor (tour={cfg.tour_editor}), so editor={cfg.editor.name} "
+                         f"does not apply; one editor on the toy world: python run.py experiment=toy "
+                         f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg.dataset)
-    components = load_components(cfg.model, cfg.precision, cfg.offload, cfg.device)
-    editor = build_editor(OmegaConf.to_container(cfg.editor, resolve=True), components)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    editor_cfg = OmegaConf.to_container(cfg.editor, resolve=True)
+    if unet_path := editor_cfg.pop("unet_path", None):  # the model's variant UNet an editor needs (toy IP2P)
+        model["unet_path"] = unet_path
+    components = load_components(model, cfg.precision, cfg.offload, cfg.device)
+    editor = build_editor(editor_cfg, components)
     metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), components.device)
     results = ResultsFile(output_dir / "results.csv")
     run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}

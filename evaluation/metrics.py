@@ -206,7 +206,9 @@ class ClipScorer:
         # the PIL backend, not transformers 5's default torchvision one: the reference's (4.x) processor resized
         # with PIL bicubic
         processor = CLIPImageProcessorPil.from_pretrained(path)
-        return cls(CLIPModel.from_pretrained(path).to(device), AutoTokenizer.from_pretrained(path), processor)
+        # float32 whatever the stored dtype (the toy CLIP ships in float16): scores must not depend on storage
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32)
+        return cls(model.to(device), AutoTokenizer.from_pretrained(path), processor)
 
     @torch.no_grad()
     def image_embeds(self, image: np.ndarray) -> torch.Tensor:
@@ -291,7 +293,7 @@ def _load_structure(kind: str, path: str, device: str | torch.device) -> KeyBack
     path = _weights(path)
     if kind == "dino":
         return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False).to(device))
-    return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path).to(device))
+    return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path, dtype=torch.float32).to(device))
 
 
 def _load_lpips(net: str, device: str | torch.device) -> torch.nn.Module:

@@ -187,12 +187,14 @@ class TarShards(IterableDataset):
 
 # -- toy set ----------------------------------------------------------------------------------------------------------
 def write_toy_imagefolder(root: str | Path, n_images: int = 64, size: int = 64, seed: int = 0) -> Path:
-    """Captioned toy scenes as an image folder (PNG + metadata.jsonl); reused when already complete."""
-    from evaluation.toyset import random_scene
+    """Captioned toy scenes as an image folder (PNG + metadata.jsonl); reused when complete and made by the same
+    parameters and toy-world version (``toyset.json``)."""
+    from evaluation.toyset import TOYSET_VERSION, random_scene
 
     root = Path(root)
-    metadata = root / "metadata.jsonl"
-    if metadata.is_file() and sum(1 for _ in metadata.open()) == n_images:
+    metadata, marker = root / "metadata.jsonl", root / "toyset.json"
+    params = {"version": TOYSET_VERSION, "n_images": n_images, "size": size, "seed": seed}
+    if metadata.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
         return root
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -203,6 +205,7 @@ def write_toy_imagefolder(root: str | Path, n_images: int = 64, size: int = 64, 
         Image.fromarray(scene.render(size)).save(root / name)
         lines.append(json.dumps({"file_name": name, "text": scene.caption()}))
     metadata.write_text("\n".join(lines) + "\n")
+    marker.write_text(json.dumps(params) + "\n")  # last: the completion marker
     return root
 
 

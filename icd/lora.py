@@ -126,10 +126,12 @@ def adapter_state_dict(unet: torch.nn.Module, adapter: str) -> dict[str, torch.T
     return get_peft_model_state_dict(unet, adapter_name=adapter)
 
 
-def save_adapter(unet: UNet2DConditionModel, adapter: str, path: str | Path, style: str = "diffusers") -> Path:
-    """Write one adapter to ``path`` (a .safetensors file) in fp32; see the module doc for the two styles."""
+def save_adapter(unet: UNet2DConditionModel, adapter: str, path: str | Path, style: str = "diffusers",
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write one adapter to ``path`` (a .safetensors file) in ``dtype`` (loading casts to the UNet's dtype); see the
+    module doc for the two styles."""
     path = Path(path)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(unet, adapter).items()}
+    weights = {k: v.detach().to(dtype).cpu().contiguous() for k, v in adapter_state_dict(unet, adapter).items()}
     config = unet.peft_config[adapter].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     if style == "diffusers":

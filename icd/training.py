@@ -384,10 +384,10 @@ class ICDModule(pl.LightningModule):
         return metrics
 
     # -- export ---------------------------------------------------------------------------------------------------
-    def export_adapters(self, directory: str | Path) -> dict[str, Path]:
-        """``forward.safetensors`` / ``reverse.safetensors`` (diffusers style) + ``schedule.json``, in fp32."""
+    def export_adapters(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+        """``forward.safetensors`` / ``reverse.safetensors`` (diffusers style, in ``dtype``) + ``schedule.json``."""
         directory = Path(directory)
-        paths = {name: save_adapter(self.unet, adapter, directory / f"{name}.safetensors")
+        paths = {name: save_adapter(self.unet, adapter, directory / f"{name}.safetensors", dtype=dtype)
                  for name, adapter in (("forward", FORWARD), ("reverse", REVERSE))}
         info = {"reverse_steps": self.schedule.reverse_steps, "forward_steps": self.schedule.forward_steps,
                 "guidance": self.guidance, "train_scales": list(self.policy.train_scales),
@@ -397,16 +397,17 @@ class ICDModule(pl.LightningModule):
 
 
 class ExportAdapters(pl.Callback):
-    """Write the adapters every ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``)."""
+    """Write the adapters every ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``), in
+    ``dtype``."""
 
-    def __init__(self, directory: str | Path, every_n_iterations: int = 0):
-        self.directory, self.every = Path(directory), every_n_iterations
+    def __init__(self, directory: str | Path, every_n_iterations: int = 0, dtype: torch.dtype = torch.float32):
+        self.directory, self.every, self.dtype = Path(directory), every_n_iterations, dtype
 
     def on_train_batch_end(self, trainer, module: ICDModule, outputs, batch, batch_idx) -> None:
         if self.every and module.iteration % self.every == 0 and trainer.is_global_zero:
-            module.export_adapters(self.directory / f"iteration_{module.iteration:06d}")
+            module.export_adapters(self.directory / f"iteration_{module.iteration:06d}", self.dtype)
 
     def on_train_end(self, trainer, module: ICDModule) -> None:
         if trainer.is_global_zero:
-            paths = module.export_adapters(self.directory)
+            paths = module.export_adapters(self.directory, self.dtype)
             log.info("exported the iCD adapters: %s", ", ".join(str(p) for p in paths.values()))

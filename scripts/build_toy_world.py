@@ -1,41 +1,44 @@
 """Build the toy world's models from seed, with the project's own code:
 
-    python scripts/build_toy_world.py --device cuda        # profile "gpu": about 30 min on one H100 (see below)
-    python scripts/build_toy_world.py --profile cpu        # the same recipe, far fewer steps: about an hour on 2 cores
+    python scripts/build_toy_world.py                      # profile "cpu" (default): about 80 min on 2 CPU cores
+    python scripts/build_toy_world.py --device cuda --profile gpu   # more data and steps, for a GPU
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
-Measured on one H100 (these small networks are launch-bound there, so step time hardly depends on the batch):
-VAE 21 steps/s (batch 64), teacher 8 steps/s (batch 256), CLIP 45 steps/s (batch 512), IP2P UNet 10 steps/s (batch
-256). The shipped weights in weights/toy came from a time-capped run of the "gpu" profile
-(``--max-seconds vae=55,teacher=195,clip=40,ip2p=65``: 618 VAE, 1253 teacher, 1146 CLIP, 595 IP2P steps) continued
-once with ``--resume --stages teacher,clip`` (2021 more teacher and 1366 more CLIP steps); weights/toy/build_log.jsonl
-holds both runs' losses. ``--resume`` continues from the weights in ``--out`` with a new warmup + cosine cycle.
+The shipped weights in weights/toy came from the "cpu" profile on a 2-core machine (measured there: VAE 1.1 steps/s
+at batch 32, teacher 0.9-1.1 s per step at batch 64, decoder fine-tuning about 2 steps/s); weights/toy/build_log.jsonl
+holds every loss and timing, weights/toy/quality.json the quality bars. ``--stages`` runs a subset (the data stage
+always runs; it is deterministic), ``--resume`` continues the teacher, CLIP and IP2P UNet saved in ``--out`` with a new
+warmup + cosine cycle.
 
-The world is `evaluation.toyset`: 64² scenes of one or two coloured shapes on a background, captioned in a fixed
-46-word grammar. The stages, each with a progress bar and its losses logged to ``<out>/build_log.jsonl``:
+The world is `evaluation.toyset`: 32² scenes of one or two coloured shapes on a background, captioned in a fixed
+35-word grammar. The stages, each with a progress bar and its losses logged to ``<out>/build_log.jsonl``:
 
 1. data: render the training scenes (captions plus hard-negative captions that differ in one attribute), held-out
    scenes and (source, instruction, target) edit triples. Every item has its own generator, seeded by
    (seed, stream, index), so the data does not depend on the number of worker processes.
-2. vae: an `AutoencoderKL` (block channels 32, 64, 64), 64² RGB <-> 4 x 16² latents (factor 4, like the tiny test
+2. vae: an `AutoencoderKL` (block channels 32, 64, 64), 32² RGB <-> 4 x 8² latents (factor 4, like the tiny test
    model), trained on MSE with a tiny KL term; its scaling factor is set to 1 / std of the latents, as SD's 0.18215.
-3. teacher: a `CLIPTokenizer` whose vocabulary holds every toy word as one token, a 2-layer `CLIPTextModel` and an
-   SD-shaped `UNet2DConditionModel` (channels 48, 96, 96; cross-attention at 16², 8², 4², so P2P's latent-relative
-   rules see the same layer layout as on SD), trained jointly on epsilon prediction with SD's noise schedule and
-   10 % caption dropout for classifier-free guidance. EMA weights are kept.
-4. clip: a small `CLIPModel` (4-layer ViT, patch 8; 2-layer text tower) trained contrastively, each image also
+3. decoder: the VAE decoder fine-tuned on the frozen encoder's latents (SD's ft-MSE decoder idea): sharper
+   reconstructions, the same latents, so it may run before or after the teacher.
+4. teacher: a `CLIPTokenizer` whose vocabulary holds every toy word as one token (24 positions: the longest caption
+   has 20 words), a 2-layer `CLIPTextModel` and an SD-shaped `UNet2DConditionModel` (channels 64, 128, cross-attention
+   at 8² and 4², 6.1 M parameters), trained jointly on epsilon prediction with SD's noise schedule and 10 % caption
+   dropout for classifier-free guidance. EMA weights are kept.
+5. clip: a small `CLIPModel` (3-layer ViT, patch 4; 2-layer text tower) trained contrastively, each image also
    against a caption that differs in one attribute, so it can tell "red circle" from "blue circle". It scores
    CLIP similarity on toy runs and its vision tower serves the structure distance there.
-5. ip2p: an InstructPix2Pix-style UNet (8 input channels: noisy latent + source latent), initialised from the
+6. ip2p: an InstructPix2Pix-style UNet (8 input channels: noisy latent + source latent), initialised from the
    teacher and fine-tuned on edit triples with 5 % text and 5 % image dropout (the two guidance terms).
-6. eval: the quality bars, measured through `editors.models.load_components` on the saved files, written to
+7. eval: the quality bars, measured through `editors.models.load_components` on the saved files, written to
    ``<out>/quality.json``: VAE PSNR, CLIP zero-shot accuracy, teacher samples judged by the toy CLIP, DDIM
    inversion round trips (unguided, CFG 7.5, CFG 7.5 with Null-Text Inversion).
 
+The iCD adapters are distilled afterwards by ``python train.py train/experiment=toy`` (see conf/train/experiment).
+
 Output (diffusers layout, loadable as ``model.kind: pretrained``): ``<out>/{unet,vae,text_encoder,tokenizer,
 scheduler}`` plus ``<out>/clip`` (CLIPModel + tokenizer + image processor) and ``<out>/ip2p_unet``. Diffusion
-weights are stored in float16 (the loader casts them to the run's precision); the CLIP model in float32, since
-transformers loads it in its stored dtype.
+weights are stored in float16 (the loaders cast them to the run's precision; the CLIP metric to float32), so that
+the whole world, iCD adapters included, fits in 30 MB.
 """
 
 from __future__ import annotations
@@ -77,9 +80,9 @@ from evaluation.toyset import (  # noqa: E402
 )
 from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
 
-SIZE = 64  # image side; latents are 16²
-MAX_LENGTH = 77
-ALL_STAGES = ("data", "vae", "teacher", "clip", "ip2p", "eval")
+SIZE = 32  # image side; latents are 8²
+MAX_LENGTH = 24  # the longest toy caption has 20 words; SD uses 77
+ALL_STAGES = ("data", "vae", "decoder", "teacher", "clip", "ip2p", "eval")
 
 
 @dataclass(frozen=True)
@@ -97,15 +100,18 @@ class Profile:
     clip_batch: int
     ip2p_steps: int
     ip2p_batch: int
+    decoder_steps: int = 0  # VAE decoder fine-tuning on the frozen encoder's latents (0: none)
+    ema_decay: float = 0.995  # of the teacher and IP2P UNet; short runs need a short memory (0.999^2000 = 14 %)
     eval_steps: int = 50  # DDIM steps of the evaluation samples and round trips
     eval_images: int = 64
     nti_images: int = 8
 
 
 PROFILES = {
-    "gpu": Profile(60_000, 1_000, 20_000, 6_000, 64, 8_000, 256, 3_000, 512, 3_000, 256),
-    "cpu": Profile(8_000, 500, 2_000, 400, 32, 800, 64, 500, 128, 150, 32, eval_images=16, nti_images=2),
-    "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, eval_steps=4, eval_images=4, nti_images=1),
+    "cpu": Profile(20_000, 500, 4_000, 700, 32, 2_400, 64, 1_000, 128, 400, 32, eval_images=32, nti_images=2),
+    "gpu": Profile(60_000, 1_000, 20_000, 4_000, 64, 10_000, 256, 3_000, 512, 3_000, 256, decoder_steps=2_000,
+                   ema_decay=0.999),
+    "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, decoder_steps=3, eval_steps=4, eval_images=4, nti_images=1),
 }
 
 
@@ -141,7 +147,7 @@ def word_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
 
 
 def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    """[N, 77] int64, padded with the end token as `Components.encode_prompts` does."""
+    """[N, 24] int64, padded with the end token as `Components.encode_prompts` does."""
     return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -161,7 +167,9 @@ def perturb(scene: Scene, rng: np.random.Generator) -> Scene:
         options = [o for o in options if o != current]
         return options[int(rng.integers(len(options)))]
 
-    kind = ("shape", "colour", "texture", "size", "background", "pattern", "style")[int(rng.integers(7))]
+    kinds = ("shape", "colour", "texture", "size", "background", "style") + (("pattern",) if len(BG_PATTERNS) > 1
+                                                                               else ())
+    kind = kinds[int(rng.integers(len(kinds)))]
     i = int(rng.integers(len(scene.objects)))
     obj = scene.objects[i]
     if kind in ("shape", "colour", "texture", "size"):
@@ -270,15 +278,15 @@ def text_config(vocab_size: int, hidden: int, layers: int, heads: int, **extra) 
 
 def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=16,
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
     )
 
 
 def build_clip(vocab_size: int) -> CLIPModel:
-    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=SIZE,
-                  patch_size=8, hidden_act="quick_gelu")
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE,
+                  patch_size=4, hidden_act="quick_gelu")
     text = text_config(vocab_size, hidden=64, layers=2, heads=4).to_dict()
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
@@ -384,7 +392,7 @@ def stage_data(w: World) -> None:
     """Render what the requested stages use (evaluation alone needs only the training captions)."""
     p, workers, stages = w.profile, w.args.workers, set(w.args.stages.split(","))
     w.train = render_scenes(p.train_scenes, w.args.seed, 0, workers, "render training scenes",
-                            render=bool(stages & {"vae", "teacher", "clip"}))
+                            render=bool(stages & {"vae", "decoder", "teacher", "clip"}))
     w.heldout = render_scenes(p.heldout_scenes, w.args.seed, 1, workers, "render held-out scenes")
     w.edits = render_edits(p.edits if "ip2p" in stages else 0, w.args.seed, workers)
     w.tokenizer = word_tokenizer(vocabulary())
@@ -410,7 +418,7 @@ def stage_vae(w: World) -> None:
         # MSE is what PSNR measures; the KL term only keeps the latents bounded (SD's VAE uses 1e-6 too)
         return F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
 
-    fit("vae", list(vae.parameters()), loss_fn, p.vae_steps, lr=6e-4, log=w.log, weight_decay=0.0,
+    fit("vae", list(vae.parameters()), loss_fn, p.vae_steps, lr=1e-3, log=w.log, weight_decay=0.0,
         max_seconds=w.args.max_seconds.get("vae"))
     vae.eval()
     with torch.no_grad():  # SD's 0.18215 plays this role: unit-variance latents for the diffusion model
@@ -419,6 +427,28 @@ def stage_vae(w: World) -> None:
     vae.register_to_config(scaling_factor=round(1.0 / means.std().item(), 5))
     w.log.write(stage="vae", scaling_factor=vae.config.scaling_factor)
     vae.to(torch.float16).save_pretrained(w.out / "vae")
+
+
+def stage_decoder(w: World) -> None:
+    """Fine-tune the VAE decoder on the frozen encoder's latents (as SD's ft-MSE decoder): the latents the teacher
+    learned stay exactly the same, so this can run before or after the teacher."""
+    vae, p = load_vae(w), w.profile
+    vae.decoder.train().requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    gen, images = w.generator(5), w.train.images.to(w.device)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x = to_pixels(images[w.batch_index(len(images), p.vae_batch, gen)], w.device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        with autocast(w.device):
+            recon = vae.decode(z).sample
+        return F.mse_loss(recon.float(), x)
+
+    fit("decoder", params, loss_fn, p.decoder_steps, lr=3e-4, log=w.log, weight_decay=0.0,
+        max_seconds=w.args.max_seconds.get("decoder"))
+    vae.eval().to(torch.float16).save_pretrained(w.out / "vae")
 
 
 def load_vae(w: World) -> AutoencoderKL:
@@ -464,7 +494,7 @@ def stage_teacher(w: World) -> None:
     text_encoder, unet = text_encoder.to(device).train(), unet.to(device).train()
     scheduler = sd_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    emas = [ema_of(unet, 0.999), ema_of(text_encoder, 0.999)]
+    emas = [ema_of(unet, p.ema_decay), ema_of(text_encoder, p.ema_decay)]
     gen = w.generator(2)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -474,7 +504,7 @@ def stage_teacher(w: World) -> None:
         batch_ids[dropped] = empty
         return denoising_loss(unet, text_encoder, latents[idx], batch_ids, alphas_cumprod, gen)
 
-    fit("teacher", [*unet.parameters(), *text_encoder.parameters()], loss_fn, p.teacher_steps, lr=3e-4, log=w.log,
+    fit("teacher", [*unet.parameters(), *text_encoder.parameters()], loss_fn, p.teacher_steps, lr=5e-4, log=w.log,
         emas=emas, max_seconds=w.args.max_seconds.get("teacher"))
     emas[0][0].module.to(torch.float16).save_pretrained(w.out / "unet")
     emas[1][0].module.to(torch.float16).save_pretrained(w.out / "text_encoder")
@@ -530,7 +560,7 @@ def stage_clip(w: World) -> None:
 
     fit("clip", list(model.parameters()), loss_fn, p.clip_steps, lr=5e-4, log=w.log,
         max_seconds=w.args.max_seconds.get("clip"))
-    model.eval().save_pretrained(w.out / "clip")
+    model.eval().to(torch.float16).save_pretrained(w.out / "clip")  # half the bytes; loaders cast back to float32
     w.tokenizer.save_pretrained(w.out / "clip")
     CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": SIZE}, do_center_crop=True, crop_size={"height": SIZE, "width": SIZE},
@@ -561,7 +591,7 @@ def stage_ip2p(w: World) -> None:
     ids = token_ids(w.tokenizer, w.edits.instructions).to(device)
     empty = token_ids(w.tokenizer, [""]).to(device)
     alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)
-    ema, gen = ema_of(unet, 0.999), w.generator(4)
+    ema, gen = ema_of(unet, p.ema_decay), w.generator(4)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = w.batch_index(len(target), p.ip2p_batch, gen)
@@ -720,7 +750,7 @@ def stage_eval(w: World) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "weights" / "toy")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--quick", action="store_const", const="quick", dest="profile", help="= --profile quick")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

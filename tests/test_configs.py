@@ -6,7 +6,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "precision", "offload", "dataset", "editor", "metrics", "logger", "debug", "experiment")
+GROUPS = ("model", "precision", "offload", "dataset", "editor", "tour", "metrics", "logger", "debug", "experiment")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
@@ -32,15 +32,31 @@ def test_every_config_file_composes(hydra_conf, group, option):
     assert cfg.offload.mode in ("none", "model", "sequential")
 
 
-def test_default_is_offline_tiny_ddim_p2p(hydra_conf):
-    cfg = compose(config_name="run")
+def test_default_is_the_offline_toy_tour(hydra_conf):
+    cfg = compose(config_name="run", return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.callbacks.sweep_report
+    tours = cfg.hydra.sweeper.params.tour.split(",")
+    assert set(tours) == {p.stem for p in (CONF / "tour").glob("*.yaml")}  # every editor config has a tour entry
+    assert set(tours) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - {"icd_sdxl"}
+    assert (cfg.model.name, cfg.metrics.label, cfg.dataset.name, cfg.dataset.size) == ("toy", "toy", "builtin", 32)
+    assert cfg.logger.mode == "offline"
+    for tour in tours:
+        job = compose(config_name="run", overrides=[f"tour={tour}"])
+        assert job.editor.name == job.tour_editor == tour and job.model.name == "toy"
+    ip2p = compose(config_name="run", overrides=["tour=instruct_pix2pix"])
+    assert ip2p.editor.unet_path == "./weights/toy/ip2p_unet"  # the toy model's InstructPix2Pix UNet
+    assert compose(config_name="run", overrides=["tour=icd"]).editor.reverse_lora.startswith("./weights/toy/icd/")
+
+
+def test_without_the_tour_the_defaults_are_offline_tiny_ddim_p2p(hydra_conf):
+    cfg = compose(config_name="run", overrides=["~experiment"], return_hydra_config=True)
     assert (cfg.model.name, cfg.editor.name, cfg.dataset.name, cfg.metrics.on_missing) == (
         "tiny", "ddim_p2p", "builtin", "warn")
-    assert cfg.logger.mode == "offline"
+    assert cfg.hydra.mode is None and cfg.editor.num_steps == 50
 
 
 def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
-    cfg = compose(config_name="run", overrides=["dataset=pie_bench", "dataset.root=/data/PIE-Bench_v1"])
+    cfg = compose(config_name="run", overrides=["~experiment", "dataset=pie_bench", "dataset.root=/data/PIE-Bench_v1"])
     assert cfg.metrics.structure.path == "facebook/dino-vitb8"
     assert cfg.metrics.clip.path == "openai/clip-vit-large-patch14" and cfg.metrics.lpips.net == "squeeze"
     assert cfg.metrics.on_missing == "error"

@@ -32,7 +32,8 @@ def test_source_branch_walks_the_inversion_trajectory(tiny_components, blend_wor
     uncond_steps = editor.null_embeddings(trajectory, text[:1], uncond)
 
     def controller():
-        return make_controller(PROMPTS, c.tokenizer, steps, c.latent_size, blend_words, **editor.controller_args)
+        return make_controller(PROMPTS, c.tokenizer, steps, c.latent_size, c.blend_resolution, blend_words,
+                               **editor.controller_args)
 
     editor.targets = trajectory[-2::-1]
     editor.predictions = editor.source_predictions(trajectory, text, uncond_steps, controller())

@@ -47,7 +47,8 @@ def test_source_branch_reconstructs_better_than_ddim(tiny_components):
     for editor in (DDIMP2PEditor(c, num_steps=5), NegativePromptInversionEditor(c, num_steps=5)):
         z0 = c.encode_image(_image())
         trajectory = editor.invert(z0, text[:1])
-        controller = make_controller(PROMPTS, c.tokenizer, 5, c.latent_size, BLEND, **editor.controller_args)
+        controller = make_controller(PROMPTS, c.tokenizer, 5, c.latent_size, c.blend_resolution, BLEND,
+                                     **editor.controller_args)
         latents = editor.denoise(trajectory[-1], text, editor.null_embeddings(trajectory, text[:1], uncond),
                                  controller)
         errors[editor.name] = (latents[0] - z0[0]).pow(2).mean().item()

@@ -34,7 +34,7 @@ def _source_reconstruction(editor: DDIMP2PEditor, image: Image.Image):
     text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
     trajectory = editor.invert(c.encode_image(image), text[:1])
     uncond_steps = editor.null_embeddings(trajectory, text[:1], uncond)
-    controller = make_controller(PROMPTS, c.tokenizer, editor.num_steps, c.latent_size, BLEND,
+    controller = make_controller(PROMPTS, c.tokenizer, editor.num_steps, c.latent_size, c.blend_resolution, BLEND,
                                  **editor.controller_args)
     return trajectory[0], editor.denoise(trajectory[-1], text, uncond_steps, controller)[:1], uncond_steps
 

@@ -40,7 +40,8 @@ def test_source_branch_equals_plain_reconstruction(tiny_components, settings):
     c = tiny_components
     editor, x_t, uncond = _setup(c)
     text = c.encode_prompts([SRC, TGT])
-    controller = make_controller([SRC, TGT], c.tokenizer, editor.num_steps, c.latent_size, **settings)
+    controller = make_controller([SRC, TGT], c.tokenizer, editor.num_steps, c.latent_size, c.blend_resolution,
+                                 **settings)
     edited = editor.denoise(x_t, text, uncond, controller)
     plain = editor.denoise(x_t, text[:1], uncond, PlainAttention())
     assert torch.allclose(edited[0], plain[0], atol=1e-4), (edited[0] - plain[0]).abs().max()
@@ -51,15 +52,15 @@ def test_identical_prompts_give_identical_rows(tiny_components):
     c = tiny_components
     editor, x_t, uncond = _setup(c)
     text = c.encode_prompts([SRC, SRC])
-    controller = make_controller([SRC, SRC], c.tokenizer, editor.num_steps, c.latent_size, ("circle", "circle"),
-                                 amplify=1.0, blend_start=0.0)
+    controller = make_controller([SRC, SRC], c.tokenizer, editor.num_steps, c.latent_size, c.blend_resolution,
+                                 ("circle", "circle"), amplify=1.0, blend_start=0.0)
     latents = editor.denoise(x_t, text, uncond, controller)
     assert torch.allclose(latents[0], latents[1], atol=1e-5)
 
 
 def test_controller_edits_only_conditional_target_rows(tiny_components):
     c = tiny_components
-    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, None, amplify=1.0)
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, c.blend_resolution, None, amplify=1.0)
     probs = torch.rand(2 * 2 * 4, 64, 77).softmax(-1)  # [2 * P * heads, Q, K]
     for is_cross in (True, False):
         out = controller(probs, is_cross, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor")
@@ -72,7 +73,7 @@ def test_controller_edits_only_conditional_target_rows(tiny_components):
 
 def test_schedules_and_which_layers_materialise(tiny_components):
     c = tiny_components
-    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, None)
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, c.blend_resolution, None)
     small, large = (c.latent_size // 2) ** 2, c.latent_size**2
     controller.step = 0
     assert controller.needs_probs(True, large) and controller.needs_probs(False, small)
@@ -87,7 +88,7 @@ def test_schedules_and_which_layers_materialise(tiny_components):
 
 def test_only_needed_layers_materialise_probabilities(tiny_components):
     c = tiny_components
-    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, ("red", "blue"))
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, c.blend_resolution, ("red", "blue"))
     calls = []
     original = P2PController.__call__
 
@@ -139,7 +140,7 @@ def test_local_blend_waits_for_start_step():
 
 def test_missing_blend_word_is_a_clear_error(tiny_components):
     with pytest.raises(ValueError, match="blend word 'cat' is not a whole word"):
-        make_controller([SRC, TGT], tiny_components.tokenizer, 50, 16, ("cat", "blue"))
+        make_controller([SRC, TGT], tiny_components.tokenizer, 50, 16, 4, ("cat", "blue"))
 
 
 def test_edit_reports_calls_and_returns_both_images(tiny_components):
@@ -153,3 +154,18 @@ def test_edit_reports_calls_and_returns_both_images(tiny_components):
     assert result.nfe == 5 + 6  # inversion skips its identity step; one batched call per denoising step
     assert result.edited.size == result.reconstruction.size == (64, 64)
     assert result.seconds > 0
+
+
+@pytest.mark.parametrize(("latent_size", "blocks", "expected"), [
+    (64, ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), 16),  # SD1.5: 64, 32, 16 (8 has no cross-attention)
+    (8, ("CrossAttnDownBlock2D",) * 2, 4),  # the toy UNet: 8, 4 -> latent/4 = 2 is absent, 4 is nearest
+    (16, ("DownBlock2D", "CrossAttnDownBlock2D"), 8),
+])
+def test_blend_resolution_is_latent_over_4_or_the_nearest_cross_attention_size(latent_size, blocks, expected):
+    from types import SimpleNamespace
+
+    from editors.models import Components
+
+    unet = SimpleNamespace(config=SimpleNamespace(down_block_types=blocks))
+    fake = SimpleNamespace(latent_size=latent_size, unet=unet)
+    assert Components.blend_resolution.fget(fake) == expected

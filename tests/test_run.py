@@ -19,7 +19,10 @@ FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]
 
 
 def run_py(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """run.py with `args`; without an experiment= argument, the plain defaults (~experiment: not the toy tour)."""
     env = {**os.environ, "EDITLAB_CACHE": str(cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    if not any(a.lstrip("~").startswith("experiment") for a in args):
+        args = ("~experiment", *args)
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     if check:
@@ -54,8 +57,12 @@ def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path):
 
 def test_multirun_sweep_gives_every_job_its_results_and_wandb_run(tmp_path):
     sweep = tmp_path / "sweep"
-    run_py("-m", *FAST, "precision=fp32,bf16", "editor.num_steps=3,4", "dataset.limit=1",
-           f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    proc = run_py("-m", *FAST, "precision=fp32,bf16", "editor.num_steps=3,4", "dataset.limit=1",
+                  f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    # the sweep report: one headline line per job, the comparison grid (source, ground truth, 4 edits)
+    assert "sweep " in proc.stdout and proc.stdout.count("ddim_p2p") >= 4 and "comparison grid" in proc.stdout
+    with Image.open(sweep / "comparison.png") as grid:
+        assert grid.width == 6 * 96 and grid.height == 16 + 96
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.csv").exists())
     assert len(jobs) == 4
     seen = set()
@@ -165,6 +172,7 @@ EDITOR_RUNS = [  # editor, model, overrides, expected UNet calls per edit
     ("lcm_controlnet", "tiny_sdxl", [], lambda nfe: nfe == 4),
     ("icd", "tiny", [], lambda nfe: nfe == 4 + 4),  # forward (inversion) + reverse steps
     ("icd_sdxl", "tiny_sdxl", [], lambda nfe: nfe == 4 + 4),
+    ("identity", "tiny", [], lambda nfe: nfe == 0),
 ]
 
 
@@ -179,3 +187,32 @@ def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_
     assert editor.startswith(results["editor"].iloc[0])  # icd_sdxl is a config of the registered `icd` editor
     assert results["nfe"].map(nfe_ok).all(), results["nfe"].tolist()
     assert len(list((out / "annotation_images").rglob("*.png"))) == 2
+
+
+def test_toy_tour_guard_names_the_single_editor_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py("experiment=toy_tour", "editor=npi", "logger=none", f"hydra.sweep.dir={sweep}",
+                  cache=tmp_path / "cache")
+    errors = sorted(sweep.rglob("job_error.txt"))
+    assert len(errors) == 9 and "experiment=toy editor=npi" in errors[0].read_text()
+    assert "did not run" in proc.stdout
+
+
+@pytest.mark.slow
+def test_toy_tour_runs_every_editor_with_a_toy_model(tmp_path):
+    """The default run (python run.py) on one colour edit: seven editors and the no-edit baseline run,
+    lcm_controlnet says why it cannot."""
+    sweep = tmp_path / "sweep"
+    proc = run_py("experiment=toy_tour", "dataset.edit_types=[6]", "dataset.n_per_type=1", "warmup=false",
+                  "logger=none", f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    results = {read_results(job)["editor"].iloc[0]: read_results(job) for job in sweep.iterdir()
+               if (job / "results.csv").is_file()}
+    assert set(results) == {"identity", "ddim_p2p", "npi", "direct_inversion", "null_text", "pix2pix_zero",
+                            "instruct_pix2pix", "icd"}
+    for editor, frame in results.items():
+        assert len(frame) == 1 and frame["error"].iloc[0] == "", (editor, frame["error"].iloc[0])
+        assert frame[["clip_whole", "gt_psnr"]].notna().all().all()
+    assert results["icd"]["nfe"].iloc[0] == 8  # 4 forward + 4 reverse; CFG batches cond + uncond in one call
+    (error,) = sweep.rglob("job_error.txt")
+    assert "SDXL-family" in error.read_text() and "did not run" in proc.stdout
+    assert (sweep / "comparison.png").is_file() and (sweep / "aggregate_summary.csv").is_file()

@@ -20,12 +20,12 @@ from editors.base import EditRequest, build_editor
 from editors.models import load_components
 from evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
 from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
-from evaluation.toyset import COLOURS, Obj, Scene, vocabulary, write_piebench
+from evaluation.toyset import COLOURS, Obj, Scene, random_scene, vocabulary, write_piebench
 from icd.ddim import ddim_jump
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "toy"
-TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 64}
+TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 32}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
 
@@ -41,11 +41,11 @@ def toy_clip():
 
 
 def test_toy_model_loads_offline_as_an_sd_model(toy):
-    assert (toy.resolution, toy.vae_scale_factor, toy.latent_size) == (64, 4, 16)
+    assert (toy.resolution, toy.vae_scale_factor, toy.latent_size) == (32, 4, 8)
     assert toy.unet.config.in_channels == 4 and toy.unet.dtype == torch.float32  # stored in fp16, cast on load
     assert toy.unet.config.cross_attention_dim == toy.text_encoder.config.hidden_size
     text = toy.encode_prompts(["a red circle on a gray background", ""])
-    assert text.shape == (2, 77, toy.text_encoder.config.hidden_size) and torch.isfinite(text).all()
+    assert text.shape == (2, 24, toy.text_encoder.config.hidden_size) and torch.isfinite(text).all()  # 24 tokens
     ip2p = load_components({**TOY, "unet_path": str(WEIGHTS / "ip2p_unet")}, FP32, NO_OFFLOAD, "cpu")
     assert ip2p.unet.config.in_channels == 8
 
@@ -61,7 +61,7 @@ def test_tokenizer_gives_every_toy_word_one_token(folder):
     for word in vocabulary():
         ids = tokenizer(word).input_ids
         assert len(ids) == 3, f"{word!r} -> {tokenizer.convert_ids_to_tokens(ids)}"  # start, word, end
-    caption = "a blurry photo of a large striped red circle and a blue star on a dotted gray background"
+    caption = "a sketch of a large striped red circle and a blue square on a gray background"
     assert len(tokenizer(caption).input_ids) == len(caption.split()) + 2
     assert tokenizer.tokenize("cat") == ["c", "a", "t</w>"]  # unknown words still tokenize, letter by letter
 
@@ -73,7 +73,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
     editor = build_editor({"name": "ddim_p2p", "num_steps": 20}, toy)
     scene = Scene((Obj("circle", "red", size="large"),), "gray")
-    image = scene.render(64)
+    image = scene.render(32)
     z0 = toy.encode_image(Image.fromarray(image))
     cond = toy.encode_prompts([scene.caption()])
     latents = editor.invert(z0, cond)[-1]
@@ -85,20 +85,20 @@ def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
 
 
 def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_clip):
-    """A blue star made orange by DDIM + P2P (20 steps): inside the star the colour moves to orange, the toy CLIP
-    prefers the target caption more for the edit than for the reconstruction, and the background stays."""
-    obj, new = Obj("star", "blue", size="large"), "orange"
-    source, target = Scene((obj,), "beige"), Scene((obj._replace(colour=new),), "beige")
-    image = source.render(64)
+    """A blue triangle made yellow by DDIM + P2P (20 steps): inside the triangle the colour moves to yellow, the toy
+    CLIP prefers the target caption more for the edit than for the reconstruction, and the background stays."""
+    obj, new = Obj("triangle", "blue", size="large"), "yellow"
+    source, target = Scene((obj,), "white"), Scene((obj._replace(colour=new),), "white")
+    image = source.render(32)
     editor = build_editor({"name": "ddim_p2p", "num_steps": 20}, toy)
     result = editor.edit(EditRequest(Image.fromarray(image), source.caption(), target.caption(),
-                                     blend_words=("star", "star"), seed=0))
+                                     blend_words=("triangle", "triangle"), seed=0))
     edited, reconstruction = np.asarray(result.edited), np.asarray(result.reconstruction)
 
-    inside = source.object_mask(0, 64)
+    inside = source.object_mask(0, 32)
     distance = {name: np.linalg.norm(img[inside].mean(0) - np.asarray(COLOURS[new]))
                 for name, img in (("edited", edited), ("reconstruction", reconstruction))}
-    assert distance["edited"] < 0.5 * distance["reconstruction"]
+    assert distance["edited"] < 0.8 * distance["reconstruction"]  # measured 0.67
 
     def preference(img):  # toy-CLIP score of the target caption minus that of the source caption
         return clip_score(toy_clip, img, target.caption()) - clip_score(toy_clip, img, source.caption())
@@ -128,7 +128,7 @@ def test_toy_experiment_composes():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="run", overrides=["experiment=toy"])
     GlobalHydra.instance().clear()
-    assert (cfg.model.name, cfg.model.path, cfg.dataset.size) == ("toy", "./weights/toy", 64)
+    assert (cfg.model.name, cfg.model.path, cfg.dataset.size) == ("toy", "./weights/toy", 32)
     assert cfg.metrics.clip.path == "./weights/toy/clip" and cfg.metrics.lpips.net is None
 
 
@@ -144,3 +144,38 @@ def test_build_script_quick_mode(tmp_path):
     components = load_components({**TOY, "path": str(out), "unet_path": str(out / "ip2p_unet")}, FP32, NO_OFFLOAD,
                                  "cpu")
     assert components.unet.config.in_channels == 8
+
+
+def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: list[str]) -> float:
+    """Mean PSNR of iCD's 4-step forward (inversion) then 4-step reverse (unguided) round trip on fresh components
+    (adapters attach to the UNet in place)."""
+    c = load_components(TOY, FP32, NO_OFFLOAD, "cpu")
+    lora = {"forward_lora": str(WEIGHTS / "icd" / "forward.safetensors"),
+            "reverse_lora": str(WEIGHTS / "icd" / "reverse.safetensors")} if adapters else {}
+    editor = build_editor({"name": "icd", "guidance_scale": 0.0, **lora}, c)
+    scores = []
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        z0 = c.encode_image(Image.fromarray(image))
+        cond = editor.encode([caption])
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(k))
+        latents = editor.generate_latents(editor.invert(z0, cond, noise), cond)
+        scores.append(_psnr(np.asarray(c.decode_latents(latents)[0]), image))
+    return float(np.mean(scores))
+
+
+def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
+    """The shipped toy adapters (train.py train/experiment=toy, 120 iterations): a 4 + 4-step round trip within 3 dB
+    of the teacher's 50 + 50-step DDIM round trip and better than the untrained adapters (== the teacher at 4 steps;
+    measured 21.90, 21.87 and 22.07 dB: on these scenes the 4-step teacher is already close to its ceiling)."""
+    scenes = [random_scene(np.random.default_rng([11, k])) for k in range(4)]
+    images, captions = [s.render(32) for s in scenes], [s.caption() for s in scenes]
+    ddim = build_editor({"name": "ddim_p2p", "num_steps": 50}, toy)
+    teacher = []
+    for image, caption in zip(images, captions):
+        z0, cond = toy.encode_image(Image.fromarray(image)), toy.encode_prompts([caption])
+        latents = ddim.invert(z0, cond)[-1]
+        for t in ddim.timesteps:
+            latents = ddim_jump(latents, toy.unet_eps(latents, t, cond), ddim.abar(t), ddim.abar(t - ddim.stride))
+        teacher.append(_psnr(np.asarray(toy.decode_latents(latents)[0]), image))
+    trained, untrained = _icd_round_trip_psnr(True, images, captions), _icd_round_trip_psnr(False, images, captions)
+    assert trained > untrained and trained > np.mean(teacher) - 3.0, (trained, untrained, np.mean(teacher))

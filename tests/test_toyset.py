@@ -21,7 +21,7 @@ from evaluation.toyset import (
     write_piebench,
 )
 
-N, SIZE, SEED = 2, 64, 0
+N, SIZE, SEED = 2, 32, 0
 FIELDS = ["image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
           "blended_word", "mask"]
 
@@ -148,8 +148,8 @@ def test_background_and_style_masks_are_full(toy):
 
 
 def test_many_edits_keep_the_rules():
-    """More draws than the written set, at 32 px, for the length and blend-word rules."""
-    for edit in toy_edits(8, seed=7, size=32).values():
+    """More draws than the written set, at 64 px, for the length and blend-word rules."""
+    for edit in toy_edits(8, seed=7, size=64).values():
         assert max(len(edit.source_prompt), len(edit.target_prompt)) <= MAX_PROMPT_CHARS
         for words, prompt in zip(edit.blended_word.split(" ") if edit.blended_word else (),
                                  (edit.source_prompt, edit.target_prompt)):
@@ -166,14 +166,16 @@ def test_bracket_conventions():
 
 
 def test_scene_caption_render_and_masks():
-    scene = Scene((Obj("circle", "red", "striped", "large", (0.3, 0.5)), Obj("square", "orange", pos=(0.75, 0.5))),
-                  background="white", bg_pattern="dotted", style="none")
-    assert scene.caption() == "a large striped red circle and an orange square on a dotted white background"
+    scene = Scene((Obj("circle", "red", "striped", "large", (0.27, 0.5)), Obj("square", "yellow", pos=(0.75, 0.5))),
+                  background="white", style="none")
+    assert scene.caption() == "a large striped red circle and a yellow square on a white background"
     img = scene.render(48)
     assert img.dtype == np.uint8 and img.shape == (48, 48, 3)
     circle, square = scene.object_mask(0, 48), scene.object_mask(1, 48)
-    assert circle[24, 14] and square[24, 36] and not (circle & square).any()
-    assert np.abs(img[24, 36].astype(int) - (245, 140, 30)).max() <= 1  # the square's plain fill colour
+    assert circle[24, 13] and square[24, 36] and not (circle & square).any()
+    assert np.abs(img[24, 36].astype(int) - (240, 210, 40)).max() <= 1  # the square's plain fill colour
+    striped = scene.render(48)[circle]
+    assert len(np.unique(striped, axis=0)) > 2  # two tones and their anti-aliased mixes
     assert Scene([("circle", "red")]).caption() == "a red circle on a gray background"  # plain tuples work
     assert np.array_equal(random_scene(np.random.default_rng(3)).render(32),
                           random_scene(np.random.default_rng(3)).render(32))
