@@ -63,20 +63,23 @@ def _tile(path: Path, size: int) -> np.ndarray:
 
 
 def comparison_grid(folder: Path, dataset_root: Path | None, max_items: int = 10, tile: int = 96) -> Path | None:
-    """``<folder>/comparison.png``: one row per item (the first ``max_items`` by id, one per edit type where there
-    are enough), columns source, ground truth (if the dataset has one), then each job's edit, labelled on top.
-    None when no job saved images or the dataset's mapping file is unreadable."""
+    """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first), columns
+    source, ground truth (if the dataset has one), then each job's edit (gray where it failed), labelled on top.
+    None when no job edited anything or the dataset's mapping file is unreadable."""
     jobs = sorted(p for p in folder.iterdir() if (p / "annotation_images").is_dir())
     try:
         mapping = json.loads((Path(dataset_root) / "mapping_file.json").read_text())
     except (OSError, TypeError, ValueError):
         return None
-    if not jobs:
+    edited = {str(i) for job in jobs if (job / "results.csv").is_file()
+              for i in pd.read_csv(job / "results.csv", dtype={"image_id": str}, usecols=["image_id"])["image_id"]}
+    edited &= set(mapping)
+    if not edited:
         return None
     by_type: dict[str, str] = {}
-    for image_id in sorted(mapping):
+    for image_id in sorted(edited):
         by_type.setdefault(mapping[image_id]["editing_type_id"], image_id)
-    ids = (sorted(by_type.values()) + [i for i in sorted(mapping) if i not in by_type.values()])[:max_items]
+    ids = (sorted(by_type.values()) + [i for i in sorted(edited) if i not in by_type.values()])[:max_items]
     root = Path(dataset_root)
     columns = [("source", lambda e: root / "annotation_images" / e["image_path"])]
     if (root / "ground_truth").is_dir():
