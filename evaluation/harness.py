@@ -138,6 +138,16 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
     return Outcome(row)
 
 
+def load_editor(cfg: DictConfig, device: str):
+    """The configured model and editor; an editor's ``unet_path`` (the model's variant UNet it needs, e.g. the toy
+    InstructPix2Pix one) replaces the model's UNet."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    editor_cfg = OmegaConf.to_container(cfg.editor, resolve=True)
+    if unet_path := editor_cfg.pop("unet_path", None):
+        model["unet_path"] = unet_path
+    return build_editor(editor_cfg, load_components(model, cfg.precision, cfg.offload, device))
+
+
 def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default") -> pd.DataFrame:
     """Run the configured editor over the configured dataset; returns the summary table.
 
@@ -149,12 +159,8 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
                          f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg.dataset)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    editor_cfg = OmegaConf.to_container(cfg.editor, resolve=True)
-    if unet_path := editor_cfg.pop("unet_path", None):  # the model's variant UNet an editor needs (toy IP2P)
-        model["unet_path"] = unet_path
-    components = load_components(model, cfg.precision, cfg.offload, cfg.device)
-    editor = build_editor(editor_cfg, components)
+    editor = load_editor(cfg, cfg.device)
+    components = editor.components
     metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), components.device)
     results = ResultsFile(output_dir / "results.csv")
     run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
