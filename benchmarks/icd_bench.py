@@ -49,25 +49,68 @@ def components_for(model: str, dtype: str, device: str):
     return components
 
 
-def bench_edit(args) -> dict:
-    c = components_for(args.model, args.dtype, args.device)
-    editor = build_editor({"name": "icd", "method": args.method}, c)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (c.resolution, c.resolution, 3), dtype=np.uint8))
-    request = EditRequest(image, SOURCE, TARGET, blend_words=("cat", "dog"), seed=0)
-    for _ in range(args.warmup):
+# Speed-ups, applied cumulatively in this order by --variants (one process, one set of weights):
+#   fused: the students as merged weights (editor.fuse_adapters), half_vae: the VAE in the UNet's dtype,
+#   channels_last: NHWC memory format for the UNet and VAE convolutions.
+VARIANTS = ("baseline", "fused", "half_vae", "channels_last")
+
+
+def time_edits(editor, request, c, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
         editor.edit(request)
     if c.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(c.device)
-    seconds, nfe = [], 0
-    for _ in range(args.repeats):
-        result = editor.edit(request)
-        seconds.append(result.seconds)
-        nfe = result.nfe
+    results = [editor.edit(request) for _ in range(repeats)]
+    seconds = [r.seconds for r in results]
     peak = torch.cuda.max_memory_allocated(c.device) / 2**20 if c.device.type == "cuda" else float("nan")
-    return {"bench": "edit", "model": args.model, "dtype": args.dtype, "method": args.method, "nfe": nfe,
-            "seconds_median": statistics.median(seconds), "seconds_mean": statistics.mean(seconds),
-            "peak_mem_mb": peak, "device": str(c.device)}
+    return {"nfe": results[-1].nfe, "seconds_median": statistics.median(seconds), "seconds_min": min(seconds),
+            "peak_mem_mb": peak}
+
+
+def profile_edit(editor, request, c, rows: int) -> dict:
+    """One edit under torch.profiler: the CPU time spent launching vs the device time, and the top device ops."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if c.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        editor.edit(request)
+        sync(c.device)
+    events = prof.key_averages()
+    if c.device.type == "cuda":  # the kernels themselves (operator rows would count their kernels twice)
+        key, busy = "self_device_time_total", [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        key, busy = "self_cpu_time_total", list(events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return {"device_ms": sum(getattr(e, key) for e in busy) / 1e3, "kernel_launches": launches,
+            "top": [(e.key[:60], round(getattr(e, key) / 1e3, 2), e.count)
+                    for e in sorted(busy, key=lambda e: getattr(e, key), reverse=True)[:rows]]}
+
+
+def bench_edit(args) -> list[dict]:
+    c = components_for(args.model, args.dtype, args.device)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (c.resolution, c.resolution, 3), dtype=np.uint8))
+    request = EditRequest(image, SOURCE, TARGET, blend_words=("cat", "dog"), seed=0)
+    rows, fused = [], False
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        fused = fused or variant == "fused"
+        if variant == "half_vae":
+            c.vae.to(c.dtype)
+            c.vae_dtype = c.dtype
+        if variant == "channels_last":
+            c.unet.to(memory_format=torch.channels_last)
+            c.vae.to(memory_format=torch.channels_last)
+        editor = build_editor({"name": "icd", "method": args.method, "fuse_adapters": fused}, c)
+        row = {"bench": "edit", "variant": f"+{variant}" if variant != "baseline" else variant, "model": args.model,
+               "dtype": args.dtype, "vae_dtype": str(c.vae_dtype).removeprefix("torch."), "method": args.method,
+               **time_edits(editor, request, c, args.warmup, args.repeats), "device": str(c.device)}
+        if args.profile:
+            row["profile"] = profile_edit(editor, request, c, args.profile)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 class RandomLatents(Dataset):
@@ -113,7 +156,8 @@ def bench_train(args) -> dict:
     return {"bench": "train", "model": args.model, "dtype": args.dtype, "topology": args.topology,
             "batch_size": args.batch_size, "gradient_checkpointing": args.checkpointing,
             "images_per_sec": meter.images / seconds, "seconds_per_iteration": seconds / args.repeats,
-            "peak_mem_mb": peak}
+            "peak_mem_mb": peak,
+            "last_logged": {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()}}
 
 
 def main() -> None:
@@ -128,10 +172,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--topology", choices=["sequential", "joint"], default="sequential")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in training")
+    parser.add_argument("--variants", default="baseline",
+                        help=f"comma-separated edit variants, applied cumulatively in order, from {VARIANTS}")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile one edit per variant and print its top ROWS device ops")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.what in ("edit", "both"):
-        print(json.dumps(bench_edit(args)), flush=True)
+        bench_edit(args)
     if args.what in ("train", "both"):
         print(json.dumps(bench_train(args)), flush=True)
 

@@ -37,7 +37,7 @@ from editors.p2p import LocalBlend, P2PController, controlled_attention, word_to
 from editors.paths import resolve_local
 from editors.seq_aligner import get_equalizer
 from icd.guidance import GuidancePolicy
-from icd.lora import FORWARD, REVERSE, AdapterSwitch, attach_adapters, lora_parameters
+from icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
 from icd.teacher import Conditioning, GuidedUNet, encode_conditioning, guidance_mode, load_cfg_distilled
@@ -80,6 +80,7 @@ class ICDEditor(Editor):
         local_blend: bool = True,
         blend_start: float = 0.0,
         blend_threshold: float = 0.3,
+        fuse_adapters: bool = False,
     ):
         super().__init__(components)
         if method not in ("p2p", "prompt_switch"):
@@ -99,7 +100,8 @@ class ICDEditor(Editor):
         for name in (FORWARD, REVERSE):  # peft keeps new adapters in fp32; at inference they join the UNet's dtype
             for p in lora_parameters(c.unet, name):
                 p.data = p.data.to(c.dtype)
-        self.switch = AdapterSwitch(c.unet)
+        # fused: each student as merged weights, swapped per phase (faster calls, two more weight copies)
+        self.switch = FusedAdapterSwitch(c.unet) if fuse_adapters else AdapterSwitch(c.unet)
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
         uncond = self.encode([""]) if mode_ == "cfg" else Conditioning(None)
         self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)

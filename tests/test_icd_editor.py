@@ -64,6 +64,15 @@ def test_edit_makes_m_plus_m_unet_calls(editor, image):
     assert result.nfe == 8 and result.edited.size == (64, 64) and result.reconstruction is not None
 
 
+def test_fused_adapters_give_the_same_edit(files, editor, image):
+    request = EditRequest(image, SOURCE, TARGET, blend_words=("red", "blue"), seed=3)
+    fused = make_editor(files, fuse_adapters=True).edit(request)
+    plain = editor.edit(request)
+    assert fused.nfe == 8
+    for a, b in ((fused.edited, plain.edited), (fused.reconstruction, plain.reconstruction)):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1  # rounding of the merged sums
+
+
 @pytest.mark.parametrize("params", [
     dict(method="prompt_switch", reverse_steps=[249, 499, 699, 999], forward_steps=[19, 249, 499, 699], tau=0.7),
     dict(reverse_steps=[339, 699, 999], forward_steps=[19, 339, 699], guidance="cfg"),

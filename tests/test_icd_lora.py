@@ -15,6 +15,7 @@ from icd.lora import (
     REVERSE,
     TARGET_MODULES,
     AdapterSwitch,
+    FusedAdapterSwitch,
     adapted_module_names,
     add_icd_adapters,
     load_adapter,
@@ -93,6 +94,23 @@ def test_adapters_are_independent_and_teacher_is_adapter_free(tiny, inputs):
     assert not torch.allclose(eps(unet, inputs), forward)
     switch.activate(REVERSE)
     assert torch.equal(eps(unet, inputs), reverse)
+
+
+def test_fused_switch_matches_the_lora_branch_and_restores_the_teacher(tiny, inputs):
+    unet = with_adapters(tiny[0], randomise=True)
+    switch = AdapterSwitch(unet)
+    expected = {}
+    for adapter in (FORWARD, REVERSE, None):
+        switch.activate(adapter)
+        expected[adapter] = eps(unet, inputs)
+    for _ in range(2):  # a second fused switch (another editor on the same UNet) starts from the teacher again
+        fused = FusedAdapterSwitch(unet)
+        for adapter in (REVERSE, FORWARD, None, FORWARD):  # switching back and forth never drifts the weights
+            fused.activate(adapter)
+            torch.testing.assert_close(eps(unet, inputs), expected[adapter], atol=1e-5, rtol=1e-5)
+    fused.activate(FORWARD)
+    AdapterSwitch(unet).activate(REVERSE)  # the plain switch puts the teacher's weights back under the LoRA branch
+    torch.testing.assert_close(eps(unet, inputs), expected[REVERSE], atol=1e-6, rtol=0)
 
 
 def test_both_adapters_get_gradients_across_switches(tiny, inputs):
