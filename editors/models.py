@@ -403,6 +403,10 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
             module.to(dtype=vae_dtype if module is vae else dtype)
+    if precision.get("channels_last"):  # NHWC convolutions: fewer layout conversions in cuDNN on recent GPUs
+        for module in (unet, vae, modules.get("controlnet")):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     unet.set_attn_processor(AttnProcessor2_0())  # fused SDPA everywhere; editors install their own where needed
 
     components = Components(

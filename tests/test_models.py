@@ -32,6 +32,17 @@ def test_half_precision_keeps_vae_in_fp32():
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
+def test_channels_last_changes_the_layout_not_the_results(tiny_components):
+    c = load_components(TINY, {**FP32, "channels_last": True}, NO_OFFLOAD, "cpu")
+    assert c.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    image = __import__("PIL.Image").Image.new("RGB", (64, 64), "red")
+    latent = c.encode_image(image)
+    torch.testing.assert_close(latent, tiny_components.encode_image(image), atol=1e-4, rtol=1e-4)
+    cond = c.encode_prompts(["a"])
+    torch.testing.assert_close(c.unet_eps(latent, 500, cond), tiny_components.unet_eps(latent, 500, cond),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_nan_latents_are_reported_not_decoded(tiny_components):
     with pytest.raises(FloatingPointError, match="NaN"):
         tiny_components.decode_latents(torch.full((1, 4, 16, 16), float("nan")))
