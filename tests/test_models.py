@@ -37,10 +37,11 @@ def test_channels_last_changes_the_layout_not_the_results(tiny_components):
     assert c.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     image = __import__("PIL.Image").Image.new("RGB", (64, 64), "red")
     latent = c.encode_image(image)
-    torch.testing.assert_close(latent, tiny_components.encode_image(image), atol=1e-4, rtol=1e-4)
+    # other convolution algorithms (same maths): float32 rounding only
+    torch.testing.assert_close(latent, tiny_components.encode_image(image), atol=1e-3, rtol=0)
     cond = c.encode_prompts(["a"])
     torch.testing.assert_close(c.unet_eps(latent, 500, cond), tiny_components.unet_eps(latent, 500, cond),
-                               atol=1e-4, rtol=1e-4)
+                               atol=1e-3, rtol=0)
 
 
 def test_nan_latents_are_reported_not_decoded(tiny_components):
