@@ -1,12 +1,14 @@
 """Build the toy world's models from seed, with the project's own code:
 
     python scripts/build_toy_world.py                      # profile "cpu" (default): about 80 min on 2 CPU cores
-    python scripts/build_toy_world.py --device cuda --profile gpu   # more data and steps, for a GPU
+    python scripts/build_toy_world.py --device cuda --profile gpu   # the shipped weights: about 13 min on one H100
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
-The shipped weights in weights/toy came from the "cpu" profile on a 2-core machine (measured there: VAE 1.1 steps/s
-at batch 32, teacher 0.9-1.1 s per step at batch 64, decoder fine-tuning about 2 steps/s); weights/toy/build_log.jsonl
-holds every loss and timing, weights/toy/quality.json the quality bars. ``--stages`` runs a subset (the data stage
+The shipped weights in weights/toy came from the "gpu" profile on one H100 (measured there: VAE 18 steps/s at batch
+64, decoder 32 steps/s, teacher 7.8 steps/s at batch 256, CLIP 40 steps/s at batch 512, IP2P UNet 8 steps/s at batch
+256; the evaluation stage ran on CPU); the "cpu" profile (measured on 2 cores: VAE 1.1 steps/s at batch 32, teacher
+0.9-1.1 s per step at batch 64) gives a weaker world. weights/toy/build_log.jsonl holds every loss and timing,
+weights/toy/quality.json the quality bars. ``--stages`` runs a subset (the data stage
 always runs; it is deterministic), ``--resume`` continues the teacher, CLIP and IP2P UNet saved in ``--out`` with a new
 warmup + cosine cycle.
 
@@ -109,7 +111,8 @@ class Profile:
 
 PROFILES = {
     "cpu": Profile(20_000, 500, 4_000, 700, 32, 2_400, 64, 1_000, 128, 400, 32, eval_images=32, nti_images=2),
-    "gpu": Profile(60_000, 1_000, 20_000, 4_000, 64, 10_000, 256, 3_000, 512, 3_000, 256, decoder_steps=2_000,
+    # the shipped weights: the steps that one H100 ran under --max-seconds vae=110,decoder=60,teacher=300,ip2p=150
+    "gpu": Profile(60_000, 1_000, 20_000, 1_894, 64, 2_296, 256, 3_000, 512, 1_227, 256, decoder_steps=1_993,
                    ema_decay=0.999),
     "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, decoder_steps=3, eval_steps=4, eval_images=4, nti_images=1),
 }

@@ -71,7 +71,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
-    editor = build_editor({"name": "ddim_p2p", "num_steps": 20}, toy)
+    editor = build_editor({"name": "ddim_p2p", "num_steps": 50}, toy)  # the bar's 50 steps (20 lose 1.8 dB)
     scene = Scene((Obj("circle", "red", size="large"),), "gray")
     image = scene.render(32)
     z0 = toy.encode_image(Image.fromarray(image))
@@ -81,7 +81,7 @@ def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
         latents = ddim_jump(latents, toy.unet_eps(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
     vae_psnr = _psnr(np.asarray(toy.decode_latents(z0)[0]), image)
     round_trip = _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
-    assert vae_psnr > 18 and round_trip > vae_psnr - 1.0  # measured 20.3 and 20.3 dB
+    assert vae_psnr > 30 and round_trip > vae_psnr - 1.0, (vae_psnr, round_trip)  # measured 34.9 and 34.2 dB
 
 
 def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_clip):
@@ -98,14 +98,14 @@ def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_cl
     inside = source.object_mask(0, 32)
     distance = {name: np.linalg.norm(img[inside].mean(0) - np.asarray(COLOURS[new]))
                 for name, img in (("edited", edited), ("reconstruction", reconstruction))}
-    assert distance["edited"] < 0.8 * distance["reconstruction"]  # measured 0.67
+    assert distance["edited"] < 0.5 * distance["reconstruction"]  # measured 0.24
 
     def preference(img):  # toy-CLIP score of the target caption minus that of the source caption
         return clip_score(toy_clip, img, target.caption()) - clip_score(toy_clip, img, source.caption())
 
     assert preference(edited) > preference(reconstruction)
     assert preference(image) < 0  # the toy CLIP knows the source is blue
-    assert psnr_unedit_part(image, edited, inside.astype(float)) > 22  # measured 24.4 (VAE ceiling ~25)
+    assert psnr_unedit_part(image, edited, inside.astype(float)) > 22  # measured 22.5 (VAE ceiling ~33)
 
 
 def test_ground_truth_metrics(tmp_path):
@@ -166,7 +166,7 @@ def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: lis
 def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     """The shipped toy adapters (train.py train/experiment=toy, 120 iterations): a 4 + 4-step round trip within 3 dB
     of the teacher's 50 + 50-step DDIM round trip and better than the untrained adapters (== the teacher at 4 steps;
-    measured 21.90, 21.87 and 22.07 dB: on these scenes the 4-step teacher is already close to its ceiling)."""
+    measured 29.6, 20.4 and 30.7 dB)."""
     scenes = [random_scene(np.random.default_rng([11, k])) for k in range(4)]
     images, captions = [s.render(32) for s in scenes], [s.caption() for s in scenes]
     ddim = build_editor({"name": "ddim_p2p", "num_steps": 50}, toy)
