@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
+from editors.models import load_components, to_channels_last
 from icd.data import collate
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
@@ -100,8 +100,7 @@ def bench_edit(args) -> list[dict]:
             c.vae.to(c.dtype)
             c.vae_dtype = c.dtype
         if variant == "channels_last":
-            c.unet.to(memory_format=torch.channels_last)
-            c.vae.to(memory_format=torch.channels_last)
+            to_channels_last(c.unet, c.vae)
         editor = build_editor({"name": "icd", "method": args.method, "fuse_adapters": fused}, c)
         row = {"bench": "edit", "variant": f"+{variant}" if variant != "baseline" else variant, "model": args.model,
                "dtype": args.dtype, "vae_dtype": str(c.vae_dtype).removeprefix("torch."), "method": args.method,

@@ -81,6 +81,14 @@ def adapted_module_names(unet: torch.nn.Module) -> list[str]:
     return [n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def adapted_layers(unet: torch.nn.Module) -> list[BaseTunerLayer]:
+    """The LoRA-wrapped layers of ``unet``; a UNet without adapters is an error."""
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the UNet carries no LoRA adapters; call add_icd_adapters or load_adapter first")
+    return layers
+
+
 class AdapterSwitch:
     """Activates one adapter (a student) or none (the teacher) on a UNet carrying both.
 
@@ -91,9 +99,7 @@ class AdapterSwitch:
     """
 
     def __init__(self, unet: torch.nn.Module, trainable: bool = False):
-        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-        if not self.layers:
-            raise ValueError("the UNet carries no LoRA adapters; call add_icd_adapters or load_adapter first")
+        self.layers = adapted_layers(unet)
         if not all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in self.layers):
             raise RuntimeError("this peft version keeps the adapter state elsewhere; update icd.lora.AdapterSwitch")
         for name in ADAPTERS:
@@ -133,9 +139,7 @@ class FusedAdapterSwitch(AdapterSwitch):
     """
 
     def __init__(self, unet: torch.nn.Module):
-        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-        if not self.layers:
-            raise ValueError("the UNet carries no LoRA adapters; call add_icd_adapters or load_adapter first")
+        self.layers = adapted_layers(unet)
         for m in self.layers:  # the teacher's weight, kept on the layer so that a second switch finds it too
             if not hasattr(m, "_icd_teacher_weight"):
                 m._icd_teacher_weight = m.get_base_layer().weight.data
