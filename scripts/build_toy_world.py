@@ -60,8 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -114,6 +114,9 @@ PROFILES = {
     # the shipped weights: the steps that one H100 ran under --max-seconds vae=110,decoder=60,teacher=300,ip2p=150
     "gpu": Profile(60_000, 1_000, 20_000, 1_894, 64, 2_296, 256, 3_000, 512, 1_227, 256, decoder_steps=1_993,
                    ema_decay=0.999),
+    # continuing the shipped teacher and IP2P UNet with --resume on 2 CPU cores (the gpu profile's data)
+    "finetune": Profile(60_000, 1_000, 20_000, 1_894, 64, 2_000, 64, 3_000, 512, 2_000, 32, decoder_steps=1_993,
+                        ema_decay=0.998),
     "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, decoder_steps=3, eval_steps=4, eval_images=4, nti_images=1),
 }
 
@@ -308,7 +311,7 @@ class Log:
 
 
 def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-        log: Log, emas: Iterable[tuple[AveragedModel, torch.nn.Module]] = (), warmup: int = 200,
+        log: Log, emas: Iterable[tuple[EMAModel, torch.nn.Module]] = (), warmup: int = 200,
         max_seconds: float | None = None, weight_decay: float = 1e-2) -> int:
     """AdamW with linear warmup and cosine decay on `loss_fn(step)`; each (EMA, module) pair updated every step.
 
@@ -335,7 +338,7 @@ def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], t
         optimizer.step()
         schedule.step()
         for ema, module in emas:
-            ema.update_parameters(module)
+            ema.step(module.parameters())
         step += 1
         value = loss.item() if step % 25 == 0 or step == plan["total"] else None
         if value is not None:
@@ -358,9 +361,18 @@ def fit(stage: str, params: list[torch.nn.Parameter], loss_fn: Callable[[int], t
     return step
 
 
-def ema_of(module: torch.nn.Module, decay: float) -> tuple[AveragedModel, torch.nn.Module]:
-    """An exponential moving average of `module`'s parameters, paired with the module it follows."""
-    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)), module
+def ema_of(module: torch.nn.Module, decay: float) -> tuple[EMAModel, torch.nn.Module]:
+    """An exponential moving average of `module`'s parameters, paired with the module it follows. diffusers' EMA
+    ramps its decay up ((1 + n) / (10 + n) until `decay`): a plain 0.999 average kept 10 % of the random start in
+    the first shipped teacher, whose 300-second cap cut 10,000 planned steps to 2,296."""
+    return EMAModel(module.parameters(), decay=decay), module
+
+
+def save_ema(ema: tuple[EMAModel, torch.nn.Module], path: Path) -> None:
+    """The averaged weights, in float16, in diffusers / transformers layout (the live module is overwritten)."""
+    average, module = ema
+    average.copy_to(module.parameters())
+    module.eval().to(torch.float16).save_pretrained(path)
 
 
 def autocast(device: torch.device):
@@ -509,8 +521,8 @@ def stage_teacher(w: World) -> None:
 
     fit("teacher", [*unet.parameters(), *text_encoder.parameters()], loss_fn, p.teacher_steps, lr=5e-4, log=w.log,
         emas=emas, max_seconds=w.args.max_seconds.get("teacher"))
-    emas[0][0].module.to(torch.float16).save_pretrained(w.out / "unet")
-    emas[1][0].module.to(torch.float16).save_pretrained(w.out / "text_encoder")
+    save_ema(emas[0], w.out / "unet")
+    save_ema(emas[1], w.out / "text_encoder")
     w.tokenizer.save_pretrained(w.out / "tokenizer")
     scheduler.save_pretrained(w.out / "scheduler")
     (w.out / "model_index.json").write_text(json.dumps({
@@ -604,9 +616,11 @@ def stage_ip2p(w: World) -> None:
         image[torch.rand(len(idx), generator=gen, device=device) < 0.05] = 0
         return denoising_loss(unet, text_encoder, target[idx], batch_ids, alphas_cumprod, gen, extra=image)
 
-    fit("ip2p", list(unet.parameters()), loss_fn, p.ip2p_steps, lr=1e-4, log=w.log, emas=[ema],
+    # 5e-4, not SD-IP2P's 1e-4: Adam moves a weight about lr per step, and the zero-initialised image channels of
+    # conv_in must grow to the size of the others (a 1e-4 run of 1,227 steps left them at 5 % of it).
+    fit("ip2p", list(unet.parameters()), loss_fn, p.ip2p_steps, lr=5e-4, log=w.log, emas=[ema],
         max_seconds=w.args.max_seconds.get("ip2p"))
-    ema[0].module.to(torch.float16).save_pretrained(w.out / "ip2p_unet")
+    save_ema(ema, w.out / "ip2p_unet")
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
