@@ -730,7 +730,7 @@ def stage_eval(w: World) -> dict:
     uncond = c.encode_prompts([""])
     gen = torch.Generator(device).manual_seed(w.args.seed)
     noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=gen, device=device)
-    for scale in (5.0, 7.5):
+    for scale in (3.0, 5.0, 7.5):  # 3: the toy tour's guidance
         samples = decode(c, guided_denoise(c, noise, cond, [uncond] * p.eval_steps, scale, p.eval_steps))
         report[f"teacher_cfg{scale:g}"] = accuracy(judge.checks(torch.from_numpy(samples), held.scenes[:n]))
     seen = set(w.train.captions) if w.train else set()

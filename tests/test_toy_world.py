@@ -103,15 +103,33 @@ def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_cl
     inside = source.object_mask(0, 32)
     distance = {name: np.linalg.norm(img[inside].mean(0) - np.asarray(COLOURS[new]))
                 for name, img in (("edited", edited), ("reconstruction", reconstruction))}
-    assert distance["edited"] < 0.5 * distance["reconstruction"]  # measured 0.24
+    assert distance["edited"] < 0.5 * distance["reconstruction"]  # measured 0.10
 
     def preference(img):  # toy-CLIP score of the target caption minus that of the source caption
         return clip_score(toy_clip, img, target.caption()) - clip_score(toy_clip, img, source.caption())
 
     assert preference(edited) > preference(reconstruction)
     assert preference(image) < 0  # the toy CLIP knows the source is blue
-    assert psnr_unedit_part(image, edited, inside.astype(float)) > 22  # measured 22.5 (VAE ceiling ~33)
+    assert psnr_unedit_part(image, edited, inside.astype(float)) > 28  # measured 32.2 (VAE ceiling ~33)
 
+
+
+def test_instruct_pix2pix_colour_edit_follows_the_instruction_and_keeps_the_scene():
+    """The toy InstructPix2Pix UNet on "make the triangle yellow" (20 Euler-ancestral steps, the editor's default
+    guidance): the triangle's colour moves to yellow and the background stays. The first shipped UNet barely used its
+    image channels and redrew the scene instead."""
+    obj, new = Obj("triangle", "blue", size="large"), "yellow"
+    source = Scene((obj,), "white")
+    image = source.render(32)
+    c = load_components({**TOY, "unet_path": str(WEIGHTS / "ip2p_unet")}, FP32, NO_OFFLOAD, "cpu")
+    editor = build_editor({"name": "instruct_pix2pix", "num_steps": 20}, c)
+    edited = np.asarray(editor.edit(EditRequest(Image.fromarray(image), source.caption(), "",
+                                                instruction="make the triangle yellow", seed=0)).edited)
+    inside = source.object_mask(0, 32)
+    target = np.asarray(COLOURS[new])
+    before, after = (np.linalg.norm(img[inside].mean(0) - target) for img in (image, edited))
+    assert after < 0.5 * before, (before, after)  # measured 0.17
+    assert psnr_unedit_part(image, edited, inside.astype(float)) > 20  # measured 22.8
 
 def test_ground_truth_metrics(tmp_path):
     root = write_piebench(tmp_path / "toy", n_per_type=1, edit_types=["6"])
@@ -171,7 +189,7 @@ def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: lis
 def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     """The shipped toy adapters (train.py train/experiment=toy, 120 iterations): a 4 + 4-step round trip within 3 dB
     of the teacher's 50 + 50-step DDIM round trip and better than the untrained adapters (== the teacher at 4 steps;
-    measured 29.6, 20.4 and 30.7 dB)."""
+    measured 30.1, 23.6 and 30.8 dB)."""
     scenes = [random_scene(np.random.default_rng([11, k])) for k in range(4)]
     images, captions = [s.render(32) for s in scenes], [s.caption() for s in scenes]
     teacher = [_ddim_round_trip_psnr(toy, image, caption) for image, caption in zip(images, captions)]
