@@ -4,7 +4,7 @@
     python scripts/build_toy_world.py --device cuda --profile gpu   # the shipped weights: about 13 min on one H100,
     python scripts/build_toy_world.py --profile finetune --resume --stages teacher --max-seconds teacher=2100
     python scripts/build_toy_world.py --profile finetune --resume --stages ip2p --max-seconds ip2p=840  # then these
-    python scripts/build_toy_world.py --profile finetune --stages eval           # on 2 CPU cores (about 75 min)
+    python scripts/build_toy_world.py --profile finetune --stages eval           # on 2 CPU cores (about 65 min)
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
 The shipped weights in weights/toy came from the "gpu" profile on one H100 (measured there: VAE 18 steps/s at batch

@@ -113,7 +113,6 @@ def test_p2p_colour_edit_changes_the_object_and_keeps_the_background(toy, toy_cl
     assert psnr_unedit_part(image, edited, inside.astype(float)) > 28  # measured 32.2 (VAE ceiling ~33)
 
 
-
 def test_instruct_pix2pix_colour_edit_follows_the_instruction_and_keeps_the_scene():
     """The toy InstructPix2Pix UNet on "make the triangle yellow" (20 Euler-ancestral steps, the editor's default
     guidance): the triangle's colour moves to yellow and the background stays. The first shipped UNet barely used its
@@ -130,6 +129,7 @@ def test_instruct_pix2pix_colour_edit_follows_the_instruction_and_keeps_the_scen
     before, after = (np.linalg.norm(img[inside].mean(0) - target) for img in (image, edited))
     assert after < 0.5 * before, (before, after)  # measured 0.17
     assert psnr_unedit_part(image, edited, inside.astype(float)) > 20  # measured 22.8
+
 
 def test_ground_truth_metrics(tmp_path):
     root = write_piebench(tmp_path / "toy", n_per_type=1, edit_types=["6"])
