@@ -4,6 +4,8 @@ adapters, a checkpoint, validation images and an offline W&B run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from hydra import compose, initialize_config_dir
 import train
 from icd.lora import read_adapter_file
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
 
 
 def config(*overrides: str):
@@ -56,3 +59,27 @@ def test_short_run_writes_adapters_checkpoint_and_logs(tmp_path):
     assert all(".lora_" in k for k in checkpoint["state_dict"]) and checkpoint["icd"]["iteration"] == 2
     assert len(list(run.rglob("validation/iteration_*.png"))) == 3  # before training and after each iteration
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_ddp_run_on_two_cpu_processes(tmp_path):
+    """The multi-GPU launch path on CPU: `python train.py` with devices=2 and DDP, where Lightning re-executes the
+    Hydra script for rank 1 and the ranks talk over gloo. The run finishes, and rank 0 alone validates, logs and
+    exports."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=tiny", "train/teacher=tiny", "train.trainer.accelerator=cpu",
+         "train.trainer.devices=2", "train.trainer.strategy=ddp_find_unused_parameters_true",
+         "train.trainer.iterations=2", "train.trainer.validation_every=2", "train.trainer.progress_bar=false",
+         f"train.data.root={tmp_path / 'toy'}", "train.data.n_images=8", "train.data.batch_size=2",
+         "train.data.validation_size=2", "train.icd.lora.rank=4", "train.icd.num_steps=2", f"hydra.run.dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output, output[-3000:]
+    for name in ("forward", "reverse"):
+        weights, _ = read_adapter_file(run / "lora" / f"{name}.safetensors")
+        assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert len(list(run.rglob("validation/iteration_*.png"))) == 2  # before training and at iteration 2, rank 0
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
