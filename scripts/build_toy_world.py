@@ -794,11 +794,19 @@ def stage_eval(w: World) -> dict:
 
 
 def ip2p_report(w: World, model: dict, judge: ToyClip, n: int, steps: int) -> dict:
-    """InstructPix2Pix edits of `n` edit triples from a stream its training never saw, with the PIE-Bench guidance
-    (`steps` steps; PIE-Bench: 50) and with the toy tour's settings: PSNR to the ground-truth target and the toy-CLIP
-    gain of the target caption (cosine x 100), next to the unedited source's PSNR to the target (what a do-nothing
-    edit scores)."""
+    """InstructPix2Pix edits of `n` edit triples from a stream its training never saw, with the editor's PIE-Bench
+    settings (conf/editor, at `steps` steps; PIE-Bench: 50) and with the toy tour's (conf/tour): PSNR to the
+    ground-truth target and the toy-CLIP gain of the target caption (cosine x 100), next to the unedited source's PSNR
+    to the target (what a do-nothing edit scores)."""
+    from omegaconf import OmegaConf
+
     from editors.instruct_pix2pix import InstructPix2PixEditor
+
+    piebench = OmegaConf.load(REPO / "conf" / "editor" / "instruct_pix2pix.yaml")
+    settings = {
+        "piebench": OmegaConf.merge(piebench, {"num_steps": steps}),
+        "tour": OmegaConf.merge(piebench, OmegaConf.load(REPO / "conf" / "tour" / "instruct_pix2pix.yaml").editor),
+    }
 
     c = load_components({**model, "unet_path": str(w.out / "ip2p_unet")}, {"dtype": "float32", "vae_dtype": "float32"},
                         {"mode": "none"}, str(w.device))
@@ -812,14 +820,14 @@ def ip2p_report(w: World, model: dict, judge: ToyClip, n: int, steps: int) -> di
         return 100 * (judge.image(torch.from_numpy(images)) * target_text).sum(-1).cpu().numpy()
 
     report = {"items": n, "source_gt_psnr": float(np.mean([psnr(a, b) for a, b in zip(sources, targets)]))}
-    for name, num_steps, text_scale, image_scale in (("piebench", steps, 7.5, 1.5), ("tour", 10, 3.0, 1.5)):
-        editor = InstructPix2PixEditor(c, num_steps, guidance_scale=text_scale, image_guidance_scale=image_scale)
+    for name, config in settings.items():
+        options = {key: config[key] for key in ("num_steps", "guidance_scale", "image_guidance_scale")}
+        editor = InstructPix2PixEditor(c, **options)
         edited = np.concatenate([
             decode(c, editor.sample(image_latents[i : i + 1], e.instruction, torch.Generator("cpu").manual_seed(i)))
             for i, e in enumerate(edits)
         ])
-        report[name] = {"steps": num_steps, "guidance_scale": text_scale, "image_guidance_scale": image_scale,
-                        "gt_psnr": float(np.mean([psnr(a, b) for a, b in zip(edited, targets)])),
+        report[name] = {**options, "gt_psnr": float(np.mean([psnr(a, b) for a, b in zip(edited, targets)])),
                         "clip_gain": float(np.mean(target_score(edited) - target_score(sources)))}
     return report
 
