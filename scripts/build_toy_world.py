@@ -756,8 +756,11 @@ def stage_eval(w: World) -> dict:
     for scale in (3.0, 5.0, 7.5):  # 3: the toy tour's guidance
         samples = decode(c, guided_denoise(c, noise, cond, [uncond] * p.eval_steps, scale, p.eval_steps))
         report[f"teacher_cfg{scale:g}"] = accuracy(judge.checks(torch.from_numpy(samples), held.scenes[:m]))
-    # the judge's own score on the real scenes of those captions: the most a perfect teacher would get
+    # the judge's own score on the real scenes of those captions, and on their VAE reconstructions: every sample is
+    # decoded by this VAE, so a teacher that drew the exact latents of the real scenes would score the latter
     report["teacher_judge_on_real_scenes"] = accuracy(judge.checks(held.images[:m], held.scenes[:m]))
+    reconstructions = torch.from_numpy(decode(c, encode_latents(c.vae, held.images[:m], device)))
+    report["teacher_judge_on_vae_reconstructions"] = accuracy(judge.checks(reconstructions, held.scenes[:m]))
     seen = set(w.train.captions) if w.train else set()
     report["teacher_captions_unseen_in_training"] = float(np.mean([cap not in seen for cap in held.captions[:m]]))
     cond = cond[:n]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -163,8 +164,9 @@ def test_build_script_quick_mode(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "build_toy_world.py"), "--quick", "--device", "cpu",
                     "--workers", "1", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
     report = json.loads((out / "quality.json").read_text())
-    assert {"vae_psnr", "clip_zero_shot", "teacher_cfg5", "teacher_judge_on_real_scenes", "ddim_round_trip_psnr",
-            "nti_cfg7.5_round_trip_psnr", "ip2p"} <= report.keys()
+    assert {"vae_psnr", "clip_zero_shot", "teacher_cfg5", "teacher_judge_on_real_scenes",
+            "teacher_judge_on_vae_reconstructions", "ddim_round_trip_psnr", "nti_cfg7.5_round_trip_psnr",
+            "ip2p"} <= report.keys()
     assert {"source_gt_psnr", "piebench", "tour"} <= report["ip2p"].keys()
     stages = {json.loads(line)["stage"] for line in (out / "build_log.jsonl").read_text().splitlines()}
     assert {"data", "vae", "teacher", "clip", "ip2p", "eval"} <= stages
@@ -199,3 +201,49 @@ def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     teacher = [_ddim_round_trip_psnr(toy, image, caption) for image, caption in zip(images, captions)]
     trained, untrained = _icd_round_trip_psnr(True, images, captions), _icd_round_trip_psnr(False, images, captions)
     assert trained > untrained and trained > np.mean(teacher) - 3.0, (trained, untrained, np.mean(teacher))
+
+
+@pytest.fixture(scope="module")
+def build():
+    """scripts/build_toy_world.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_toy_world", REPO / "scripts" / "build_toy_world.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_fit_gives_each_parameter_group_its_own_learning_rate(build, tmp_path):
+    """The IP2P stage trains conv_in at ten times the rest's rate: Adam's first step moves a weight by its group's
+    rate, whatever the gradient's size."""
+    slow, fast = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    steps = build.fit("groups", [{"params": [slow]}, {"params": [fast], "lr": 1e-2}],
+                      lambda step: (slow * torch.tensor([1.0, 5.0, 0.1])).sum() + 3 * fast.sum(), steps=1, lr=1e-3,
+                      log=build.Log(tmp_path / "log.jsonl"), weight_decay=0.0)
+    assert steps == 1
+    torch.testing.assert_close(slow.detach(), torch.full((3,), -1e-3), rtol=1e-3, atol=0)
+    torch.testing.assert_close(fast.detach(), torch.full((3,), -1e-2), rtol=1e-3, atol=0)
+
+
+def test_save_ema_writes_the_average_without_this_machines_path(build, tmp_path):
+    """A resumed diffusers model's config records where it was loaded from; the saved one must not (the weights
+    are shipped)."""
+    build.build_unet(cross_attention_dim=8).save_pretrained(tmp_path / "start")
+    model = UNet2DConditionModel.from_pretrained(tmp_path / "start")
+    ema = build.ema_of(model, decay=0.5)
+    for _ in range(2):  # diffusers' warm-up decay: 0 on the first update, (1 + 1) / (10 + 1) on the second
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema[0].step(model.parameters())
+    expected = [(p.detach() - 2 / 11).half() for p in model.parameters()]  # 2/11 (p - 1) + 9/11 p
+    build.save_ema(ema, tmp_path / "saved")
+    assert "_name_or_path" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "saved", dtype=torch.float16)
+    for got, want in zip(saved.parameters(), expected):
+        torch.testing.assert_close(got, want)
