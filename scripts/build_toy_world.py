@@ -383,14 +383,19 @@ def ema_of(module: torch.nn.Module, decay: float) -> tuple[EMAModel, torch.nn.Mo
     return EMAModel(module.parameters(), decay=decay), module
 
 
-def save_ema(ema: tuple[EMAModel, torch.nn.Module], path: Path) -> None:
-    """The averaged weights, in float16, in diffusers / transformers layout (the live module is overwritten)."""
-    average, module = ema
-    average.copy_to(module.parameters())
+def save_half(module: torch.nn.Module, path: Path) -> None:
+    """`module` in float16 (half the bytes; the loaders cast back) in diffusers / transformers layout."""
     module.eval().to(torch.float16).save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    if config.pop("_name_or_path", None) is not None:  # a resumed model would record this machine's path
+    if config.pop("_name_or_path", None) is not None:  # a diffusers model loaded from disk records this machine's path
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_ema(ema: tuple[EMAModel, torch.nn.Module], path: Path) -> None:
+    """The averaged weights, as `save_half` writes them (the live module is overwritten)."""
+    average, module = ema
+    average.copy_to(module.parameters())
+    save_half(module, path)
 
 
 def autocast(device: torch.device):
@@ -459,7 +464,7 @@ def stage_vae(w: World) -> None:
         means = torch.cat([vae.encode(to_pixels(chunk, w.device)).latent_dist.mean for chunk in sample.split(256)])
     vae.register_to_config(scaling_factor=round(1.0 / means.std().item(), 5))
     w.log.write(stage="vae", scaling_factor=vae.config.scaling_factor)
-    vae.to(torch.float16).save_pretrained(w.out / "vae")
+    save_half(vae, w.out / "vae")
 
 
 def stage_decoder(w: World) -> None:
@@ -481,7 +486,7 @@ def stage_decoder(w: World) -> None:
 
     fit("decoder", params, loss_fn, p.decoder_steps, lr=3e-4, log=w.log, weight_decay=0.0,
         max_seconds=w.args.max_seconds.get("decoder"))
-    vae.eval().to(torch.float16).save_pretrained(w.out / "vae")
+    save_half(vae, w.out / "vae")
 
 
 def load_vae(w: World) -> AutoencoderKL:
@@ -593,7 +598,7 @@ def stage_clip(w: World) -> None:
 
     fit("clip", list(model.parameters()), loss_fn, p.clip_steps, lr=5e-4, log=w.log,
         max_seconds=w.args.max_seconds.get("clip"))
-    model.eval().to(torch.float16).save_pretrained(w.out / "clip")  # half the bytes; loaders cast back to float32
+    save_half(model, w.out / "clip")
     w.tokenizer.save_pretrained(w.out / "clip")
     CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": SIZE}, do_center_crop=True, crop_size={"height": SIZE, "width": SIZE},

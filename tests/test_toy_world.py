@@ -170,6 +170,9 @@ def test_build_script_quick_mode(tmp_path):
     assert {"source_gt_psnr", "piebench", "tour"} <= report["ip2p"].keys()
     stages = {json.loads(line)["stage"] for line in (out / "build_log.jsonl").read_text().splitlines()}
     assert {"data", "vae", "teacher", "clip", "ip2p", "eval"} <= stages
+    # the decoder stage reloads the VAE from disk; no saved model may record where it was built
+    recorded = [c.parent.name for c in out.glob("*/config.json") if "_name_or_path" in json.loads(c.read_text())]
+    assert not recorded, recorded
     components = load_components({**TOY, "path": str(out), "unet_path": str(out / "ip2p_unet")}, FP32, NO_OFFLOAD,
                                  "cpu")
     assert components.unet.config.in_channels == 8
