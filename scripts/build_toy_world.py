@@ -3,8 +3,8 @@
     python scripts/build_toy_world.py                      # profile "cpu" (default): about 80 min on 2 CPU cores
     python scripts/build_toy_world.py --device cuda --profile gpu   # the shipped weights: about 13 min on one H100,
     python scripts/build_toy_world.py --profile finetune --resume --stages teacher --max-seconds teacher=2100
-    python scripts/build_toy_world.py --profile finetune --resume --stages ip2p   # then these on 2 CPU cores
-    python scripts/build_toy_world.py --profile finetune --stages eval           # (35, 21 and 16 min)
+    python scripts/build_toy_world.py --profile finetune --resume --stages ip2p  # then these three on 2 CPU cores:
+    python scripts/build_toy_world.py --profile finetune --stages eval          # 35, 24 and 16 min
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
 The shipped weights in weights/toy came from the "gpu" profile on one H100 (measured there: VAE 18 steps/s at batch
