@@ -3,8 +3,8 @@
     python scripts/build_toy_world.py                      # profile "cpu" (default): about 80 min on 2 CPU cores
     python scripts/build_toy_world.py --device cuda --profile gpu   # the shipped weights: about 13 min on one H100,
     python scripts/build_toy_world.py --profile finetune --resume --stages teacher --max-seconds teacher=2100
-    python scripts/build_toy_world.py --profile finetune --resume --stages ip2p  # then these three on 2 CPU cores:
-    python scripts/build_toy_world.py --profile finetune --stages eval          # 35, 24 and 16 min
+    python scripts/build_toy_world.py --profile finetune --resume --stages ip2p  # then these on 2 CPU cores: 35 min,
+    python scripts/build_toy_world.py --profile finetune --stages eval          # 24 min (run 4 times), 16 min
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
 The shipped weights in weights/toy came from the "gpu" profile on one H100 (measured there: VAE 18 steps/s at batch
@@ -13,10 +13,11 @@ The shipped weights in weights/toy came from the "gpu" profile on one H100 (meas
 1,913 steps at batch 64 (35 min; 64 % -> 87.5 % of 64 samples correct at CFG 3, 85 % of 256), the IP2P UNet 399
 steps at batch 32 on the new text encoder, then 1,045 more with conv_in at ten times the learning rate (11 min; its
 image channels grew from a tenth to a fifth of the noisy-latent ones, toy-CLIP gain on held-out edits -21 -> -17 at
-text guidance 3), then 2,000 more with half of each batch at t >= 500 (21 min; -17.4 -> -2.6, PSNR to the true edits
-17.2 -> 19.4 dB). Not kept (see build_log.jsonl): 1,020 more IP2P steps at the plain rate (the tour's row got worse)
-and a second teacher continuation of 1,893 steps (83 % vs 85 % of 256 samples: the teacher has plateaued on CPU).
-The "cpu" profile (measured on 2 cores: VAE 1.1 steps/s at batch 32, teacher 0.9-1.1 s per step at batch 64)
+text guidance 3), then four runs of 2,000 more with half of each batch at t >= 500 (21-22 min each; toy-CLIP gain on
+32 held-out edits at text guidance 3 -17.4 -> -2.6 -> +10.6 -> +13.5 -> +16.4, PSNR to the true edits 17.2 -> 19.4 ->
+21.9 -> 22.7 -> 23.3 dB). Not kept (see build_log.jsonl): 1,020 more IP2P steps at the plain rate (the tour's row
+got worse) and a second teacher continuation of 1,893 steps (83 % vs 85 % of 256 samples: the teacher has plateaued
+on CPU). The "cpu" profile (measured on 2 cores: VAE 1.1 steps/s at batch 32, teacher 0.9-1.1 s per step at batch 64)
 gives a weaker world. weights/toy/build_log.jsonl holds every loss and timing,
 weights/toy/quality.json the quality bars. ``--stages`` runs a subset (the data stage
 always runs; it is deterministic), ``--resume`` continues the teacher, CLIP and IP2P UNet saved in ``--out`` with a new
@@ -644,8 +645,8 @@ def stage_ip2p(w: World) -> None:
         batch_ids[torch.rand(len(idx), generator=gen, device=device) < 0.05] = empty
         image[torch.rand(len(idx), generator=gen, device=device) < 0.05] = 0
         # half of the batch at t >= 500, where the noisy latent no longer shows the layout and only the source
-        # image can: the uniform draw left the edits blurred and shifted (2,000 such steps on CPU: toy-CLIP gain on
-        # 32 held-out edits -17.4 -> -2.6, PSNR to the true edit 17.2 -> 19.4 dB)
+        # image can: the uniform draw left the edits blurred and shifted (8,000 such steps on CPU: toy-CLIP gain on
+        # 32 held-out edits -17.4 -> +16.4, PSNR to the true edit 17.2 -> 23.3 dB)
         return denoising_loss(unet, text_encoder, target[idx], batch_ids, alphas_cumprod, gen, extra=image,
                               high_t_fraction=0.5)
 
