@@ -4,7 +4,7 @@
     python scripts/build_toy_world.py --device cuda --profile gpu   # the shipped weights: about 13 min on one H100,
     python scripts/build_toy_world.py --profile finetune --resume --stages teacher --max-seconds teacher=2100
     python scripts/build_toy_world.py --profile finetune --resume --stages ip2p  # then these on 2 CPU cores: 35 min,
-    python scripts/build_toy_world.py --profile finetune --stages eval          # 24 min (run 4 times), 16 min
+    python scripts/build_toy_world.py --profile finetune --stages eval          # 22-25 min (run 4 times), 16 min
     python scripts/build_toy_world.py --profile quick      # seconds: a smoke test of every stage
 
 The shipped weights in weights/toy came from the "gpu" profile on one H100 (measured there: VAE 18 steps/s at batch
@@ -13,7 +13,7 @@ The shipped weights in weights/toy came from the "gpu" profile on one H100 (meas
 1,913 steps at batch 64 (35 min; 64 % -> 87.5 % of 64 samples correct at CFG 3, 85 % of 256), the IP2P UNet 399
 steps at batch 32 on the new text encoder, then 1,045 more with conv_in at ten times the learning rate (11 min; its
 image channels grew from a tenth to a fifth of the noisy-latent ones, toy-CLIP gain on held-out edits -21 -> -17 at
-text guidance 3), then four runs of 2,000 more with half of each batch at t >= 500 (21-22 min each; toy-CLIP gain on
+text guidance 3), then four runs of 2,000 more with half of each batch at t >= 500 (20-22 min each; toy-CLIP gain on
 32 held-out edits at text guidance 3 -17.4 -> -2.6 -> +10.6 -> +13.5 -> +16.4, PSNR to the true edits 17.2 -> 19.4 ->
 21.9 -> 22.7 -> 23.3 dB). Not kept (see build_log.jsonl): 1,020 more IP2P steps at the plain rate (the tour's row
 got worse) and a second teacher continuation of 1,893 steps (83 % vs 85 % of 256 samples: the teacher has plateaued
