@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from evaluation.harness import objective, run
+from evaluation.harness import RunError, objective, run
 
 log = logging.getLogger("run")
 
@@ -27,8 +28,15 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if multirun else output_dir.name
+    (output_dir / "job_error.txt").unlink(missing_ok=True)  # from an earlier attempt of this job
     try:
         return objective(run(cfg, output_dir, group, hydra_cfg.job.override_dirname or "default"))
+    except RunError as err:  # the configuration or the data: the message says what to do, no traceback needed
+        if not multirun:
+            sys.exit(f"error: {err}")  # to stderr, exit status 1
+        log.error("job failed: %s", err)
+        (output_dir / "job_error.txt").write_text(f"{err}\n")
+        return math.nan
     except Exception as err:
         if not multirun:
             raise

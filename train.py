@@ -63,8 +63,25 @@ def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: s
                        config=OmegaConf.to_container(cfg, resolve=True))
 
 
+def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+    """The checkpoint ``resume`` names: ``null`` (default) = the run directory's ``checkpoints/last.ckpt`` when it
+    exists, so re-running into a directory continues it rather than starting over; ``last`` = that one, which must
+    exist; a ``.ckpt`` file; or a run directory or checkpoints folder (its ``last.ckpt``)."""
+    own = output_dir / "checkpoints" / "last.ckpt"
+    if resume in (None, "", "auto"):
+        return str(own) if own.is_file() else None
+    path = own if resume == "last" else Path(resume).expanduser()
+    for candidate in (path, path / "last.ckpt", path / "checkpoints" / "last.ckpt"):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"resume={resume}: no checkpoint at {path} (nor last.ckpt in it or in its checkpoints/)")
+
+
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     """One training run; returns the last validation metrics."""
+    checkpoint = resume_checkpoint(cfg.resume, output_dir)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
     pl.seed_everything(cfg.seed, workers=True)
     t = cfg.train
     schedule = build_schedule(t.icd)
@@ -97,10 +114,10 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
         log_every_n_steps=max(1, tc.log_every * steps), logger=build_logger(t.logger, cfg, output_dir, group),
         callbacks=callbacks, default_root_dir=str(output_dir), enable_progress_bar=tc.progress_bar,
         enable_checkpointing=bool(tc.checkpoint_every), enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=0, use_distributed_sampler=False,  # the data module splits its batches over the ranks
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     finally:
         if trainer.logger:
             import wandb

@@ -11,10 +11,13 @@ calls and the seconds the edit took; the harness measures memory around it.
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
+import math
 import pkgutil
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -47,6 +50,7 @@ class Editor:
     """Base class: subclasses implement `_edit`; `edit` adds seeding, timing and UNet-call counting."""
 
     name: str = ""
+    parameter_choices: dict[str, tuple[str, ...]] = {"mode": ("refine", "replace")}  # the allowed string values
 
     def __init__(self, components: Components, **params: Any):
         self.components = components
@@ -107,8 +111,64 @@ def _parameters(cls: type[Editor]) -> list[str]:
     return names
 
 
+class EditorConfigError(ValueError):
+    """An editor parameter of the wrong type or out of range; raised before the first edit."""
+
+
+# Ranges of the parameters the editors share, by name: (lowest, highest), None = unbounded.
+PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "num_steps": (1, 1000), "num_inner_steps": (0, None), "num_reg_steps": (0, None), "num_ac_rolls": (0, None),
+    "guidance_scale": (0, None), "image_guidance_scale": (0, None), "xa_guidance": (0, None),
+    "cross_replace_steps": (0, 1), "self_replace_steps": (0, 1), "blend_start": (0, 1), "blend_threshold": (0, 1),
+    "tau": (0, 1), "amplify": (0, None), "learning_rate": (0, None), "early_stop_epsilon": (0, None),
+    "lambda_ac": (0, None), "lambda_kl": (0, None), "lora_rank": (1, None), "lora_alpha": (0, None),
+    "controlnet_conditioning_scale": (0, None), "canny_low": (0, 255), "canny_high": (0, 255),
+    "reverse_steps": (0, 999), "forward_steps": (0, 999),  # each timestep of the list
+}
+
+
+def _annotations(cls: type[Editor]) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            hints.update(typing.get_type_hints(vars(klass)["__init__"]))
+    return hints
+
+
+def _checked(name: str, value: Any, kind: Any, choices: Mapping[str, tuple[str, ...]]) -> Any:
+    """``value`` as the annotated ``kind`` (int, float, bool, str, a sequence of one of them, or any of them | None);
+    raises `EditorConfigError` naming ``editor.<name>`` when it is not one, or out of its range."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) in (collections.abc.Sequence, list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise EditorConfigError(f"editor.{name}={value!r} must be a list")
+        return [_checked(name, v, typing.get_args(kind)[0], choices) for v in value]
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and not isinstance(value, bool):
+        raise EditorConfigError(f"editor.{name}={value!r} must be true or false")
+    if kind is int and not (is_number and float(value).is_integer()):
+        raise EditorConfigError(f"editor.{name}={value!r} must be an integer")
+    if kind is float and not (is_number and math.isfinite(value)):
+        raise EditorConfigError(f"editor.{name}={value!r} must be a finite number")
+    if kind is str and not isinstance(value, str):
+        raise EditorConfigError(f"editor.{name}={value!r} must be a string")
+    low, high = PARAMETER_RANGES.get(name, (None, None))
+    if is_number and (low is not None and value < low or high is not None and value > high):
+        bound = f"between {low} and {high}" if low is not None and high is not None else \
+            f"at least {low}" if low is not None else f"at most {high}"
+        raise EditorConfigError(f"editor.{name}={value!r} is out of range: it must be {bound}")
+    if name in choices and value not in choices[name]:
+        raise EditorConfigError(f"editor.{name}={value!r} must be one of {', '.join(choices[name])}")
+    return int(value) if kind is int else float(value) if kind is float else value
+
+
 def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
-    """``cfg`` is the ``editor`` config: ``name`` picks the class, every other key is a constructor parameter."""
+    """``cfg`` is the ``editor`` config: ``name`` picks the class, every other key is a constructor parameter,
+    checked against its annotation and range before the editor is built."""
     _import_editor_modules()
     params = dict(cfg)
     name = params.pop("name")
@@ -118,4 +178,7 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
     if unknown := sorted(set(params) - set(accepted)):  # e.g. debug's editor.num_steps on an editor without steps
         raise TypeError(f"editor {name} has no parameter {', '.join(unknown)}; "
                         f"it takes: {', '.join(accepted) or 'none'}")
+    hints = _annotations(EDITORS[name])
+    choices = EDITORS[name].parameter_choices
+    params = {k: _checked(k, v, hints[k], choices) if k in hints else v for k, v in params.items()}
     return EDITORS[name](components, **params)

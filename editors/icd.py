@@ -59,6 +59,9 @@ def new_words(source: str, target: str) -> list[str]:
 
 @register("icd")
 class ICDEditor(Editor):
+    parameter_choices = {"mode": ("auto", "refine", "replace"), "method": ("p2p", "prompt_switch"),
+                         "guidance": ("auto", "embedded", "cfg")}
+
     def __init__(
         self,
         components,

@@ -28,6 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -45,7 +46,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from editors.paths import is_local, resolve_local
+from editors.paths import hub_kwargs, is_local, resolve_local
 from editors.tokenizers import CLIP_MAX_LENGTH, char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,10 @@ class Components:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """fp32 latents [B, 4, h, w] -> list of RGB images (clamped, rounded down to uint8 like the reference)."""
         if not torch.isfinite(latents).all():
-            raise FloatingPointError(
-                f"NaN/inf in the latents before decoding (UNet dtype {self.dtype}); half precision overflowed: "
-                "try precision=fp32 or bf16"
-            )
+            raise FloatingPointError(f"NaN/inf in the latents before decoding; {_nan_cause('UNet', self.dtype)}")
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae_dtype)).sample
+        if not torch.isfinite(x).all():  # clamped, a NaN image would pass as all black and an inf one as all white
+            raise FloatingPointError(f"the VAE decoder returned NaN/inf pixels; {_nan_cause('VAE', self.vae_dtype)}")
         x = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((img * 255).astype(np.uint8)) for img in x]
 
@@ -164,10 +164,30 @@ class Components:
         return out.float()
 
 
+def _nan_cause(network: str, dtype: torch.dtype) -> str:
+    """What a non-finite output of ``network`` running in ``dtype`` most likely means, and what to try."""
+    if dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        return f"the {network} runs in {name}, whose range overflowed: try precision=fp32 or bf16"
+    return (f"the {network} runs in float32, so this is no precision overflow: a diverging computation, usually an "
+            "extreme editor parameter (guidance scale, steps) or a broken input; check the editor's settings")
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto`` = the GPU when torch sees one, else the CPU; an explicit GPU that is not there is a clear error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device} but torch sees no CUDA GPU here; use device=auto or device=cpu")
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device={device} but torch sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return resolved
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -339,28 +359,32 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict
     path = _local_or_hub(model["path"], "model.path")
     unet_path, vae_path = model.get("unet_path"), model.get("vae_path")
     variant = {"variant": model["variant"]} if model.get("variant") else {}
+    hub = hub_kwargs(path, "model.path")
     modules: dict[str, Any] = {}
     with _load_errors("model.path", path):
         if not unet_path:
-            modules["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **variant)
+            modules["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **variant,
+                                                                   **hub)
         if not vae_path:
-            modules["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        modules["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        modules["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            modules["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **hub)
+        modules["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **hub)
+        modules["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
         if family == "sdxl":
             modules["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", dtype=dtype
+                path, subfolder="text_encoder_2", dtype=dtype, **hub
             )
-            modules["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-        scheduler = sd_scheduler(**_beta_overrides(DDIMScheduler.load_config(path, subfolder="scheduler")))
+            modules["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub)
+        scheduler = sd_scheduler(**_beta_overrides(DDIMScheduler.load_config(path, subfolder="scheduler", **hub)))
     if unet_path:  # a standalone UNet (e.g. latent-consistency/lcm-ssd-1b) in place of the base model's
         unet_path = _local_or_hub(unet_path, "model.unet_path")
+        hub = hub_kwargs(unet_path, "model.unet_path")
         with _load_errors("model.unet_path", unet_path):
-            modules["unet"] = UNet2DConditionModel.from_pretrained(unet_path, dtype=dtype, **variant)
+            modules["unet"] = UNet2DConditionModel.from_pretrained(unet_path, dtype=dtype, **variant, **hub)
     if vae_path:  # a standalone VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
         vae_path = _local_or_hub(vae_path, "model.vae_path")
+        hub = hub_kwargs(vae_path, "model.vae_path")
         with _load_errors("model.vae_path", vae_path):
-            modules["vae"] = AutoencoderKL.from_pretrained(vae_path)
+            modules["vae"] = AutoencoderKL.from_pretrained(vae_path, **hub)
     return modules, scheduler
 
 
@@ -447,8 +471,9 @@ def _load_lora(pipe: DiffusionPipeline, model: Mapping[str, Any]) -> None:
     lora = model.get("lora")
     if not lora:
         return
+    hub = hub_kwargs(lora, "model.lora") if not Path(lora).expanduser().is_file() else {}
     with _load_errors("model.lora", lora):  # offline, a cached hub LoRA is only found with its weight_name
-        pipe.load_lora_weights(lora, weight_name=model.get("lora_weight_name"), adapter_name=LORA_ADAPTER)
+        pipe.load_lora_weights(lora, weight_name=model.get("lora_weight_name"), adapter_name=LORA_ADAPTER, **hub)
     if model.get("lora_fuse", True):
         pipe.fuse_lora(adapter_names=[LORA_ADAPTER])
         pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go: no per-call LoRA cost

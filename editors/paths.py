@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import socket
+import urllib.parse
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +22,56 @@ def resolve_local(path: str) -> Path:
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).exists():
         return REPO_ROOT / local
     return local
+
+
+class HubUnreachableError(OSError):
+    """A hub id was asked for, the hub cannot be reached, and the local cache does not have it."""
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` set, as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens within ``timeout`` seconds (asked once per process):
+    offline, the hub client would otherwise spend half a minute in retries before a misleading error."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return False
+    return True
+
+
+def hub_kwargs(path: str, key: str) -> dict[str, bool]:
+    """``from_pretrained`` keyword arguments for weights at ``path`` (config key ``key``): none for a local folder
+    or a reachable hub; ``local_files_only`` when the hub is out of reach but the cache holds ``path``; otherwise a
+    one-line `HubUnreachableError` that says what to set."""
+    if is_local(path) or Path(path).expanduser().exists() or hub_offline() or hub_reachable():
+        return {}
+    if _cached(path):
+        return {"local_files_only": True}
+    from huggingface_hub import constants
+
+    raise HubUnreachableError(
+        f"{key}={path!r} is a hub id, but the hub ({constants.ENDPOINT}) cannot be reached from here and the local "
+        f"cache ({constants.HF_HUB_CACHE}) does not hold it: download it where there is network (then set "
+        f"HF_HUB_OFFLINE=1 here), or set {key} to a local folder"
+    )

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from PIL import Image, ImageDraw
 
 from evaluation.summary import RUN_COLUMNS, format_summary, summarize
+from evaluation.toyset import dataset_root
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class SweepReport(Callback):
         if not folder.is_dir():
             return
         try:
-            report(folder, config.get("dataset", {}).get("root"))
+            report(folder, dataset_root(config.dataset) if config.get("dataset") else None)
         except Exception:  # noqa: BLE001 - the jobs' results are already on disk; a report failure must not hide them
             log.exception("the sweep report failed; the results are in %s", folder)
 

@@ -1,17 +1,24 @@
 """The editing harness behind ``run.py``: dataset -> editor -> metrics -> results.csv / summary.csv / W&B.
 
-Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, so an interrupted run loses
-nothing, and re-running into the same output directory skips the items that already succeeded. A failing item
-(missing or corrupt image, over-long prompt, bad blend words, NaN, out of memory) gets a row with its ``error`` and
-the run goes on.
+Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
+on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
+output directory skips the items that already succeeded (a success row whose image is missing is done again),
+drops a row torn by a kill, and refuses when the configuration differs from the one the results were made with
+(``job.json``; ``restart=true`` moves the old results aside and starts over). A failing item (missing or corrupt
+image, over-long prompt, bad blend words, a mask that does not fit its image, NaN, out of memory) gets a row with
+its ``error`` and the run goes on; a job in which every item failed exits non-zero.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import os
 import resource
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,11 +31,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
+from editors.models import ModelLoadError, load_components
+from editors.paths import HubUnreachableError
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from evaluation.metrics import METRIC_KEYS, build_metrics
-from evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
+from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from evaluation.summary import format_summary, summarize
+from evaluation.toyset import dataset_root, write_piebench
 from evaluation.wandb_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -39,13 +48,15 @@ RESULT_COLUMNS = (
 )
 
 
+class RunError(Exception):
+    """A problem with the configuration or the data that stops the job; the message says what to do."""
+
+
 def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset:
-    root = cfg.get("root")
-    if not root:
+    root = dataset_root(cfg)
+    if root is None:
         raise ValueError(f"dataset={cfg['name']} needs dataset.root=/path/to/the/benchmark (mapping_file.json)")
     if cfg["kind"] == "toyset":
-        from evaluation.toyset import write_piebench
-
         write_piebench(root, n_per_type=cfg["n_per_type"], size=cfg["size"], seed=cfg["seed"])
     elif cfg["kind"] != "piebench":
         raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench or toyset")
@@ -53,7 +64,7 @@ def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset:
     return PieBenchDataset(
         root, edit_types=[str(t) for t in edit_types] if edit_types else None,
         ids=[str(i) for i in cfg["ids"]] if cfg.get("ids") else None, limit=cfg.get("limit"),
-        shard=cfg.get("shard", 0), num_shards=cfg.get("num_shards", 1),
+        shard=cfg.get("shard", 0), num_shards=cfg.get("num_shards", 1), mask_size=cfg.get("mask_size"),
     )
 
 
@@ -72,28 +83,114 @@ def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[
 
 
 class ResultsFile:
-    """Append-only results.csv; rows are flushed as they arrive; knows which items already succeeded."""
+    """Append-only results.csv, one physical line per row, flushed as rows arrive. Opening an existing file checks
+    its header and drops a last line torn by a kill (logged), so the next row starts on a line of its own."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: set[str] = set()
-        if path.exists() and path.stat().st_size:
-            previous = pd.read_csv(path, dtype={"image_id": str, "edit_type": str, "error": str},
-                                   keep_default_na=False)
-            self.done = set(previous.loc[previous["error"] == "", "image_id"])
-        else:
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(RESULT_COLUMNS)
+        header = ",".join(RESULT_COLUMNS).encode()
+        data = path.read_bytes() if path.exists() else b""
+        if b"\n" not in data:  # new, or killed while writing the header
+            path.write_bytes(header + b"\r\n")
+            return
+        if data.split(b"\n", 1)[0].rstrip(b"\r") != header:
+            raise RunError(f"{path} has other columns than this version of editlab writes; move it away or choose "
+                           "another output directory (hydra.run.dir=...)")
+        if not data.endswith(b"\n"):
+            cut = data.rindex(b"\n") + 1
+            log.warning("%s: dropped a torn last line (the previous run was stopped while writing it): %r",
+                        path, data[cut:][:120].decode(errors="replace"))
+            with path.open("r+b") as f:
+                f.truncate(cut)
 
     def append(self, row: Mapping[str, Any]) -> None:
+        values = [row.get(column, "") for column in RESULT_COLUMNS]
+        values = [" ".join(v.split()) if isinstance(v, str) else v for v in values]  # no line breaks inside a row
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row.get(column, "") for column in RESULT_COLUMNS])
+            csv.writer(f).writerow(values)
 
     def read(self) -> pd.DataFrame:
         """The latest row per item (a retried item's success replaces its earlier error)."""
         frame = pd.read_csv(self.path, dtype={"image_id": str, "edit_type": str, "error": str})
         frame["error"] = frame["error"].fillna("")
         return frame.drop_duplicates("image_id", keep="last").reset_index(drop=True)
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    """Write to a private name and rename: a kill leaves the old file or the new one, never half an image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool) -> set[str]:
+    """Ids of the dataset's items whose latest row succeeded (and, when images are saved, whose image exists)."""
+    succeeded = set(frame.loc[frame["error"] == "", "image_id"])
+    return {item.image_id for item in dataset if item.image_id in succeeded
+            and (not images or edited_image_path(output_dir, item).is_file())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# job.json: what the results in a directory were made with
+
+# Keys that pick items or only change how a run reports (not what its rows hold): resuming with others is fine.
+NOT_FINGERPRINTED = ("dataset.limit", "dataset.ids", "dataset.edit_types", "dataset.shard", "dataset.num_shards")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved settings a job's rows depend on, flattened to dotted keys."""
+    groups = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+              for key in ("editor", "model", "precision", "offload", "metrics", "dataset", "seed")}
+    if groups["dataset"].get("kind") == "toyset":  # the built-in set is named by its parameters, not by its cache
+        groups["dataset"].pop("root", None)
+    flat = {k: v for key, value in groups.items() for k, v in _flatten(value, key).items()}
+    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
+
+
+def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
+    """``"key: old -> new"`` for each setting that differs from those the directory's results were made with."""
+    path = output_dir / "job.json"
+    if path.is_file():
+        before = json.loads(path.read_text())["config"]
+        keys = before.keys() | current.keys()
+    else:  # results written before job.json existed: their rows record the editor, model and precision
+        rows = pd.read_csv(output_dir / "results.csv", usecols=["editor", "model", "precision"], dtype=str)
+        before = {f"{k}.name": "/".join(sorted(set(rows[k].dropna()))) for k in rows}
+        keys = before.keys()
+    return [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(keys) if before.get(k) != current.get(k)]
+
+
+def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """``job.json`` of ``output_dir`` (the fingerprint and the job's W&B run id), written for a new job. When the
+    directory already holds results made with other settings: a `RunError` naming them, or with ``restart=true``
+    the old results move to ``superseded_<time>/`` and the job starts over."""
+    path, results = output_dir / "job.json", output_dir / "results.csv"
+    current = fingerprint(cfg)
+    job = json.loads(path.read_text()) if path.is_file() else {}
+    if results.is_file() and results.read_bytes().count(b"\n") > 1 and (changed := _changed_settings(current,
+                                                                                                     output_dir)):
+        if not cfg.get("restart"):
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            raise RunError(f"{output_dir} holds results made with other settings ({'; '.join(changed[:6])}{more}): "
+                           "choose another output directory (hydra.run.dir=...), or add restart=true to move those "
+                           "results aside and start over")
+        aside = output_dir / time.strftime("superseded_%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for name in ("results.csv", "summary.csv", "job.json", "annotation_images", "wandb"):
+            if (output_dir / name).exists():
+                (output_dir / name).rename(aside / name)
+        log.warning("restart=true: the results made with the previous settings moved to %s", aside)
+        job = {}
+    job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12]}
+    path.write_text(json.dumps(job, indent=1, default=str) + "\n")
+    return job
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -117,7 +214,9 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
         image, note = load_rgb_image(dataset.image_file(item))
         mask = dataset.load_mask(item, image.height, image.width)
         image, mask, resize_note = fit_to_resolution(image, mask, components.resolution)
-        row["note"] = "; ".join(n for n in (note, resize_note) if n)
+        empty = [f"empty {name} prompt" for name, prompt in (("source", item.source_prompt),
+                                                             ("target", item.target_prompt)) if not prompt.strip()]
+        row["note"] = "; ".join(n for n in (note, resize_note, *empty) if n)
         if components.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(components.device)
         result = editor.edit(EditRequest(image, item.source_prompt, item.target_prompt, item.instruction,
@@ -148,25 +247,48 @@ def load_editor(cfg: DictConfig, device: str):
     return build_editor(editor_cfg, load_components(model, cfg.precision, cfg.offload, device))
 
 
+def _check_output_dir(output_dir: Path, dataset: PieBenchDataset) -> None:
+    """Results never go into the benchmark's own folder (its images would be overwritten by the edits)."""
+    out, root = output_dir.resolve(), dataset.root.resolve()
+    if out == root or root in out.parents:
+        raise RunError(f"the output directory {output_dir} is inside dataset.root={dataset.root}: edits would be "
+                       "written into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
+
+
+def _setup(cfg: DictConfig, output_dir: Path):
+    """Dataset, editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError`
+    before the first item is edited."""
+    try:
+        dataset = build_dataset(cfg.dataset)
+        _check_output_dir(output_dir, dataset)
+        editor = load_editor(cfg, cfg.device)
+        metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError) as err:
+        log.debug("job setup failed", exc_info=True)
+        raise RunError(str(err).strip("'\"")) from err
+    return dataset, editor, metrics
+
+
 def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default") -> pd.DataFrame:
     """Run the configured editor over the configured dataset; returns the summary table.
 
     ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated.
     """
     if cfg.get("tour_editor") and cfg.tour_editor != cfg.editor.name:
-        raise ValueError(f"the toy tour picks each job's editor (tour={cfg.tour_editor}), so editor={cfg.editor.name} "
-                         f"does not apply; one editor on the toy world: python run.py experiment=toy "
-                         f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
+        raise RunError(f"the toy tour picks each job's editor (tour={cfg.tour_editor}), so editor={cfg.editor.name} "
+                       f"does not apply; one editor on the toy world: python run.py experiment=toy "
+                       f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(cfg.dataset)
-    editor = load_editor(cfg, cfg.device)
-    components = editor.components
-    metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), components.device)
+    dataset, editor, metrics = _setup(cfg, output_dir)
+    job = open_job(cfg, output_dir)
     results = ResultsFile(output_dir / "results.csv")
     run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
+    previous = results.read()
+    done = finished_items(previous, dataset, output_dir, cfg.save_images)
 
-    with RunLogger(cfg, output_dir, group) as logger:
-        todo = [item for item in dataset if item.image_id not in results.done]
+    with RunLogger(cfg, output_dir, group, job["wandb_id"]) as logger:
+        logger.log_history(previous[previous["image_id"].isin(done)])
+        todo = [item for item in dataset if item.image_id not in done]
         if len(todo) < len(dataset):
             log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
         if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation
@@ -174,12 +296,10 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         for item in tqdm(todo, desc=f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}", unit="edit"):
             outcome = edit_item(item, dataset, editor, metrics, cfg.seed)
             outcome.row.update(run_info)
-            results.append(outcome.row)
             if outcome.edited is not None and cfg.save_images:
-                target = output_dir / "annotation_images" / Path(item.image_path).with_suffix(".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                outcome.edited.save(target)
-            logger.log_item(item, outcome)
+                save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
+            results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
+            logger.log_item(outcome.row)
 
         frame = results.read()
         summary = summarize(frame)
@@ -192,7 +312,10 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         if cfg.metrics.get("label"):
             print(f"metric backbones: {cfg.metrics.label} (not comparable with the PIE-Bench reference backbones)")
         print(format_summary(summary))
-        logger.log_summary(frame, summary, output_dir)
+        logger.log_summary(frame, summary, output_dir, dataset)
+        if len(frame) and failed == len(frame):
+            raise RunError(f"every item failed ({failed} of {len(frame)}; the first: {frame['error'].iloc[0]}); "
+                           f"see {output_dir / 'results.csv'}")
     return summary
 
 

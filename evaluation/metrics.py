@@ -24,6 +24,7 @@ from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.transforms import Resize
 
+from editors.paths import hub_kwargs, is_local, resolve_local
 from evaluation.piebench import strip_brackets
 
 log = logging.getLogger(__name__)
@@ -205,10 +206,11 @@ class ClipScorer:
 
         # the PIL backend, not transformers 5's default torchvision one: the reference's (4.x) processor resized
         # with PIL bicubic
-        processor = CLIPImageProcessorPil.from_pretrained(path)
+        hub = hub_kwargs(path, "clip.path")
+        processor = CLIPImageProcessorPil.from_pretrained(path, **hub)
         # float32 whatever the stored dtype (the toy CLIP ships in float16): scores must not depend on storage
-        model = CLIPModel.from_pretrained(path, dtype=torch.float32)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(path), processor)
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32, **hub)
+        return cls(model.to(device), AutoTokenizer.from_pretrained(path, **hub), processor)
 
     @torch.no_grad()
     def image_embeds(self, image: np.ndarray) -> torch.Tensor:
@@ -282,8 +284,6 @@ class PieBenchMetrics:
 
 def _weights(path: str) -> str:
     """Hub ids pass through; local paths may be relative to the repository (shipped toy backbones)."""
-    from editors.paths import is_local, resolve_local
-
     return str(resolve_local(path)) if is_local(path) else path
 
 
@@ -291,9 +291,10 @@ def _load_structure(kind: str, path: str, device: str | torch.device) -> KeyBack
     from transformers import CLIPVisionModel, ViTModel
 
     path = _weights(path)
+    hub = hub_kwargs(path, "structure.path")
     if kind == "dino":
-        return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False).to(device))
-    return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path, dtype=torch.float32).to(device))
+        return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False, **hub).to(device))
+    return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path, dtype=torch.float32, **hub).to(device))
 
 
 def _load_lpips(net: str, device: str | torch.device) -> torch.nn.Module:

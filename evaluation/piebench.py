@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,8 @@ def rle_decode(
 ) -> np.ndarray:
     """Decode a PIE-Bench RLE mask to a (height, width) float array of 0/1 (1 = edited region)."""
     width = height if width is None else width
+    if not rle:
+        raise ValueError("RLE mask is empty (every PIE-Bench mask holds at least its frame)")
     if len(rle) % 2:
         raise ValueError(f"RLE mask must hold (start, length) pairs, got {len(rle)} numbers")
     size = height * width
@@ -32,7 +34,9 @@ def rle_decode(
         start, length = int(start), int(length)
         if start < 0 or length < 0:
             raise ValueError(f"RLE run ({start}, {length}) is negative")
-        flat[start : start + min(length, max(size - start, 0))] = 1.0
+        if start >= size:
+            raise ValueError(f"RLE run ({start}, {length}) starts past the end of a {height}x{width} mask")
+        flat[start : start + min(length, size - start)] = 1.0
     mask = flat.reshape(height, width)
     if frame:
         mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1.0
@@ -68,21 +72,33 @@ class PieBenchItem:
 
     @classmethod
     def from_entry(cls, image_id: str, entry: Mapping) -> PieBenchItem:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"PIE-Bench entry {image_id}: {what}")
+
+        if not isinstance(entry, Mapping):
+            raise bad(f"is a {type(entry).__name__}, expected an object with the PIE-Bench fields")
         try:
             src, tgt = entry["original_prompt"], entry["editing_prompt"]
             image_path, edit_type, rle = entry["image_path"], entry["editing_type_id"], entry["mask"]
         except KeyError as err:
-            raise ValueError(f"PIE-Bench entry {image_id}: missing field {err}") from None
+            raise bad(f"missing field {err}") from None
+        for key in ("original_prompt", "editing_prompt", "image_path", "editing_instruction", "blended_word"):
+            if not isinstance(entry.get(key, ""), str):
+                raise bad(f"{key} is a {type(entry[key]).__name__}, expected a string")
+        if not isinstance(edit_type, (str, int)) or isinstance(edit_type, bool) or not str(edit_type).strip():
+            raise bad(f"editing_type_id {edit_type!r} is not a type id such as \"1\"")
+        if not isinstance(rle, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in rle):
+            raise bad("mask is not a list of integers (run-length pairs [start, length, ...])")
         blended = entry.get("blended_word", "")
         blend_words = None
         if blended:
             parts = blended.split(" ")
             if len(parts) != 2 or not all(parts):
-                raise ValueError(f"PIE-Bench entry {image_id}: blended_word {blended!r} is not '<source> <target>'")
+                raise bad(f"blended_word {blended!r} is not '<source> <target>'")
             blend_words = (parts[0], parts[1])
         return cls(
             image_id=image_id,
-            image_path=image_path,
+            image_path=relative_image_path(image_path, image_id),
             source_prompt=strip_brackets(src),
             target_prompt=strip_brackets(tgt),
             source_prompt_raw=src,
@@ -90,12 +106,63 @@ class PieBenchItem:
             instruction=entry.get("editing_instruction", ""),
             edit_type=str(edit_type),
             blend_words=blend_words,
-            mask_rle=[int(v) for v in rle],
+            mask_rle=list(rle),
         )
 
 
+def relative_image_path(image_path: str, image_id: str) -> str:
+    """``image_path`` as a normalised relative POSIX path; one that is empty, absolute or climbs out with ``..``
+    is refused: results are written under ``<output_dir>/annotation_images/<image_path>``, never elsewhere."""
+    posix, windows = PurePosixPath(image_path.replace("\\", "/")), PureWindowsPath(image_path)
+    if not image_path.strip() or posix.is_absolute() or windows.anchor or ".." in posix.parts:
+        raise ValueError(f"PIE-Bench entry {image_id}: image_path {image_path!r} must be a path relative to "
+                         "annotation_images/ that stays inside it")
+    return str(PurePosixPath(*[part for part in posix.parts if part != "."]))
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    if duplicated := sorted({key for key in keys if keys.count(key) > 1}):
+        raise ValueError(f"duplicate key {', '.join(map(repr, duplicated))} (each image id, and each field of an "
+                         "entry, must appear once)")
+    return dict(pairs)
+
+
+def read_mapping(path: Path) -> dict[str, Mapping]:
+    """The raw entries of a mapping file; a file that is not one JSON object of unique ids raises, naming it."""
+    try:
+        mapping = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path} holds a JSON {type(mapping).__name__}; expected an object keyed by image id")
+    return mapping
+
+
+def _check_collisions(items: list[PieBenchItem], path: Path) -> None:
+    """Items whose edits would land on one output file (``<image_path stem>.png``) would overwrite each other."""
+    by_output: dict[str, list[str]] = {}
+    for item in items:
+        by_output.setdefault(str(PurePosixPath(item.image_path).with_suffix("")), []).append(item.image_id)
+    if clashes := [ids for ids in by_output.values() if len(ids) > 1]:
+        listed = "; ".join(", ".join(ids) for ids in clashes)
+        raise ValueError(f"{path}: items share an image_path (the same path, or the same stem with another "
+                         f"extension), so their edits would overwrite each other: {listed}")
+
+
+def _own_mask_size(root: Path) -> int | None:
+    """The mask grid a generated set records (the toy sets' ``toyset.json``), else None (PIE-Bench's 512²)."""
+    try:
+        return int(json.loads((root / "toyset.json").read_text())["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class PieBenchDataset:
-    """Items of `root/mapping_file.json`, sorted by image id, then filtered, limited and sharded (in that order)."""
+    """Items of `root/mapping_file.json`, sorted by image id, then filtered, limited and sharded (in that order).
+    Masks index a ``mask_size``² grid: by default the one a generated set records, else PIE-Bench's 512²."""
 
     def __init__(
         self,
@@ -105,18 +172,24 @@ class PieBenchDataset:
         limit: int | None = None,
         shard: int = 0,
         num_shards: int = 1,
+        mask_size: int | None = None,
     ) -> None:
         if not 0 <= shard < num_shards:
             raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, num_shards={num_shards}")
         self.root = Path(root)
+        self.mask_size = mask_size or _own_mask_size(self.root) or PIE_BENCH_SIZE
         mapping_path = self.root / "mapping_file.json"
         if not mapping_path.is_file():
             raise FileNotFoundError(
                 f"PIE-Bench mapping file not found: {mapping_path}. Set dataset.root to the PIE-Bench folder "
                 "(the one holding mapping_file.json and annotation_images/)."
             )
-        mapping = json.loads(mapping_path.read_text())
-        items = [PieBenchItem.from_entry(image_id, mapping[image_id]) for image_id in sorted(mapping)]
+        mapping = read_mapping(mapping_path)
+        try:
+            items = [PieBenchItem.from_entry(image_id, mapping[image_id]) for image_id in sorted(mapping)]
+        except ValueError as err:
+            raise ValueError(f"{mapping_path}: {err}") from None
+        _check_collisions(items, mapping_path)
         if edit_types is not None:
             wanted_types = {str(t) for t in edit_types}
             items = [item for item in items if item.edit_type in wanted_types]
@@ -141,9 +214,30 @@ class PieBenchDataset:
     def image_file(self, item: PieBenchItem) -> Path:
         return self.root / "annotation_images" / item.image_path
 
-    def load_mask(self, item: PieBenchItem, height: int = PIE_BENCH_SIZE, width: int | None = None) -> np.ndarray:
-        """Edit mask (1 = edited) at the source image's size, frame forced to 1 like the reference evaluator."""
-        return rle_decode(item.mask_rle, height, width)
+    def load_mask(self, item: PieBenchItem, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Edit mask (1 = edited) at the source image's size (default: the benchmark's), frame forced to 1 like the
+        reference evaluator. The RLE is decoded at the benchmark's mask size (512² for PIE-Bench) and resized (nearest)
+        to an image of another size with the same aspect; any other image cannot be matched to its mask."""
+        side = self.mask_size
+        height = side if height is None else height
+        width = height if width is None else width
+        try:
+            mask = rle_decode(item.mask_rle, side, side)
+        except ValueError as err:
+            raise ValueError(f"mask of {item.image_id}: {err}") from None
+        if (height, width) == (side, side):
+            return mask
+        if abs(width / height - 1) > 0.01:
+            raise ValueError(f"mask of {item.image_id} is {side}x{side} but its image is {width}x{height}: the mask "
+                             "only fits a square image; crop the image to a square as the benchmark's was")
+        resized = Image.fromarray((mask * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)
+        return (np.asarray(resized) > 127).astype(np.float64)
+
+
+def edited_image_path(output_dir: Path, item: PieBenchItem) -> Path:
+    """Where a run saves an item's edit: ``<output_dir>/annotation_images/<image_path stem>.png``, the layout
+    `evaluation.score` reads; ``image_path`` is relative and stays inside (`relative_image_path`)."""
+    return output_dir / "annotation_images" / Path(item.image_path).with_suffix(".png")
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

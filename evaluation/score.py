@@ -89,6 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--edit-types", nargs="+", help="edit type ids to score, e.g. 1 2")
     parser.add_argument("--limit", type=int, help="score the first N items (after the edit-type filter)")
+    parser.add_argument("--mask-size", type=int,
+                        help="side of the grid the masks index (default: PIE-Bench's 512, or a generated set's own)")
     parser.add_argument("--structure-backbone", default="dino", choices=["dino", "clip_vision", "none"])
     parser.add_argument("--structure-path", help="local directory or hub id (default: facebook/dino-vitb8)")
     parser.add_argument("--clip-path", default=CLIP_PATH, help="local directory or hub id; 'none' to skip CLIP")
@@ -111,9 +113,11 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     if not args.edits.is_dir():
         raise SystemExit(f"edits folder not found: {args.edits}")
     try:
-        dataset = PieBenchDataset(args.data, edit_types=args.edit_types, limit=args.limit)
+        dataset = PieBenchDataset(args.data, edit_types=args.edit_types, limit=args.limit, mask_size=args.mask_size)
     except FileNotFoundError as err:
         raise SystemExit(f"{err} Here that is the --data flag.") from err
+    except ValueError as err:  # a malformed mapping file: the message names it and the entry
+        raise SystemExit(str(err)) from err
     if metrics is None:
         metrics = build_metrics(
             {

@@ -20,9 +20,10 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -389,14 +390,6 @@ def toy_edits(n_per_type: int = 2, seed: int = 0, edit_types=tuple(EDIT_TYPES), 
 TOYSET_VERSION = 2  # 2: the 32²-sized vocabulary (3 shapes, 6 colours, 3 backgrounds)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a private temporary name, so a concurrent reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -414,16 +407,36 @@ def _is_complete(root: Path, params: dict) -> bool:
                                                                                         "ground_truth"))
 
 
+def builtin_folder(cache: str | Path, n_per_type: int, size: int, seed: int) -> Path:
+    """The cache folder of one built-in set, named by every parameter and the toy-world version: sets of other
+    sizes or seeds never share (or rewrite) each other's files, also while a run reads one."""
+    return Path(cache) / f"v{TOYSET_VERSION}_n{n_per_type}_size{size}_seed{seed}"
+
+
+def dataset_root(cfg: Mapping[str, Any]) -> Path | None:
+    """The folder a ``dataset`` config reads: for the built-in toy set (``kind: toyset``, ``root`` = the cache) its
+    parameter-keyed folder, else ``root`` itself; None when no root is set."""
+    if not cfg.get("root"):
+        return None
+    if cfg.get("kind") == "toyset":
+        return builtin_folder(cfg["root"], cfg["n_per_type"], cfg["size"], cfg["seed"])
+    return Path(cfg["root"])
+
+
+SET_PARTS = ("annotation_images", "ground_truth", "mapping_file.json", "toyset.json")  # the marker last
+
+
 def write_piebench(root, n_per_type: int = 2, size: int = 64, seed: int = 0, edit_types=tuple(EDIT_TYPES)) -> Path:
     """Write the toy set in PIE-Bench layout under `root` and return `root`:
 
     - `mapping_file.json`: the PIE-Bench fields, the mask RLE-encoded at size x size with the frame set;
     - `annotation_images/<t>_<type name>_<n>/<id>.png`: source renders (PNG: lossless);
     - `ground_truth/<same path>`: the rendered targets;
-    - `toyset.json`: the parameters, written last as the completion marker.
+    - `toyset.json`: the parameters, the completion marker.
 
     Deterministic (same arguments, byte-identical files) and idempotent: a complete set with the same
-    parameters is left untouched.
+    parameters is left untouched. The set is written in a private staging folder beside `root` and moved in
+    whole, so a concurrent reader sees a complete set, never a half-written one.
     """
     root = Path(root)
     edit_types = [str(t) for t in edit_types]
@@ -431,30 +444,54 @@ def write_piebench(root, n_per_type: int = 2, size: int = 64, seed: int = 0, edi
               "edit_types": edit_types}
     if _is_complete(root, params):
         return root
-    if (root / "toyset.json").exists():  # an older toy set of ours: drop its images so none are left stale
-        for d in ("annotation_images", "ground_truth"):
-            shutil.rmtree(root / d, ignore_errors=True)
-        (root / "toyset.json").unlink(missing_ok=True)
-    mapping = {}
-    for image_id, edit in toy_edits(n_per_type, seed, edit_types, size).items():
-        t = edit.type_id
-        image_path = f"{t}_{EDIT_TYPES[t]}_{n_per_type}/{image_id}.png"
-        _write_atomic(root / "annotation_images" / image_path, _png(edit.source.render(size)))
-        _write_atomic(root / "ground_truth" / image_path, _png(edit.target.render(size)))
-        for prompt in (edit.source_prompt, edit.target_prompt):
-            assert len(prompt) <= MAX_PROMPT_CHARS, f"{image_id}: prompt too long for the char tokenizer: {prompt!r}"
-        mapping[image_id] = {
-            "image_path": image_path,
-            "original_prompt": edit.source_prompt,
-            "editing_prompt": edit.target_prompt,
-            "editing_instruction": edit.instruction,
-            "editing_type_id": t,
-            "blended_word": edit.blended_word,
-            "mask": rle_encode(edit_mask(edit, size)),
-        }
-    _write_atomic(root / "mapping_file.json", json.dumps(mapping).encode())
-    _write_atomic(root / "toyset.json", (json.dumps(params, indent=2) + "\n").encode())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        mapping = {}
+        for image_id, edit in toy_edits(n_per_type, seed, edit_types, size).items():
+            t = edit.type_id
+            image_path = f"{t}_{EDIT_TYPES[t]}_{n_per_type}/{image_id}.png"
+            for folder, scene in (("annotation_images", edit.source), ("ground_truth", edit.target)):
+                (staging / folder / image_path).parent.mkdir(parents=True, exist_ok=True)
+                (staging / folder / image_path).write_bytes(_png(scene.render(size)))
+            for prompt in (edit.source_prompt, edit.target_prompt):
+                assert len(prompt) <= MAX_PROMPT_CHARS, f"{image_id}: prompt too long for the tokenizer: {prompt!r}"
+            mapping[image_id] = {
+                "image_path": image_path,
+                "original_prompt": edit.source_prompt,
+                "editing_prompt": edit.target_prompt,
+                "editing_instruction": edit.instruction,
+                "editing_type_id": t,
+                "blended_word": edit.blended_word,
+                "mask": rle_encode(edit_mask(edit, size)),
+            }
+        (staging / "mapping_file.json").write_text(json.dumps(mapping))
+        (staging / "toyset.json").write_text(json.dumps(params, indent=2) + "\n")
+        _publish(staging, root, params)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _publish(staging: Path, root: Path, params: dict) -> None:
+    """Move a finished set from `staging` to `root`: by one rename when `root` is new (or empty), else, for an older
+    or incomplete set of ours, part by part with the completion marker out first and in last."""
+    if _is_complete(root, params):  # a concurrent writer finished first
+        return
+    try:
+        staging.rename(root)
+        return
+    except OSError:
+        pass
+    if not set(os.listdir(root)) <= set(SET_PARTS):
+        raise FileExistsError(f"{root} holds files that are not part of a toy set; not writing the toy set over them")
+    (root / "toyset.json").unlink(missing_ok=True)
+    for part in SET_PARTS:
+        old = root / part
+        if old.is_dir():
+            shutil.rmtree(old)
+        old.unlink(missing_ok=True)
+        (staging / part).rename(old)
 
 
 # ------------------------------------------------------------------------------------------------ vocabulary

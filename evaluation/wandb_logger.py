@@ -2,6 +2,12 @@
 
 Runs are offline by default and land in ``<output_dir>/wandb``; ``wandb sync <output_dir>/wandb/offline-run-*``
 uploads them. The run is always finished on exit, also on error, so sequential multirun jobs never share a run.
+
+A job keeps one run id (``job.json``) across restarts. Resumed, the run first logs the history of the items that
+earlier attempts finished (online: those past the resumed run's last step), and the edits table is built at the end
+from ``results.csv`` and the saved images, so history and table cover every item whatever was killed when. Offline,
+W&B starts a new folder for the same id: the folders of earlier, interrupted attempts move to ``wandb/superseded/``
+(outside ``offline-run-*``), their content being in the new one.
 """
 
 from __future__ import annotations
@@ -12,17 +18,23 @@ from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from evaluation.piebench import edited_image_path
 
 log = logging.getLogger(__name__)
 
+TABLE_COLUMNS = ("image_id", "edit_type", "source", "edited", "source_prompt", "target_prompt", "error",
+                 "psnr_unedit_part", "clip_similarity_target_image", "seconds", "nfe")
+
 
 class RunLogger:
-    def __init__(self, cfg: DictConfig, output_dir: Path, group: str):
+    def __init__(self, cfg: DictConfig, output_dir: Path, group: str, run_id: str | None = None):
         self.cfg = cfg
         self.output_dir = output_dir
         self.group = cfg.logger.get("group") or group
+        self.run_id = run_id
         self.run = None
-        self.table = None
 
     def __enter__(self) -> "RunLogger":
         if self.cfg.logger.name != "wandb" or self.cfg.logger.mode == "disabled":
@@ -30,37 +42,57 @@ class RunLogger:
         import wandb
 
         lg = self.cfg.logger
+        earlier = sorted((self.output_dir / "wandb").glob(f"offline-run-*-{self.run_id}")) if self.run_id else []
         self.run = wandb.init(
-            project=lg.project, entity=lg.entity, group=self.group, job_type="edit",
+            project=lg.project, entity=lg.entity, group=self.group, job_type="edit", id=self.run_id,
+            resume="allow" if self.run_id else None,
             name=f"{self.cfg.editor.name}-{self.cfg.model.name}-{self.cfg.precision.name}-{self.output_dir.name}",
             tags=[self.cfg.editor.name, self.cfg.model.name, self.cfg.dataset.name, *lg.tags],
             config=OmegaConf.to_container(self.cfg, resolve=True), dir=str(self.output_dir), mode=lg.mode,
             reinit="finish_previous",
         )
-        self.table = wandb.Table(columns=[
-            "image_id", "edit_type", "source", "edited", "source_prompt", "target_prompt", "error",
-            "psnr_unedit_part", "clip_similarity_target_image", "seconds", "nfe",
-        ])
+        if earlier and lg.mode == "offline":
+            superseded = self.output_dir / "wandb" / "superseded"
+            superseded.mkdir(exist_ok=True)
+            for folder in earlier:
+                folder.rename(superseded / folder.name)
+            log.info("W&B: %d earlier attempt(s) of run %s moved to %s; this run logs every finished item again",
+                     len(earlier), self.run_id, superseded)
         return self
 
-    def log_item(self, item, outcome) -> None:
+    def log_history(self, rows: pd.DataFrame) -> None:
+        """The per-item history of rows finished by earlier attempts that this run has not logged yet."""
         if self.run is None:
             return
-        import wandb
+        for row in rows.iloc[self.run.step:].to_dict("records"):
+            self.log_item(row)
 
-        row = outcome.row
+    def log_item(self, row: dict) -> None:
+        if self.run is None:
+            return
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.run.log({f"item/{k}": v for k, v in numbers.items() if not (isinstance(v, float) and math.isnan(v))})
-        if len(self.table.data) < self.cfg.logger.table_rows:
-            self.table.add_data(
-                item.image_id, item.edit_type,
-                wandb.Image(outcome.source) if outcome.source is not None else None,
-                wandb.Image(outcome.edited) if outcome.edited is not None else None,
+
+    def _table(self, results: pd.DataFrame, output_dir: Path, dataset):
+        """Up to ``logger.table_rows`` items, taken in turn from each edit type, with their source and edit."""
+        import wandb
+
+        items = {item.image_id: item for item in dataset}
+        rows = results[results["image_id"].isin(items)]
+        by_type = [group.to_dict("records") for _, group in rows.groupby("edit_type", sort=True)]
+        picked = [group[k] for k in range(max(map(len, by_type), default=0)) for group in by_type if k < len(group)]
+        table = wandb.Table(columns=list(TABLE_COLUMNS))
+        for row in picked[: self.cfg.logger.table_rows]:
+            item = items[row["image_id"]]
+            source, edited = dataset.image_file(item), edited_image_path(output_dir, item)
+            table.add_data(
+                item.image_id, item.edit_type, _image(source), _image(edited) if not row["error"] else None,
                 item.source_prompt, item.target_prompt, row["error"], row.get("psnr_unedit_part"),
                 row.get("clip_similarity_target_image"), row.get("seconds"), row.get("nfe"),
             )
+        return table
 
-    def log_summary(self, results: pd.DataFrame, summary: pd.DataFrame, output_dir: Path) -> None:
+    def log_summary(self, results: pd.DataFrame, summary: pd.DataFrame, output_dir: Path, dataset) -> None:
         if self.run is None:
             return
         import wandb
@@ -69,7 +101,7 @@ class RunLogger:
         if not overall.empty:
             self.run.summary.update({k: v for k, v in overall.iloc[0].items() if k not in ("editor", "edit_type")})
         self.run.summary["failed_items"] = int((results["error"] != "").sum())
-        self.run.log({"edits": self.table, "summary": wandb.Table(dataframe=summary)})
+        self.run.log({"edits": self._table(results, output_dir, dataset), "summary": wandb.Table(dataframe=summary)})
         artifact = wandb.Artifact(f"results-{self.run.id}", type="results")
         for name in ("results.csv", "summary.csv"):
             artifact.add_file(str(output_dir / name))
@@ -79,3 +111,14 @@ class RunLogger:
         if self.run is not None:
             self.run.finish(exit_code=1 if exc_type else 0)
             self.run = None
+
+
+def _image(path: Path):
+    """A W&B image of the file at ``path``; None when it is missing or unreadable."""
+    import wandb
+
+    try:
+        with Image.open(path) as image:
+            return wandb.Image(image.convert("RGB"))
+    except (OSError, ValueError):
+        return None

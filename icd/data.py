@@ -209,6 +209,28 @@ def write_toy_imagefolder(root: str | Path, n_images: int = 64, size: int = 64, 
     return root
 
 
+# -- resumable order --------------------------------------------------------------------------------------------------
+class EndlessBatches(torch.utils.data.Sampler):
+    """Index batches of an endless stream of epochs, each a permutation seeded by ``seed`` and its number, that
+    starts after this rank's first ``start`` batches: a resumed run sees exactly the batches the stopped run would
+    have seen next. Batch ``k`` of the stream goes to rank ``k % world`` (DDP). An epoch has ``n // batch_size``
+    batches (one smaller batch when the set is smaller than a batch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, start: int = 0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, world = _rank_and_world()
+        per_epoch = max(self.n // self.batch_size, 1)
+        first = self.start * world + rank  # this rank's next batch in the stream
+        for epoch in itertools.count(first // per_epoch):
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for k in range(per_epoch):
+                index = epoch * per_epoch + k
+                if index >= first and index % world == rank:
+                    yield order[k * self.batch_size:(k + 1) * self.batch_size]
+
+
 # -- Lightning --------------------------------------------------------------------------------------------------------
 class ICDDataModule(pl.LightningDataModule):
     """``kind``: imagefolder | coco | webdataset | toy (see module doc). ``validation_size`` images are held out
@@ -259,8 +281,17 @@ class ICDDataModule(pl.LightningDataModule):
         self.train_set = CaptionedFiles(items[self.validation_size:] or items, self.resolution)
 
     def train_dataloader(self) -> DataLoader:
-        streaming = isinstance(self.train_set, IterableDataset)
-        drop_last = not streaming and len(self.train_set) >= self.batch_size  # a tiny set still yields a batch
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=not streaming, drop_last=drop_last,
-                          num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        """An endless loader that resumes after the batches the module has already trained on (``batches_seen``,
+        restored from the checkpoint), for map-style sources in their seeded order (`EndlessBatches`)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        start = getattr(module, "batches_seen", 0)
+        common = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
+        if isinstance(self.train_set, IterableDataset):
+            if start:
+                log.warning("resuming a streamed data set restarts its shards from the beginning (%d batches were "
+                            "already seen)", start)
+            return DataLoader(self.train_set, batch_size=self.batch_size, **common)
+        sampler = EndlessBatches(len(self.train_set), self.batch_size, self.seed, start)
+        return DataLoader(self.train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
+                          **common)

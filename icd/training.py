@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -87,6 +88,25 @@ def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher
     elif mode not in ("embedded", "cfg"):
         raise ValueError(f"unknown teacher.guidance={mode!r}; expected embedded or cfg")
     return components
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states a training step draws from (python, numpy, torch CPU and CUDA)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),  # plain types:
+              "torch": torch.get_rng_state()}  # checkpoints load with weights_only
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +176,8 @@ class ICDModule(pl.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self._guided: GuidedUNet | None = None
-        self.iteration, self.skipped = 0, 0
+        self.iteration, self.skipped, self.batches_seen = 0, 0, 0
+        self._resumed_rng: dict[str, Any] | None = None  # random states of a loaded checkpoint, set at the next batch
         self.current_loss: str | None = None
         self.validation_history: list[dict[str, float]] = []
         self._batch_start: float | None = None
@@ -237,6 +258,7 @@ class ICDModule(pl.LightningModule):
         return pseudo_huber(pred, target, self.huber_c)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self.batches_seen += 1  # every batch drawn, also an empty one: where a resumed data stream goes on
         self.skipped += int(batch["skipped"])
         self.log("data/skipped", float(self.skipped))
         if not batch["captions"]:
@@ -314,6 +336,9 @@ class ICDModule(pl.LightningModule):
             self.validate()  # the baseline: both students still equal the teacher
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_rng is not None:  # here, after the loader started: the draws go on as in an unstopped run
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -325,8 +350,9 @@ class ICDModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
-        checkpoint["icd"] = {"iteration": self.iteration, "skipped": self.skipped,
-                             "reverse": list(self.schedule.reverse), "forward": list(self.schedule.forward)}
+        checkpoint["icd"] = {"iteration": self.iteration, "skipped": self.skipped, "batches_seen": self.batches_seen,
+                             "reverse": list(self.schedule.reverse), "forward": list(self.schedule.forward),
+                             "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("icd", {})
@@ -335,6 +361,8 @@ class ICDModule(pl.LightningModule):
             raise ValueError(f"checkpoint boundaries E={saved['reverse']} F={saved['forward']} differ from "
                              f"the configured {self.schedule}")
         self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
+        self.batches_seen = saved.get("batches_seen", self.iteration)
+        self._resumed_rng = saved.get("rng")
 
     # -- validation: round trip and samples -----------------------------------------------------------------------
     @torch.no_grad()

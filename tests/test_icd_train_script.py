@@ -83,3 +83,76 @@ def test_ddp_run_on_two_cpu_processes(tmp_path):
         assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert len(list(run.rglob("validation/iteration_*.png"))) == 2  # before training and at iteration 2, rank 0
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+
+
+RESUME_RUN = ("train.trainer.iterations=4", "train.trainer.validation_every=0", "train.trainer.checkpoint_every=1",
+              "train.trainer.progress_bar=false", "train.data.n_images=7", "train.data.batch_size=2",
+              "train.data.validation_size=2", "train.icd.lora.rank=4", "train.icd.num_steps=2",
+              "train/logger=none")
+
+
+class Killed(Exception):
+    """Stands for a kill: the run stops in the middle of an iteration, after its last checkpoint."""
+
+
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch):
+    """A run stopped in its third iteration and re-run into the same directory (no resume= given) continues from
+    last.ckpt with the same data order and random draws: every exported tensor equals an unstopped run's."""
+    from icd.training import ICDModule
+
+    data = f"train.data.root={tmp_path / 'toy'}"
+    train.train(config(*RESUME_RUN, data), tmp_path / "whole", "test")
+
+    step = ICDModule.training_step
+
+    def dies_at_iteration_2(self, batch, batch_idx):
+        if self.iteration == 2:
+            raise Killed
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ICDModule, "training_step", dies_at_iteration_2)
+    with pytest.raises(Killed):
+        train.train(config(*RESUME_RUN, data), tmp_path / "stopped", "test")
+    assert not (tmp_path / "stopped" / "lora" / "forward.safetensors").exists()
+    monkeypatch.setattr(ICDModule, "training_step", step)
+    train.train(config(*RESUME_RUN, data), tmp_path / "stopped", "test")
+
+    for name in ("forward", "reverse"):
+        whole, _ = read_adapter_file(tmp_path / "whole" / "lora" / f"{name}.safetensors")
+        resumed, _ = read_adapter_file(tmp_path / "stopped" / "lora" / f"{name}.safetensors")
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    last = [torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("whole", "stopped")]
+    assert last[0]["icd"]["iteration"] == last[1]["icd"]["iteration"] == 4
+    assert all(torch.equal(last[0]["state_dict"][k], last[1]["state_dict"][k]) for k in last[0]["state_dict"])
+
+
+def test_resume_accepts_last_a_directory_or_a_file(tmp_path):
+    run = tmp_path / "run"
+    assert train.resume_checkpoint(None, run) is None  # a new directory starts from scratch
+    with pytest.raises(FileNotFoundError, match="resume=last"):
+        train.resume_checkpoint("last", run)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "checkpoints" / "epoch=0-step=8.ckpt").write_bytes(b"")
+    last = str(run / "checkpoints" / "last.ckpt")
+    assert train.resume_checkpoint(None, run) == train.resume_checkpoint("last", run) == last
+    assert train.resume_checkpoint(str(run), tmp_path / "other") == last
+    assert train.resume_checkpoint(str(run / "checkpoints"), tmp_path / "other") == last
+    step8 = str(run / "checkpoints" / "epoch=0-step=8.ckpt")
+    assert train.resume_checkpoint(step8, tmp_path / "other") == step8
+
+
+def test_endless_batches_resume_where_they_stopped_and_split_over_ranks(monkeypatch):
+    from itertools import islice
+
+    from icd.data import EndlessBatches
+
+    stream = list(islice(iter(EndlessBatches(7, 2, seed=3)), 9))  # 3 batches an epoch, 3 epochs
+    assert all(len(b) == 2 for b in stream) and stream[:3] != stream[3:6]
+    assert list(islice(iter(EndlessBatches(7, 2, seed=3, start=4)), 5)) == stream[4:]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        ranks.append(list(islice(iter(EndlessBatches(7, 2, seed=3, start=1)), 3)))
+    assert ranks == [stream[2:8:2], stream[3:9:2]]

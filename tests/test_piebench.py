@@ -22,10 +22,10 @@ def test_decode_stored_form_with_frame_runs():
     assert np.array_equal(raw[:3], mask[:3])  # the stored runs already hold the frame
 
 
-def test_full_and_empty_masks():
+def test_full_masks_and_the_frame():
     assert rle_decode([0, N]).sum() == N
-    assert rle_decode([]).sum() == 4 * 512 - 4 == 2044
-    assert rle_decode([], frame=False).sum() == 0
+    assert rle_decode([0, 1]).sum() == 4 * 512 - 4 == 2044  # one corner pixel, then the forced frame
+    assert rle_decode([0, 1], frame=False).sum() == 1
 
 
 def test_run_wraps_rows_in_row_major_order():
@@ -34,7 +34,7 @@ def test_run_wraps_rows_in_row_major_order():
 
 
 def test_overlong_runs_are_clipped():
-    raw = rle_decode([N - 4, 100, N + 10, 3], frame=False)
+    raw = rle_decode([N - 4, 100], frame=False)
     assert raw.sum() == 4 and raw[-1, -4:].all()
 
 
@@ -43,6 +43,10 @@ def test_bad_rle_rejected():
         rle_decode([0, 1, 2])
     with pytest.raises(ValueError, match="negative"):
         rle_decode([5, -1])
+    with pytest.raises(ValueError, match="empty"):  # would decode to a frame-only mask: nothing marked as edited
+        rle_decode([])
+    with pytest.raises(ValueError, match="past the end"):  # so would a run that starts outside the grid
+        rle_decode([N - 4, 2, N + 10, 3])
 
 
 def test_encode_decode_round_trip():
@@ -61,9 +65,9 @@ def test_encode_decode_round_trip():
 # dataset
 
 
-def entry(edit_type, src="a [round] cake", tgt="a [square] cake", blend="cake cake", folder="x"):
+def entry(edit_type, src="a [round] cake", tgt="a [square] cake", blend="cake cake", folder="x", name="img"):
     return {
-        "image_path": f"{folder}/img.jpg",
+        "image_path": f"{folder}/{name}.jpg",
         "original_prompt": src,
         "editing_prompt": tgt,
         "editing_instruction": "make it square",
@@ -76,12 +80,12 @@ def entry(edit_type, src="a [round] cake", tgt="a [square] cake", blend="cake ca
 @pytest.fixture
 def root(tmp_path):
     mapping = {  # deliberately unsorted
-        "924000000009": entry(9, "a horse", "[watercolor of] a horse", ""),
-        "000000000001": entry(0),
-        "111000000000": entry(1),
-        "211000000000": entry(2),
-        "000000000000": entry(0),
-        "111000000001": entry(1),
+        "924000000009": entry(9, "a horse", "[watercolor of] a horse", "", name="924000000009"),
+        "000000000001": entry(0, name="000000000001"),
+        "111000000000": entry(1, name="111000000000"),
+        "211000000000": entry(2, name="211000000000"),
+        "000000000000": entry(0, name="000000000000"),
+        "111000000001": entry(1, name="111000000001"),
     }
     (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
     return tmp_path
@@ -100,8 +104,8 @@ def test_dataset_sorted_and_parsed(root):
     assert item.edit_type == "0" and item.instruction == "make it square" and item.blend_words == ("cake", "cake")
     style = data[-1]
     assert style.blend_words is None and style.target_prompt == "watercolor of a horse"
-    assert data.image_file(item) == root / "annotation_images" / "x/img.jpg"
-    assert data.load_mask(item, 8, 16).shape == (8, 16)
+    assert data.image_file(item) == root / "annotation_images" / "x/000000000000.jpg"
+    assert data.load_mask(item).shape == (512, 512)
     assert strip_brackets("[a] [b]") == "a b"
 
 
@@ -126,6 +130,60 @@ def test_malformed_blend_word_names_the_image(tmp_path, blend):
     (tmp_path / "mapping_file.json").write_text(json.dumps({"123000000000": entry(1, blend=blend)}))
     with pytest.raises(ValueError, match="123000000000"):
         PieBenchDataset(tmp_path)
+
+
+def _write(root, text):
+    (root / "mapping_file.json").write_text(text)
+    return root
+
+
+MALFORMED = {  # mapping file text -> what the message must name besides the file
+    "bad json": ('{"111000000000": {"image_path": "a.jpg",}', "line 1"),
+    "not an object": ('[1, 2]', "list"),
+    "entry is a list": (json.dumps({"111000000000": ["a.jpg"]}), "111000000000"),
+    "mask of strings": (json.dumps({"111000000000": entry(1) | {"mask": ["0", "10"]}}), "111000000000"),
+    "mask not a list": (json.dumps({"111000000000": entry(1) | {"mask": 7}}), "mask"),
+    "prompt not a string": (json.dumps({"111000000000": entry(1) | {"editing_prompt": 3}}), "editing_prompt"),
+    "missing field": (json.dumps({"111000000000": {"image_path": "a.jpg"}}), "original_prompt"),
+    "duplicate ids": ('{"111000000000": %s, "111000000000": %s}' % (json.dumps(entry(1)), json.dumps(entry(1))),
+                      "111000000000"),
+    "absolute image_path": (json.dumps({"111000000000": entry(1) | {"image_path": "/etc/passwd.png"}}), "passwd"),
+    "image_path leaves the folder": (json.dumps({"111000000000": entry(1) | {"image_path": "../../x.png"}}), ".."),
+    "windows drive path": (json.dumps({"111000000000": entry(1) | {"image_path": "C:\\\\x.png"}}), "111000000000"),
+    "shared image_path": (json.dumps({"111000000000": entry(1), "111000000001": entry(1)}),
+                          "111000000000, 111000000001"),
+    "same stem, other extension": (json.dumps({"111000000000": entry(1), "111000000001": entry(1) | {
+        "image_path": "x/img.png"}}), "111000000000, 111000000001"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_mapping_file_names_the_file_and_the_entry(tmp_path, case):
+    text, named = MALFORMED[case]
+    with pytest.raises(ValueError) as info:
+        PieBenchDataset(_write(tmp_path, text))
+    assert str(tmp_path / "mapping_file.json") in str(info.value) and named in str(info.value), str(info.value)
+
+
+def test_image_paths_are_normalised_relative_paths(tmp_path):
+    data = PieBenchDataset(_write(tmp_path, json.dumps({"111000000000": entry(1) | {"image_path": "./x/./a.jpg"}})))
+    assert data[0].image_path == "x/a.jpg"
+
+
+def test_masks_decode_at_the_benchmark_size_and_follow_the_image(tmp_path):
+    """A 512² PIE-Bench mask marking a quarter of the image marks a quarter of any square image: it is decoded at
+    512² and resized with the image, not decoded on the image's own grid."""
+    quarter = np.zeros((512, 512))
+    quarter[:256, :256] = 1
+    data = PieBenchDataset(_write(tmp_path, json.dumps({"111000000000": entry(1) | {"mask": rle_encode(quarter)}})))
+    for side in (512, 1000, 64):
+        mask = data.load_mask(data[0], side, side)
+        assert mask.shape == (side, side) and abs(mask.mean() - 0.25) < 0.01, (side, mask.mean())
+    with pytest.raises(ValueError, match="4000x3000"):  # a mask cannot be placed on an image of another shape
+        data.load_mask(data[0], 3000, 4000)
+    small = PieBenchDataset(tmp_path, mask_size=8)  # the toy set's masks index its own grid
+    with pytest.raises(ValueError, match="111000000000.*past the end"):
+        small.load_mask(small[0])
 
 
 def test_missing_mapping_file(tmp_path):

@@ -89,7 +89,7 @@ def test_rerun_into_the_same_directory_skips_finished_items(tmp_path):
 
 def _bad_input_set(root: Path) -> dict[str, str]:
     """A generated set with one item of each kind of bad input; returns image id -> what is wrong with it."""
-    write_piebench(root, n_per_type=1, size=64, seed=0, edit_types=("1", "2", "3", "4", "5", "6", "7", "8"))
+    write_piebench(root, n_per_type=1, size=64, seed=0, edit_types=("1", "2", "3", "4", "5", "6", "7", "8", "9"))
     mapping = json.loads((root / "mapping_file.json").read_text())
     ids = sorted(mapping)
     image = lambda i: root / "annotation_images" / mapping[ids[i]]["image_path"]  # noqa: E731
@@ -101,23 +101,25 @@ def _bad_input_set(root: Path) -> dict[str, str]:
     Image.fromarray(grey16).save(image(3))  # mode I;16
     mapping[ids[4]]["editing_prompt"] = "a " + "very " * 20 + "long prompt"
     mapping[ids[5]]["blended_word"] = "unicorn unicorn"
-    Image.open(image(6)).resize((96, 64)).save(image(6))
+    Image.open(image(6)).resize((128, 128)).save(image(6))
+    Image.open(image(7)).resize((96, 64)).save(image(7))
     (root / "mapping_file.json").write_text(json.dumps(mapping))
-    return dict(zip(ids, ["missing", "corrupt", "rgba", "grey16", "long", "blend", "odd_size", "fine"]))
+    return dict(zip(ids, ["missing", "corrupt", "rgba", "grey16", "long", "blend", "odd_size", "not_square", "fine"]))
 
 
 def test_bad_inputs_get_error_rows_and_the_run_goes_on(tmp_path):
     root, out = tmp_path / "bad", tmp_path / "run"
     kinds = _bad_input_set(root)
-    run_py(*FAST, "dataset=pie_bench", f"dataset.root={root}", "metrics=offline", "logger=none",
-           f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    run_py(*FAST, "dataset=pie_bench", f"dataset.root={root}", "metrics=offline",
+           "logger=none", f"hydra.run.dir={out}", cache=tmp_path / "cache")
     rows = read_results(out).set_index("image_id")
     by_kind = {kind: rows.loc[image_id] for image_id, kind in kinds.items()}
     assert "FileNotFoundError" in by_kind["missing"]["error"]
     assert "cannot read image" in by_kind["corrupt"]["error"]
     assert "at most 77" in by_kind["long"]["error"]
     assert "blend word 'unicorn'" in by_kind["blend"]["error"]
-    for kind, note in (("rgba", "RGBA->RGB"), ("grey16", "16-bit"), ("odd_size", "resized 96x64->64x64")):
+    assert "64x64 but its image is 96x64" in by_kind["not_square"]["error"]  # the mask cannot be placed on it
+    for kind, note in (("rgba", "RGBA->RGB"), ("grey16", "16-bit"), ("odd_size", "resized 128x128->64x64")):
         assert by_kind[kind]["error"] == "" and note in by_kind[kind]["note"], (kind, by_kind[kind].to_dict())
     assert by_kind["fine"]["error"] == "" and by_kind["fine"]["note"] == ""
 

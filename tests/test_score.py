@@ -161,7 +161,8 @@ def test_score_cli_with_injected_backbones(bench, tmp_path, capsys):
         lpips_net = lpips.LPIPS(net="squeeze", pnet_rand=True, pretrained=True, verbose=False)
     metrics = PieBenchMetrics(KeyBackbone.from_vit(vit), ClipScorer(clip, tokenizer, processor), lpips_net)
     out = tmp_path / "scores" / "run.csv"
-    main(["--data", str(data), "--edits", str(edits), "--out", str(out), "--device", "cpu"], metrics=metrics)
+    main(["--data", str(data), "--edits", str(edits), "--out", str(out), "--device", "cpu", "--mask-size", str(SIZE)],
+         metrics=metrics)
 
     rows = pd.read_csv(out, dtype={"image_id": str, "edit_type": str}).fillna({"error": "", "note": ""})
     assert list(rows.columns) == ["image_id", "edit_type", *METRIC_KEYS, "error", "note"]
@@ -192,7 +193,7 @@ def test_score_cli_builds_backbones_from_flags(bench, tmp_path, capsys):
         part.save_pretrained(tmp_path / "clip")
     args = ["--data", str(data), "--edits", str(edits), "--device", "cpu", "--edit-types", "0", "--limit", "1",
             "--structure-path", str(tmp_path / "vit"), "--clip-path", str(tmp_path / "clip"), "--lpips-net", "none",
-            "--name", "flags"]
+            "--name", "flags", "--mask-size", str(SIZE)]
     results = main(args)
     assert results["image_id"].tolist() == ["000000000000"]
     row = results.iloc[0]
