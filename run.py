@@ -22,15 +22,27 @@ from evaluation.harness import RunError, objective, run
 log = logging.getLogger("run")
 
 
+def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) -> tuple[str, str]:
+    """The W&B group (experiment + the sweep's date and time: ``toy_tour 2026-12-01 10-06-15``) and a short run
+    name (``3 ddim_p2p toy fp32``, the job number first in a sweep)."""
+    experiment = hydra_cfg.runtime.choices.get("experiment") or ("sweep" if multirun else "run")
+    folder = Path(hydra_cfg.sweep.dir) if multirun else output_dir
+    stamp = folder.name.split("_", 1)[0]
+    group = f"{experiment} {folder.parent.name} {stamp}" if multirun else f"{experiment} {folder.parent.name}"
+    name = f"{cfg.editor.name} {cfg.model.name} {cfg.precision.name}"
+    return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    group = Path(hydra_cfg.sweep.dir).name if multirun else output_dir.name
+    group, name = wandb_names(cfg, hydra_cfg, output_dir, multirun)
     (output_dir / "job_error.txt").unlink(missing_ok=True)  # from an earlier attempt of this job
     try:
-        return objective(run(cfg, output_dir, group, hydra_cfg.job.override_dirname or "default"))
+        return objective(run(cfg, output_dir, group, hydra_cfg.job.override_dirname or "default", name,
+                             hydra_cfg.job.num if multirun else None))
     except RunError as err:  # the configuration or the data: the message says what to do, no traceback needed
         if not multirun:
             sys.exit(f"error: {err}")  # to stderr, exit status 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -34,10 +35,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from evaluation.console import quiet_libraries
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
-from icd.training import ExportAdapters, ICDModule, load_teacher
+from icd.training import ExportAdapters, ICDModule, IterationProgressBar, load_teacher
 
 log = logging.getLogger("train")
 
@@ -56,11 +58,15 @@ def build_schedule(icd: DictConfig) -> BoundarySchedule:
 def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: str):
     if logger.name == "none":
         return False
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
-    return WandbLogger(project=logger.project, entity=logger.entity, mode=logger.mode, save_dir=str(output_dir),
-                       group=logger.group or group, tags=list(logger.tags), name=output_dir.name,
-                       config=OmegaConf.to_container(cfg, resolve=True))
+    run = WandbLogger(project=logger.project, entity=logger.entity, mode=logger.mode, save_dir=str(output_dir),
+                      group=logger.group or group, tags=list(logger.tags), name=output_dir.name,
+                      config=OmegaConf.to_container(cfg, resolve=True),
+                      settings=wandb.Settings(silent=cfg.get("quiet", True)))
+    run._wandb_init.pop("anonymous", None)  # Lightning always passes it; W&B warns that it is deprecated
+    return run
 
 
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
@@ -79,10 +85,14 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     """One training run; returns the last validation metrics."""
+    quiet_libraries(cfg.get("quiet", True))
     checkpoint = resume_checkpoint(cfg.resume, output_dir)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # the frozen VAE / text encoders are in eval mode on purpose; the other is Lightning's own deprecation
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     t = cfg.train
     schedule = build_schedule(t.icd)
     log.info("iCD with %s; inference reverse %s, forward %s", schedule, schedule.reverse_steps,
@@ -105,13 +115,15 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer
     callbacks = [ExportAdapters(output_dir / "lora", tc.export_every, getattr(torch, tc.export_dtype))]
+    if tc.progress_bar:
+        callbacks.append(IterationProgressBar())
     if tc.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=tc.checkpoint_every
                                          * steps, save_last=True, save_top_k=-1))
     trainer = pl.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
         precision=LIGHTNING_PRECISION[cfg.precision.dtype], max_steps=tc.iterations * steps,
-        log_every_n_steps=max(1, tc.log_every * steps), logger=build_logger(t.logger, cfg, output_dir, group),
+        log_every_n_steps=max(1, tc.log_every), logger=build_logger(t.logger, cfg, output_dir, group),
         callbacks=callbacks, default_root_dir=str(output_dir), enable_progress_bar=tc.progress_bar,
         enable_checkpointing=bool(tc.checkpoint_every), enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=False,  # the data module splits its batches over the ranks

@@ -26,7 +26,9 @@ runs and counts calls like the real thing, but its edits mean nothing; it says s
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -57,6 +59,18 @@ def new_words(source: str, target: str) -> list[str]:
     return [w for w in dict.fromkeys(target.split()) if w.lower() not in source_words and w.lower() not in STOP_WORDS]
 
 
+REFERENCE_REVERSE_STEPS, REFERENCE_FORWARD_STEPS = (259, 519, 779, 999), (19, 259, 519, 779)  # iCD-SD1.5
+
+
+def trained_schedule(adapter: str | Path | None) -> dict:
+    """The ``schedule.json`` that ``train.py`` exports beside its adapters (reverse / forward steps), else {}."""
+    path = Path(adapter).parent / "schedule.json" if adapter else None
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
 @register("icd")
 class ICDEditor(Editor):
     parameter_choices = {"mode": ("auto", "refine", "replace"), "method": ("p2p", "prompt_switch"),
@@ -65,8 +79,8 @@ class ICDEditor(Editor):
     def __init__(
         self,
         components,
-        reverse_steps: Sequence[int] = (259, 519, 779, 999),
-        forward_steps: Sequence[int] = (19, 259, 519, 779),
+        reverse_steps: Sequence[int] | None = None,
+        forward_steps: Sequence[int] | None = None,
         guidance_scale: float = 19.0,
         tau: float = 0.8,
         method: str = "p2p",
@@ -108,6 +122,9 @@ class ICDEditor(Editor):
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
         uncond = self.encode([""]) if mode_ == "cfg" else Conditioning(None)
         self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
+        trained = trained_schedule(reverse_lora or forward_lora)
+        reverse_steps = reverse_steps or trained.get("reverse_steps") or REFERENCE_REVERSE_STEPS
+        forward_steps = forward_steps or trained.get("forward_steps") or REFERENCE_FORWARD_STEPS
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=guidance_scale, tau=tau)
         self.method = method

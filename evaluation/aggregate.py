@@ -1,13 +1,14 @@
 """Summarise every results.csv under a folder (a multirun sweep, sharded jobs, a benchmark) in one table.
 
-    python -m evaluation.aggregate multirun/2026-11-23/10-00-00 [--out summary.csv]
+    python -m evaluation.aggregate multirun/2026-11-23/10-00-00 [--out summary.csv] [--data <benchmark root>]
 
 Jobs are told apart by the ``run`` column (their overrides, shard keys excluded, so the shards of one configuration
 summarise together); rows of the same item in the same run (overlapping shards, retried jobs) keep the latest.
-Prints the cost table (seconds per edit, UNet evaluations, peak memory per editor / model / precision) and the full
-summary. Every ``run.py -m`` sweep ends with the same report (`SweepReport`, a Hydra callback): one line per job with
-the headline metrics and costs, the jobs that failed and why, and ``comparison.png`` (source, ground truth where the
-dataset has one, each job's edit).
+Prints the headline table (the unedited baseline first), the cost table (seconds per edit, UNet evaluations, peak
+memory) and the full summary, and redraws ``comparison.png``. Every ``run.py -m`` sweep ends with the same report
+(`SweepReport`, a Hydra callback, which also shows the sweep's progress): one line per run with the headline metrics
+and costs, the jobs that failed and why (the sweep then exits with status 1), and ``comparison.png``: source, ground
+truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics.
 """
 
 from __future__ import annotations
@@ -15,21 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import sys
+import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+from diffusers.utils import make_image_grid
 from hydra.experimental.callback import Callback
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
+from evaluation.piebench import EDIT_TYPES
 from evaluation.summary import RUN_COLUMNS, format_summary, summarize
 from evaluation.toyset import dataset_root
 
 log = logging.getLogger(__name__)
 
 COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "backward_passes", "peak_mem_mb")
-HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "psnr", "ssim_x1e2", "structure_x1e3",
-                 "gt_psnr", "gt_ssim", "seconds", "nfe")
+HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "struct_x1e3", "psnr", "lpips_x1e3",
+                 "mse_x1e4", "ssim_x1e2", "gt_psnr", "gt_ssim", "seconds", "nfe")
+BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
 
 
 def collect(folder: Path) -> pd.DataFrame:
@@ -48,114 +55,240 @@ def job_errors(folder: Path) -> dict[str, str]:
     return {f.parent.name: f.read_text().strip() for f in sorted(folder.rglob("job_error.txt"))}
 
 
-def _job_label(job: Path) -> str:
-    """A job's editor (from its results.csv), else its folder name."""
-    try:
-        return str(pd.read_csv(job / "results.csv", usecols=["editor"], nrows=1)["editor"].iloc[0])
-    except (OSError, ValueError, KeyError, IndexError):
-        return job.name
+def headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (the ``all`` rows), the unedited baseline first, with the CLIP gain over it."""
+    overall = summary[summary["edit_type"] == "all"].copy()
+    if "editor" in overall:
+        overall = overall.sort_values("editor", key=lambda e: e != BASELINE, kind="stable")
+        baseline = overall.loc[overall["editor"] == BASELINE, "clip_whole"] if "clip_whole" in overall else []
+        if len(baseline) == 1:
+            overall.insert(overall.columns.get_loc("clip_whole") + 1, "clip_gain",
+                           overall["clip_whole"] - baseline.iloc[0])
+    return overall[[c for c in HEADLINE_VIEW if c in overall]]
 
 
-def _tile(path: Path, size: int) -> np.ndarray:
-    if not path.is_file():  # a failed item: a mid-gray tile
-        return np.full((size, size, 3), 128, np.uint8)
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.NEAREST))
+# ------------------------------------------------------------------------------------------------ comparison grid
+TILE_MIN, TILE_MAX, CAPTION, HEADER, SIDEBAR = 128, 256, 30, 34, 230
 
 
-def comparison_grid(folder: Path, dataset_root: Path | None, max_items: int = 10, tile: int = 96) -> Path | None:
-    """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first), columns
-    source, ground truth (if the dataset has one), then each job's edit (gray where it failed), labelled on top.
+def _font(size: int = 11) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_cell(lines: list[str], width: int, height: int, size: int = 11) -> Image.Image:
+    cell = Image.new("RGB", (width, height), "white")
+    draw, font, chars = ImageDraw.Draw(cell), _font(size), max(8, int(width / (size * 0.58)))
+    wrapped = [part for line in lines for part in textwrap.wrap(line, chars) or [""]]
+    for k, line in enumerate(wrapped[: max(1, (height - 4) // (size + 3))]):
+        draw.text((3, 2 + k * (size + 3)), line, fill="black", font=font)
+    return cell
+
+
+def _tile(path: Path | None, side: int) -> Image.Image:
+    if path is None or not path.is_file():  # a failed or missing edit: gray
+        return Image.new("RGB", (side, side), (128, 128, 128))
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+
+
+def _caption(row: dict | None) -> str:
+    if row is None:
+        return "not edited"
+    if row.get("error"):
+        return f"failed: {row['error']}"
+    shown = (("CLIP", "clip_similarity_target_image"), ("PSNR", "psnr_unedit_part"), ("GT", "gt_psnr"))
+    return " · ".join(f"{label} {row[key]:.1f}" for label, key in shown
+                      if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]))
+
+
+def _runs(folder: Path) -> dict[str, list[Path]]:
+    """{column label: the job folders of one run}: the shards of a configuration share a run label (one column);
+    the label is the editor, or the run's overrides where editors repeat (a precision sweep of one editor)."""
+    by_run: dict[str, list[Path]] = {}
+    editor_of: dict[str, str] = {}
+    for job in sorted(p for p in folder.iterdir() if (p / "results.csv").is_file()):
+        rows = pd.read_csv(job / "results.csv", usecols=["run", "editor"], dtype=str, nrows=1)
+        if rows.empty:
+            continue
+        run = str(rows["run"].iloc[0])
+        by_run.setdefault(run, []).append(job)
+        editor_of[run] = str(rows["editor"].iloc[0])
+    names = list(editor_of.values())
+    labels = {run: editor if names.count(editor) == 1 else run for run, editor in editor_of.items()}
+    order = sorted(by_run, key=lambda run: (editor_of[run] != BASELINE, labels[run]))
+    return {labels[run]: by_run[run] for run in order}
+
+
+def find_dataset_root(folder: Path) -> Path | None:
+    """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
+    for job in sorted(folder.rglob("job.json")):
+        try:
+            root = json.loads(job.read_text()).get("dataset_root")
+        except (OSError, ValueError):
+            continue
+        if root:
+            return Path(root)
+    return None
+
+
+def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: int = 10) -> Path | None:
+    """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first) with
+    its id, edit type and prompts; columns: source, ground truth (if the dataset has one), then each run's edit
+    (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and ground-truth PSNR.
     None when no job edited anything or the dataset's mapping file is unreadable."""
-    jobs = sorted(p for p in folder.iterdir() if (p / "annotation_images").is_dir())
+    root = dataset_root or find_dataset_root(folder)
     try:
-        mapping = json.loads((Path(dataset_root) / "mapping_file.json").read_text())
+        mapping = json.loads((Path(root) / "mapping_file.json").read_text())
     except (OSError, TypeError, ValueError):
         return None
-    edited = {str(i) for job in jobs if (job / "results.csv").is_file()
-              for i in pd.read_csv(job / "results.csv", dtype={"image_id": str}, usecols=["image_id"])["image_id"]}
-    edited &= set(mapping)
+    runs = _runs(folder)
+    rows: dict[str, dict[str, dict]] = {label: {} for label in runs}
+    for label, jobs in runs.items():
+        for job in jobs:
+            frame = pd.read_csv(job / "results.csv", dtype={"image_id": str, "error": str})
+            frame["error"] = frame["error"].fillna("")
+            for row in frame.to_dict("records"):
+                rows[label][row["image_id"]] = {**row, "job": job}
+    edited = sorted({i for per_run in rows.values() for i in per_run} & set(mapping))
     if not edited:
         return None
     by_type: dict[str, str] = {}
-    for image_id in sorted(edited):
-        by_type.setdefault(mapping[image_id]["editing_type_id"], image_id)
-    ids = (sorted(by_type.values()) + [i for i in sorted(edited) if i not in by_type.values()])[:max_items]
-    root = Path(dataset_root)
-    columns = [("source", lambda e: root / "annotation_images" / e["image_path"])]
-    if (root / "ground_truth").is_dir():
-        columns.append(("ground truth", lambda e: root / "ground_truth" / e["image_path"]))
-    labels = {job: _job_label(job) for job in jobs}
-    if len(set(labels.values())) < len(labels):  # e.g. a precision sweep of one editor: the overrides tell them apart
-        labels = {job: job.name.split("_", 1)[-1] for job in jobs}
-    for job in jobs:
-        label = labels[job]
-        edit_of = lambda e, job=job: job / "annotation_images" / Path(e["image_path"]).with_suffix(".png")  # noqa: E731
-        columns.append((label, edit_of))
-    header = np.full((16, tile * len(columns), 3), 255, np.uint8)
-    rows = [np.concatenate([_tile(path(mapping[i]), tile) for _, path in columns], axis=1) for i in ids]
-    canvas = Image.fromarray(np.concatenate([header, *rows], axis=0))
-    draw = ImageDraw.Draw(canvas)
-    for k, (label, _) in enumerate(columns):
-        draw.text((k * tile + 2, 2), label[: tile // 6], fill=(0, 0, 0))
+    for image_id in edited:
+        by_type.setdefault(str(mapping[image_id]["editing_type_id"]), image_id)
+    ids = (sorted(by_type.values()) + [i for i in edited if i not in by_type.values()])[:max_items]
+
+    root = Path(root)
+    with Image.open(root / "annotation_images" / mapping[ids[0]]["image_path"]) as first:
+        side = first.width
+    side = min(TILE_MAX, side * max(1, math.ceil(TILE_MIN / side)))
+    has_truth = (root / "ground_truth").is_dir()
+    columns = ["source", *(["ground truth"] if has_truth else []), *runs]
+    cells = []
+    for image_id in ids:
+        entry = mapping[image_id]
+        stem = Path(entry["image_path"]).with_suffix(".png")
+        tiles = [(_tile(root / "annotation_images" / entry["image_path"], side), "")]
+        if has_truth:
+            tiles.append((_tile(root / "ground_truth" / entry["image_path"], side), ""))
+        for label in runs:
+            row = rows[label].get(image_id)
+            edit = row["job"] / "annotation_images" / stem if row and not row["error"] else None
+            tiles.append((_tile(edit, side), _caption(row)))
+        for tile, caption in tiles:
+            cell = Image.new("RGB", (side, side + CAPTION), "white")
+            cell.paste(tile)
+            cell.paste(_text_cell([caption], side, CAPTION, 10), (0, side))
+            cells.append(cell)
+    grid = make_image_grid(cells, rows=len(ids), cols=len(columns))
+
+    canvas = Image.new("RGB", (SIDEBAR + grid.width, HEADER + grid.height), "white")
+    canvas.paste(grid, (SIDEBAR, HEADER))
+    for k, label in enumerate(columns):
+        canvas.paste(_text_cell([label], side, HEADER, 12), (SIDEBAR + k * side, 0))
+    for k, image_id in enumerate(ids):
+        entry = mapping[image_id]
+        type_id = str(entry["editing_type_id"])
+        lines = [f"{image_id} · type {type_id} {EDIT_TYPES.get(type_id, '')}".strip(),
+                 f"source: {entry['original_prompt']}", f"target: {entry['editing_prompt']}"]
+        canvas.paste(_text_cell(lines, SIDEBAR, side + CAPTION), (0, HEADER + k * (side + CAPTION)))
     out = folder / "comparison.png"
     canvas.save(out)
     return out
 
 
-def report(folder: Path, dataset_root: Path | None = None) -> pd.DataFrame | None:
-    """Print a sweep's headline table (one line per job) and its failed jobs; write aggregate_summary.csv and, given
-    the dataset root, comparison.png. Returns the summary (None when no job wrote results)."""
+# ------------------------------------------------------------------------------------------------ report
+def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()) -> pd.DataFrame | None:
+    """Print a sweep's headline table (one line per run), its failed jobs and ``notes`` (the sweep config's
+    ``sweep_notes``), and keep them in ``report.txt``; write aggregate_summary.csv and comparison.png. Returns the
+    summary (None when no job wrote results)."""
     errors = job_errors(folder)
     try:
         results = collect(folder)
     except FileNotFoundError:
         results = None
-    summary = None
+    summary, lines = None, []
     if results is not None:
         summary = summarize(results)
         summary.to_csv(folder / "aggregate_summary.csv", index=False)
-        overall = summary[summary["edit_type"] == "all"].copy()
-        baseline = overall.loc[overall["editor"] == "identity", "clip_whole"] if "editor" in overall else []
-        if len(baseline) == 1 and "clip_whole" in overall:  # the CLIP gain of an edit over the unedited source
-            overall["clip_gain"] = overall["clip_whole"] - baseline.iloc[0]
-        print(f"\nsweep {folder}: {len(results)} items ({int((results['error'] != '').sum())} failed)")
-        print(format_summary(overall[[c for c in HEADLINE_VIEW if c in overall]]))
-    for job, error in errors.items():
-        print(f"job {job} did not run: {error}")
+        lines += [f"sweep {folder}: {len(results)} items ({int((results['error'] != '').sum())} failed)",
+                  format_summary(headline(summary))]
+    lines += [f"job {job} did not run: {error}" for job, error in errors.items()]
+    lines += list(notes)
     grid = comparison_grid(folder, dataset_root)
     if grid is not None:
-        print(f"comparison grid: {grid}")
+        lines.append(f"comparison grid: {grid}")
+    text = "\n".join(lines)
+    (folder / "report.txt").write_text(text + "\n")
+    print(f"\n{text}")
     return summary
 
 
+def _count_jobs(config) -> int:
+    """How many jobs the sweep's overrides (command line and ``hydra.sweeper.params``) expand to."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    count = 1
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            count *= len(list(override.sweep_string_iterator()))
+    return count
+
+
 class SweepReport(Callback):
-    """Hydra callback: after a multirun, `report` on the sweep folder."""
+    """Hydra callback: a progress bar over the sweep's jobs, then `report` on the sweep folder; a sweep in which
+    a job failed as a whole exits with status 1 after the report."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            total = _count_jobs(config)
+        except Exception:  # noqa: BLE001 - an unusual sweeper: no total, the bar still counts
+            total = None
+        self.bar = tqdm(total=total, desc="sweep", unit="job", file=sys.stdout, dynamic_ncols=True)
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.update()
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.close()
         folder = Path(config.hydra.sweep.dir)
         if not folder.is_dir():
             return
         try:
-            report(folder, dataset_root(config.dataset) if config.get("dataset") else None)
+            report(folder, dataset_root(config.dataset) if config.get("dataset") else None,
+                   list(config.get("sweep_notes") or []))
         except Exception:  # noqa: BLE001 - the jobs' results are already on disk; a report failure must not hide them
             log.exception("the sweep report failed; the results are in %s", folder)
+        if failed := job_errors(folder):
+            sys.exit(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)} (see above)")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.aggregate", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, help="summary CSV (default: <folder>/aggregate_summary.csv)")
+    parser.add_argument("--data", type=Path, help="benchmark root for comparison.png (default: as the jobs recorded)")
+    parser.add_argument("--max-items", type=int, default=10, help="rows of comparison.png")
     args = parser.parse_args(argv)
     results = collect(args.folder)
     summary = summarize(results)
     summary.to_csv(args.out or args.folder / "aggregate_summary.csv", index=False)
-    overall = summary[summary["edit_type"] == "all"]
     failed = int((results["error"] != "").sum())
     print(f"{len(results)} items ({failed} failed) from {args.folder}\n")
+    print(format_summary(headline(summary)))
+    print()
+    overall = summary[summary["edit_type"] == "all"]
     print(format_summary(overall[[c for c in COST_VIEW if c in overall]]))
     print()
     print(format_summary(summary))
+    grid = comparison_grid(args.folder, args.data, args.max_items)
+    print(f"\ncomparison grid: {grid}" if grid else "\nno comparison grid (no edits, or no readable mapping file)")
     return summary
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from editors.base import EditRequest, build_editor
 from editors.models import ModelLoadError, load_components
 from editors.paths import HubUnreachableError
+from evaluation.console import details, quiet_libraries
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from evaluation.metrics import METRIC_KEYS, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
@@ -193,10 +194,30 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return job
 
 
+_PROC = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on CPU the process's peak resident set (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        (_PROC / "clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: CUDA peak allocated, or the peak resident set on CPU (where the
+    kernel cannot reset it, the process's peak so far)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process peak so far
+    try:
+        status = (_PROC / "status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @dataclass
@@ -217,8 +238,7 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
         empty = [f"empty {name} prompt" for name, prompt in (("source", item.source_prompt),
                                                              ("target", item.target_prompt)) if not prompt.strip()]
         row["note"] = "; ".join(n for n in (note, resize_note, *empty) if n)
-        if components.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(components.device)
+        reset_peak_memory(components.device)
         result = editor.edit(EditRequest(image, item.source_prompt, item.target_prompt, item.instruction,
                                          item.blend_words, seed))
         row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
@@ -247,21 +267,22 @@ def load_editor(cfg: DictConfig, device: str):
     return build_editor(editor_cfg, load_components(model, cfg.precision, cfg.offload, device))
 
 
-def _check_output_dir(output_dir: Path, dataset: PieBenchDataset) -> None:
+def _check_output_dir(output_dir: Path, root: Path | None) -> None:
     """Results never go into the benchmark's own folder (its images would be overwritten by the edits)."""
-    out, root = output_dir.resolve(), dataset.root.resolve()
-    if out == root or root in out.parents:
-        raise RunError(f"the output directory {output_dir} is inside dataset.root={dataset.root}: edits would be "
-                       "written into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
+    if root is None:
+        return
+    out, root_ = output_dir.resolve(), root.resolve()
+    if out == root_ or root_ in out.parents:
+        raise RunError(f"the output directory {output_dir} is inside dataset.root={root}: edits would be written "
+                       "into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
 
 
-def _setup(cfg: DictConfig, output_dir: Path):
+def _setup(cfg: DictConfig, job_num: int | None):
     """Dataset, editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError`
     before the first item is edited."""
     try:
         dataset = build_dataset(cfg.dataset)
-        _check_output_dir(output_dir, dataset)
-        editor = load_editor(cfg, cfg.device)
+        editor = load_editor(cfg, job_device(cfg.device, job_num))
         metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
     except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError) as err:
         log.debug("job setup failed", exc_info=True)
@@ -269,31 +290,51 @@ def _setup(cfg: DictConfig, output_dir: Path):
     return dataset, editor, metrics
 
 
-def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default") -> pd.DataFrame:
+def job_device(device: str, job_num: int | None = None) -> str:
+    """``device=auto`` with several visible GPUs: the launcher's local rank (``LOCAL_RANK``, ``SLURM_LOCALID``),
+    else the sweep job's number, modulo the GPU count, so parallel jobs of one machine spread over its GPUs
+    (``CUDA_VISIBLE_DEVICES`` decides which ones torch sees). Anything else is returned as given."""
+    count = torch.cuda.device_count() if device == "auto" and torch.cuda.is_available() else 0
+    if count < 2:
+        return device
+    slot = next((int(os.environ[k]) for k in ("LOCAL_RANK", "SLURM_LOCALID") if os.environ.get(k, "").isdigit()),
+                job_num or 0)
+    return f"cuda:{slot % count}"
+
+
+def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default", job_name: str | None = None,
+        job_num: int | None = None) -> pd.DataFrame:
     """Run the configured editor over the configured dataset; returns the summary table.
 
-    ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated.
+    ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated;
+    ``job_name`` names the W&B run; ``job_num`` (a sweep's job number) spreads parallel jobs over the GPUs and
+    keeps the console short (the per-type table goes to the job's log file).
     """
     if cfg.get("tour_editor") and cfg.tour_editor != cfg.editor.name:
         raise RunError(f"the toy tour picks each job's editor (tour={cfg.tour_editor}), so editor={cfg.editor.name} "
                        f"does not apply; one editor on the toy world: python run.py experiment=toy "
                        f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
+    quiet_libraries(cfg.get("quiet", True))
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset, editor, metrics = _setup(cfg, output_dir)
+    _check_output_dir(output_dir, dataset_root(cfg.dataset))
     job = open_job(cfg, output_dir)
-    results = ResultsFile(output_dir / "results.csv")
-    run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name, "precision": cfg.precision.name}
-    previous = results.read()
-    done = finished_items(previous, dataset, output_dir, cfg.save_images)
-
-    with RunLogger(cfg, output_dir, group, job["wandb_id"]) as logger:
+    with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger:
+        dataset, editor, metrics = _setup(cfg, job_num)
+        job["dataset_root"] = str(dataset.root)  # for evaluation.aggregate's comparison grid
+        (output_dir / "job.json").write_text(json.dumps(job, indent=1, default=str) + "\n")
+        results = ResultsFile(output_dir / "results.csv")
+        run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
+                    "precision": cfg.precision.name}
+        previous = results.read()
+        done = finished_items(previous, dataset, output_dir, cfg.save_images)
         logger.log_history(previous[previous["image_id"].isin(done)])
         todo = [item for item in dataset if item.image_id not in done]
         if len(todo) < len(dataset):
             log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
         if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation
             edit_item(todo[0], dataset, editor, metrics, cfg.seed)
-        for item in tqdm(todo, desc=f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}", unit="edit"):
+        label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
+        for item in tqdm(todo, desc=label, unit="edit", leave=job_num is None, dynamic_ncols=True):
             outcome = edit_item(item, dataset, editor, metrics, cfg.seed)
             outcome.row.update(run_info)
             if outcome.edited is not None and cfg.save_images:
@@ -305,13 +346,16 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         summary = summarize(frame)
         summary.to_csv(output_dir / "summary.csv", index=False)
         failed = int((frame["error"] != "").sum())
-        print(f"\n{cfg.editor.name} | {cfg.model.name} | {cfg.precision.name} | {len(frame) - failed} edited, "
-              f"{failed} failed | {output_dir}")
+        log.info("%s | %s | %s | %d edited, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
+                 len(frame) - failed, failed, output_dir)
+        notes = []
         if metrics.unavailable:
-            print(f"unavailable metrics (no backbone): {', '.join(metrics.unavailable)}")
+            notes.append(f"unavailable metrics (no backbone): {', '.join(metrics.unavailable)}")
         if cfg.metrics.get("label"):
-            print(f"metric backbones: {cfg.metrics.label} (not comparable with the PIE-Bench reference backbones)")
-        print(format_summary(summary))
+            notes.append(f"metric backbones: {cfg.metrics.label} (not comparable with the PIE-Bench reference "
+                         "backbones)")
+        table = "\n".join([*notes, format_summary(summary)])
+        (details() if job_num is not None else log).info("%s", table)  # a sweep's report prints the headlines
         logger.log_summary(frame, summary, output_dir, dataset)
         if len(frame) and failed == len(frame):
             raise RunError(f"every item failed ({failed} of {len(frame)}; the first: {frame['error'].iloc[0]}); "

@@ -201,12 +201,12 @@ class ClipScorer:
         self.max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> ClipScorer:
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", key: str = "clip.path") -> ClipScorer:
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         # the PIL backend, not transformers 5's default torchvision one: the reference's (4.x) processor resized
         # with PIL bicubic
-        hub = hub_kwargs(path, "clip.path")
+        hub = hub_kwargs(path, key)
         processor = CLIPImageProcessorPil.from_pretrained(path, **hub)
         # float32 whatever the stored dtype (the toy CLIP ships in float16): scores must not depend on storage
         model = CLIPModel.from_pretrained(path, dtype=torch.float32, **hub)
@@ -287,11 +287,11 @@ def _weights(path: str) -> str:
     return str(resolve_local(path)) if is_local(path) else path
 
 
-def _load_structure(kind: str, path: str, device: str | torch.device) -> KeyBackbone:
+def _load_structure(kind: str, path: str, device: str | torch.device, key: str) -> KeyBackbone:
     from transformers import CLIPVisionModel, ViTModel
 
     path = _weights(path)
-    hub = hub_kwargs(path, "structure.path")
+    hub = hub_kwargs(path, key)
     if kind == "dino":
         return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False, **hub).to(device))
     return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path, dtype=torch.float32, **hub).to(device))
@@ -304,22 +304,31 @@ def _load_lpips(net: str, device: str | torch.device) -> torch.nn.Module:
     return lpips.LPIPS(net=net, verbose=False).to(device).eval()
 
 
-def _try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on_missing: str) -> Any:
+def _try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on_missing: str,
+              on_missing_name: str) -> Any:
     try:
         return loader()
     except Exception as err:  # offline hub/torchvision downloads fail with many exception types
         message = f"cannot load the backbone of {metric} from {source}: {type(err).__name__}: {err}. To fix: {hint}"
         if on_missing == "error":
-            raise RuntimeError(f"{message}, or use on_missing='warn' to score without it (NaN).") from err
+            raise RuntimeError(f"{message}, or set {on_missing_name}=warn to score without it (NaN).") from err
         log.warning("%s is unavailable, its values will be NaN. %s.", metric, message)
         return None
 
 
-def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchMetrics:
+# What run.py users set; the scoring CLI names its flags instead.
+METRIC_SETTINGS = {"structure.path": "metrics.structure.path", "clip.path": "metrics.clip.path",
+                   "on_missing": "metrics.on_missing"}
+
+
+def build_metrics(cfg: Mapping, device: str | torch.device = "cpu",
+                  names: Mapping[str, str] = METRIC_SETTINGS) -> PieBenchMetrics:
     """Load the backbones named in a plain config mapping:
     ``{"structure": {"backbone": "dino"|"clip_vision"|None, "path": ...}, "clip": {"path": ...|None},
     "lpips": {"net": "squeeze"|None}, "on_missing": "error"|"warn"}``. Missing sections take the reference
-    defaults (DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet); an explicit None switches a metric off."""
+    defaults (DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet); an explicit None switches a metric off. ``names``:
+    what the user sets for each path and for on_missing (config keys for run.py, flags for the scoring CLI), so
+    the messages name what to change."""
     on_missing = cfg.get("on_missing", "error")
     if on_missing not in ("error", "warn"):
         raise ValueError(f"on_missing must be 'error' or 'warn', got {on_missing!r}")
@@ -328,7 +337,7 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchM
     hf_hint = (
         "pre-populate HF_HOME on a machine with network access (offline, HF_HUB_OFFLINE=1 skips the slow retries), "
         "or set {} to a local model directory"
-    )
+    ).format
 
     structure = None
     kind = structure_cfg.get("backbone", "dino")
@@ -337,14 +346,15 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchM
     if kind not in off:
         path = structure_cfg.get("path") or (DINO_PATH if kind == "dino" else CLIP_PATH)
         structure = _try_load(
-            "structure_distance", repr(path), hf_hint.format("structure.path"),
-            lambda: _load_structure(kind, path, device), on_missing,
+            "structure_distance", repr(path), hf_hint(names["structure.path"]),
+            lambda: _load_structure(kind, path, device, names["structure.path"]), on_missing, names["on_missing"],
         )
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in off:
         clip = _try_load(
-            "clip_similarity_*", repr(clip_path), hf_hint.format("clip.path"),
-            lambda: ClipScorer.from_pretrained(_weights(clip_path), device), on_missing,
+            "clip_similarity_*", repr(clip_path), hf_hint(names["clip.path"]),
+            lambda: ClipScorer.from_pretrained(_weights(clip_path), device, names["clip.path"]), on_missing,
+            names["on_missing"],
         )
     lpips_model = None
     if (net := lpips_cfg.get("net", "squeeze")) not in off:
@@ -352,6 +362,6 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu") -> PieBenchM
         lpips_model = _try_load(
             "lpips_unedit_part", f"torchvision's {net} ImageNet weights in {cache}",
             "pre-populate TORCH_HOME on a machine with network access (lpips downloads them on first use)",
-            lambda: _load_lpips(net, device), on_missing,
+            lambda: _load_lpips(net, device), on_missing, names["on_missing"],
         )
     return PieBenchMetrics(structure=structure, clip=clip, lpips=lpips_model, device=device)

@@ -17,6 +17,11 @@ import numpy as np
 from PIL import Image
 
 PIE_BENCH_SIZE = 512
+EDIT_TYPES = {  # PIE-Bench's editing_type_id -> the name of its folder
+    "0": "random", "1": "change_object", "2": "add_object", "3": "delete_object",
+    "4": "change_attribute_content", "5": "change_attribute_pose", "6": "change_attribute_color",
+    "7": "change_attribute_material", "8": "change_background", "9": "change_style",
+}
 
 
 def rle_decode(

@@ -6,7 +6,9 @@ The edits folder mirrors `annotation_images/`: the edit of item `<image_path>` i
 same stem with another common extension. An edit larger than its source (e.g. the reference runners' 2048x512
 [text | source | reconstruction | edit] panel) is cropped to its right-most-bottom source-sized window, like the
 reference evaluator; a smaller one is resized to the source size and noted. Missing or unreadable edits become
-error rows. Writes a per-item CSV and `<out stem>_summary.csv`, and prints the summary.
+error rows. Where the benchmark ships the true edits (`ground_truth/`, the toy sets) the ground-truth metrics are
+scored too. Writes a per-item CSV and `<out stem>_summary.csv`, and prints the summary. `--backbones toy` scores
+with the toy world's backbones, offline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from evaluation.metrics import CLIP_PATH, METRIC_KEYS, PieBenchMetrics, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
 from evaluation.summary import format_summary, summarize
@@ -30,6 +33,14 @@ from evaluation.summary import format_summary, summarize
 log = logging.getLogger(__name__)
 
 EDIT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+BACKBONE_PRESETS = {
+    "reference": {"structure_backbone": "dino", "structure_path": None, "clip_path": CLIP_PATH, "lpips_net": "squeeze",
+                  "on_missing": "error"},
+    "toy": {"structure_backbone": "clip_vision", "structure_path": "./weights/toy/clip",
+            "clip_path": "./weights/toy/clip", "lpips_net": "none", "on_missing": "warn"},
+}
+FLAGS = {"structure.path": "--structure-path", "clip.path": "--clip-path", "on_missing": "--on-missing"}
+COLUMNS = ["image_id", "edit_type", *METRIC_KEYS, *GT_KEYS, "error", "note"]
 
 
 def find_edit(edits: Path, image_path: str) -> Path | None:
@@ -58,7 +69,7 @@ def fit_to_source(edit: Image.Image, size: tuple[int, int]) -> tuple[Image.Image
 
 def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metrics: PieBenchMetrics) -> dict[str, Any]:
     row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type}
-    row |= {key: float("nan") for key in METRIC_KEYS}
+    row |= {key: float("nan") for key in (*METRIC_KEYS, *GT_KEYS)}
     notes = []
     try:
         source, note = load_rgb_image(dataset.image_file(item))
@@ -72,6 +83,7 @@ def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metric
         notes.append(note)
         mask = dataset.load_mask(item, source.height, source.width)
         row |= metrics.compute(np.asarray(source), np.asarray(edit), mask, item.source_prompt, item.target_prompt)
+        row |= ground_truth_scores(dataset.root, item.image_path, np.asarray(edit))  # NaN without ground_truth/
         row["error"] = ""
     except Exception as err:  # one bad item must not end a 700-item run; it is reported in the CSV instead
         row["error"] = f"{type(err).__name__}: {err}"
@@ -91,13 +103,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="score the first N items (after the edit-type filter)")
     parser.add_argument("--mask-size", type=int,
                         help="side of the grid the masks index (default: PIE-Bench's 512, or a generated set's own)")
-    parser.add_argument("--structure-backbone", default="dino", choices=["dino", "clip_vision", "none"])
+    parser.add_argument("--backbones", default="reference", choices=sorted(BACKBONE_PRESETS),
+                        help="reference: PIE-Bench's DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet (hub or cache); "
+                             "toy: the toy world's CLIP (weights/toy/clip), LPIPS unavailable; the flags below "
+                             "override single backbones")
+    parser.add_argument("--structure-backbone", choices=["dino", "clip_vision", "none"])
     parser.add_argument("--structure-path", help="local directory or hub id (default: facebook/dino-vitb8)")
-    parser.add_argument("--clip-path", default=CLIP_PATH, help="local directory or hub id; 'none' to skip CLIP")
-    parser.add_argument("--lpips-net", default="squeeze", choices=["squeeze", "none"])
-    parser.add_argument("--on-missing", default="error", choices=["error", "warn"],
+    parser.add_argument("--clip-path", help=f"local directory or hub id (default: {CLIP_PATH}); 'none' skips CLIP")
+    parser.add_argument("--lpips-net", choices=["squeeze", "none"])
+    parser.add_argument("--on-missing", choices=["error", "warn"],
                         help="a backbone that cannot be loaded: stop (error) or score without its metric (warn)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key, value in BACKBONE_PRESETS[args.backbones].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def default_name(edits: Path) -> str:
@@ -126,10 +146,10 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
                 "lpips": {"net": args.lpips_net},
                 "on_missing": args.on_missing,
             },
-            args.device,
+            args.device, FLAGS,
         )
     rows = [score_item(item, dataset, args.edits, metrics) for item in tqdm(dataset, desc="scoring", unit="edit")]
-    results = pd.DataFrame(rows, columns=["image_id", "edit_type", *METRIC_KEYS, "error", "note"])
+    results = pd.DataFrame(rows, columns=COLUMNS)
 
     out = args.out or args.edits.resolve().parent / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

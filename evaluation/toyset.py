@@ -28,7 +28,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evaluation.piebench import rle_encode
+from evaluation.piebench import EDIT_TYPES, rle_encode
 
 # The tiny test model's tokenizer is character-level with 75 usable positions; keep a margin.
 MAX_PROMPT_CHARS = 70
@@ -49,11 +49,6 @@ SIZES = {"small": 0.13, "medium": 0.18, "large": 0.24}  # half-extent as a fract
 STYLES = {"none": "", "sketch": "a sketch of", "pixel": "pixel art of"}
 STYLE_INSTRUCTIONS = {"sketch": "turn it into a sketch", "pixel": "turn it into pixel art"}
 
-EDIT_TYPES = {
-    "0": "random", "1": "change_object", "2": "add_object", "3": "delete_object",
-    "4": "change_attribute_content", "5": "change_attribute_pose", "6": "change_attribute_color",
-    "7": "change_attribute_material", "8": "change_background", "9": "change_style",
-}
 _SUPERSAMPLE = 4  # silhouettes are drawn 4x larger and box-filtered down: cheap anti-aliasing
 
 

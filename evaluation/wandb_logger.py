@@ -1,7 +1,10 @@
-"""One W&B run per job: config, per-item metrics, a table of source / edited images, the summary, result files.
+"""One W&B run per job: config, per-item metrics, a table of the edits, the summary, result files.
 
-Runs are offline by default and land in ``<output_dir>/wandb``; ``wandb sync <output_dir>/wandb/offline-run-*``
-uploads them. The run is always finished on exit, also on error, so sequential multirun jobs never share a run.
+Runs are offline by default and land in ``<output_dir>/wandb`` with everything they hold (W&B's staging folder
+for tables and artifacts is ``<output_dir>/wandb/data``); ``wandb sync <output_dir>/wandb/offline-run-*`` uploads
+them. The run is always finished on exit, also on error (its summary then holds the ``error``), so sequential
+multirun jobs never share a run and a job that fails as a whole still has one. The summary holds the aggregates of
+``summary.csv`` (the ``item/*`` history is per item).
 
 A job keeps one run id (``job.json``) across restarts. Resumed, the run first logs the history of the items that
 earlier attempts finished (online: those past the resumed run's last step), and the edits table is built at the end
@@ -14,27 +17,35 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from evaluation.piebench import edited_image_path
+from evaluation.ground_truth import GT_KEYS, ground_truth_file
+from evaluation.metrics import METRIC_KEYS
+from evaluation.piebench import EDIT_TYPES, edited_image_path
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ("image_id", "edit_type", "source", "edited", "source_prompt", "target_prompt", "error",
-                 "psnr_unedit_part", "clip_similarity_target_image", "seconds", "nfe")
+TABLE_IMAGES = ("source", "edited", "ground_truth", "mask")
+TABLE_LABELS = ("image_id", "edit_type", "edit_type_name", "source_prompt", "target_prompt", "instruction", "error")
+TABLE_VALUES = (*METRIC_KEYS, *GT_KEYS, "seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
 class RunLogger:
-    def __init__(self, cfg: DictConfig, output_dir: Path, group: str, run_id: str | None = None):
+    def __init__(self, cfg: DictConfig, output_dir: Path, group: str, run_id: str | None = None,
+                 name: str | None = None):
         self.cfg = cfg
         self.output_dir = output_dir
         self.group = cfg.logger.get("group") or group
         self.run_id = run_id
+        self.name = name or f"{cfg.editor.name}-{cfg.model.name}-{cfg.precision.name}"
         self.run = None
+        self._data_dir: str | None = None
 
     def __enter__(self) -> "RunLogger":
         if self.cfg.logger.name != "wandb" or self.cfg.logger.mode == "disabled":
@@ -43,14 +54,17 @@ class RunLogger:
 
         lg = self.cfg.logger
         earlier = sorted((self.output_dir / "wandb").glob(f"offline-run-*-{self.run_id}")) if self.run_id else []
+        # W&B stages table and artifact files in a global folder by default: keep them with the run
+        self._data_dir = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(self.output_dir / "wandb" / "data")
         self.run = wandb.init(
             project=lg.project, entity=lg.entity, group=self.group, job_type="edit", id=self.run_id,
-            resume="allow" if self.run_id else None,
-            name=f"{self.cfg.editor.name}-{self.cfg.model.name}-{self.cfg.precision.name}-{self.output_dir.name}",
+            resume="allow" if self.run_id else None, name=self.name,
             tags=[self.cfg.editor.name, self.cfg.model.name, self.cfg.dataset.name, *lg.tags],
             config=OmegaConf.to_container(self.cfg, resolve=True), dir=str(self.output_dir), mode=lg.mode,
             reinit="finish_previous",
         )
+        self.run.define_metric("item/*", summary="none")  # the summary holds the aggregates, not the last item
         if earlier and lg.mode == "offline":
             superseded = self.output_dir / "wandb" / "superseded"
             superseded.mkdir(exist_ok=True)
@@ -74,21 +88,26 @@ class RunLogger:
         self.run.log({f"item/{k}": v for k, v in numbers.items() if not (isinstance(v, float) and math.isnan(v))})
 
     def _table(self, results: pd.DataFrame, output_dir: Path, dataset):
-        """Up to ``logger.table_rows`` items, taken in turn from each edit type, with their source and edit."""
+        """Up to ``logger.table_rows`` items, taken in turn from each edit type: the source, the edit, the true edit
+        and the mask where the benchmark has them, the prompts and every metric."""
         import wandb
 
         items = {item.image_id: item for item in dataset}
         rows = results[results["image_id"].isin(items)]
         by_type = [group.to_dict("records") for _, group in rows.groupby("edit_type", sort=True)]
         picked = [group[k] for k in range(max(map(len, by_type), default=0)) for group in by_type if k < len(group)]
-        table = wandb.Table(columns=list(TABLE_COLUMNS))
+        table = wandb.Table(columns=[*TABLE_LABELS[:3], *TABLE_IMAGES, *TABLE_LABELS[3:], *TABLE_VALUES])
         for row in picked[: self.cfg.logger.table_rows]:
             item = items[row["image_id"]]
-            source, edited = dataset.image_file(item), edited_image_path(output_dir, item)
+            truth = ground_truth_file(dataset.root, item.image_path)
+            mask = Image.fromarray((dataset.load_mask(item) * 255).astype(np.uint8)) if item.mask_rle else None
             table.add_data(
-                item.image_id, item.edit_type, _image(source), _image(edited) if not row["error"] else None,
-                item.source_prompt, item.target_prompt, row["error"], row.get("psnr_unedit_part"),
-                row.get("clip_similarity_target_image"), row.get("seconds"), row.get("nfe"),
+                item.image_id, item.edit_type, EDIT_TYPES.get(item.edit_type, ""),
+                _image(dataset.image_file(item)),
+                _image(edited_image_path(output_dir, item)) if not row["error"] else None,
+                _image(truth) if truth else None, wandb.Image(mask) if mask is not None else None,
+                item.source_prompt, item.target_prompt, item.instruction, row["error"],
+                *[row.get(key) for key in TABLE_VALUES],
             )
         return table
 
@@ -109,8 +128,14 @@ class RunLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run is not None:
+            if exc is not None:  # a job that failed as a whole: its run says why
+                self.run.summary["error"] = f"{type(exc).__name__}: {exc}"
             self.run.finish(exit_code=1 if exc_type else 0)
             self.run = None
+        if self._data_dir is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = self._data_dir
 
 
 def _image(path: Path):

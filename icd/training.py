@@ -31,6 +31,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from editors.models import Components, load_components
 from icd.guidance import GuidancePolicy
@@ -403,10 +404,11 @@ class ICDModule(pl.LightningModule):
         folder = Path(self.trainer.default_root_dir) / "validation"  # not trainer.log_dir: it broadcasts (DDP)
         folder.mkdir(parents=True, exist_ok=True)
         picture.save(folder / f"iteration_{self.iteration:06d}.png")
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the axis Lightning logs train/* on
         for logger in self.loggers:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=self.global_step)
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=step)
             if hasattr(logger, "log_image"):
-                logger.log_image("val/originals_reconstructions_generations", [picture], step=self.global_step)
+                logger.log_image("val/originals_reconstructions_generations", [picture], step=step)
         log.info("validation at iteration %d: latent MSE %.5f, PSNR %.2f dB", self.iteration,
                  metrics["val/latent_mse"], metrics["val/psnr"])
         return metrics
@@ -422,6 +424,27 @@ class ICDModule(pl.LightningModule):
                 "iteration": self.iteration}
         (directory / "schedule.json").write_text(json.dumps(info, indent=2) + "\n")
         return paths
+
+
+class IterationProgressBar(TQDMProgressBar):
+    """Lightning's bar counting iterations of the whole run (the loader is endless, so there are no epochs):
+    ``iCD 12/60 [.., 1.9 it/s]``, starting where a resumed run starts."""
+
+    def on_train_epoch_start(self, trainer, module: ICDModule, *_: Any) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps // module.steps_per_iteration)
+        bar.initial = bar.n = module.iteration
+        bar.set_description("iCD")
+
+    def get_metrics(self, trainer, module) -> dict[str, Any]:
+        """The losses under short names (``reverse_cd=...``), without Lightning's version number."""
+        return {k.removeprefix("train/"): v for k, v in super().get_metrics(trainer, module).items() if k != "v_num"}
+
+    def on_train_batch_end(self, trainer, module: ICDModule, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        bar.n = module.iteration
+        bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
+        bar.refresh()
 
 
 class ExportAdapters(pl.Callback):

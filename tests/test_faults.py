@@ -373,4 +373,7 @@ def test_one_job_is_one_wandb_run_whose_history_and_table_cover_every_item(tmp_p
     ids = list(results(out)["image_id"])
     assert first_attempt == ids[:2] and logged == ids  # the resumed run's history holds every item
     assert sorted(row[0] for row in tables[-1].data) == sorted(ids)  # and so does its table, with images
-    assert all(row[2] is not None and row[3] is not None for row in tables[-1].data)
+    columns = tables[-1].columns
+    for key in ("source", "edited", "ground_truth", "mask"):
+        assert all(row[columns.index(key)] is not None for row in tables[-1].data), key
+    assert {"edit_type_name", "structure_distance", "gt_psnr", "peak_mem_mb"} <= set(columns)

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from editors.tokenizers import char_tokenizer
+from evaluation.ground_truth import GT_KEYS
 from evaluation.metrics import METRIC_KEYS, ClipScorer, KeyBackbone, PieBenchMetrics
 from evaluation.piebench import rle_encode
 from evaluation.score import find_edit, fit_to_source, main
@@ -165,7 +166,7 @@ def test_score_cli_with_injected_backbones(bench, tmp_path, capsys):
          metrics=metrics)
 
     rows = pd.read_csv(out, dtype={"image_id": str, "edit_type": str}).fillna({"error": "", "note": ""})
-    assert list(rows.columns) == ["image_id", "edit_type", *METRIC_KEYS, "error", "note"]
+    assert list(rows.columns) == ["image_id", "edit_type", *METRIC_KEYS, *GT_KEYS, "error", "note"]
     rows = rows.set_index("image_id")
     panel, same, small, missing, style = (rows.loc[i] for i in rows.index)
     # the right-most panel equals the source: identical-image values
