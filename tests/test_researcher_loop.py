@@ -83,8 +83,8 @@ def test_run_py_names_groups_by_experiment_and_time():
     import run as run_py
 
     cfg = config(*FAST)
-    sweep = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": "toy_tour"}),
-                            sweep=SimpleNamespace(dir="multirun/2026-12-01/10-06-15_toy_tour"), job=SimpleNamespace(num=3))
+    sweep = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": "toy_tour"}), job=SimpleNamespace(num=3),
+                            sweep=SimpleNamespace(dir="multirun/2026-12-01/10-06-15_toy_tour"))
     assert run_py.wandb_names(cfg, sweep, Path("x"), True) == ("toy_tour 2026-12-01 10-06-15", "3 ddim_p2p tiny fp32")
     single = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": None}), job=SimpleNamespace(num=0))
     out = Path("outputs/2026-12-01/10-07-00_ddim_p2p_tiny_fp32")
@@ -179,7 +179,8 @@ def test_icd_editor_takes_the_trained_schedule_from_the_export_folder(tmp_path):
 
     export = tmp_path / "lora"
     shutil.copytree(ROOT / "weights" / "toy" / "icd", export)
-    (export / "schedule.json").write_text(json.dumps({"reverse_steps": [339, 699, 999], "forward_steps": [19, 339, 699]}))
+    trained = {"reverse_steps": [339, 699, 999], "forward_steps": [19, 339, 699]}
+    (export / "schedule.json").write_text(json.dumps(trained))
     adapters = [f"editor.forward_lora={export / 'forward.safetensors'}",
                 f"editor.reverse_lora={export / 'reverse.safetensors'}"]
     editor = load_editor(config("experiment=toy", "editor=icd", *adapters, "~hydra"), "cpu")
