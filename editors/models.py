@@ -352,7 +352,8 @@ def _load_errors(key: str, path: str):
         ) from err
 
 
-def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict[str, Any], DDIMScheduler]:
+def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: torch.dtype
+                     ) -> tuple[dict[str, Any], DDIMScheduler]:
     family = model.get("family") or "sd"
     if family not in ("sd", "sdxl"):
         raise ModelLoadError(f"unknown model.family={family!r}; expected sd or sdxl")
@@ -366,7 +367,7 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict
             modules["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **variant,
                                                                    **hub)
         if not vae_path:
-            modules["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **hub)
+            modules["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=vae_dtype, **hub)
         modules["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **hub)
         modules["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
         if family == "sdxl":
@@ -384,7 +385,7 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict
         vae_path = _local_or_hub(vae_path, "model.vae_path")
         hub = hub_kwargs(vae_path, "model.vae_path")
         with _load_errors("model.vae_path", vae_path):
-            modules["vae"] = AutoencoderKL.from_pretrained(vae_path, **hub)
+            modules["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=vae_dtype, **hub)
     return modules, scheduler
 
 
@@ -414,7 +415,7 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
     vae_dtype = DTYPES[model.get("vae_dtype") or precision["vae_dtype"]]
     kind = model["kind"]
     if kind == "pretrained":
-        modules, scheduler = _load_pretrained(model, dtype)
+        modules, scheduler = _load_pretrained(model, dtype, vae_dtype)
     elif kind == "tiny":
         modules, scheduler = _build_local(TINY_ARCHS, model, default_arch="sd"), sd_scheduler()
     elif kind == "random_arch":
@@ -434,7 +435,9 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
     for module in modules.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-            module.to(dtype=vae_dtype if module is vae else dtype)
+            target = vae_dtype if module is vae else dtype
+            if any(p.dtype != target for p in module.parameters()):  # loaded in it already: no cast (and no warning)
+                module.to(dtype=target)
     if precision.get("channels_last"):
         to_channels_last(unet, vae, modules.get("controlnet"))
     unet.set_attn_processor(AttnProcessor2_0())  # fused SDPA everywhere; editors install their own where needed

@@ -139,15 +139,18 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     except ValueError as err:  # a malformed mapping file: the message names it and the entry
         raise SystemExit(str(err)) from err
     if metrics is None:
-        metrics = build_metrics(
-            {
-                "structure": {"backbone": args.structure_backbone, "path": args.structure_path},
-                "clip": {"path": args.clip_path},
-                "lpips": {"net": args.lpips_net},
-                "on_missing": args.on_missing,
-            },
-            args.device, FLAGS,
-        )
+        try:
+            metrics = build_metrics(
+                {
+                    "structure": {"backbone": args.structure_backbone, "path": args.structure_path},
+                    "clip": {"path": args.clip_path},
+                    "lpips": {"net": args.lpips_net},
+                    "on_missing": args.on_missing,
+                },
+                args.device, FLAGS,
+            )
+        except RuntimeError as err:  # a backbone that cannot be loaded: the message names the flag to set
+            raise SystemExit(f"error: {err}") from err
     rows = [score_item(item, dataset, args.edits, metrics) for item in tqdm(dataset, desc="scoring", unit="edit")]
     results = pd.DataFrame(rows, columns=COLUMNS)
 

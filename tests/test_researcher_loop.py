@@ -239,7 +239,7 @@ def test_score_cli_names_its_flags_when_a_backbone_cannot_be_had(tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(paths, "hub_reachable", lambda: False)
     root = write_piebench(tmp_path / "bench", n_per_type=1, size=32, edit_types=("1",))
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(SystemExit) as info:  # one message, no traceback
         main(["--data", str(root), "--edits", str(root / "ground_truth"), "--device", "cpu"])
     message = str(info.value)
     assert "--structure-path" in message and "--on-missing=warn" in message and "cannot be reached" in message

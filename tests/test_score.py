@@ -204,7 +204,7 @@ def test_score_cli_builds_backbones_from_flags(bench, tmp_path, capsys):
     assert (edits.parent / "scores.csv").is_file() and (edits.parent / "scores_summary.csv").is_file()
 
     broken = [*args, "--structure-path", str(tmp_path / "absent")]
-    with pytest.raises(RuntimeError, match="structure_distance"):
+    with pytest.raises(SystemExit, match="structure_distance"):
         main(broken)
     results = main([*broken, "--on-missing", "warn"])
     assert math.isnan(results.iloc[0]["structure_distance"])
