@@ -251,9 +251,12 @@ def test_score_cli_names_its_flags_when_a_backbone_cannot_be_had(tmp_path, monke
 @pytest.mark.slow
 def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     """The wheel ships the configs and the toy world; its entry points run without the repository."""
+    source = tmp_path / "source"  # a copy: building writes build/ beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "multirun", "build",
+                                                                "*.egg-info", "__pycache__", ".pytest_cache"))
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("editlab-*.whl")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
