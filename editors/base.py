@@ -52,9 +52,8 @@ class Editor:
     name: str = ""
     parameter_choices: dict[str, tuple[str, ...]] = {"mode": ("refine", "replace")}  # the allowed string values
 
-    def __init__(self, components: Components, **params: Any):
+    def __init__(self, components: Components):
         self.components = components
-        self.params = params
 
     def _edit(self, request: EditRequest) -> EditResult:
         raise NotImplementedError

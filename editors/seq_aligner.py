@@ -2,7 +2,8 @@
 
 Everything here is pure (no model): pass in any HF CLIP tokenizer. Token positions always count the BOS token, so
 position 0 is BOS and the first word starts at 1, matching the columns of a [.., Q, 77] cross-attention map.
-Spec: `design/piebench_baselines.md` §3.1 (α table, self window) and §3.5 (word indices, refine/replace mappers).
+Follows the reference Prompt-to-Prompt code: its α table and self-attention window, its word indices and its
+refine / replace mappers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _encode(text: str, tokenizer, max_len: int | None = None) -> list[int]:
 
 
 def _word_spans(text: str, tokenizer, max_len: int | None = None) -> list[list[int]]:
-    """Token positions (+1 for BOS) of each space-separated piece of `text` (§3.5 decode-and-accumulate walk).
+    """Token positions (+1 for BOS) of each space-separated piece of `text` (the reference decode-and-accumulate walk).
 
     Each token is decoded on its own ('#' stripped, BOS/EOS dropped) and its character count is credited to the
     current word until the word's length is covered. Empty pieces (double spaces) own no tokens; skipping them keeps
@@ -63,7 +64,7 @@ def get_word_inds(text: str, word: str | int, tokenizer) -> np.ndarray:
     """Token positions (+1 BOS) of every whole space-separated occurrence of `word`, or of the word at index `word`.
 
     Multi-token words give all their sub-token positions. Matching is exact on the space-split pieces, so "cat" is
-    not found in "cat," (LocalBlend then gets an empty mask, §3.1).
+    not found in "cat," (LocalBlend then gets an empty mask).
     """
     spans = _word_spans(text, tokenizer)
     if isinstance(word, str):

@@ -1,4 +1,4 @@
-"""PIE-Bench metrics, reproducing the reference evaluator's conventions (design doc `piebench_baselines.md` §2).
+"""PIE-Bench metrics, reproducing the reference evaluator's conventions (see the README's metric conventions).
 
 Conventions that look like bugs but are what the published numbers mean:
 - background ("unedit_part") metrics zero-fill the edited region of *both* images and average over the whole

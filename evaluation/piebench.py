@@ -68,8 +68,6 @@ class PieBenchItem:
     image_path: str  # relative to `annotation_images/`
     source_prompt: str  # brackets stripped
     target_prompt: str
-    source_prompt_raw: str
-    target_prompt_raw: str
     instruction: str
     edit_type: str  # "0".."9", kept a string as in the mapping file
     blend_words: tuple[str, str] | None
@@ -106,8 +104,6 @@ class PieBenchItem:
             image_path=relative_image_path(image_path, image_id),
             source_prompt=strip_brackets(src),
             target_prompt=strip_brackets(tgt),
-            source_prompt_raw=src,
-            target_prompt_raw=tgt,
             instruction=entry.get("editing_instruction", ""),
             edit_type=str(edit_type),
             blend_words=blend_words,

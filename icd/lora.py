@@ -4,7 +4,7 @@ One UNet holds the teacher's weights and two adapters: ``icd_fwd`` (the forward 
 ``icd_rev`` (the reverse model CD, noise -> image). Disabling the adapters gives the teacher, so training needs no
 second or third UNet copy. Both adapters start with B = 0, i.e. equal to the teacher.
 
-peft pitfalls handled here (design/ecosystem.md §3.7):
+peft pitfalls handled here:
 - the adapter name "forward" collides with ``nn.Module.forward`` in peft's ModuleDicts: the names are
   ``icd_fwd`` / ``icd_rev``;
 - ``set_adapter`` / disabling adapters switch ``requires_grad`` off on the inactive adapter, so a graph built
@@ -19,12 +19,11 @@ reads both.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -118,15 +117,6 @@ class AdapterSwitch:
             if adapter is not None:
                 layer._active_adapter = [adapter]
         self.active = adapter
-
-    @contextlib.contextmanager
-    def use(self, adapter: str | None) -> Iterator[None]:
-        previous = self.active
-        self.activate(adapter)
-        try:
-            yield
-        finally:
-            self.activate(previous)
 
 
 class FusedAdapterSwitch(AdapterSwitch):

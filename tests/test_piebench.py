@@ -100,7 +100,6 @@ def test_dataset_sorted_and_parsed(root):
     assert ids(data) == sorted(ids(data)) and len(data) == 6
     item = data[0]
     assert (item.source_prompt, item.target_prompt) == ("a round cake", "a square cake")
-    assert (item.source_prompt_raw, item.target_prompt_raw) == ("a [round] cake", "a [square] cake")
     assert item.edit_type == "0" and item.instruction == "make it square" and item.blend_words == ("cake", "cake")
     style = data[-1]
     assert style.blend_words is None and style.target_prompt == "watercolor of a horse"
