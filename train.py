@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from evaluation.console import quiet_libraries
+from evaluation.harness import flatten, read_job, write_job
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
@@ -83,10 +84,37 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     raise FileNotFoundError(f"resume={resume}: no checkpoint at {path} (nor last.ckpt in it or in its checkpoints/)")
 
 
+# What a run may change when it continues a directory's checkpoint: its length and how it reports.
+RESUMABLE = ("train.trainer.iterations", "train.trainer.progress_bar", "train.trainer.validation_every",
+             "train.trainer.log_every", "train.trainer.checkpoint_every", "train.trainer.export_every",
+             "train.trainer.export_dtype")
+
+
+def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
+    """``<run dir>/job.json`` holds the settings the run's checkpoints were trained with; continuing them with other
+    settings stops with the keys that differ (a new learning rate would be overridden by the restored optimizer)."""
+    settings = {k: v for key in ("model", "precision", "train", "seed")
+                for k, v in flatten(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+                                    else cfg[key], key).items()
+                if not k.startswith("train.logger") and k not in RESUMABLE}
+    path = output_dir / "job.json"
+    before = read_job(path).get("config")
+    if before is not None and before != settings:
+        changed = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(before.keys() | settings.keys())
+                   if before.get(k) != settings.get(k)]
+        raise SystemExit(f"error: {output_dir} holds a run trained with other settings ({'; '.join(changed[:6])}): "
+                         "choose another directory (hydra.run.dir=...), or name a checkpoint (resume=<file>.ckpt) "
+                         "to start from it on purpose")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_job(path, {"config": settings})
+
+
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     """One training run; returns the last validation metrics."""
     quiet_libraries(cfg.get("quiet", True))
     checkpoint = resume_checkpoint(cfg.resume, output_dir)
+    if cfg.resume in (None, "", "auto", "last"):  # continuing (or starting) this directory's own run
+        check_same_run(cfg, output_dir)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

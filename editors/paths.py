@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import urllib.parse
 from pathlib import Path
@@ -49,6 +50,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def _proxied() -> bool:
+    """Behind an HTTP(S) proxy a direct connection says nothing: leave reachability to the hub client."""
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                           "all_proxy"))
+
+
 def _cached(repo_id: str) -> bool:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -64,7 +71,7 @@ def hub_kwargs(path: str, key: str) -> dict[str, bool]:
     """``from_pretrained`` keyword arguments for weights at ``path`` (config key ``key``): none for a local folder
     or a reachable hub; ``local_files_only`` when the hub is out of reach but the cache holds ``path``; otherwise a
     one-line `HubUnreachableError` that says what to set."""
-    if is_local(path) or Path(path).expanduser().exists() or hub_offline() or hub_reachable():
+    if is_local(path) or Path(path).expanduser().exists() or hub_offline() or _proxied() or hub_reachable():
         return {}
     if _cached(path):
         return {"local_files_only": True}

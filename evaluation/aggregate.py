@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from evaluation.piebench import EDIT_TYPES
-from evaluation.summary import RUN_COLUMNS, format_summary, summarize
+from evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
 from evaluation.toyset import dataset_root
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,23 @@ HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "s
 BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
 
 
+def _current(paths) -> list[Path]:
+    """Paths not inside a ``superseded_*`` folder (results that ``restart=true`` moved aside)."""
+    return sorted(p for p in paths if not any(part.startswith("superseded_") for part in p.parts))
+
+
 def collect(folder: Path) -> pd.DataFrame:
-    files = sorted(folder.rglob("results.csv"))
+    files = _current(folder.rglob("results.csv"))
     if not files:
         raise FileNotFoundError(f"no results.csv under {folder}")
-    frames = [pd.read_csv(f, dtype={"image_id": str, "edit_type": str, "error": str}) for f in files]
-    results = pd.concat(frames, ignore_index=True)
-    results["error"] = results["error"].fillna("")
+    results = pd.concat([read_results(f) for f in files], ignore_index=True)
     keys = [c for c in RUN_COLUMNS if c in results]
     return results.drop_duplicates([*keys, "image_id"], keep="last").reset_index(drop=True)
 
 
 def job_errors(folder: Path) -> dict[str, str]:
     """{job folder name: its error} for the jobs of a sweep that failed as a whole (run.py writes job_error.txt)."""
-    return {f.parent.name: f.read_text().strip() for f in sorted(folder.rglob("job_error.txt"))}
+    return {f.parent.name: f.read_text().strip() for f in _current(folder.rglob("job_error.txt"))}
 
 
 def headline(summary: pd.DataFrame) -> pd.DataFrame:
@@ -85,10 +88,23 @@ def _text_cell(lines: list[str], width: int, height: int, size: int = 11) -> Ima
 
 
 def _tile(path: Path | None, side: int) -> Image.Image:
-    if path is None or not path.is_file():  # a failed or missing edit: gray
+    """The image at ``path`` as a ``side``² tile; gray for a failed, missing or unreadable one."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+    except (OSError, ValueError, TypeError):
         return Image.new("RGB", (side, side), (128, 128, 128))
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+
+
+def _image_side(paths) -> int:
+    """The width of the first readable image among ``paths`` (TILE_MIN when none is)."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                return image.width
+        except (OSError, ValueError):
+            continue
+    return TILE_MIN
 
 
 def _caption(row: dict | None) -> str:
@@ -106,8 +122,8 @@ def _runs(folder: Path) -> dict[str, list[Path]]:
     the label is the editor, or the run's overrides where editors repeat (a precision sweep of one editor)."""
     by_run: dict[str, list[Path]] = {}
     editor_of: dict[str, str] = {}
-    for job in sorted(p for p in folder.iterdir() if (p / "results.csv").is_file()):
-        rows = pd.read_csv(job / "results.csv", usecols=["run", "editor"], dtype=str, nrows=1)
+    for job in _current(p.parent for p in folder.rglob("results.csv")):
+        rows = read_results(job / "results.csv")
         if rows.empty:
             continue
         run = str(rows["run"].iloc[0])
@@ -121,7 +137,7 @@ def _runs(folder: Path) -> dict[str, list[Path]]:
 
 def find_dataset_root(folder: Path) -> Path | None:
     """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
-    for job in sorted(folder.rglob("job.json")):
+    for job in _current(folder.rglob("job.json")):
         try:
             root = json.loads(job.read_text()).get("dataset_root")
         except (OSError, ValueError):
@@ -145,9 +161,7 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
     rows: dict[str, dict[str, dict]] = {label: {} for label in runs}
     for label, jobs in runs.items():
         for job in jobs:
-            frame = pd.read_csv(job / "results.csv", dtype={"image_id": str, "error": str})
-            frame["error"] = frame["error"].fillna("")
-            for row in frame.to_dict("records"):
+            for row in read_results(job / "results.csv").to_dict("records"):
                 rows[label][row["image_id"]] = {**row, "job": job}
     edited = sorted({i for per_run in rows.values() for i in per_run} & set(mapping))
     if not edited:
@@ -158,8 +172,7 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
     ids = (sorted(by_type.values()) + [i for i in edited if i not in by_type.values()])[:max_items]
 
     root = Path(root)
-    with Image.open(root / "annotation_images" / mapping[ids[0]]["image_path"]) as first:
-        side = first.width
+    side = _image_side(root / "annotation_images" / mapping[i]["image_path"] for i in ids)
     side = min(TILE_MAX, side * max(1, math.ceil(TILE_MIN / side)))
     has_truth = (root / "ground_truth").is_dir()
     columns = ["source", *(["ground truth"] if has_truth else []), *runs]
@@ -214,12 +227,14 @@ def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()
                   format_summary(headline(summary))]
     lines += [f"job {job} did not run: {error}" for job, error in errors.items()]
     lines += list(notes)
+    text = "\n".join(lines)
+    (folder / "report.txt").write_text(text + "\n")  # before the grid: a grid that fails loses no table
+    print(f"\n{text}")
     grid = comparison_grid(folder, dataset_root)
     if grid is not None:
-        lines.append(f"comparison grid: {grid}")
-    text = "\n".join(lines)
-    (folder / "report.txt").write_text(text + "\n")
-    print(f"\n{text}")
+        print(f"comparison grid: {grid}")
+        with (folder / "report.txt").open("a") as f:
+            f.write(f"comparison grid: {grid}\n")
     return summary
 
 
@@ -292,5 +307,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``editlab-aggregate`` command (its exit status is 0 unless aggregating stopped)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from evaluation.console import details, quiet_libraries
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from evaluation.metrics import METRIC_KEYS, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
-from evaluation.summary import format_summary, summarize
+from evaluation.summary import format_summary, read_results, summarize
 from evaluation.toyset import dataset_root, write_piebench
 from evaluation.wandb_logger import RunLogger
 
@@ -112,9 +113,7 @@ class ResultsFile:
 
     def read(self) -> pd.DataFrame:
         """The latest row per item (a retried item's success replaces its earlier error)."""
-        frame = pd.read_csv(self.path, dtype={"image_id": str, "edit_type": str, "error": str})
-        frame["error"] = frame["error"].fillna("")
-        return frame.drop_duplicates("image_id", keep="last").reset_index(drop=True)
+        return read_results(self.path).drop_duplicates("image_id", keep="last").reset_index(drop=True)
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
@@ -139,9 +138,10 @@ def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Pa
 NOT_FINGERPRINTED = ("dataset.limit", "dataset.ids", "dataset.edit_types", "dataset.shard", "dataset.num_shards")
 
 
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+def flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """A nested mapping as ``{"prefix.key.sub": value}``."""
     if isinstance(value, Mapping):
-        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+        return {k: v for key, sub in value.items() for k, v in flatten(sub, f"{prefix}.{key}").items()}
     return {prefix: value}
 
 
@@ -151,15 +151,15 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
               for key in ("editor", "model", "precision", "offload", "metrics", "dataset", "seed")}
     if groups["dataset"].get("kind") == "toyset":  # the built-in set is named by its parameters, not by its cache
         groups["dataset"].pop("root", None)
-    flat = {k: v for key, value in groups.items() for k, v in _flatten(value, key).items()}
+    flat = {k: v for key, value in groups.items() for k, v in flatten(value, key).items()}
     return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
 
 def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
     """``"key: old -> new"`` for each setting that differs from those the directory's results were made with."""
-    path = output_dir / "job.json"
-    if path.is_file():
-        before = json.loads(path.read_text())["config"]
+    job = read_job(output_dir / "job.json")
+    if "config" in job:
+        before = job["config"]
         keys = before.keys() | current.keys()
     else:  # results written before job.json existed: their rows record the editor, model and precision
         rows = pd.read_csv(output_dir / "results.csv", usecols=["editor", "model", "precision"], dtype=str)
@@ -174,7 +174,7 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     the old results move to ``superseded_<time>/`` and the job starts over."""
     path, results = output_dir / "job.json", output_dir / "results.csv"
     current = fingerprint(cfg)
-    job = json.loads(path.read_text()) if path.is_file() else {}
+    job = read_job(path)
     if results.is_file() and results.read_bytes().count(b"\n") > 1 and (changed := _changed_settings(current,
                                                                                                      output_dir)):
         if not cfg.get("restart"):
@@ -182,16 +182,33 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             raise RunError(f"{output_dir} holds results made with other settings ({'; '.join(changed[:6])}{more}): "
                            "choose another output directory (hydra.run.dir=...), or add restart=true to move those "
                            "results aside and start over")
-        aside = output_dir / time.strftime("superseded_%Y%m%d-%H%M%S")
-        aside.mkdir()
+        aside = Path(tempfile.mkdtemp(prefix=time.strftime("superseded_%Y%m%d-%H%M%S_"), dir=output_dir))
         for name in ("results.csv", "summary.csv", "job.json", "annotation_images", "wandb"):
             if (output_dir / name).exists():
                 (output_dir / name).rename(aside / name)
         log.warning("restart=true: the results made with the previous settings moved to %s", aside)
         job = {}
     job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12]}
-    path.write_text(json.dumps(job, indent=1, default=str) + "\n")
+    write_job(path, job)
     return job
+
+
+def read_job(path: Path) -> dict[str, Any]:
+    """A job.json ({} when there is none); one that cannot be read stops the job with what to do."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} cannot be read ({err}): move it away to start the directory's record afresh "
+                       "(the results stay; they are checked again by their rows)") from None
+
+
+def write_job(path: Path, job: dict[str, Any]) -> None:
+    """job.json via a temporary name and a rename: a kill leaves the old record or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(job, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 _PROC = Path("/proc/self")
@@ -284,7 +301,8 @@ def _setup(cfg: DictConfig, job_num: int | None):
         dataset = build_dataset(cfg.dataset)
         editor = load_editor(cfg, job_device(cfg.device, job_num))
         metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError) as err:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError,
+            RuntimeError) as err:  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
         log.debug("job setup failed", exc_info=True)
         raise RunError(str(err).strip("'\"")) from err
     return dataset, editor, metrics
@@ -310,10 +328,6 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     ``job_name`` names the W&B run; ``job_num`` (a sweep's job number) spreads parallel jobs over the GPUs and
     keeps the console short (the per-type table goes to the job's log file).
     """
-    if cfg.get("tour_editor") and cfg.tour_editor != cfg.editor.name:
-        raise RunError(f"the toy tour picks each job's editor (tour={cfg.tour_editor}), so editor={cfg.editor.name} "
-                       f"does not apply; one editor on the toy world: python run.py experiment=toy "
-                       f"editor={cfg.editor.name}; the plain defaults: python run.py ~experiment editor=...")
     quiet_libraries(cfg.get("quiet", True))
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
@@ -321,7 +335,7 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger:
         dataset, editor, metrics = _setup(cfg, job_num)
         job["dataset_root"] = str(dataset.root)  # for evaluation.aggregate's comparison grid
-        (output_dir / "job.json").write_text(json.dumps(job, indent=1, default=str) + "\n")
+        write_job(output_dir / "job.json", job)
         results = ResultsFile(output_dir / "results.csv")
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}

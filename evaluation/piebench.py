@@ -115,10 +115,11 @@ def relative_image_path(image_path: str, image_id: str) -> str:
     """``image_path`` as a normalised relative POSIX path; one that is empty, absolute or climbs out with ``..``
     is refused: results are written under ``<output_dir>/annotation_images/<image_path>``, never elsewhere."""
     posix, windows = PurePosixPath(image_path.replace("\\", "/")), PureWindowsPath(image_path)
-    if not image_path.strip() or posix.is_absolute() or windows.anchor or ".." in posix.parts:
+    parts = [part for part in posix.parts if part != "."]
+    if not image_path.strip() or not parts or posix.is_absolute() or windows.anchor or ".." in parts:
         raise ValueError(f"PIE-Bench entry {image_id}: image_path {image_path!r} must be a path relative to "
                          "annotation_images/ that stays inside it")
-    return str(PurePosixPath(*[part for part in posix.parts if part != "."]))
+    return str(PurePosixPath(*parts))
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:

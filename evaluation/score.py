@@ -169,5 +169,10 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``editlab-score`` command (its exit status is 0 unless scoring stopped)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

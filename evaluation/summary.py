@@ -10,6 +10,9 @@ Conventions:
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +22,17 @@ from evaluation.metrics import METRIC_KEYS, PAPER_SCALES
 RUN_COLUMNS = ("run", "editor", "model", "precision")
 ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "image_id", "image_path")
 COST_COLUMNS = ("seconds", "nfe", "backward_passes", "peak_mem_mb")
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results.csv as it stands, ids and errors as strings; a last line torn by a kill (no line end) is left out
+    (the file itself is repaired only by the run that appends to it)."""
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    frame = pd.read_csv(io.BytesIO(data), dtype={"image_id": str, "edit_type": str, "error": str})
+    frame["error"] = frame["error"].fillna("")
+    return frame
 
 
 def _succeeded(results: pd.DataFrame) -> pd.DataFrame:

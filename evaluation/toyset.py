@@ -477,7 +477,8 @@ def _publish(staging: Path, root: Path, params: dict) -> None:
         staging.rename(root)
         return
     except OSError:
-        pass
+        if _is_complete(root, params):  # another writer's rename won meanwhile: its set is the same
+            return
     if not set(os.listdir(root)) <= set(SET_PARTS):
         raise FileExistsError(f"{root} holds files that are not part of a toy set; not writing the toy set over them")
     (root / "toyset.json").unlink(missing_ok=True)

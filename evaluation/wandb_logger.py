@@ -57,14 +57,20 @@ class RunLogger:
         # W&B stages table and artifact files in a global folder by default: keep them with the run
         self._data_dir = os.environ.get("WANDB_DATA_DIR")
         os.environ["WANDB_DATA_DIR"] = str(self.output_dir / "wandb" / "data")
-        self.run = wandb.init(
-            project=lg.project, entity=lg.entity, group=self.group, job_type="edit", id=self.run_id,
-            resume="allow" if self.run_id else None, name=self.name,
-            tags=[self.cfg.editor.name, self.cfg.model.name, self.cfg.dataset.name, *lg.tags],
-            config=OmegaConf.to_container(self.cfg, resolve=True), dir=str(self.output_dir), mode=lg.mode,
-            reinit="finish_previous",
-        )
+        try:
+            self.run = wandb.init(
+                project=lg.project, entity=lg.entity, group=self.group, job_type="edit", id=self.run_id,
+                resume="allow" if self.run_id else None, name=self.name,
+                tags=[self.cfg.editor.name, self.cfg.model.name, self.cfg.dataset.name, *lg.tags],
+                config=OmegaConf.to_container(self.cfg, resolve=True), dir=str(self.output_dir), mode=lg.mode,
+                reinit="finish_previous",
+            )
+        except BaseException:
+            self._restore_data_dir()
+            raise
         self.run.define_metric("item/*", summary="none")  # the summary holds the aggregates, not the last item
+        live = Path(self.run.dir).resolve().parent  # a restart within the same second reuses the folder's name
+        earlier = [folder for folder in earlier if folder.resolve() != live]
         if earlier and lg.mode == "offline":
             superseded = self.output_dir / "wandb" / "superseded"
             superseded.mkdir(exist_ok=True)
@@ -75,7 +81,8 @@ class RunLogger:
         return self
 
     def log_history(self, rows: pd.DataFrame) -> None:
-        """The per-item history of rows finished by earlier attempts that this run has not logged yet."""
+        """The per-item history of rows finished by earlier attempts: all of them in a new run (offline, W&B starts
+        one per attempt); online, those past the resumed run's last step."""
         if self.run is None:
             return
         for row in rows.iloc[self.run.step:].to_dict("records"):
@@ -100,7 +107,10 @@ class RunLogger:
         for row in picked[: self.cfg.logger.table_rows]:
             item = items[row["image_id"]]
             truth = ground_truth_file(dataset.root, item.image_path)
-            mask = Image.fromarray((dataset.load_mask(item) * 255).astype(np.uint8)) if item.mask_rle else None
+            try:
+                mask = Image.fromarray((dataset.load_mask(item) * 255).astype(np.uint8))
+            except ValueError:  # a malformed mask: its row already says so
+                mask = None
             table.add_data(
                 item.image_id, item.edit_type, EDIT_TYPES.get(item.edit_type, ""),
                 _image(dataset.image_file(item)),
@@ -132,6 +142,9 @@ class RunLogger:
                 self.run.summary["error"] = f"{type(exc).__name__}: {exc}"
             self.run.finish(exit_code=1 if exc_type else 0)
             self.run = None
+            self._restore_data_dir()
+
+    def _restore_data_dir(self) -> None:
         if self._data_dir is None:
             os.environ.pop("WANDB_DATA_DIR", None)
         else:

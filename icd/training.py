@@ -92,12 +92,14 @@ def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher
 
 
 def rng_states() -> dict[str, Any]:
-    """The global random states a training step draws from (python, numpy, torch CPU and CUDA)."""
+    """The global random states a training step draws from (python, numpy, torch CPU and the current CUDA device).
+    Under DDP every rank is seeded alike and draws alike, so rank 0's states (the ones a checkpoint holds) are
+    every rank's."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     states = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),  # plain types:
               "torch": torch.get_rng_state()}  # checkpoints load with weights_only
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device's, without waking the others
     return states
 
 
@@ -107,7 +109,7 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -814,9 +814,9 @@ def stage_eval(w: World) -> dict:
 
 def ip2p_report(w: World, model: dict, judge: ToyClip, n: int, steps: int) -> dict:
     """InstructPix2Pix edits of `n` edit triples from a stream its training never saw, with the editor's PIE-Bench
-    settings (conf/editor, at `steps` steps; PIE-Bench: 50) and with the toy tour's (conf/tour): PSNR to the
-    ground-truth target and the toy-CLIP gain of the target caption (cosine x 100), next to the unedited source's PSNR
-    to the target (what a do-nothing edit scores)."""
+    settings (conf/editor, at `steps` steps; PIE-Bench: 50) and with the toy tour's (conf/editor_settings/toy): PSNR
+    to the ground-truth target and the toy-CLIP gain of the target caption (cosine x 100), next to the unedited
+    source's PSNR to the target (what a do-nothing edit scores)."""
     from omegaconf import OmegaConf
 
     from editors.instruct_pix2pix import InstructPix2PixEditor
@@ -824,7 +824,7 @@ def ip2p_report(w: World, model: dict, judge: ToyClip, n: int, steps: int) -> di
     piebench = OmegaConf.load(REPO / "conf" / "editor" / "instruct_pix2pix.yaml")
     settings = {
         "piebench": OmegaConf.merge(piebench, {"num_steps": steps}),
-        "tour": OmegaConf.merge(piebench, OmegaConf.load(REPO / "conf" / "tour" / "instruct_pix2pix.yaml").editor),
+        "tour": OmegaConf.merge(piebench, OmegaConf.load(REPO / "conf/editor_settings/toy/instruct_pix2pix.yaml")),
     }
 
     c = load_components({**model, "unet_path": str(w.out / "ip2p_unet")}, {"dtype": "float32", "vae_dtype": "float32"},

@@ -6,7 +6,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "precision", "offload", "dataset", "editor", "tour", "metrics", "logger", "debug", "experiment")
+GROUPS = ("model", "precision", "offload", "dataset", "editor", "settings", "metrics", "logger", "debug",
+          "experiment")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 
@@ -35,19 +36,27 @@ def test_every_config_file_composes(hydra_conf, group, option):
 def test_default_is_the_offline_toy_tour(hydra_conf):
     cfg = compose(config_name="run", return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.callbacks.sweep_report
-    tours = cfg.hydra.sweeper.params.tour.split(",")
-    assert set(tours) == {p.stem for p in (CONF / "tour").glob("*.yaml")}  # every editor config has a tour entry
+    editors = cfg.hydra.sweeper.params.editor.split(",")
     without_toy_model = {"icd_sdxl", "lcm_controlnet"}  # SDXL-family editors: the tour names what it leaves out
-    assert set(tours) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - without_toy_model
-    assert "lcm_controlnet" in " ".join(cfg.sweep_notes)
+    assert set(editors) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - without_toy_model
+    assert all(name in " ".join(cfg.sweep_notes) for name in without_toy_model)
     assert (cfg.model.name, cfg.metrics.label, cfg.dataset.name, cfg.dataset.size) == ("toy", "toy", "builtin", 32)
     assert cfg.logger.mode == "offline"
-    for tour in tours:
-        job = compose(config_name="run", overrides=[f"tour={tour}"])
-        assert job.editor.name == job.tour_editor == tour and job.model.name == "toy"
-    ip2p = compose(config_name="run", overrides=["tour=instruct_pix2pix"])
+    for editor in editors:  # each at its toy settings where it has them, else at its own
+        job = compose(config_name="run", overrides=[f"editor={editor}"])
+        own = compose(config_name="run", overrides=[f"editor={editor}", "experiment=toy"]).editor
+        toy = CONF / "editor_settings" / "toy" / f"{editor}.yaml"
+        expected = OmegaConf.merge(own, OmegaConf.load(toy)) if toy.is_file() else own
+        assert job.editor == expected and job.model.name == "toy"
+    ip2p = compose(config_name="run", overrides=["editor=instruct_pix2pix"])
     assert ip2p.editor.unet_path == "./weights/toy/ip2p_unet"  # the toy model's InstructPix2Pix UNet
-    assert compose(config_name="run", overrides=["tour=icd"]).editor.reverse_lora.startswith("./weights/toy/icd/")
+    assert compose(config_name="run", overrides=["editor=icd"]).editor.reverse_lora.startswith("./weights/toy/icd/")
+
+
+def test_toy_settings_are_optional_and_the_command_line_wins(hydra_conf):
+    assert compose(config_name="run", overrides=["editor=identity"]).editor.name == "identity"  # no settings file
+    cfg = compose(config_name="run", overrides=["editor=npi", "editor.num_steps=4"]).editor
+    assert (cfg.num_steps, cfg.guidance_scale) == (4, 2.0)
 
 
 def test_without_the_tour_the_defaults_are_offline_tiny_ddim_p2p(hydra_conf):
@@ -65,6 +74,6 @@ def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
 
 
 def test_ddim_p2p_reference_defaults(hydra_conf):
-    cfg = compose(config_name="run", overrides=["editor=ddim_p2p"]).editor
+    cfg = compose(config_name="run", overrides=["~experiment", "editor=ddim_p2p"]).editor
     assert (cfg.num_steps, cfg.guidance_scale, cfg.cross_replace_steps, cfg.self_replace_steps) == (50, 7.5, 0.4, 0.6)
     assert (cfg.mode, cfg.amplify, cfg.blend_start, cfg.blend_threshold) == ("refine", 2.0, 0.2, 0.3)

@@ -163,6 +163,17 @@ def test_rerun_with_another_config_refuses_and_restart_moves_the_old_results_asi
     (aside,) = out.glob("superseded_*")
     assert (aside / "results.csv").read_bytes()[: len(before)] == before and len(images(aside)) == 4
     assert set(results(out)["editor"]) == {"npi"} and len(results(out)) == 3
+    from evaluation.aggregate import collect
+
+    assert set(collect(out)["editor"]) == {"npi"}  # reports leave the moved-aside results out
+
+
+def test_an_unreadable_job_json_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    run(config(), out, "g")
+    (out / "job.json").write_text('{"config": {"editor.na')  # as a kill mid-write of an older version left it
+    with pytest.raises(RunError, match="job.json cannot be read"):
+        run(config(), out, "g")
 
 
 def test_results_without_job_json_are_checked_by_their_rows(tmp_path):
@@ -243,6 +254,15 @@ def test_nan_latents_blame_half_precision_only_in_half_precision(tiny_components
             tiny_components.decode_latents(latents)
     finally:
         tiny_components.dtype = torch.float32
+
+
+def test_a_malformed_mask_is_an_error_row_and_the_wandb_table_still_builds(tmp_path):
+    root = _mapping_with(tmp_path / "bench", mask=[5])
+    out = tmp_path / "run"
+    run(config("dataset=pie_bench", f"dataset.root={root}", "metrics=offline", "logger=wandb",
+               "logger.mode=offline"), out, "g")
+    errors = results(out).set_index("image_id")["error"]
+    assert "pairs" in errors.iloc[0] and errors.iloc[1] == ""
 
 
 def test_empty_prompts_are_noted(tmp_path):

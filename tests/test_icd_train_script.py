@@ -156,3 +156,13 @@ def test_endless_batches_resume_where_they_stopped_and_split_over_ranks(monkeypa
         monkeypatch.setenv("RANK", str(rank))
         ranks.append(list(islice(iter(EndlessBatches(7, 2, seed=3, start=1)), 3)))
     assert ranks == [stream[2:8:2], stream[3:9:2]]
+
+
+def test_continuing_a_run_with_other_settings_stops_with_the_keys(tmp_path):
+    data = f"train.data.root={tmp_path / 'toy'}"
+    short = ("train.trainer.iterations=1", "train.trainer.checkpoint_every=1")
+    train.train(config(*RESUME_RUN, data, *short), tmp_path / "run", "test")
+    with pytest.raises(SystemExit, match=r"train.optim.lr: 0.0001 -> 0.001"):
+        train.train(config(*RESUME_RUN, data, *short, "train.optim.lr=1e-3"), tmp_path / "run", "test")
+    train.train(config(*RESUME_RUN, data, "train.trainer.iterations=2"), tmp_path / "run", "test")  # longer: fine
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["icd"]["iteration"] == 2

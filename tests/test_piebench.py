@@ -148,6 +148,7 @@ MALFORMED = {  # mapping file text -> what the message must name besides the fil
                       "111000000000"),
     "absolute image_path": (json.dumps({"111000000000": entry(1) | {"image_path": "/etc/passwd.png"}}), "passwd"),
     "image_path leaves the folder": (json.dumps({"111000000000": entry(1) | {"image_path": "../../x.png"}}), ".."),
+    "image_path that is no file": (json.dumps({"111000000000": entry(1) | {"image_path": "./."}}), "111000000000"),
     "windows drive path": (json.dumps({"111000000000": entry(1) | {"image_path": "C:\\\\x.png"}}), "111000000000"),
     "shared image_path": (json.dumps({"111000000000": entry(1), "111000000001": entry(1)}),
                           "111000000000, 111000000001"),

@@ -271,6 +271,9 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
          "logger=none", "hydra.run.dir=out"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(pd.read_csv(elsewhere / "out" / "results.csv")) == 2
+    summary = subprocess.run([sys.executable, str(site / "bin" / "editlab-aggregate"), "out"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert summary.returncode == 0 and "identity" in summary.stdout, summary.stderr[-2000:]
     found = subprocess.run([sys.executable, "-c", "import conf, editors; print(editors.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True, check=True).stdout
     assert found.startswith(str(site))  # the wheel's copy ran, not the repository's

@@ -192,14 +192,26 @@ def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_
     assert len(list((out / "annotation_images").rglob("*.png"))) == 2
 
 
-def test_toy_tour_guard_names_the_single_editor_command(tmp_path):
+def test_one_editor_on_the_default_tour_is_one_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_py("experiment=toy_tour", "editor=npi", "logger=none", f"hydra.sweep.dir={sweep}",
-                  cache=tmp_path / "cache", check=False)
-    errors = sorted(sweep.rglob("job_error.txt"))
-    assert len(errors) == 7 and "experiment=toy editor=npi" in errors[0].read_text()  # all but tour=npi
-    assert "did not run" in proc.stdout
-    assert proc.returncode == 1 and "7 job(s) of the sweep failed" in proc.stderr  # a sweep with failures fails
+    proc = run_py("experiment=toy_tour", "editor=npi", "editor.num_steps=2", "dataset.limit=1", "logger=none",
+                  f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
+    (job,) = [p for p in sweep.iterdir() if (p / "results.csv").is_file()]
+    results = read_results(job)
+    assert list(results["editor"]) == ["npi"] and results["error"].iloc[0] == ""
+    assert results["nfe"].iloc[0] == 2 * 2 - 1 and not list(sweep.rglob("job_error.txt"))
+    assert "Launching 1 jobs" in proc.stdout + proc.stderr
+
+
+def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py("-m", *FAST, "editor=ddim_p2p,lcm_controlnet", "dataset.limit=1", "logger=none",
+                  f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache", check=False)
+    (error,) = sweep.rglob("job_error.txt")
+    assert "SDXL-family" in error.read_text() and "did not run" in proc.stdout
+    assert proc.returncode == 1 and "1 job(s) of the sweep failed" in proc.stderr
+    (first,) = sweep.glob("0_*")
+    assert len(read_results(first)) == 1  # the other job's results stand
 
 
 @pytest.mark.slow

@@ -148,7 +148,7 @@ def test_instruct_pix2pix_raises_the_target_score_on_unseen_edits(toy_clip):
     """The toy InstructPix2Pix UNet at the toy tour's settings (composed as `python run.py` composes them) on 16
     edits of random PIE-Bench types, drawn apart from the build's streams: on average the toy CLIP scores the target
     caption higher on the edit than on the source, and the edit is nearer the ground-truth target than the source."""
-    cfg = _compose_run("experiment=toy_tour", "tour=instruct_pix2pix", f"model.path={WEIGHTS}",
+    cfg = _compose_run("experiment=toy_tour", "editor=instruct_pix2pix", f"model.path={WEIGHTS}",
                        f"model.ip2p_unet_path={WEIGHTS / 'ip2p_unet'}")
     editor = load_editor(cfg, "cpu")
     score_gains, psnr_gains = [], []
