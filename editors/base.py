@@ -58,6 +58,16 @@ class Editor:
     def _edit(self, request: EditRequest) -> EditResult:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Undo what building the editor changed on the shared components (adapters, weights, processors); an edit
+        itself leaves them as it found them. Editors that change nothing keep this no-op."""
+
+    def __enter__(self) -> "Editor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def edit(self, request: EditRequest) -> EditResult:
         torch.manual_seed(request.seed)
         device = self.components.device

@@ -105,6 +105,8 @@ class ICDEditor(Editor):
         c = components
         if getattr(c, "offload", "none") == "sequential":  # its per-module hooks would not cover the new LoRA layers
             raise ValueError("iCD adds LoRA adapters to the UNet: use offload=none or offload=model")
+        self._shared_unet = c.unet  # what close() gives back
+        self._had_peft = bool(getattr(c.unet, "peft_config", None))
         if teacher_checkpoint:
             if c.pipeline is not None:
                 raise ValueError("editor.teacher_checkpoint replaces the UNet: use offload=none with it")
@@ -221,6 +223,20 @@ class ICDEditor(Editor):
                                threshold=p["blend_threshold"])
         return P2PController(prompts, c.tokenizer, steps, c.latent_size, p["cross_replace_steps"],
                              p["self_replace_steps"], mode, equalizer, blend)
+
+    def close(self) -> None:
+        """The shared UNet as it was: the teacher's weights back in place (fused switch), both adapters removed (with
+        their LoRA layers, when the UNet had no adapters before), and the model's own UNet back if a teacher
+        checkpoint had replaced it."""
+        c = self.components
+        if c.unet is not self._shared_unet:  # the teacher was loaded into a UNet of our own: drop it whole
+            c.unet = self._shared_unet
+            return
+        self.switch.activate(None)
+        if self._had_peft:
+            c.unet.delete_adapters([FORWARD, REVERSE])
+        else:
+            c.unet.unload_lora()
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

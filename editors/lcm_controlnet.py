@@ -91,6 +91,7 @@ class LCMControlNetEditor(Editor):
             add_watermarker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
+        self._processors = [(net, net.attn_processors) for net in (c.unet, self.controlnet)]  # what close() restores
         if attention_slicing:
             self._enable_attention_slicing()
         attach_pipeline(c, self.pipe)
@@ -104,6 +105,11 @@ class LCMControlNetEditor(Editor):
         if custom:
             raise ValueError(f"attention_slicing=true would replace the custom attention processors {custom}")
         self.pipe.enable_attention_slicing()
+
+    def close(self) -> None:
+        """The UNet's and ControlNet's attention processors as they were (attention slicing replaces them all)."""
+        for net, processors in self._processors:
+            net.set_attn_processor(processors)
 
     @torch.no_grad()
     def sample(self, prompt: str, control: Image.Image, generator: torch.Generator) -> torch.Tensor:

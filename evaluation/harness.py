@@ -11,6 +11,7 @@ its ``error`` and the run goes on; a job in which every item failed exits non-ze
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -332,8 +333,9 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
     job = open_job(cfg, output_dir)
-    with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger:
+    with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         dataset, editor, metrics = _setup(cfg, job_num)
+        cleanup.callback(editor.close)  # the shared models as the editor found them
         job["dataset_root"] = str(dataset.root)  # for evaluation.aggregate's comparison grid
         write_job(output_dir / "job.json", job)
         results = ResultsFile(output_dir / "results.csv")
