@@ -170,7 +170,8 @@ def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
 
 
 def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """``job.json`` of ``output_dir`` (the fingerprint and the job's W&B run id), written for a new job. When the
+    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id and the benchmark's folder, which
+    `evaluation.aggregate` draws its grid from), written for a new job. When the
     directory already holds results made with other settings: a `RunError` naming them, or with ``restart=true``
     the old results move to ``superseded_<time>/`` and the job starts over."""
     path, results = output_dir / "job.json", output_dir / "results.csv"
@@ -189,7 +190,9 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 (output_dir / name).rename(aside / name)
         log.warning("restart=true: the results made with the previous settings moved to %s", aside)
         job = {}
-    job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12]}
+    root = dataset_root(cfg.dataset)
+    job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12],
+           "dataset_root": str(root) if root else None}
     write_job(path, job)
     return job
 
@@ -336,8 +339,6 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         dataset, editor, metrics = _setup(cfg, job_num)
         cleanup.callback(editor.close)  # the shared models as the editor found them
-        job["dataset_root"] = str(dataset.root)  # for evaluation.aggregate's comparison grid
-        write_job(output_dir / "job.json", job)
         results = ResultsFile(output_dir / "results.csv")
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}
