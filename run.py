@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from evaluation.harness import RunError, objective, run
+from experiments.harness import RunError, objective, run
 
 log = logging.getLogger("run")
 

@@ -35,8 +35,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from evaluation.console import quiet_libraries
-from evaluation.harness import flatten, read_job, write_job
+from experiments.console import quiet_libraries
+from experiments.harness import flatten, read_job, write_job
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule

@@ -24,12 +24,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components, to_channels_last
 from icd.data import collate
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
 from icd.teacher import add_guidance_embedding
 from icd.training import ICDModule
+from models.loading import load_components, to_channels_last
 
 MODELS = {
     "tiny": {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64},

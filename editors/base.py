@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from PIL import Image
 
-from editors.models import Components, count_unet_calls
+from models.components import Components
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Editor:
         device = self.components.device
         _sync(device)
         start = time.perf_counter()
-        with count_unet_calls(self.components.unet) as calls:
+        with self.components.count_calls() as calls:
             result = self._edit(request)
         _sync(device)
         result.seconds = time.perf_counter() - start

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import controlled_attention, make_controller
-from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
 
 @register("ddim_p2p")
@@ -59,7 +59,7 @@ class DDIMP2PEditor(Editor):
         for t in reversed(self.timesteps):  # 0, 20, ..., 980
             abar_from, abar_to = self.abar(t - self.stride), self.abar(t)
             if not torch.equal(abar_from, abar_to):  # the first step is exactly the identity: skip its UNet call
-                z = ddim_jump(z, self.components.unet_eps(z, t, cond), abar_from, abar_to)
+                z = ddim_jump(z, self.components.predict(z, t, cond), abar_from, abar_to)
             trajectory.append(z)
         return trajectory
 
@@ -86,7 +86,7 @@ class DDIMP2PEditor(Editor):
             for i, t in enumerate(self.timesteps):
                 controller.step = i
                 context = torch.cat([uncond_steps[i].expand(prompts, -1, -1), text])  # [uncond x P, cond x P]
-                eps_uncond, eps_cond = c.unet_eps(torch.cat([latents] * 2), t, context).chunk(2)
+                eps_uncond, eps_cond = c.predict(torch.cat([latents] * 2), t, context).chunk(2)
                 eps = cfg(eps_uncond, eps_cond, self.guidance_scale)
                 latents = ddim_jump(latents, eps, self.abar(t), self.abar(t - self.stride))
                 latents = self.correct_latents(i, latents)

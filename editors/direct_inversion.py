@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.ddim import cfg, ddim_jump
 from editors.base import EditRequest, EditResult, register
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.p2p import controlled_attention, make_controller
-from icd.ddim import cfg, ddim_jump
 
 
 @register("direct_inversion")
@@ -58,7 +58,7 @@ class DirectInversionEditor(DDIMP2PEditor):
                 controller.step = i
                 latents = trajectory[self.num_steps - i].expand(prompts, -1, -1, -1)  # snapped: [P, 4, h, w]
                 context = torch.cat([uncond_steps[i].expand(prompts, -1, -1), text])  # [uncond x P, cond x P]
-                eps_uncond, eps_cond = c.unet_eps(torch.cat([latents] * 2), t, context).chunk(2)
+                eps_uncond, eps_cond = c.predict(torch.cat([latents] * 2), t, context).chunk(2)
                 eps = cfg(eps_uncond, eps_cond, self.guidance_scale)
                 predictions.append(ddim_jump(latents, eps, self.abar(t), self.abar(t - self.stride))[:1])
         return predictions

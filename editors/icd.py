@@ -36,13 +36,13 @@ from PIL import Image
 
 from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import LocalBlend, P2PController, controlled_attention, word_token_alphas
-from editors.paths import resolve_local
 from editors.seq_aligner import get_equalizer
 from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
 from icd.teacher import Conditioning, GuidedUNet, encode_conditioning, guidance_mode, load_cfg_distilled
+from models.hub import resolve_local
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
 from editors.base import Editor, EditRequest, EditResult, register
-from editors.models import Components, attach_pipeline
+from models.components import Components
+from models.loading import attach_pipeline
 
 
 @register("instruct_pix2pix")

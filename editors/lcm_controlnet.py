@@ -28,7 +28,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 from editors.base import Editor, EditRequest, EditResult, register
-from editors.models import Components, ModelLoadError, attach_pipeline, count_unet_calls
+from models.components import Components, ModelLoadError, count_forward_calls
+from models.loading import attach_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class LCMControlNetEditor(Editor):
         control = canny_edges(request.image, *self.canny_thresholds)  # RGB, resolution²
         # 2. LCM sampling under the ControlNet; a CPU generator gives the same noise on every device.
         generator = torch.Generator("cpu").manual_seed(request.seed if self.seed is None else self.seed)
-        with count_unet_calls(self.controlnet) as controlnet_calls:
+        with count_forward_calls(self.controlnet) as controlnet_calls:
             latents = self.sample(request.target_prompt, control, generator)
         # 3. Decode.
         edited = c.decode_latents(latents.float())[0]

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Adam
 
+from diffusion.ddim import cfg, ddim_jump
 from editors.base import EditRequest, EditResult, register
 from editors.ddim_p2p import DDIMP2PEditor
-from icd.ddim import cfg, ddim_jump
 
 
 def nti_learning_rate(step: int, base: float = 1e-2) -> float:

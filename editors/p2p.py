@@ -203,10 +203,10 @@ def make_controller(
 class ControlledAttnProcessor:
     """Stock attention whose probabilities the controller may read and replace; fused SDPA when it needs none."""
 
-    def __init__(self, controller, layer: str):
+    def __init__(self, controller, layer: str, is_cross: bool):
         self.controller = controller
         self.layer = layer
-        self.is_cross = layer.split(".")[-2] == "attn2"
+        self.is_cross = is_cross
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -255,7 +255,10 @@ class ControlledAttnProcessor:
 def controlled_attention(unet, controller) -> Iterator[None]:
     """Install `ControlledAttnProcessor` on every attention layer of ``unet``; restore the previous ones on exit."""
     previous = unet.attn_processors
-    processors = {name: ControlledAttnProcessor(controller, name) for name in previous}
+    modules = dict(unet.named_modules())  # processor "<layer>.processor" belongs to the Attention module "<layer>"
+    processors = {name: ControlledAttnProcessor(controller, name,
+                                                modules[name.removesuffix(".processor")].is_cross_attention)
+                  for name in previous}
     if not processors or not any(p.is_cross for p in processors.values()):
         raise RuntimeError("Prompt-to-Prompt found no cross-attention layers in the UNet")
     unet.set_attn_processor(processors)

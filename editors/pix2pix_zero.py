@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import controlled_attention
-from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
 # -- 3. noise regularisation ------------------------------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ class Pix2PixZeroEditor(Editor):
         for t in reversed(self.timesteps):  # 0, 20, ..., 980
             abar_from, abar_to = self.abar(t - self.stride), self.abar(t)
             if not torch.equal(abar_from, abar_to):  # the first step is exactly the identity: skip its UNet call
-                eps = regularize_noise(self.components.unet_eps(z, t, caption), generator=generator,
+                eps = regularize_noise(self.components.predict(z, t, caption), generator=generator,
                                        **self.regularizer)
                 z = ddim_jump(z, eps, abar_from, abar_to)
             trajectory.append(z)
@@ -179,7 +179,7 @@ class Pix2PixZeroEditor(Editor):
         with controlled_attention(c.unet, controller):
             for i, t in enumerate(self.timesteps):
                 controller.step = i
-                latents = ddim_jump(latents, c.unet_eps(latents, t, caption), self.abar(t), self.abar(t - self.stride))
+                latents = ddim_jump(latents, c.predict(latents, t, caption), self.abar(t), self.abar(t - self.stride))
         return latents
 
     # -- 5. guided edit pass ------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class Pix2PixZeroEditor(Editor):
         controller.mode, controller.loss = "guide", None
         with torch.enable_grad():
             x_in = x_in.detach().requires_grad_(True)
-            self.components.unet_eps(x_in, t, context)  # only the attention loss is needed
+            self.components.predict(x_in, t, context)  # only the attention loss is needed
             (grad,) = torch.autograd.grad(controller.loss, x_in)
         controller.mode, controller.loss = "off", None
         return (x_in - self.xa_guidance * grad).detach()
@@ -205,7 +205,7 @@ class Pix2PixZeroEditor(Editor):
                 if self.xa_guidance > 0:
                     x_in = self.guide(x_in, t, context, controller)
                 with torch.no_grad():
-                    eps_uncond, eps_cond = c.unet_eps(x_in, t, context).chunk(2)
+                    eps_uncond, eps_cond = c.predict(x_in, t, context).chunk(2)
                     eps = cfg(eps_uncond, eps_cond, self.guidance_scale)
                     latents = ddim_jump(x_in[:1], eps, self.abar(t), self.abar(t - self.stride))
         return latents

@@ -24,8 +24,8 @@ from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.transforms import Resize
 
-from editors.paths import hub_kwargs, is_local, resolve_local
 from evaluation.piebench import strip_brackets
+from models.hub import hub_kwargs, is_local, resolve_local
 
 log = logging.getLogger(__name__)
 

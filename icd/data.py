@@ -12,7 +12,7 @@ them (across DataLoader workers) without a run ever crashing on one bad file.
 - ``webdataset``: tar shards (``"shards/{00000..00099}.tar"`` or a glob), samples grouped by key: an image
   (jpg/jpeg/png/webp) and a caption (txt, or json with ``caption`` / ``text``). Streamed, shards split over
   ranks and DataLoader workers, reshuffled each pass, endless (training is driven by ``max_steps``).
-- ``toy``: captioned scenes from `evaluation.toyset`, written once as an image folder (offline default run).
+- ``toy``: captioned scenes from `toyworld.scenes`, written once as an image folder (offline default run).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from toyworld.scenes import TOYSET_VERSION, random_scene
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,6 @@ class TarShards(IterableDataset):
 def write_toy_imagefolder(root: str | Path, n_images: int = 64, size: int = 64, seed: int = 0) -> Path:
     """Captioned toy scenes as an image folder (PNG + metadata.jsonl); reused when complete and made by the same
     parameters and toy-world version (``toyset.json``)."""
-    from evaluation.toyset import TOYSET_VERSION, random_scene
 
     root = Path(root)
     metadata, marker = root / "metadata.jsonl", root / "toyset.json"

@@ -7,7 +7,7 @@ Each builder returns ``(prediction, target)``: the prediction carries the gradie
 target carries none. The loss is `pseudo_huber` of the two.
 
 Student parameterisation (no c_skip / c_out): f(x, t; s) = J(x; t -> s; eps_student(x, t)), with J the DDIM jump
-and its hard boundary at s = 0 (`icd.ddim.jump`). The teacher takes one DDIM grid step (stride 20) with the plain
+and its hard boundary at s = 0 (`diffusion.ddim.jump`). The teacher takes one DDIM grid step (stride 20) with the plain
 abar table (abar_0 = 0.99915 for the step 19 -> 0), evaluated at the step's starting point in both directions.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from icd.ddim import abar_rows, add_noise, ddim_jump, jump
+from diffusion.ddim import abar_rows, add_noise, ddim_jump, jump
 from icd.schedule import BoundarySchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

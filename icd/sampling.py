@@ -1,6 +1,6 @@
 """iCD inference loops shared by the editor, the training-time validation and the tests.
 
-A distilled model runs a list of (t -> s) pairs, one network evaluation and one `icd.ddim.jump` per pair:
+A distilled model runs a list of (t -> s) pairs, one network evaluation and one `diffusion.ddim.jump` per pair:
 generation with the reverse model over `reverse_pairs`, inversion with the forward model over `forward_pairs`
 starting from x_19 = sqrt(abar_19) x0 + sqrt(1 - abar_19) noise. `ddim_solve` is the teacher's multi-step DDIM
 between two timesteps (the reference point the distilled jumps approximate).
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from icd.ddim import add_noise, ddim_jump, jump
+from diffusion.ddim import add_noise, ddim_jump, jump
 
 # (step index, x [B, C, h, w], t) -> eps [B, C, h, w]
 StepEps = Callable[[int, torch.Tensor, int], torch.Tensor]

@@ -33,7 +33,6 @@ import torch
 from PIL import Image
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from editors.models import Components, load_components
 from icd.guidance import GuidancePolicy
 from icd.lora import (
     ADAPTERS,
@@ -64,6 +63,8 @@ from icd.teacher import (
     guidance_mode,
     load_cfg_distilled,
 )
+from models.components import Components
+from models.loading import load_components
 
 log = logging.getLogger(__name__)
 

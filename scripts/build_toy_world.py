@@ -23,7 +23,7 @@ weights/toy/quality.json the quality bars. ``--stages`` runs a subset (the data 
 always runs; it is deterministic), ``--resume`` continues the teacher, CLIP and IP2P UNet saved in ``--out`` with a new
 warmup + cosine cycle.
 
-The world is `evaluation.toyset`: 32² scenes of one or two coloured shapes on a background, captioned in a fixed
+The world is `toyworld.scenes`: 32² scenes of one or two coloured shapes on a background, captioned in a fixed
 35-word grammar. The stages, each with a progress bar and its losses logged to ``<out>/build_log.jsonl``:
 
 1. data: render the training scenes (captions plus hard-negative captions that differ in one attribute), held-out
@@ -42,7 +42,7 @@ The world is `evaluation.toyset`: 32² scenes of one or two coloured shapes on a
    CLIP similarity on toy runs and its vision tower serves the structure distance there.
 6. ip2p: an InstructPix2Pix-style UNet (8 input channels: noisy latent + source latent), initialised from the
    teacher and fine-tuned on edit triples with 5 % text and 5 % image dropout (the two guidance terms).
-7. eval: the quality bars, measured through `editors.models.load_components` on the saved files, written to
+7. eval: the quality bars, measured through `models.loading.load_components` on the saved files, written to
    ``<out>/quality.json``: VAE PSNR, CLIP zero-shot accuracy, teacher samples judged by the toy CLIP (next to the
    judge's score on the real scenes of the same captions), DDIM inversion round trips (unguided, CFG 7.5, CFG 7.5
    with Null-Text Inversion), and InstructPix2Pix edits of held-out triples against their ground truth.
@@ -81,18 +81,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from editors.models import load_components, sd_scheduler  # noqa: E402
+from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
 from evaluation.metrics import CLIP_MEAN, CLIP_STD  # noqa: E402
-from evaluation.toyset import (  # noqa: E402
-    BG_COLOURS,
-    COLOURS,
-    SHAPES,
-    Scene,
-    make_edit,
-    random_scene,
-    vocabulary,
-)
-from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
+from models.loading import load_components, sd_scheduler  # noqa: E402
+from toyworld.scenes import BG_COLOURS, COLOURS, SHAPES, Scene, make_edit, random_scene, vocabulary  # noqa: E402
 
 SIZE = 32  # image side; latents are 8²
 MAX_LENGTH = 24  # the longest toy caption has 20 words; SD uses 77
@@ -182,7 +174,7 @@ def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
 def perturb(scene: Scene, rng: np.random.Generator) -> Scene:
     """The scene with one attribute changed (an object's shape, colour, texture or size, the background's colour or
     pattern, the style): a hard negative caption for the contrastive CLIP."""
-    from evaluation.toyset import BG_PATTERNS, SIZES, STYLES, TEXTURES
+    from toyworld.scenes import BG_PATTERNS, SIZES, STYLES, TEXTURES
 
     def other(options, current):
         options = [o for o in options if o != current]
@@ -726,10 +718,10 @@ def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[
     latents = x_t
     for i, t in enumerate(ddim_timesteps(num_steps, c.scheduler.config.num_train_timesteps)):
         if scale == 1.0:
-            eps = c.unet_eps(latents, t, cond)
+            eps = c.predict(latents, t, cond)
         else:
             uncond = uncond_steps[i].expand(len(latents), -1, -1)
-            eps_u, eps_c = c.unet_eps(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
+            eps_u, eps_c = c.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
             eps = cfg(eps_u, eps_c, scale)
         abar_t = abar_at(c.alphas_cumprod, t, final).to(c.device)
         abar_s = abar_at(c.alphas_cumprod, t - stride, final).to(c.device)

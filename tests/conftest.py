@@ -16,6 +16,6 @@ NO_OFFLOAD = {"mode": "none"}
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from editors.models import load_components
+    from models.loading import load_components
 
     return load_components(TINY, FP32, NO_OFFLOAD, "cpu")

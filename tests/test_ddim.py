@@ -1,7 +1,7 @@
 import torch
 
+from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 from editors.ddim_p2p import DDIMP2PEditor
-from icd.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
 
 def test_reference_grid():
@@ -40,7 +40,7 @@ def _round_trip_error(components, steps: int, z0, cond) -> float:
     z = editor.invert(z0, cond)[-1]
     with torch.no_grad():
         for t in editor.timesteps:  # unguided (conditional) denoising, the exact reverse of the inversion
-            z = ddim_jump(z, components.unet_eps(z, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+            z = ddim_jump(z, components.predict(z, t, cond), editor.abar(t), editor.abar(t - editor.stride))
     return (z - z0).pow(2).mean().item()
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from editors.base import EditorConfigError
 from evaluation import harness
-from evaluation.harness import ResultsFile, RunError, run
 from evaluation.toyset import builtin_folder, write_piebench
+from experiments.harness import ResultsFile, RunError, run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=3"]
@@ -330,8 +330,8 @@ def test_a_job_whose_every_item_failed_exits_non_zero(tmp_path):
 def test_an_unreachable_hub_is_one_clear_line_at_once(monkeypatch):
     from huggingface_hub import constants
 
-    from editors import paths
-    from editors.models import load_components
+    from models import hub as paths
+    from models.loading import load_components
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(paths, "hub_reachable", lambda: False)
@@ -372,7 +372,7 @@ def test_a_toy_set_write_is_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_one_job_is_one_wandb_run_whose_history_and_table_cover_every_item(tmp_path, monkeypatch):
-    from evaluation.wandb_logger import RunLogger
+    from experiments.wandb_logger import RunLogger
 
     logged, tables = [], []
     log_item, make_table = RunLogger.log_item, RunLogger._table

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.ddim import add_noise
 from editors.base import EditRequest, build_editor
-from editors.models import build_tiny, load_components
-from icd.ddim import add_noise
 from icd.lora import FORWARD, REVERSE, add_icd_adapters, lora_parameters, save_adapter
 from icd.teacher import add_guidance_embedding
+from models.builders import build_tiny
+from models.loading import load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}

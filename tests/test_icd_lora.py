@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from editors.models import build_tiny, sd_scheduler
 from icd.guidance import guidance_embedding
 from icd.lora import (
     FORWARD,
@@ -24,6 +23,8 @@ from icd.lora import (
     save_adapter,
 )
 from icd.teacher import GuidedUNet, add_guidance_embedding, load_cfg_distilled
+from models.builders import build_tiny
+from models.loading import sd_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from icd.ddim import add_noise, ddim_jump, jump
+from diffusion.ddim import add_noise, ddim_jump, jump
 from icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
 from icd.losses import (
     forward_consistency,

@@ -14,13 +14,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from editors.base import EditRequest, build_editor
-from editors.models import Components, build_tiny, load_components, sd_scheduler
 from icd.data import collate
 from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from icd.schedule import BoundarySchedule
 from icd.teacher import GuidedUNet
 from icd.training import LOSSES, ICDModule, load_teacher
+from models.builders import build_tiny
+from models.components import Components
+from models.loading import load_components, sd_scheduler
 
 CAPTIONS = ("a red circle", "a blue square", "a green star")
 

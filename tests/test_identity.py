@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
+from models.loading import load_components
 
 
 def test_identity_returns_the_source_with_no_unet_call():

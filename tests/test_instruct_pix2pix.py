@@ -10,7 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
+from models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_IP2P = {"name": "tiny_ip2p", "kind": "tiny", "arch": "ip2p", "seed": 0, "resolution": 64}

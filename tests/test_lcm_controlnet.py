@@ -12,7 +12,8 @@ from PIL import Image
 
 from editors.base import EditRequest, build_editor
 from editors.lcm_controlnet import canny_edges
-from editors.models import ModelLoadError, load_components
+from models.components import ModelLoadError
+from models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}

@@ -19,7 +19,6 @@ from transformers import (
     ViTModel,
 )
 
-from editors.tokenizers import char_tokenizer
 from evaluation.metrics import (
     METRIC_KEYS,
     PAPER_SCALES,
@@ -36,12 +35,13 @@ from evaluation.metrics import (
     ssim_unedit_part,
     structure_distance,
 )
+from models.tokenizers import char_tokenizer
 
 
 def tiny_clip_config():
     text = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                           num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                          pad_token_id=1)  # ids of editors.tokenizers.char_tokenizer
+                          pad_token_id=1)  # ids of models.tokenizers.char_tokenizer
     vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                               num_attention_heads=2)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)

@@ -6,7 +6,9 @@ from conftest import FP32, NO_OFFLOAD, TINY
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from editors.models import ModelLoadError, PromptTooLongError, build_tiny, load_components, sd_scheduler
+from models.builders import build_tiny
+from models.components import ModelLoadError, PromptTooLongError
+from models.loading import load_components, sd_scheduler
 
 
 def test_tiny_components(tiny_components):
@@ -28,7 +30,7 @@ def test_half_precision_keeps_vae_in_fp32():
     assert c.unet.dtype == torch.bfloat16 and c.text_encoder.dtype == torch.bfloat16 and c.vae.dtype == torch.float32
     latent = c.encode_image(__import__("PIL.Image").Image.new("RGB", (64, 64), "red"))
     assert latent.dtype == torch.float32
-    eps = c.unet_eps(latent, 500, c.encode_prompts(["a"]))
+    eps = c.predict(latent, 500, c.encode_prompts(["a"]))
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
@@ -40,7 +42,7 @@ def test_channels_last_changes_the_layout_not_the_results(tiny_components):
     # other convolution algorithms (same maths): float32 rounding only
     torch.testing.assert_close(latent, tiny_components.encode_image(image), atol=1e-3, rtol=0)
     cond = c.encode_prompts(["a"])
-    torch.testing.assert_close(c.unet_eps(latent, 500, cond), tiny_components.unet_eps(latent, 500, cond),
+    torch.testing.assert_close(c.predict(latent, 500, cond), tiny_components.predict(latent, 500, cond),
                                atol=1e-3, rtol=0)
 
 
@@ -60,11 +62,11 @@ def test_pretrained_loads_a_local_diffusers_folder(tmp_path, tiny_components):
     text = c.encode_prompts(["a blue square"])
     assert torch.allclose(text, tiny_components.encode_prompts(["a blue square"]))
     z = torch.randn(1, 4, 16, 16)
-    assert torch.allclose(c.unet_eps(z, 10, text), tiny_components.unet_eps(z, 10, text), atol=1e-6)
+    assert torch.allclose(c.predict(z, 10, text), tiny_components.predict(z, 10, text), atol=1e-6)
 
 
 def test_relative_local_paths_fall_back_to_the_repository(tmp_path, monkeypatch):
-    from editors.paths import REPO_ROOT, resolve_local
+    from models.hub import REPO_ROOT, resolve_local
 
     monkeypatch.chdir(tmp_path)
     assert resolve_local("./conf") == REPO_ROOT / "conf"  # shipped folders load from any working directory

@@ -12,8 +12,10 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from transformers import CLIPTextModelWithProjection
 
-import editors.models as models
-from editors.models import ModelLoadError, build_tiny, build_tiny_sdxl, load_components
+import models.loading as loading
+from models.builders import build_sdxl_arch, build_tiny, build_tiny_sdxl
+from models.components import ModelLoadError
+from models.loading import load_components
 
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
@@ -51,7 +53,7 @@ def tiny_sdxl_dir(tmp_path_factory):
     modules = build_tiny_sdxl(0)
     modules.pop("controlnet")
     folder = tmp_path_factory.mktemp("tiny_sdxl")
-    StableDiffusionXLPipeline(**modules, scheduler=models.sd_scheduler(steps_offset=1),
+    StableDiffusionXLPipeline(**modules, scheduler=loading.sd_scheduler(steps_offset=1),
                               add_watermarker=False).save_pretrained(folder)
     return folder
 
@@ -127,7 +129,7 @@ def test_pretrained_sdxl_directory_with_standalone_unet_and_vae(tiny_sdxl_dir):
 def test_sd_folder_loaded_as_sdxl_names_model_path(tmp_path):
     unet, vae, text_encoder, tokenizer = build_tiny(0, in_channels=8)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=models.sd_scheduler(steps_offset=1), safety_checker=None,
+                            scheduler=loading.sd_scheduler(steps_offset=1), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path)
     model = {"name": "x", "kind": "pretrained", "family": "sd", "path": str(tmp_path), "resolution": 64}
     assert load_components(model, FP32, NO_OFFLOAD, "cpu").unet.config.in_channels == 8  # an IP2P-shaped folder
@@ -162,13 +164,13 @@ def test_lora_is_loaded_and_applied(tiny_lora, fuse):
 def test_lora_is_loaded_before_offload_hooks(tiny_lora, monkeypatch):
     folder, _ = tiny_lora
     seen = {}
-    attach = models.attach_pipeline
+    attach = loading.attach_pipeline
 
     def record(components, pipe):
         seen["lora_layers"] = has_lora_layers(components.unet)
         attach(components, pipe)
 
-    monkeypatch.setattr(models, "attach_pipeline", record)
+    monkeypatch.setattr(loading, "attach_pipeline", record)
     load_components({**TINY_SDXL, "lora": str(folder), "lora_fuse": False}, FP32, {"mode": "model"}, "cpu")
     assert seen == {"lora_layers": True}
 
@@ -180,7 +182,7 @@ def test_missing_lora_names_its_key():
 
 def test_sdxl_arch_has_sdxl_parameter_counts():
     with torch.device("meta"):  # shapes only: the real thing is ~3.5 B parameters
-        modules = models.build_sdxl_arch()
+        modules = build_sdxl_arch()
     count = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()
              if isinstance(m, torch.nn.Module)}
     assert count["unet"] == 2_567_463_684  # SDXL 1.0 base UNet

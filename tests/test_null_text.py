@@ -11,9 +11,9 @@ from PIL import Image
 import editors.null_text as null_text
 from editors.base import EditRequest, build_editor
 from editors.ddim_p2p import DDIMP2PEditor
-from editors.models import load_components
 from editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
 from editors.p2p import make_controller
+from models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]

@@ -164,7 +164,7 @@ def test_edit_reports_calls_and_returns_both_images(tiny_components):
 def test_blend_resolution_is_latent_over_4_or_the_nearest_cross_attention_size(latent_size, blocks, expected):
     from types import SimpleNamespace
 
-    from editors.models import Components
+    from models.components import Components
 
     unet = SimpleNamespace(config=SimpleNamespace(down_block_types=blocks))
     fake = SimpleNamespace(latent_size=latent_size, unet=unet)

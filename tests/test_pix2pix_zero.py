@@ -86,7 +86,7 @@ def test_guidance_step_descends_the_attention_loss(tiny_components):
     def loss(x: torch.Tensor) -> float:
         controller.mode, controller.loss = "guide", None
         with controlled_attention(c.unet, controller), torch.no_grad():
-            c.unet_eps(x, t, context)
+            c.predict(x, t, context)
         return controller.loss.item()
 
     controller.step = step

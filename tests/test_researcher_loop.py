@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from evaluation import aggregate, harness
-from evaluation.harness import RunError, run
 from evaluation.toyset import write_piebench
+from experiments.harness import RunError, run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "dataset.limit=3"]
@@ -41,7 +41,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _spy_on_summaries(monkeypatch) -> list[dict]:
-    from evaluation.wandb_logger import RunLogger
+    from experiments.wandb_logger import RunLogger
 
     seen, exit_ = [], RunLogger.__exit__
 
@@ -175,7 +175,7 @@ def test_auto_device_spreads_jobs_over_visible_gpus(monkeypatch):
 
 
 def test_icd_editor_takes_the_trained_schedule_from_the_export_folder(tmp_path):
-    from evaluation.harness import load_editor
+    from experiments.harness import load_editor
 
     export = tmp_path / "lora"
     shutil.copytree(ROOT / "weights" / "toy" / "icd", export)
@@ -233,8 +233,8 @@ def test_score_cli_with_toy_backbones_scores_the_ground_truth_too(tmp_path, caps
 def test_score_cli_names_its_flags_when_a_backbone_cannot_be_had(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from editors import paths
     from evaluation.score import main
+    from models import hub as paths
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(paths, "hub_reachable", lambda: False)

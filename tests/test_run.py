@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from evaluation.aggregate import CAPTION, HEADER, SIDEBAR
-from evaluation.harness import RESULT_COLUMNS
 from evaluation.toyset import write_piebench
+from experiments.harness import RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]

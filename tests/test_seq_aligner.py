@@ -19,7 +19,7 @@ from editors.seq_aligner import (
     get_word_inds,
     self_replace_window,
 )
-from editors.tokenizers import char_tokenizer
+from models.tokenizers import char_tokenizer
 
 L = 77
 

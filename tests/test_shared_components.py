@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
+from models.loading import load_components
 
 FP32, NO_OFFLOAD = {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}
 P2P = {"num_steps": 3}

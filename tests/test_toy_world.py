@@ -17,13 +17,14 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from transformers import CLIPTokenizer
 
+from diffusion.ddim import ddim_jump
 from editors.base import EditRequest, build_editor
-from editors.models import load_components
 from evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
-from evaluation.harness import load_editor
 from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
-from evaluation.toyset import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary, write_piebench
-from icd.ddim import ddim_jump
+from evaluation.toyset import write_piebench
+from experiments.harness import load_editor
+from models.loading import load_components
+from toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "toy"
@@ -92,7 +93,7 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     z0, cond = toy.encode_image(Image.fromarray(image)), toy.encode_prompts([caption])
     latents = editor.invert(z0, cond)[-1]
     for t in editor.timesteps:
-        latents = ddim_jump(latents, toy.unet_eps(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+        latents = ddim_jump(latents, toy.predict(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
     return _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 

@@ -33,15 +33,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from editors.base import EditRequest, build_editor
-from editors.models import ModelLoadError, load_components
-from editors.paths import HubUnreachableError
-from evaluation.console import details, quiet_libraries
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from evaluation.metrics import METRIC_KEYS, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from evaluation.summary import format_summary, read_results, summarize
 from evaluation.toyset import dataset_root, write_piebench
-from evaluation.wandb_logger import RunLogger
+from experiments.console import details, quiet_libraries
+from experiments.wandb_logger import RunLogger
+from models.components import ModelLoadError
+from models.hub import HubUnreachableError
+from models.loading import load_components
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,99 @@
+"""The import graph follows the layers (README, "Layers"): a package imports only the layers below it.
+
+    python -m pytest tests/test_layers.py -q      # fails on an upward import, naming the file, line and module
+    python tests/test_layers.py                   # prints the package graph by layer
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Lowest first; each package may import any package listed under an earlier layer, and its own package.
+LAYERS = (
+    ("diffusion", "toyworld"),  # the diffusion math (torch only); the toy world's scenes (numpy / PIL only)
+    ("models",),  # model loading: families, architectures, the hub, the Components face
+    ("icd", "editors"),  # methods: iCD math + training; the editors (editors may use iCD's math, not the reverse)
+    ("evaluation",),  # PIE-Bench reader, metrics, summaries, scoring: none of icd / editors
+    ("experiments",),  # the run harness, W&B logging, the console, the toy-world build
+)
+TOP_LEVEL = ("run", "train", "scripts", "benchmarks")  # programs: may import every layer
+# Imports a package may not make although their layer is below it.
+FORBIDDEN = {"icd": {"editors"}, "evaluation": {"icd", "editors", "diffusion"}}
+# What the bottom layer may import from outside the project.
+BOTTOM_THIRD_PARTY = {"diffusion": {"torch", "math", "typing", "dataclasses", "__future__"},
+                      "toyworld": {"numpy", "PIL", "dataclasses", "typing", "__future__"}}
+
+LAYER_OF = {package: i for i, packages in enumerate(LAYERS) for package in packages}
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level module) of every import in ``path``, including those inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def package_files() -> dict[str, list[Path]]:
+    return {package: sorted((REPO / package).rglob("*.py")) for package in LAYER_OF}
+
+
+def violations() -> list[str]:
+    problems = []
+    for package, files in package_files().items():
+        for path in files:
+            for line, module in imports(path):
+                where = f"{path.relative_to(REPO)}:{line} imports {module}"
+                if module in TOP_LEVEL or (module in LAYER_OF and LAYER_OF[module] > LAYER_OF[package]):
+                    problems.append(f"{where}: an upward import ({package} is below {module})")
+                elif module in FORBIDDEN.get(package, ()):
+                    problems.append(f"{where}: {package} may not import {module}")
+                elif package in BOTTOM_THIRD_PARTY and module not in LAYER_OF \
+                        and module not in BOTTOM_THIRD_PARTY[package] and module not in sys.stdlib_module_names:
+                    problems.append(f"{where}: {package} is the bottom layer ({', '.join(BOTTOM_THIRD_PARTY[package])})")
+    return problems
+
+
+def graph() -> dict[str, set[str]]:
+    edges = defaultdict(set)
+    for package, files in package_files().items():
+        for path in files:
+            edges[package] |= {m for _, m in imports(path) if m in LAYER_OF and m != package}
+    return edges
+
+
+def test_no_upward_imports():
+    assert violations() == []
+
+
+def test_every_project_package_has_a_layer():
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"conf", "weights", "tests"}
+    assert packages <= set(LAYER_OF), f"packages without a layer in LAYERS: {sorted(packages - set(LAYER_OF))}"
+
+
+def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check itself: a diffusion module that imports editors is reported."""
+    bad = tmp_path / "diffusion" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text("import torch\n\ndef f():\n    from editors.base import Editor\n")
+    monkeypatch.setattr(sys.modules[__name__], "package_files", lambda: {"diffusion": [bad]})
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert violations() == ["diffusion/bad.py:4 imports editors: an upward import (diffusion is below editors)"]
+
+
+if __name__ == "__main__":
+    edges = graph()
+    for i, packages in enumerate(LAYERS):
+        for package in packages:
+            print(f"layer {i}  {package:<12} -> {', '.join(sorted(edges[package])) or '(nothing of the project)'}")
+    print("programs     run.py, train.py, scripts/, benchmarks/ -> any layer")
+    print("\n".join(violations()) or "no upward import")
