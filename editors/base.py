@@ -12,6 +12,7 @@ calls and the seconds the edit took; the harness measures memory around it.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import importlib
 import inspect
 import math
@@ -50,7 +51,7 @@ class Editor:
     """Base class: subclasses implement `_edit`; `edit` adds seeding, timing and UNet-call counting."""
 
     name: str = ""
-    parameter_choices: dict[str, tuple[str, ...]] = {"mode": ("refine", "replace")}  # the allowed string values
+    parameter_choices: dict[str, tuple[str, ...]] = {}  # the allowed string values of parameters, by name
 
     def __init__(self, components: Components):
         self.components = components
@@ -136,6 +137,16 @@ PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
+def _defaults(cls: type[Editor]) -> dict[str, Any]:
+    """The constructor defaults of an editor class (the most derived class's where several set one)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            defaults.update({p.name: p.default for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
+                             if p.default is not p.empty})
+    return defaults
+
+
 def _annotations(cls: type[Editor]) -> dict[str, Any]:
     hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
@@ -144,9 +155,12 @@ def _annotations(cls: type[Editor]) -> dict[str, Any]:
     return hints
 
 
-def _checked(name: str, value: Any, kind: Any, choices: Mapping[str, tuple[str, ...]]) -> Any:
-    """``value`` as the annotated ``kind`` (int, float, bool, str, a sequence of one of them, or any of them | None);
-    raises `EditorConfigError` naming ``editor.<name>`` when it is not one, or out of its range."""
+def _checked(name: str, value: Any, kind: Any, choices: Mapping[str, tuple[str, ...]], default: Any = None) -> Any:
+    """``value`` as the annotated ``kind`` (int, float, bool, str, a sequence of one of them, or any of them | None,
+    or a settings dataclass); raises `EditorConfigError` naming ``editor.<name>`` when it is not one, or out of its
+    range."""
+    if dataclasses.is_dataclass(kind):  # a settings object, e.g. editor.p2p: its fields, checked one by one
+        return _checked_settings(name, value, kind, default if isinstance(default, kind) else kind())
     args = typing.get_args(kind)
     if type(None) in args:
         if value is None:
@@ -165,14 +179,30 @@ def _checked(name: str, value: Any, kind: Any, choices: Mapping[str, tuple[str, 
         raise EditorConfigError(f"editor.{name}={value!r} must be a finite number")
     if kind is str and not isinstance(value, str):
         raise EditorConfigError(f"editor.{name}={value!r} must be a string")
-    low, high = PARAMETER_RANGES.get(name, (None, None))
+    low, high = PARAMETER_RANGES.get(name.rsplit(".", 1)[-1], (None, None))
     if is_number and (low is not None and value < low or high is not None and value > high):
         bound = f"between {low} and {high}" if low is not None and high is not None else \
             f"at least {low}" if low is not None else f"at most {high}"
         raise EditorConfigError(f"editor.{name}={value!r} is out of range: it must be {bound}")
-    if name in choices and value not in choices[name]:
-        raise EditorConfigError(f"editor.{name}={value!r} must be one of {', '.join(choices[name])}")
+    field = name.rsplit(".", 1)[-1]
+    if field in choices and value not in choices[field]:
+        raise EditorConfigError(f"editor.{name}={value!r} must be one of {', '.join(choices[field])}")
     return int(value) if kind is int else float(value) if kind is float else value
+
+
+def _checked_settings(name: str, value: Any, kind: type, default: Any) -> Any:
+    """A mapping of some of ``kind``'s fields -> ``default`` with those fields replaced, each checked."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, Mapping):
+        raise EditorConfigError(f"editor.{name}={value!r} must be a mapping of {kind.__name__} fields")
+    fields = {f.name for f in dataclasses.fields(kind)}
+    if unknown := sorted(set(value) - fields):
+        raise EditorConfigError(f"editor.{name} has no field {', '.join(unknown)}; "
+                                f"it takes: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(kind)
+    choices = getattr(kind, "choices", {})
+    return dataclasses.replace(default, **{k: _checked(f"{name}.{k}", v, hints[k], choices) for k, v in value.items()})
 
 
 def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
@@ -189,5 +219,6 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
                         f"it takes: {', '.join(accepted) or 'none'}")
     hints = _annotations(EDITORS[name])
     choices = EDITORS[name].parameter_choices
-    params = {k: _checked(k, v, hints[k], choices) if k in hints else v for k, v in params.items()}
+    defaults = _defaults(EDITORS[name])
+    params = {k: _checked(k, v, hints[k], choices, defaults.get(k)) if k in hints else v for k, v in params.items()}
     return EDITORS[name](components, **params)

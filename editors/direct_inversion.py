@@ -6,7 +6,7 @@
    and, at each step i, record the source row's prediction ẑ_i and so its gap to the inversion trajectory,
    d_i = z*_{N-1-i} − ẑ_i, then snap the running latent back to z*_{N-1-i} (each step starts on the trajectory).
 3. Edit pass: the DDIM + P2P edit (`DDIMP2PEditor.denoise`) with d_i added to the source row only after each
-   scheduler step (`correct_latents`, before LocalBlend, as the reference). The source branch therefore walks
+   scheduler step (the `source_correction` hook, before LocalBlend, as the reference). The source branch walks
    z*_{N-1}, ..., z*_0 and its attention maps, which P2P injects into the target, are those of the exact inversion
    path; the target branch is left free.
 4. Decode: row 0 is the reconstruction (the inversion's own z*_0), row 1 the edit.
@@ -31,57 +31,37 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.ddim import cfg, ddim_jump
-from editors.base import EditRequest, EditResult, register
+from diffusion.sampling import StepHook
+from editors.base import EditRequest, register
 from editors.ddim_p2p import DDIMP2PEditor
-from editors.p2p import controlled_attention, make_controller
 
 
 @register("direct_inversion")
 class DirectInversionEditor(DDIMP2PEditor):
-    def __init__(self, components, **p2p_args):
-        super().__init__(components, **p2p_args)
-        # of the edit in progress: z*_{N-1-i} and the offset pass's source prediction ẑ_i, each [1, 4, h, w]
-        self.targets: list[torch.Tensor] = []
-        self.predictions: list[torch.Tensor] = []
-
     # -- 2. offset pass ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def source_predictions(self, trajectory: list[torch.Tensor], text: torch.Tensor,
                            uncond_steps: list[torch.Tensor], controller) -> list[torch.Tensor]:
         """ẑ_i, the source row's guided DDIM step from z*_{N-i} (so d_i = z*_{N-1-i} − ẑ_i); text [P, 77, D]."""
-        c = self.components
         prompts = text.shape[0]
+        targets = trajectory[-2::-1]  # z*_{N-1}, ..., z*_0
         predictions = []
-        with controlled_attention(c.unet, controller):
-            for i, t in enumerate(self.timesteps):
-                controller.step = i
-                latents = trajectory[self.num_steps - i].expand(prompts, -1, -1, -1)  # snapped: [P, 4, h, w]
-                context = torch.cat([uncond_steps[i].expand(prompts, -1, -1), text])  # [uncond x P, cond x P]
-                eps_uncond, eps_cond = c.predict(torch.cat([latents] * 2), t, context).chunk(2)
-                eps = cfg(eps_uncond, eps_cond, self.guidance_scale)
-                predictions.append(ddim_jump(latents, eps, self.abar(t), self.abar(t - self.stride))[:1])
+
+        def snap(i: int, latents: torch.Tensor) -> torch.Tensor:  # record ẑ_i, start the next step on z*_{N-1-i}
+            predictions.append(latents[:1])
+            return targets[i].expand(prompts, -1, -1, -1)
+
+        self.guided_loop(trajectory[-1].expand(prompts, -1, -1, -1), text, uncond_steps, controller, snap)
         return predictions
 
     # -- 3. the edit pass's correction --------------------------------------------------------------------------------
-    def correct_latents(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+    def source_correction(self, trajectory: list[torch.Tensor], text: torch.Tensor,
+                          uncond_steps: list[torch.Tensor], request: EditRequest) -> StepHook:
         """Source row x += d_i, summed as z*_{N-1-i} + (x − ẑ_i); target rows untouched. latents [P, 4, h, w]."""
-        source = self.targets[step] + (latents[:1] - self.predictions[step])
-        return torch.cat([source, latents[1:]])
+        targets = trajectory[-2::-1]  # z*_{N-1}, ..., z*_0
+        predictions = self.source_predictions(trajectory, text, uncond_steps, self.make_controller(request))
 
-    def prepare_denoise(self, trajectory: list[torch.Tensor], text: torch.Tensor, uncond_steps: list[torch.Tensor],
-                        request: EditRequest) -> None:
-        c = self.components
-        prompts = [request.source_prompt, request.target_prompt]
-        offset_controller = make_controller(prompts, c.tokenizer, self.num_steps, c.latent_size, c.blend_resolution,
-                                            request.blend_words, **self.controller_args)
-        self.targets = trajectory[-2::-1]  # z*_{N-1}, ..., z*_0
-        self.predictions = self.source_predictions(trajectory, text, uncond_steps, offset_controller)
+        def correct(i: int, latents: torch.Tensor) -> torch.Tensor:
+            source = targets[i] + (latents[:1] - predictions[i])
+            return torch.cat([source, latents[1:]])
 
-    def _edit(self, request: EditRequest) -> EditResult:
-        try:
-            result = super()._edit(request)
-        finally:
-            self.targets, self.predictions = [], []
-        result.extras["backward_passes"] = 0
-        return result
+        return correct

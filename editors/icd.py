@@ -35,8 +35,7 @@ import torch
 from PIL import Image
 
 from editors.base import Editor, EditRequest, EditResult, register
-from editors.p2p import LocalBlend, P2PController, controlled_attention, word_token_alphas
-from editors.seq_aligner import get_equalizer
+from editors.p2p import P2PController, P2PSettings, controlled_attention, make_controller
 from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
@@ -46,19 +45,8 @@ from models.hub import resolve_local
 
 log = logging.getLogger(__name__)
 
-# Words never re-weighted by the equalizer (the reference drops English stop words from the target-only words).
-STOP_WORDS = frozenset(
-    "a an the of in on at to for from by with and or is are was were be its it his her their this that these those "
-    "into onto over under as".split()
-)
-
-
-def new_words(source: str, target: str) -> list[str]:
-    """Target-prompt words absent from the source prompt, stop words removed (what AttentionReweight amplifies)."""
-    source_words = set(source.lower().split())
-    return [w for w in dict.fromkeys(target.split()) if w.lower() not in source_words and w.lower() not in STOP_WORDS]
-
-
+# iCD-SD1.5's Prompt-to-Prompt recipe (conf/editor/p2p/icd.yaml)
+ICD_P2P = P2PSettings(cross_replace_steps=0.3, mode="auto", amplify=4.0, amplify_words="new_words", blend_start=0.0)
 REFERENCE_REVERSE_STEPS, REFERENCE_FORWARD_STEPS = (259, 519, 779, 999), (19, 259, 519, 779)  # iCD-SD1.5
 
 
@@ -73,8 +61,7 @@ def trained_schedule(adapter: str | Path | None) -> dict:
 
 @register("icd")
 class ICDEditor(Editor):
-    parameter_choices = {"mode": ("auto", "refine", "replace"), "method": ("p2p", "prompt_switch"),
-                         "guidance": ("auto", "embedded", "cfg")}
+    parameter_choices = {"method": ("p2p", "prompt_switch"), "guidance": ("auto", "embedded", "cfg")}
 
     def __init__(
         self,
@@ -90,13 +77,7 @@ class ICDEditor(Editor):
         reverse_lora: str | None = None,
         lora_rank: int = 64,
         lora_alpha: float = 8,
-        cross_replace_steps: float = 0.3,
-        self_replace_steps: float = 0.6,
-        mode: str = "auto",
-        amplify: float = 4.0,
-        local_blend: bool = True,
-        blend_start: float = 0.0,
-        blend_threshold: float = 0.3,
+        p2p: P2PSettings = ICD_P2P,
         fuse_adapters: bool = False,
     ):
         super().__init__(components)
@@ -130,9 +111,7 @@ class ICDEditor(Editor):
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=guidance_scale, tau=tau)
         self.method = method
-        self.p2p = dict(cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, mode=mode,
-                        amplify=amplify, local_blend=local_blend, blend_start=blend_start,
-                        blend_threshold=blend_threshold)
+        self.p2p = p2p
         log.info("iCD: %s, guidance %s (w=%g code units, tau=%g), reverse %s, forward %s", method, mode_,
                  guidance_scale, tau, self.schedule.reverse_pairs(), self.schedule.forward_pairs())
 
@@ -205,24 +184,10 @@ class ICDEditor(Editor):
         return run_pairs(x_T, self.schedule.reverse_pairs(), eps, self.abar)
 
     def controller(self, prompts: list[str], blend_words: tuple[str, str] | None) -> P2PController:
-        """The reference controller: Replace for equal word counts else Refine, target-only words x amplify, and
-        LocalBlend on the blend words; schedules counted in consistency steps (m)."""
-        c, p = self.components, self.p2p
-        mode = p["mode"]
-        if mode == "auto":
-            mode = "replace" if len(prompts[0].split()) == len(prompts[1].split()) else "refine"
-        steps = self.schedule.num_segments
-        equalizer = None
-        words = new_words(*prompts)
-        if p["amplify"] != 1.0 and words:
-            equalizer = get_equalizer(prompts[1], words, [p["amplify"]] * len(words), c.tokenizer)
-        blend = None
-        if p["local_blend"] and blend_words is not None:
-            alphas = word_token_alphas(prompts, list(blend_words), c.tokenizer)
-            blend = LocalBlend(alphas, resolution=c.blend_resolution, start_step=int(p["blend_start"] * steps),
-                               threshold=p["blend_threshold"])
-        return P2PController(prompts, c.tokenizer, steps, c.latent_size, p["cross_replace_steps"],
-                             p["self_replace_steps"], mode, equalizer, blend)
+        """The shared P2P controller (`make_controller`), its schedules counted in consistency steps (m)."""
+        c = self.components
+        return make_controller(prompts, c.tokenizer, self.schedule.num_segments, c.latent_size, c.blend_resolution,
+                               blend_words, self.p2p)
 
     def close(self) -> None:
         """The shared UNet as it was: the teacher's weights back in place (fused switch), both adapters removed (with

@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from editors.base import EditRequest, EditResult, register
+from editors.base import register
 from editors.ddim_p2p import DDIMP2PEditor
 
 
 @register("npi")
 class NegativePromptInversionEditor(DDIMP2PEditor):
-    def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor,
-                        uncond: torch.Tensor) -> list[torch.Tensor]:
+    def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], dict]:
         """Step 2: the source prompt's embedding cond [1, 77, D] replaces ∅ at every step."""
-        return [cond] * self.num_steps
-
-    def _edit(self, request: EditRequest) -> EditResult:
-        result = super()._edit(request)
-        result.extras["backward_passes"] = 0
-        return result
+        return [cond] * self.num_steps, {}

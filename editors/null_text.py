@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.optim import Adam
 
 from diffusion.ddim import cfg, ddim_jump
-from editors.base import EditRequest, EditResult, register
+from diffusion.sampling import ddim_loop
+from editors.base import register
 from editors.ddim_p2p import DDIMP2PEditor
 
 
@@ -82,74 +83,70 @@ class NullTextEditor(DDIMP2PEditor):
         num_inner_steps: int = 10,
         learning_rate: float = 1e-2,
         early_stop_epsilon: float = 1e-5,
-        **p2p_args,
+        **ddim_p2p_args,
     ):
-        super().__init__(components, **p2p_args)
+        super().__init__(components, **ddim_p2p_args)
         self.num_inner_steps = num_inner_steps
         self.learning_rate = learning_rate
         self.early_stop_epsilon = early_stop_epsilon
-        self.inner_steps: list[int] = []  # Adam steps taken per denoising step, of the latest edit
-        self.final_losses: list[float] = []  # loss at the last Adam step per denoising step (NaN: not optimised)
 
     def _eps32(self, latents: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
         """ε in fp32 from the (fp32-cast) UNet: latents [1, 4, h, w] fp32, text [1, 77, D] fp32."""
         timestep = torch.tensor(t, device=self.components.device)
         return self.components.unet(latents, timestep, encoder_hidden_states=text).sample
 
-    def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor,
-                        uncond: torch.Tensor) -> list[torch.Tensor]:
-        """Step 2: the optimised ∅_i for each denoising step, each [1, 77, D] in the compute dtype."""
+    def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], dict]:
+        """Step 2: the optimised ∅_i for each denoising step, each [1, 77, D] in the compute dtype, and the
+        optimisation's figures (Adam steps and final loss per denoising step; NaN: not optimised)."""
         steps = self.num_steps
-        self.inner_steps, self.final_losses = [0] * steps, [float("nan")] * steps
+        inner_steps, final_losses = [0] * steps, [float("nan")] * steps
+        extras = dict(backward_passes=0, nti_inner_steps=inner_steps, nti_final_losses=final_losses)
         if self.num_inner_steps == 0:
-            return super().null_embeddings(trajectory, cond, uncond)  # exactly DDIM + P2P
-        dtype = self.components.dtype
-        cond, null = cond.float(), uncond.float()  # [1, 77, D]
-        latent = trajectory[-1]  # z̄_0 = z*_N
-        embeddings = []
-        with unet_in_fp32(self.components.unet):
-            for i, t in enumerate(self.timesteps):
-                abar_t, abar_prev = self.abar(t), self.abar(t - self.stride)
-                if torch.equal(abar_t, abar_prev):  # identity step: zero gradient, Adam would not move ∅
-                    embeddings.append(null.to(dtype))
-                    continue
-                target = trajectory[steps - 1 - i]  # z*_{N-1-i}
+            return super().null_embeddings(trajectory, cond, uncond)[0], extras  # exactly DDIM + P2P
+        c = self.components
+        cond = cond.float()  # [1, 77, D]
+        embeddings = []  # ∅_i, fp32 [1, 77, D]
+        eps_conds = []  # ε_c of each step, reused by the advance
 
-                # a. the conditional prediction does not depend on ∅
-                with torch.no_grad():
-                    eps_cond = self._eps32(latent, t, cond)
+        def optimise(i: int, latent: torch.Tensor) -> torch.Tensor:
+            """a-b, before the step from z̄_i: ε_c, then Adam on ∅ warm-started from ∅_{i-1} ("" for i = 0)."""
+            t, s = self.pairs[i]
+            with torch.no_grad():  # a. the conditional prediction does not depend on ∅
+                eps_conds.append(self._eps32(latent, t, cond))
+            target = trajectory[steps - 1 - i]  # z*_{N-1-i}
+            null = (embeddings[-1] if embeddings else uncond.float()).clone().requires_grad_(True)  # Adam: in place
+            optimizer = Adam([null], lr=nti_learning_rate(i, self.learning_rate))
+            threshold = nti_early_stop(i, self.early_stop_epsilon)
+            with torch.enable_grad():
+                for _ in range(self.num_inner_steps):
+                    eps = cfg(self._eps32(latent, t, null), eps_conds[-1], self.guidance_scale)
+                    loss = F.mse_loss(ddim_jump(latent, eps, c.abar(t), c.abar(s)), target)
+                    _check_finite(loss, i, t, "loss")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    inner_steps[i] += 1
+                    final_losses[i] = loss.item()
+                    if final_losses[i] < threshold:
+                        break
+            embeddings.append(null.detach())
+            return latent
 
-                # b. Adam on ∅, warm-started from the previous step's result
-                null = null.detach().clone().requires_grad_(True)  # a copy: Adam updates it in place
-                optimizer = Adam([null], lr=nti_learning_rate(i, self.learning_rate))
-                threshold = nti_early_stop(i, self.early_stop_epsilon)
-                with torch.enable_grad():
-                    for _ in range(self.num_inner_steps):
-                        eps = cfg(self._eps32(latent, t, null), eps_cond, self.guidance_scale)
-                        loss = F.mse_loss(ddim_jump(latent, eps, abar_t, abar_prev), target)
-                        _check_finite(loss, i, t, "loss")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        self.inner_steps[i] += 1
-                        self.final_losses[i] = loss.item()
-                        if self.final_losses[i] < threshold:
-                            break
-                null = null.detach()
-                embeddings.append(null.to(dtype))
+        @torch.no_grad()
+        def advance(i: int, latent: torch.Tensor, t: int) -> torch.Tensor:
+            """c. the guided step with the optimised ∅_i."""
+            return cfg(self._eps32(latent, t, embeddings[-1]), eps_conds[-1], self.guidance_scale)
 
-                # c. advance along the guided trajectory with the optimised ∅_i
-                with torch.no_grad():
-                    eps = cfg(self._eps32(latent, t, null), eps_cond, self.guidance_scale)
-                    latent = ddim_jump(latent, eps, abar_t, abar_prev)
-                _check_finite(latent, i, t, "latent")
-        return embeddings
+        def check(i: int, latent: torch.Tensor) -> torch.Tensor:
+            _check_finite(latent, i, self.pairs[i][0], "latent")
+            return latent
 
-    def _edit(self, request: EditRequest) -> EditResult:
-        result = super()._edit(request)
-        result.extras.update(backward_passes=sum(self.inner_steps), nti_inner_steps=list(self.inner_steps),
-                             nti_final_losses=list(self.final_losses))
-        return result
+        with unet_in_fp32(c.unet):  # the identity step (zero gradient, Adam would not move ∅) is skipped
+            ddim_loop(trajectory[-1], self.pairs, advance, c.abar, before=optimise, after=check, skip_identity=True)
+        embeddings += (embeddings[-1:] or [uncond.float()]) * (steps - len(embeddings))  # identity step: ∅_{N-2}
+        extras["backward_passes"] = sum(inner_steps)
+        return [e.to(c.dtype) for e in embeddings], extras
 
 
 def _check_finite(x: torch.Tensor, step: int, t: int, what: str) -> None:

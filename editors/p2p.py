@@ -18,7 +18,8 @@ reconstruction. The editor sets the step explicitly (`controller.step = i`) inst
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -170,34 +171,59 @@ def word_token_alphas(prompts: list[str], words: list[str], tokenizer) -> torch.
     return alphas
 
 
-def make_controller(
-    prompts: list[str],
-    tokenizer,
-    num_steps: int,
-    latent_size: int,
-    blend_resolution: int,
-    blend_words: tuple[str, str] | None,
-    cross_replace_steps: float = 0.4,
-    self_replace_steps: float = 0.6,
-    mode: str = "refine",
-    amplify: float = 2.0,
-    local_blend: bool = True,
-    blend_start: float = 0.2,
-    blend_threshold: float = 0.3,
-) -> P2PController:
-    """The PIE-Bench reference controller: Refine, plus LocalBlend (on the maps of side ``blend_resolution``,
-    `Components.blend_resolution`) and a x``amplify`` re-weight of the target blend word when blend words are given
-    (exactly what the reference builds for every image)."""
-    blend, equalizer = None, None
-    if blend_words is not None:
-        if local_blend:
-            alphas = word_token_alphas(prompts[:2], list(blend_words), tokenizer)
-            blend = LocalBlend(alphas, resolution=blend_resolution, start_step=int(blend_start * num_steps),
-                               threshold=blend_threshold)
-        if amplify != 1.0:
-            equalizer = seq_aligner.get_equalizer(prompts[1], [blend_words[1]], [amplify], tokenizer)
-    return P2PController(prompts, tokenizer, num_steps, latent_size, cross_replace_steps, self_replace_steps, mode,
-                         equalizer, blend)
+# Words never re-weighted by the equalizer (iCD's reference drops English stop words from the target-only words).
+STOP_WORDS = frozenset(
+    "a an the of in on at to for from by with and or is are was were be its it his her their this that these those "
+    "into onto over under as".split()
+)
+
+
+def new_words(source: str, target: str) -> list[str]:
+    """Target-prompt words absent from the source prompt, stop words removed (what iCD's recipe amplifies)."""
+    source_words = set(source.lower().split())
+    return [w for w in dict.fromkeys(target.split()) if w.lower() not in source_words and w.lower() not in STOP_WORDS]
+
+
+@dataclass(frozen=True)
+class P2PSettings:
+    """Prompt-to-Prompt's settings, one object for every P2P-family editor (``editor.p2p.*``); the defaults are the
+    PIE-Bench reference's, ``conf/editor/p2p/icd.yaml`` iCD's recipe."""
+
+    cross_replace_steps: float = 0.4  # fraction of the steps with cross-attention replacement
+    self_replace_steps: float = 0.6  # fraction of the steps with self-attention replacement
+    mode: str = "refine"  # refine (word alignment) | replace (word swap) | auto (replace for equal word counts)
+    amplify: float = 2.0  # attention re-weight of the amplified words (AttentionReweight); 1 disables it
+    amplify_words: str = "blend_word"  # blend_word: the target blend word (PIE-Bench) | new_words: `new_words` (iCD)
+    local_blend: bool = True  # LocalBlend on the blend words' attention mask
+    blend_start: float = 0.2  # LocalBlend starts after this fraction of the steps
+    blend_threshold: float = 0.3  # LocalBlend mask threshold on the max-normalised attention
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"mode": ("refine", "replace", "auto"),
+                                                      "amplify_words": ("blend_word", "new_words")}
+
+
+def make_controller(prompts: list[str], tokenizer, num_steps: int, latent_size: int, blend_resolution: int,
+                    blend_words: tuple[str, str] | None, settings: P2PSettings = P2PSettings()) -> P2PController:
+    """The controller every P2P-family editor runs (``num_steps`` = its denoising steps): Refine or Replace, the
+    re-weight of ``settings.amplify_words`` and, when blend words are given, LocalBlend on the maps of side
+    ``blend_resolution`` (`Components.blend_resolution`). With the defaults it is exactly what the PIE-Bench
+    reference builds for every image."""
+    s = settings
+    mode = s.mode
+    if mode == "auto":
+        mode = "replace" if len(prompts[0].split()) == len(prompts[1].split()) else "refine"
+    words = new_words(prompts[0], prompts[1]) if s.amplify_words == "new_words" else \
+        [blend_words[1]] if blend_words is not None else []
+    equalizer = None
+    if s.amplify != 1.0 and words:
+        equalizer = seq_aligner.get_equalizer(prompts[1], words, [s.amplify] * len(words), tokenizer)
+    blend = None
+    if s.local_blend and blend_words is not None:
+        alphas = word_token_alphas(prompts[:2], list(blend_words), tokenizer)
+        blend = LocalBlend(alphas, resolution=blend_resolution, start_step=int(s.blend_start * num_steps),
+                           threshold=s.blend_threshold)
+    return P2PController(prompts, tokenizer, num_steps, latent_size, s.cross_replace_steps, s.self_replace_steps,
+                         mode, equalizer, blend)
 
 
 class ControlledAttnProcessor:

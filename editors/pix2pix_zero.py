@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
+from diffusion.ddim import cfg
+from diffusion.sampling import ddim_loop, ddim_pairs
 from editors.base import Editor, EditRequest, EditResult, register
 from editors.p2p import controlled_attention
 
@@ -146,41 +147,33 @@ class Pix2PixZeroEditor(Editor):
         self.regularizer = dict(lambda_ac=lambda_ac, lambda_kl=lambda_kl, num_reg_steps=num_reg_steps,
                                 num_ac_rolls=num_ac_rolls)
         self.offload_maps = offload_maps
-        self.timesteps = ddim_timesteps(num_steps, components.scheduler.config.num_train_timesteps)
-        self.stride = components.scheduler.config.num_train_timesteps // num_steps
-
-    # Copied from editors.ddim_p2p.DDIMP2PEditor.abar
-    def abar(self, t: int) -> torch.Tensor:
-        c = self.components
-        return abar_at(c.alphas_cumprod, t, c.scheduler.final_alpha_cumprod).to(c.device)
+        self.pairs = ddim_pairs(num_steps, components.num_train_timesteps)
+        self.inversion_pairs = ddim_pairs(num_steps, components.num_train_timesteps, inverse=True)
 
     # -- 3. regularised inversion -------------------------------------------------------------------------------------
     @torch.no_grad()
     def invert(self, z0: torch.Tensor, caption: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """Caption-conditional DDIM inversion with regularised ε: [z*_0, ..., z*_N], each [1, 4, h, w] fp32."""
-        trajectory = [z0]
-        z = z0
-        for t in reversed(self.timesteps):  # 0, 20, ..., 980
-            abar_from, abar_to = self.abar(t - self.stride), self.abar(t)
-            if not torch.equal(abar_from, abar_to):  # the first step is exactly the identity: skip its UNet call
-                eps = regularize_noise(self.components.predict(z, t, caption), generator=generator,
-                                       **self.regularizer)
-                z = ddim_jump(z, eps, abar_from, abar_to)
-            trajectory.append(z)
-        return trajectory
+        c = self.components
+
+        def eps(i: int, z: torch.Tensor, t: int) -> torch.Tensor:
+            return regularize_noise(c.predict(z, t, caption), generator=generator, **self.regularizer)
+
+        return ddim_loop(z0, self.inversion_pairs, eps, c.abar, skip_identity=True)
 
     # -- 4. reference pass --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reference(self, x_t: torch.Tensor, caption: torch.Tensor, controller: CrossAttentionGuidance) -> torch.Tensor:
         """Plain DDIM from x_t [1, 4, h, w] with ε(caption) (CFG with caption as negative), storing the maps."""
         c = self.components
-        latents = x_t
+
+        def eps(i: int, latents: torch.Tensor, t: int) -> torch.Tensor:
+            controller.step = i
+            return c.predict(latents, t, caption)
+
         controller.mode = "store"
         with controlled_attention(c.unet, controller):
-            for i, t in enumerate(self.timesteps):
-                controller.step = i
-                latents = ddim_jump(latents, c.predict(latents, t, caption), self.abar(t), self.abar(t - self.stride))
-        return latents
+            return ddim_loop(x_t, self.pairs, eps, c.abar)[-1]
 
     # -- 5. guided edit pass ------------------------------------------------------------------------------------------
     def guide(self, x_in: torch.Tensor, t: int, context: torch.Tensor,
@@ -197,18 +190,22 @@ class Pix2PixZeroEditor(Editor):
     def edit_pass(self, x_t: torch.Tensor, context: torch.Tensor, controller: CrossAttentionGuidance) -> torch.Tensor:
         """x_t [1, 4, h, w], context [caption, c_edit] [2, 77, D] -> edited latent [1, 4, h, w]."""
         c = self.components
-        latents = x_t
+
+        def copies(i: int, latents: torch.Tensor) -> torch.Tensor:  # 5a-b: the [negative, edit] copies, guided
+            controller.step = i
+            x_in = torch.cat([latents] * 2)
+            return self.guide(x_in, self.pairs[i][0], context, controller) if self.xa_guidance > 0 else x_in
+
+        @torch.no_grad()
+        def eps(i: int, x_in: torch.Tensor, t: int) -> torch.Tensor:  # 5c
+            eps_uncond, eps_cond = c.predict(x_in, t, context).chunk(2)
+            return cfg(eps_uncond, eps_cond, self.guidance_scale)
+
+        def negative_copy(i: int, x_in: torch.Tensor) -> torch.Tensor:  # 5d: the step from x_in[0]
+            return x_in[:1]
+
         with controlled_attention(c.unet, controller):
-            for i, t in enumerate(self.timesteps):
-                controller.step = i
-                x_in = torch.cat([latents] * 2)  # [negative, edit] copies
-                if self.xa_guidance > 0:
-                    x_in = self.guide(x_in, t, context, controller)
-                with torch.no_grad():
-                    eps_uncond, eps_cond = c.predict(x_in, t, context).chunk(2)
-                    eps = cfg(eps_uncond, eps_cond, self.guidance_scale)
-                    latents = ddim_jump(x_in[:1], eps, self.abar(t), self.abar(t - self.stride))
-        return latents
+            return ddim_loop(x_t, self.pairs, eps, c.abar, before=copies, after=negative_copy)[-1]
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

@@ -19,6 +19,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DiffusionPi
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from diffusion.ddim import abar_at
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -71,6 +73,14 @@ class Components:
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(torch.float32)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def abar(self, t: int) -> torch.Tensor:
+        """abar_t on the device, fp32; t < 0 is the schedule's final value (one DDIM stride before step 0)."""
+        return abar_at(self.alphas_cumprod, t, self.scheduler.final_alpha_cumprod).to(self.device)
 
     def check_prompt(self, prompt: str) -> None:
         n = len(self.tokenizer(prompt).input_ids)

@@ -81,7 +81,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps  # noqa: E402
+from diffusion.ddim import cfg  # noqa: E402
+from diffusion.sampling import ddim_loop, ddim_pairs  # noqa: E402
 from evaluation.metrics import CLIP_MEAN, CLIP_STD  # noqa: E402
 from models.loading import load_components, sd_scheduler  # noqa: E402
 from toyworld.scenes import BG_COLOURS, COLOURS, SHAPES, Scene, make_edit, random_scene, vocabulary  # noqa: E402
@@ -712,21 +713,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[torch.Tensor], scale: float,
                    num_steps: int) -> torch.Tensor:
     """Plain DDIM sampling from x_t [B, 4, h, w] with CFG `scale` (1 = conditional only, no unconditional pass);
-    `uncond_steps[i]` is the unconditional embedding of step i ([1 or B, 77, D])."""
-    stride = c.scheduler.config.num_train_timesteps // num_steps
-    final = c.scheduler.final_alpha_cumprod
-    latents = x_t
-    for i, t in enumerate(ddim_timesteps(num_steps, c.scheduler.config.num_train_timesteps)):
+    `uncond_steps[i]` is the unconditional embedding of step i ([1 or B, L, D])."""
+
+    def eps(i: int, latents: torch.Tensor, t: int) -> torch.Tensor:
         if scale == 1.0:
-            eps = c.predict(latents, t, cond)
-        else:
-            uncond = uncond_steps[i].expand(len(latents), -1, -1)
-            eps_u, eps_c = c.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
-            eps = cfg(eps_u, eps_c, scale)
-        abar_t = abar_at(c.alphas_cumprod, t, final).to(c.device)
-        abar_s = abar_at(c.alphas_cumprod, t - stride, final).to(c.device)
-        latents = ddim_jump(latents, eps, abar_t, abar_s)
-    return latents
+            return c.predict(latents, t, cond)
+        uncond = uncond_steps[i].expand(len(latents), -1, -1)
+        eps_u, eps_c = c.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
+        return cfg(eps_u, eps_c, scale)
+
+    return ddim_loop(x_t, ddim_pairs(num_steps, c.num_train_timesteps), eps, c.abar)[-1]
 
 
 def decode(c, latents: torch.Tensor) -> np.ndarray:
@@ -790,7 +786,7 @@ def stage_eval(w: World) -> dict:
     nti_latents, plain_latents = [], []
     for i in range(k):
         traj = nti.invert(z0[i : i + 1], cond[i : i + 1])
-        nulls = nti.null_embeddings(traj, cond[i : i + 1], uncond)
+        nulls, _ = nti.null_embeddings(traj, cond[i : i + 1], uncond)
         nti_latents.append(guided_denoise(c, traj[-1], cond[i : i + 1], nulls, 7.5, p.eval_steps))
         plain_latents.append(guided_denoise(c, traj[-1], cond[i : i + 1], [uncond] * p.eval_steps, 7.5, p.eval_steps))
     report["nti_images"] = k

@@ -75,5 +75,6 @@ def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
 
 def test_ddim_p2p_reference_defaults(hydra_conf):
     cfg = compose(config_name="run", overrides=["~experiment", "editor=ddim_p2p"]).editor
-    assert (cfg.num_steps, cfg.guidance_scale, cfg.cross_replace_steps, cfg.self_replace_steps) == (50, 7.5, 0.4, 0.6)
-    assert (cfg.mode, cfg.amplify, cfg.blend_start, cfg.blend_threshold) == ("refine", 2.0, 0.2, 0.3)
+    assert (cfg.num_steps, cfg.guidance_scale) == (50, 7.5)
+    assert (cfg.p2p.cross_replace_steps, cfg.p2p.self_replace_steps) == (0.4, 0.6)
+    assert (cfg.p2p.mode, cfg.p2p.amplify, cfg.p2p.blend_start, cfg.p2p.blend_threshold) == ("refine", 2.0, 0.2, 0.3)

@@ -39,8 +39,8 @@ def _round_trip_error(components, steps: int, z0, cond) -> float:
     editor = DDIMP2PEditor(components, num_steps=steps)
     z = editor.invert(z0, cond)[-1]
     with torch.no_grad():
-        for t in editor.timesteps:  # unguided (conditional) denoising, the exact reverse of the inversion
-            z = ddim_jump(z, components.predict(z, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+        for t, s in editor.pairs:  # unguided (conditional) denoising, the exact reverse of the inversion
+            z = ddim_jump(z, components.predict(z, t, cond), components.abar(t), components.abar(s))
     return (z - z0).pow(2).mean().item()
 
 

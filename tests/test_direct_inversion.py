@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from editors.base import EditRequest, build_editor
@@ -29,20 +28,20 @@ def test_source_branch_walks_the_inversion_trajectory(tiny_components, blend_wor
     editor = DirectInversionEditor(c, num_steps=steps)
     text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
     trajectory = editor.invert(c.encode_image(_image()), text[:1])
-    uncond_steps = editor.null_embeddings(trajectory, text[:1], uncond)
+    uncond_steps, _ = editor.null_embeddings(trajectory, text[:1], uncond)
 
     def controller():
         return make_controller(PROMPTS, c.tokenizer, steps, c.latent_size, c.blend_resolution, blend_words,
-                               **editor.controller_args)
+                               editor.p2p)
 
-    editor.targets = trajectory[-2::-1]
-    editor.predictions = editor.source_predictions(trajectory, text, uncond_steps, controller())
-    offsets = [z - p for z, p in zip(editor.targets, editor.predictions)]
+    predictions = editor.source_predictions(trajectory, text, uncond_steps, controller())
+    offsets = [z - p for z, p in zip(trajectory[-2::-1], predictions)]
     assert max(d.abs().max().item() for d in offsets) > 1e-2  # guidance does pull off the trajectory ...
+    request = EditRequest(_image(), PROMPTS[0], PROMPTS[1], blend_words=blend_words)
+    correct = editor.source_correction(trajectory, text, uncond_steps, request)
     seen = []
-    correct = editor.correct_latents
-    editor.correct_latents = lambda i, latents: seen.append(correct(i, latents)) or seen[-1]
-    latents = editor.denoise(trajectory[-1], text, uncond_steps, controller())
+    latents = editor.denoise(trajectory[-1], text, uncond_steps, controller(),
+                             lambda i, latents: seen.append(correct(i, latents)) or seen[-1])
     for i, corrected in enumerate(seen):  # ... and the correction puts the source row back on it at every step
         torch.testing.assert_close(corrected[:1], trajectory[steps - 1 - i], rtol=0, atol=1e-6)
     torch.testing.assert_close(latents[:1], trajectory[0], rtol=0, atol=1e-6)
@@ -61,11 +60,11 @@ def test_cost_is_one_extra_pass(tiny_components):
     assert not np.array_equal(np.asarray(ddim.reconstruction), np.asarray(expected))
 
 
-def test_config_has_the_reference_defaults(tiny_components):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "direct_inversion.yaml"))
+def test_config_has_the_reference_defaults(tiny_components, editor_config):
+    cfg = editor_config("direct_inversion")
     assert cfg == {
         "name": "direct_inversion", "num_steps": 50, "guidance_scale": 7.5,
-        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
-        "blend_start": 0.2, "blend_threshold": 0.3,
+        "p2p": {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
+                "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3},
     }
     assert isinstance(build_editor(cfg, tiny_components), DirectInversionEditor)

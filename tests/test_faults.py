@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from editors.base import EditorConfigError
-from evaluation import harness
 from evaluation.toyset import builtin_folder, write_piebench
+from experiments import harness
 from experiments.harness import ResultsFile, RunError, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,9 +281,9 @@ def test_empty_prompts_are_noted(tmp_path):
     ("editor.guidance_scale=inf", "editor.guidance_scale=inf must be a finite number"),
     ("editor.num_steps=0", "editor.num_steps=0 is out of range"),
     ("editor.num_steps=2.5", "editor.num_steps=2.5 must be an integer"),
-    ("editor.cross_replace_steps=1.5", "editor.cross_replace_steps=1.5 is out of range"),
-    ("editor.mode=swap", "editor.mode='swap' must be one of refine, replace"),
-    ("editor.local_blend=maybe", "editor.local_blend='maybe' must be true or false"),
+    ("editor.p2p.cross_replace_steps=1.5", "editor.p2p.cross_replace_steps=1.5 is out of range"),
+    ("editor.p2p.mode=swap", "editor.p2p.mode='swap' must be one of refine, replace, auto"),
+    ("editor.p2p.local_blend=maybe", "editor.p2p.local_blend='maybe' must be true or false"),
     ("device=cuda:7", "device=cuda:7"),
     ("device=gpu", "device='gpu' is not a torch device"),
 ])

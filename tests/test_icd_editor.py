@@ -116,7 +116,8 @@ def test_inversion_start_determinism_and_exact_round_trip(editor):
         editor.eps = real
 
 
-STRONG = dict(cross_replace_steps=1.0, self_replace_steps=1.0, amplify=10.0, blend_threshold=0.1, mode="refine")
+STRONG = dict(p2p=dict(cross_replace_steps=1.0, self_replace_steps=1.0, amplify=10.0, blend_threshold=0.1,
+                       mode="refine"))
 
 
 @pytest.mark.parametrize("guidance,settings", [("embedded", {}), ("embedded", STRONG), ("cfg", STRONG)])
@@ -139,8 +140,8 @@ def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guid
 
 
 def test_p2p_rows_identical_without_edit(files):
-    editor = make_editor(files, cross_replace_steps=0.0, self_replace_steps=0.0, local_blend=False, amplify=1.0,
-                         guidance_scale=0.0)
+    editor = make_editor(files, guidance_scale=0.0,
+                         p2p=dict(cross_replace_steps=0.0, self_replace_steps=0.0, local_blend=False, amplify=1.0))
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     text = editor.encode([SOURCE, SOURCE])
     latents = editor.decode_p2p(x_T, text, editor.controller([SOURCE, SOURCE], None))

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from editors.base import EditRequest, build_editor
@@ -25,7 +24,8 @@ def test_source_embedding_replaces_null_and_no_optimisation(tiny_components, mon
     c = tiny_components
     editor = NegativePromptInversionEditor(c, num_steps=5)
     text, uncond = c.encode_prompts(PROMPTS[:1]), c.encode_prompts([""])
-    embeddings = editor.null_embeddings([], text, uncond)
+    embeddings, extras = editor.null_embeddings([], text, uncond)
+    assert extras == {}
     assert len(embeddings) == 5 and all(torch.equal(e, text) for e in embeddings)
 
     def no_backward(*args, **kwargs):
@@ -48,18 +48,18 @@ def test_source_branch_reconstructs_better_than_ddim(tiny_components):
         z0 = c.encode_image(_image())
         trajectory = editor.invert(z0, text[:1])
         controller = make_controller(PROMPTS, c.tokenizer, 5, c.latent_size, c.blend_resolution, BLEND,
-                                     **editor.controller_args)
-        latents = editor.denoise(trajectory[-1], text, editor.null_embeddings(trajectory, text[:1], uncond),
+                                     editor.p2p)
+        latents = editor.denoise(trajectory[-1], text, editor.null_embeddings(trajectory, text[:1], uncond)[0],
                                  controller)
         errors[editor.name] = (latents[0] - z0[0]).pow(2).mean().item()
     assert errors["npi"] < errors["ddim_p2p"]
 
 
-def test_config_has_the_reference_defaults(tiny_components):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "npi.yaml"))
+def test_config_has_the_reference_defaults(tiny_components, editor_config):
+    cfg = editor_config("npi")
     assert cfg == {
         "name": "npi", "num_steps": 50, "guidance_scale": 7.5,
-        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
-        "blend_start": 0.2, "blend_threshold": 0.3,
+        "p2p": {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
+                "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3},
     }
     assert isinstance(build_editor(cfg, tiny_components), NegativePromptInversionEditor)

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 import editors.null_text as null_text
@@ -33,10 +32,10 @@ def _source_reconstruction(editor: DDIMP2PEditor, image: Image.Image):
     c = editor.components
     text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
     trajectory = editor.invert(c.encode_image(image), text[:1])
-    uncond_steps = editor.null_embeddings(trajectory, text[:1], uncond)
+    uncond_steps, extras = editor.null_embeddings(trajectory, text[:1], uncond)
     controller = make_controller(PROMPTS, c.tokenizer, editor.num_steps, c.latent_size, c.blend_resolution, BLEND,
-                                 **editor.controller_args)
-    return trajectory[0], editor.denoise(trajectory[-1], text, uncond_steps, controller)[:1], uncond_steps
+                                 editor.p2p)
+    return trajectory[0], editor.denoise(trajectory[-1], text, uncond_steps, controller)[:1], uncond_steps, extras
 
 
 def test_schedules():
@@ -61,12 +60,12 @@ def test_optimisation_improves_guided_reconstruction_and_keeps_identity_step(tin
     ddim = NullTextEditor(tiny_components, num_steps=steps, num_inner_steps=0)
     nti = NullTextEditor(tiny_components, num_steps=steps)
     for seed in range(2):
-        z0, ddim_rec, _ = _source_reconstruction(ddim, _image(seed))
-        _, nti_rec, embeddings = _source_reconstruction(nti, _image(seed))
+        z0, ddim_rec, _, _ = _source_reconstruction(ddim, _image(seed))
+        _, nti_rec, embeddings, extras = _source_reconstruction(nti, _image(seed))
         assert (nti_rec - z0).pow(2).mean() < 0.9 * (ddim_rec - z0).pow(2).mean()
     # the last step (t = 0) is the identity: no optimisation, the embedding carries over unchanged
     uncond = tiny_components.encode_prompts([""])
-    assert len(embeddings) == steps and nti.inner_steps[-1] == 0
+    assert len(embeddings) == steps and extras["nti_inner_steps"][-1] == 0
     assert torch.equal(embeddings[-1], embeddings[-2])
     assert all(not torch.equal(e, uncond) for e in embeddings)  # every other step moved it
 
@@ -124,12 +123,12 @@ def test_half_precision_optimises_in_fp32_and_restores_the_weights():
     assert result.extras["backward_passes"] > 0 and all(np.isfinite(result.extras["nti_final_losses"][:-1]))
 
 
-def test_config_has_the_reference_defaults(tiny_components):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "null_text.yaml"))
+def test_config_has_the_reference_defaults(tiny_components, editor_config):
+    cfg = editor_config("null_text")
     assert cfg == {
         "name": "null_text", "num_steps": 50, "guidance_scale": 7.5, "num_inner_steps": 10, "learning_rate": 0.01,
         "early_stop_epsilon": 1e-5,
-        "cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0, "local_blend": True,
-        "blend_start": 0.2, "blend_threshold": 0.3,
+        "p2p": {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
+                "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3},
     }
     assert isinstance(build_editor(cfg, tiny_components), NullTextEditor)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from editors.ddim_p2p import DDIMP2PEditor
-from editors.p2p import LocalBlend, P2PController, controlled_attention, make_controller
+from editors.p2p import LocalBlend, P2PController, P2PSettings, controlled_attention, make_controller
 
 SRC, TGT = "a red circle on a gray background", "a blue circle on a gray background"
 
@@ -31,9 +31,10 @@ def _setup(components, steps=8):
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(blend_words=("red", "blue"), amplify=2.0),
-        dict(blend_words=None, cross_replace_steps=1.0, self_replace_steps=1.0),
-        dict(blend_words=("circle", "circle"), mode="replace", amplify=4.0, blend_start=0.0),
+        dict(blend_words=("red", "blue"), settings=P2PSettings(amplify=2.0)),
+        dict(blend_words=None, settings=P2PSettings(cross_replace_steps=1.0, self_replace_steps=1.0)),
+        dict(blend_words=("circle", "circle"), settings=P2PSettings(mode="replace", amplify=4.0, blend_start=0.0)),
+        dict(blend_words=("red", "blue"), settings=P2PSettings(mode="auto", amplify=4.0, amplify_words="new_words")),
     ],
 )
 def test_source_branch_equals_plain_reconstruction(tiny_components, settings):
@@ -53,14 +54,15 @@ def test_identical_prompts_give_identical_rows(tiny_components):
     editor, x_t, uncond = _setup(c)
     text = c.encode_prompts([SRC, SRC])
     controller = make_controller([SRC, SRC], c.tokenizer, editor.num_steps, c.latent_size, c.blend_resolution,
-                                 ("circle", "circle"), amplify=1.0, blend_start=0.0)
+                                 ("circle", "circle"), P2PSettings(amplify=1.0, blend_start=0.0))
     latents = editor.denoise(x_t, text, uncond, controller)
     assert torch.allclose(latents[0], latents[1], atol=1e-5)
 
 
 def test_controller_edits_only_conditional_target_rows(tiny_components):
     c = tiny_components
-    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, c.blend_resolution, None, amplify=1.0)
+    controller = make_controller([SRC, TGT], c.tokenizer, 50, c.latent_size, c.blend_resolution, None,
+                                 P2PSettings(amplify=1.0))
     probs = torch.rand(2 * 2 * 4, 64, 77).softmax(-1)  # [2 * P * heads, Q, K]
     for is_cross in (True, False):
         out = controller(probs, is_cross, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor")

@@ -80,7 +80,7 @@ def test_guidance_step_descends_the_attention_loss(tiny_components):
     controller = CrossAttentionGuidance(offload_maps=False)
     x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     editor.reference(x_t, source[None], controller)
-    step, t = 2, editor.timesteps[2]
+    step, t = 2, editor.pairs[2][0]
     x_in = torch.cat([x_t] * 2) * 0.9  # off the reference latent: a non-zero loss
 
     def loss(x: torch.Tensor) -> float:
