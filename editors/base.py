@@ -128,7 +128,8 @@ class EditorConfigError(ValueError):
 # Ranges of the parameters the editors share, by name: (lowest, highest), None = unbounded.
 PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
     "num_steps": (1, 1000), "num_inner_steps": (0, None), "num_reg_steps": (0, None), "num_ac_rolls": (0, None),
-    "guidance_scale": (0, None), "image_guidance_scale": (0, None), "xa_guidance": (0, None),
+    "guidance_scale": (0, None), "code_guidance_scale": (0, None), "image_guidance_scale": (0, None),
+    "xa_guidance": (0, None),
     "cross_replace_steps": (0, 1), "self_replace_steps": (0, 1), "blend_start": (0, 1), "blend_threshold": (0, 1),
     "tau": (0, 1), "amplify": (0, None), "learning_rate": (0, None), "early_stop_epsilon": (0, None),
     "lambda_ac": (0, None), "lambda_kl": (0, None), "lora_rank": (1, None), "lora_alpha": (0, None),

@@ -16,9 +16,9 @@ per phase: ``icd_fwd`` (the forward model, image -> noise) and ``icd_rev`` (the 
      target prompt with guidance below. m UNet calls.
 4. Decode the latents with the VAE: with p2p, row 0 is the reconstruction and row 1 the edit.
 
-Guidance is in code units (w = 0 is the conditional prediction; the reference's 19 is classic 20). A UNet with a
-w-embedding takes it in one pass; a plain SD UNet gets two-pass CFG (``guidance: cfg``), which only runs the
-unconditional rows on guided steps.
+Guidance is in code units, hence ``code_guidance_scale`` (w = 0 is the conditional prediction; the reference's 19
+is classic 20). A UNet with a w-embedding takes it in one pass; a plain SD UNet gets two-pass CFG (``guidance:
+cfg``), which only runs the unconditional rows on guided steps.
 
 Without trained adapter files (``forward_lora`` / ``reverse_lora``) the students equal the teacher: the editor
 runs and counts calls like the real thing, but its edits mean nothing; it says so in the log.
@@ -68,7 +68,7 @@ class ICDEditor(Editor):
         components,
         reverse_steps: Sequence[int] | None = None,
         forward_steps: Sequence[int] | None = None,
-        guidance_scale: float = 19.0,
+        code_guidance_scale: float = 19.0,
         tau: float = 0.8,
         method: str = "p2p",
         guidance: str = "auto",
@@ -109,11 +109,11 @@ class ICDEditor(Editor):
         reverse_steps = reverse_steps or trained.get("reverse_steps") or REFERENCE_REVERSE_STEPS
         forward_steps = forward_steps or trained.get("forward_steps") or REFERENCE_FORWARD_STEPS
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
-        self.policy = GuidancePolicy(scale=guidance_scale, tau=tau)
+        self.policy = GuidancePolicy(scale=code_guidance_scale, tau=tau)
         self.method = method
         self.p2p = p2p
         log.info("iCD: %s, guidance %s (w=%g code units, tau=%g), reverse %s, forward %s", method, mode_,
-                 guidance_scale, tau, self.schedule.reverse_pairs(), self.schedule.forward_pairs())
+                 code_guidance_scale, tau, self.schedule.reverse_pairs(), self.schedule.forward_pairs())
 
     @property
     def abar(self) -> torch.Tensor:

@@ -280,13 +280,12 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
 
 
 def load_editor(cfg: DictConfig, device: str):
-    """The configured model and editor; an editor's ``unet_path`` (the model's variant UNet it needs, e.g. the toy
-    InstructPix2Pix one) replaces the model's UNet."""
+    """The configured model and editor; the model's ``variants`` entry of the editor's name (e.g. the toy model's
+    InstructPix2Pix UNet for instruct_pix2pix) updates the model's keys."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    editor_cfg = OmegaConf.to_container(cfg.editor, resolve=True)
-    if unet_path := editor_cfg.pop("unet_path", None):
-        model["unet_path"] = unet_path
-    return build_editor(editor_cfg, load_components(model, cfg.precision, cfg.offload, device))
+    model.update((model.pop("variants", None) or {}).get(cfg.editor.name) or {})
+    return build_editor(OmegaConf.to_container(cfg.editor, resolve=True),
+                        load_components(model, cfg.precision, cfg.offload, device))
 
 
 def _check_output_dir(output_dir: Path, root: Path | None) -> None:

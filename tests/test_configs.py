@@ -49,7 +49,8 @@ def test_default_is_the_offline_toy_tour(hydra_conf):
         expected = OmegaConf.merge(own, OmegaConf.load(toy)) if toy.is_file() else own
         assert job.editor == expected and job.model.name == "toy"
     ip2p = compose(config_name="run", overrides=["editor=instruct_pix2pix"])
-    assert ip2p.editor.unet_path == "./weights/toy/ip2p_unet"  # the toy model's InstructPix2Pix UNet
+    assert ip2p.model.variants.instruct_pix2pix.unet_path == "./weights/toy/ip2p_unet"  # its InstructPix2Pix UNet
+    assert "unet_path" not in ip2p.editor  # the editor does not carry model paths
     assert compose(config_name="run", overrides=["editor=icd"]).editor.reverse_lora.startswith("./weights/toy/icd/")
 
 

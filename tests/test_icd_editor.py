@@ -140,7 +140,7 @@ def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guid
 
 
 def test_p2p_rows_identical_without_edit(files):
-    editor = make_editor(files, guidance_scale=0.0,
+    editor = make_editor(files, code_guidance_scale=0.0,
                          p2p=dict(cross_replace_steps=0.0, self_replace_steps=0.0, local_blend=False, amplify=1.0))
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     text = editor.encode([SOURCE, SOURCE])

@@ -150,7 +150,7 @@ def test_instruct_pix2pix_raises_the_target_score_on_unseen_edits(toy_clip):
     edits of random PIE-Bench types, drawn apart from the build's streams: on average the toy CLIP scores the target
     caption higher on the edit than on the source, and the edit is nearer the ground-truth target than the source."""
     cfg = _compose_run("experiment=toy_tour", "editor=instruct_pix2pix", f"model.path={WEIGHTS}",
-                       f"model.ip2p_unet_path={WEIGHTS / 'ip2p_unet'}")
+                       f"model.variants.instruct_pix2pix.unet_path={WEIGHTS / 'ip2p_unet'}")
     editor = load_editor(cfg, "cpu")
     score_gains, psnr_gains = [], []
     for i in range(16):
@@ -212,7 +212,7 @@ def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: lis
     c = load_components(TOY, FP32, NO_OFFLOAD, "cpu")
     lora = {"forward_lora": str(WEIGHTS / "icd" / "forward.safetensors"),
             "reverse_lora": str(WEIGHTS / "icd" / "reverse.safetensors")} if adapters else {}
-    editor = build_editor({"name": "icd", "guidance_scale": 0.0, **lora}, c)
+    editor = build_editor({"name": "icd", "code_guidance_scale": 0.0, **lora}, c)
     scores = []
     for k, (image, caption) in enumerate(zip(images, captions)):
         z0 = c.encode_image(Image.fromarray(image))
