@@ -40,11 +40,24 @@ from experiments.harness import flatten, read_job, write_job
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
-from icd.training import ExportAdapters, ICDModule, IterationProgressBar, load_teacher
+from icd.training import (
+    ExportAdapters,
+    ICDModule,
+    IterationProgressBar,
+    LoraSettings,
+    LossSettings,
+    OptimSettings,
+    load_teacher,
+)
 
 log = logging.getLogger("train")
 
 LIGHTNING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+
+
+def settings(group: DictConfig) -> dict:
+    """A config group as constructor arguments: its keys are the settings class's field names."""
+    return OmegaConf.to_container(group, resolve=True)
 
 
 def build_schedule(icd: DictConfig) -> BoundarySchedule:
@@ -129,16 +142,12 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     policy = GuidancePolicy(scale=t.icd.guidance.eval_scale, tau=t.icd.guidance.eval_tau,
                             train_scales=tuple(float(w) for w in t.icd.guidance.train_scales))
     module = ICDModule(
-        components, schedule, policy, guidance=t.teacher.guidance, lora_rank=t.icd.lora.rank,
-        lora_alpha=t.icd.lora.alpha, target_modules=list(t.icd.lora.target_modules), huber_c=t.icd.loss.huber_c,
-        lambda_f=t.icd.loss.lambda_f, lambda_r=t.icd.loss.lambda_r, topology=t.optim.topology,
-        ema_decay=t.icd.loss.ema_decay, lr=t.optim.lr, betas=list(t.optim.betas), weight_decay=t.optim.weight_decay,
-        adam_eps=t.optim.eps, warmup_steps=t.optim.warmup_steps, max_grad_norm=t.optim.max_grad_norm,
+        components, schedule, policy, guidance=t.teacher.guidance, lora=LoraSettings(**settings(t.icd.lora)),
+        loss=LossSettings(**settings(t.icd.loss)), optim=OptimSettings(**settings(t.optim)),
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
-                               **OmegaConf.to_container(t.data, resolve=True))
+    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed, **settings(t.data))
 
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer

@@ -28,7 +28,7 @@ from icd.data import collate
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
 from icd.teacher import add_guidance_embedding
-from icd.training import ICDModule
+from icd.training import ICDModule, OptimSettings
 from models.loading import load_components, to_channels_last
 
 MODELS = {
@@ -136,7 +136,7 @@ class Throughput(pl.Callback):
 
 def bench_train(args) -> dict:
     c = components_for(args.model, args.dtype, "cpu")
-    module = ICDModule(c, BoundarySchedule(4), GuidancePolicy(), lora_rank=64, topology=args.topology,
+    module = ICDModule(c, BoundarySchedule(4), GuidancePolicy(), optim=OptimSettings(topology=args.topology),
                        gradient_checkpointing=args.checkpointing)
     precision = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}[args.dtype]
     meter = Throughput(skip=args.warmup)

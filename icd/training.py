@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -119,6 +120,38 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The students' adapters (``train.icd.lora``)."""
+
+    rank: int = 64
+    alpha: float = 8
+    target_modules: Sequence[str] = TARGET_MODULES
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The objectives (``train.icd.loss``): pseudo-Huber c, preservation weights, EMA of target networks."""
+
+    huber_c: float = 0.001
+    lambda_f: float = 1.5
+    lambda_r: float = 1.5
+    ema_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """AdamW and its schedule (``train.optim``)."""
+
+    topology: str = "sequential"  # sequential (one step per loss, in order) | joint (one step on the sum)
+    lr: float = 8e-6
+    betas: Sequence[float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
 class ICDModule(pl.LightningModule):
     def __init__(
         self,
@@ -126,27 +159,16 @@ class ICDModule(pl.LightningModule):
         schedule: BoundarySchedule,
         policy: GuidancePolicy,
         guidance: str = "auto",
-        lora_rank: int = 64,
-        lora_alpha: float = 8,
-        target_modules: Sequence[str] = TARGET_MODULES,
-        huber_c: float = 0.001,
-        lambda_f: float = 1.5,
-        lambda_r: float = 1.5,
-        topology: str = "sequential",
-        ema_decay: float = 0.0,
-        lr: float = 8e-6,
-        betas: Sequence[float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        adam_eps: float = 1e-8,
-        warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
+        lora: LoraSettings = LoraSettings(),
+        loss: LossSettings = LossSettings(),
+        optim: OptimSettings = OptimSettings(),
         gradient_checkpointing: bool = False,
         validation_every: int = 0,
         validation_seed: int = 0,
     ):
         super().__init__()
-        if topology not in ("sequential", "joint"):
-            raise ValueError(f"unknown optim.topology={topology!r}; expected sequential or joint")
+        if optim.topology not in ("sequential", "joint"):
+            raise ValueError(f"unknown optim.topology={optim.topology!r}; expected sequential or joint")
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
@@ -157,22 +179,23 @@ class ICDModule(pl.LightningModule):
         self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
         self.schedule, self.policy = schedule, policy
         self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance
-        self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": lambda_f,
-                             "reverse_preservation": lambda_r}
-        self.huber_c, self.topology, self.ema_decay = huber_c, topology, ema_decay
-        self.optim = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=adam_eps)
-        self.warmup_steps, self.max_grad_norm = warmup_steps, max_grad_norm
+        self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": loss.lambda_f,
+                             "reverse_preservation": loss.lambda_r}
+        self.huber_c, self.topology, self.ema_decay = loss.huber_c, optim.topology, loss.ema_decay
+        self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
         self.validation_every, self.validation_seed = validation_every, validation_seed
 
         # Students: two adapters on the teacher's UNet, trainable params in fp32 whatever the frozen dtype.
-        add_icd_adapters(self.unet, lora_rank, lora_alpha, target_modules)
+        add_icd_adapters(self.unet, lora.rank, lora.alpha, lora.target_modules)
         for name in ADAPTERS:
             for p in lora_parameters(self.unet, name):
                 p.data = p.data.float()
         self.switch = AdapterSwitch(self.unet, trainable=True)
-        if ema_decay > 0:  # optional target networks: frozen copies of both adapters, moved by EMA
+        if loss.ema_decay > 0:  # optional target networks: frozen copies of both adapters, moved by EMA
             for name in ADAPTERS:
-                add_named_adapter(self.unet, lora_config(lora_rank, lora_alpha, target_modules), name + EMA_SUFFIX)
+                add_named_adapter(self.unet, lora_config(lora.rank, lora.alpha, lora.target_modules),
+                                  name + EMA_SUFFIX)
                 for ema, p in zip(lora_parameters(self.unet, name + EMA_SUFFIX), lora_parameters(self.unet, name)):
                     ema.data = p.data.clone()
                     ema.requires_grad_(False)

@@ -19,7 +19,7 @@ from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from icd.schedule import BoundarySchedule
 from icd.teacher import GuidedUNet
-from icd.training import LOSSES, ICDModule, load_teacher
+from icd.training import LOSSES, ICDModule, LoraSettings, LossSettings, OptimSettings, load_teacher
 from models.builders import build_tiny
 from models.components import Components
 from models.loading import load_components, sd_scheduler
@@ -67,9 +67,11 @@ def loader(n: int = 64, batch_size: int = 4) -> DataLoader:
     return DataLoader(MixtureLatents(n), batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate)
 
 
+SMALL = dict(lora=LoraSettings(rank=4), optim=OptimSettings(lr=1e-3))
+
+
 def make_module(**kwargs) -> ICDModule:
-    params = dict(lora_rank=4, lr=1e-3) | kwargs
-    return ICDModule(micro_components(), BoundarySchedule(4), GuidancePolicy(scale=7.0), **params)
+    return ICDModule(micro_components(), BoundarySchedule(4), GuidancePolicy(scale=7.0), **(SMALL | kwargs))
 
 
 def trainer(iterations: int, module: ICDModule, callbacks=(), **kwargs) -> pl.Trainer:
@@ -115,7 +117,7 @@ def test_each_loss_steps_its_own_adapter_in_order():
 
 def test_joint_topology_one_step_on_both_adapters():
     pl.seed_everything(0)
-    module = make_module(topology="joint")
+    module = make_module(optim=OptimSettings(topology="joint", lr=1e-3))
     recorder = StepRecorder()
     trainer(1, module, [recorder]).fit(module, train_dataloaders=loader())
     assert len(recorder.steps) == 1 and recorder.steps[0][0] == "total"
@@ -140,7 +142,7 @@ def test_students_start_as_the_teacher_and_move_apart():
 
 def test_ema_targets_track_the_students():
     pl.seed_everything(0)
-    module = make_module(ema_decay=0.5)
+    module = make_module(loss=LossSettings(ema_decay=0.5))
     trainer(1, module).fit(module, train_dataloaders=loader())
     named = dict(module.named_parameters())
     for adapter in (FORWARD, REVERSE):
@@ -172,7 +174,7 @@ def test_checkpoint_holds_adapters_only_and_resumes(tmp_path):
     assert all(torch.equal(capture.weights[n], saved[n]) for n in saved)
     assert resumed.iteration == 2 and resumed.trainer.global_step == 8
 
-    bad = ICDModule(micro_components(), BoundarySchedule(3), GuidancePolicy(), lora_rank=4)
+    bad = ICDModule(micro_components(), BoundarySchedule(3), GuidancePolicy(), lora=LoraSettings(rank=4))
     with pytest.raises(ValueError, match="boundaries"):
         trainer(2, bad).fit(bad, train_dataloaders=loader(), ckpt_path=tmp_path / "last.ckpt")
 
@@ -180,7 +182,7 @@ def test_checkpoint_holds_adapters_only_and_resumes(tmp_path):
 def test_export_is_what_the_editor_loads(tmp_path):
     pl.seed_everything(0)
     schedule = BoundarySchedule(3, reverse=[0, 339, 699], forward=[339, 699, 999])
-    module = ICDModule(micro_components(), schedule, GuidancePolicy(), lora_rank=4, lr=1e-3)
+    module = ICDModule(micro_components(), schedule, GuidancePolicy(), **SMALL)
     trainer(1, module).fit(module, train_dataloaders=loader())
     paths = module.export_adapters(tmp_path)
     info = json.loads((tmp_path / "schedule.json").read_text())
@@ -208,7 +210,7 @@ def test_sdxl_family_trains_with_pooled_and_size_conditioning(tmp_path):
     tiny_sdxl = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
     fp32 = {"dtype": "float32", "vae_dtype": "float32"}
     module = ICDModule(load_teacher(tiny_sdxl, fp32, {"guidance": "cfg"}), BoundarySchedule(4),
-                       GuidancePolicy(scale=7.0), lora_rank=4, lr=1e-3)
+                       GuidancePolicy(scale=7.0), **SMALL)
     cond = module.encode_text(list(CAPTIONS[:2]))
     assert cond.text.shape == (2, 77, 64) and cond.added["text_embeds"].shape == (2, 32)
     assert cond.added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
@@ -246,7 +248,8 @@ def test_training_lowers_all_four_losses_and_the_round_trip_error():
     """A few hundred iterations of the full four-loss loop (m = 2) on mixture latents: every loss falls and the
     forward-then-reverse reconstruction error drops by well over 30 %."""
     pl.seed_everything(0)
-    module = ICDModule(micro_components(), BoundarySchedule(2), GuidancePolicy(scale=0.0), lora_rank=8, lr=1e-3)
+    module = ICDModule(micro_components(), BoundarySchedule(2), GuidancePolicy(scale=0.0),
+                       lora=LoraSettings(rank=8), optim=OptimSettings(lr=1e-3))
     validation = MixtureLatents(16, seed=5)
     text = module.encode_text(validation.captions())
 
