@@ -40,7 +40,8 @@ from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
-from icd.teacher import Conditioning, GuidedUNet, encode_conditioning, guidance_mode, load_cfg_distilled
+from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled
+from models.conditioning import Conditioning
 from models.hub import resolve_local
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class ICDEditor(Editor):
         # fused: each student as merged weights, swapped per phase (faster calls, two more weight copies)
         self.switch = FusedAdapterSwitch(c.unet) if fuse_adapters else AdapterSwitch(c.unet)
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
-        uncond = self.encode([""]) if mode_ == "cfg" else Conditioning(None)
+        uncond = self.components.conditioning([""]) if mode_ == "cfg" else Conditioning(None)
         self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
         trained = trained_schedule(reverse_lora or forward_lora)
         reverse_steps = reverse_steps or trained.get("reverse_steps") or REFERENCE_REVERSE_STEPS
@@ -118,17 +119,6 @@ class ICDEditor(Editor):
     @property
     def abar(self) -> torch.Tensor:
         return self.components.alphas_cumprod.to(self.components.device)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """The prompts' conditioning (SD or SDXL, `encode_conditioning`); over-long prompts raise."""
-        c = self.components
-        for prompt in prompts:
-            c.check_prompt(prompt)
-        encoders = [(c.tokenizer, c.text_encoder)]
-        if c.text_encoder_2 is not None:
-            encoders.append((c.tokenizer_2, c.text_encoder_2))
-        return encode_conditioning(prompts, encoders, c.resolution, c.device, c.dtype)
 
     def _eps(self, x: torch.Tensor, t: int, prompts: Conditioning, w: torch.Tensor) -> torch.Tensor:
         return self.eps(x, t, prompts.text, w, prompts.added)
@@ -206,7 +196,7 @@ class ICDEditor(Editor):
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components
         prompts = [request.source_prompt, request.target_prompt]
-        cond = self.encode(prompts)  # text [2, 77, D]
+        cond = self.components.conditioning(prompts)  # text [2, 77, D]
         controller = self.controller(prompts, request.blend_words) if self.method == "p2p" else None
         x0 = c.encode_image(request.image)  # [1, 4, h, w]
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
@@ -224,4 +214,4 @@ class ICDEditor(Editor):
         generator = torch.Generator().manual_seed(seed)
         shape = (len(prompts), c.unet.config.in_channels, c.latent_size, c.latent_size)
         x_T = torch.randn(shape, generator=generator).to(c.device)
-        return c.decode_latents(self.generate_latents(x_T, self.encode(prompts)))
+        return c.decode_latents(self.generate_latents(x_T, self.components.conditioning(prompts)))

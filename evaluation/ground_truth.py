@@ -21,6 +21,8 @@ from PIL import Image
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from models.images import fit
+
 GT_KEYS = ("gt_psnr", "gt_ssim", "gt_mse")
 GT_FOLDER = "ground_truth"
 
@@ -29,17 +31,6 @@ def ground_truth_file(root: str | Path, image_path: str) -> Path | None:
     """`<root>/ground_truth/<image_path>` when the benchmark has it, else None."""
     path = Path(root) / GT_FOLDER / image_path
     return path if path.is_file() else None
-
-
-def fit_like(target: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize the short side to the edit's size and centre-crop, as the harness fits sources to the model."""
-    if target.size == size:
-        return target
-    width, height = target.size
-    scale = max(size[0] / width, size[1] / height)
-    new_w, new_h = max(size[0], round(width * scale)), max(size[1], round(height * scale))
-    left, top = (new_w - size[0]) // 2, (new_h - size[1]) // 2
-    return target.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
 
 
 def ground_truth_metrics(edited: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -61,5 +52,5 @@ def ground_truth_scores(root: str | Path, image_path: str, edited: np.ndarray) -
     if path is None:
         return dict.fromkeys(GT_KEYS, math.nan)
     with Image.open(path) as image:
-        target = fit_like(image.convert("RGB"), (edited.shape[1], edited.shape[0]))
+        target = fit(image.convert("RGB"), (edited.shape[1], edited.shape[0]))  # as the harness fits the source
     return ground_truth_metrics(edited, np.asarray(target))

@@ -42,6 +42,7 @@ from experiments.console import details, quiet_libraries
 from experiments.wandb_logger import RunLogger
 from models.components import ModelLoadError
 from models.hub import HubUnreachableError
+from models.images import fit
 from models.loading import load_components
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,9 @@ def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[
     width, height = image.size
     if (width, height) == (size, size):
         return image, mask, ""
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    box = (left, top, left + size, top + size)
-    image = image.resize((new_w, new_h), Image.BICUBIC).crop(box)
-    mask_img = Image.fromarray((mask * 255).astype(np.uint8)).resize((new_w, new_h), Image.NEAREST).crop(box)
-    return image, (np.asarray(mask_img) > 127).astype(np.float64), f"resized {width}x{height}->{size}x{size}"
+    mask_img = fit(Image.fromarray((mask * 255).astype(np.uint8)), (size, size), Image.NEAREST)
+    return fit(image, (size, size)), (np.asarray(mask_img) > 127).astype(np.float64), \
+        f"resized {width}x{height}->{size}x{size}"
 
 
 class ResultsFile:

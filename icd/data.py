@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from models.images import fit, to_model_pixels
 from toyworld.scenes import TOYSET_VERSION, random_scene
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,7 @@ Sample = dict[str, Any] | None
 
 def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     """RGB image -> [3, res, res] in [-1, 1]: short side resized to ``resolution``, centre crop."""
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1)
+    return to_model_pixels(fit(image.convert("RGB"), (resolution, resolution)))
 
 
 def _load(source: str | Path | bytes, caption: Any, resolution: int, name: str) -> Sample:

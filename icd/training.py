@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import TQDMProgressBar
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from icd.guidance import GuidancePolicy
 from icd.lora import (
@@ -57,14 +58,13 @@ from icd.losses import (
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
 from icd.teacher import (
-    Conditioning,
     GuidedUNet,
     add_guidance_embedding,
-    encode_conditioning,
     guidance_mode,
     load_cfg_distilled,
 )
 from models.components import Components
+from models.conditioning import Conditioning, encode_conditioning
 from models.loading import load_components
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,6 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [0, 1], [B, ...] -> [B]."""
-    mse = (a - b).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
 
 
 @dataclass(frozen=True)
@@ -421,7 +415,8 @@ class ICDModule(pl.LightningModule):
             out = self.round_trip(self.encode_images(pixels, sample=False), self.encode_text(batch["captions"]))
         images = (pixels.float() + 1) / 2
         reconstructed = self.decode_latents(out["reconstruction"])
-        metrics = {"val/latent_mse": out["latent_mse"].item(), "val/psnr": psnr(reconstructed, images).mean().item(),
+        psnr = peak_signal_noise_ratio(reconstructed.float(), images, data_range=1.0, dim=(1, 2, 3))  # image mean
+        metrics = {"val/latent_mse": out["latent_mse"].item(), "val/psnr": psnr.item(),
                    "iteration": float(self.iteration)}
         self.validation_history.append(metrics)
         grid = torch.cat([torch.cat(list(row), dim=2) for row in

@@ -20,6 +20,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusion.ddim import abar_at
+from models.conditioning import Conditioning, encode_conditioning
+from models.images import to_model_pixels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,26 +93,29 @@ class Components:
             )
 
     @torch.no_grad()
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning (SD: text [B, 77, D]; SDXL: both encoders plus pooled and size embeddings) in
+        the compute dtype; over-long prompts raise instead of being cut silently."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        encoders = [(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            encoders.append((self.tokenizer_2, self.text_encoder_2))
+        return encode_conditioning(prompts, encoders, self.resolution, self.device, self.dtype)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] in the compute dtype; over-long prompts raise instead of being cut silently."""
+        """Text embeddings [B, 77, D] of an SD-family model (`conditioning`)."""
         if self.text_encoder_2 is not None:
             raise NotImplementedError(
                 f"{self.name} is an SDXL-family model: its UNet takes both text encoders plus pooled embeddings; "
-                "encode prompts with the SDXL pipeline's encode_prompt"
+                "use Components.conditioning"
             )
-        for prompt in prompts:
-            self.check_prompt(prompt)
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+        return self.conditioning(prompts).text
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """RGB image at model resolution -> fp32 latent [1, 4, h, w] (posterior mean x scaling factor)."""
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-        x = x.permute(2, 0, 1)[None].to(self.device, self.vae_dtype)  # [1, 3, H, W] in [-1, 1]
+        x = to_model_pixels(image)[None].to(self.device, self.vae_dtype)  # [1, 3, H, W] in [-1, 1]
         latent = self.vae.encode(x).latent_dist.mean
         return latent.float() * self.vae.config.scaling_factor
 

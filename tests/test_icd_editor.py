@@ -89,7 +89,7 @@ def test_other_recipes_count_calls(params, image, caplog):
 def test_inversion_start_determinism_and_exact_round_trip(editor):
     g = torch.Generator().manual_seed(1)
     x_star, noise = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
-    text = editor.encode([SOURCE])
+    text = editor.components.conditioning([SOURCE])
     first = editor.invert(x_star, text, noise)
     assert torch.equal(first, editor.invert(x_star, text, noise))
     assert first.shape == (1, 4, 16, 16)
@@ -126,7 +126,7 @@ def test_p2p_source_row_is_a_plain_unguided_reconstruction(files, settings, guid
     g = torch.Generator().manual_seed(2)
     x_T = torch.randn(1, 4, 16, 16, generator=g)
     prompts = [SOURCE, "a big blue circle on gray"]
-    text = editor.encode(prompts)
+    text = editor.components.conditioning(prompts)
     latents = editor.decode_p2p(x_T, text, editor.controller(prompts, ("red", "blue")))
     plain_policy, editor.policy = editor.policy, dataclasses.replace(editor.policy, scale=0.0)
     try:
@@ -143,7 +143,7 @@ def test_p2p_rows_identical_without_edit(files):
     editor = make_editor(files, code_guidance_scale=0.0,
                          p2p=dict(cross_replace_steps=0.0, self_replace_steps=0.0, local_blend=False, amplify=1.0))
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    text = editor.encode([SOURCE, SOURCE])
+    text = editor.components.conditioning([SOURCE, SOURCE])
     latents = editor.decode_p2p(x_T, text, editor.controller([SOURCE, SOURCE], None))
     assert torch.allclose(latents[0], latents[1], atol=1e-6)
 
@@ -163,7 +163,7 @@ def test_sdxl_prompt_switch_recipe(guidance, image):
     editor = build_editor({"name": "icd", "method": "prompt_switch", "reverse_steps": [249, 499, 699, 999],
                            "forward_steps": [19, 249, 499, 699], "tau": 0.7}, components)
     assert editor.eps.mode == guidance
-    prompts = editor.encode([SOURCE, TARGET])
+    prompts = editor.components.conditioning([SOURCE, TARGET])
     assert prompts.text.shape[-1] == 64 and set(prompts.added) == {"text_embeds", "time_ids"}
     result = editor.edit(EditRequest(image, SOURCE, TARGET, seed=1))
     assert result.nfe == 8 and result.edited.size == (64, 64)

@@ -216,7 +216,7 @@ def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: lis
     scores = []
     for k, (image, caption) in enumerate(zip(images, captions)):
         z0 = c.encode_image(Image.fromarray(image))
-        cond = editor.encode([caption])
+        cond = editor.components.conditioning([caption])
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(k))
         latents = editor.generate_latents(editor.invert(z0, cond, noise), cond)
         scores.append(_psnr(np.asarray(c.decode_latents(latents)[0]), image))

@@ -1,0 +1,46 @@
+"""Prompt conditioning of the SD families, one shape for SD and SDXL, for editing and training alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of B rows: token embeddings ``text`` [B, L, D] and, for SDXL, the per-row micro-conditioning
+    ``added`` (``text_embeds`` [B, P], ``time_ids`` [B, 6]). Indexing selects rows, as the losses do for the rows
+    they jump."""
+
+    text: torch.Tensor | None
+    added: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, rows) -> "Conditioning":
+        added = None if self.added is None else {k: v[rows] for k, v in self.added.items()}
+        return Conditioning(self.text[rows], added)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+@torch.no_grad()
+def encode_conditioning(prompts: list[str], encoders: Sequence[tuple], resolution: int, device: torch.device,
+                        dtype: torch.dtype) -> Conditioning:
+    """``encoders``: [(tokenizer, text encoder)], one pair for SD, two for SDXL. SD: the encoder's last hidden
+    state. SDXL: both encoders' penultimate hidden states concatenated, the second's pooled projection and the size
+    micro-conditioning (original = target = ``resolution``, no crop). Prompts are padded / truncated to each
+    tokenizer's length (editors check the length first)."""
+    hidden, out = [], None
+    for tokenizer, encoder in encoders:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=len(encoders) > 1)
+        hidden.append(out.hidden_states[-2] if len(encoders) > 1 else out[0])
+    if len(encoders) == 1:
+        return Conditioning(hidden[0].to(dtype))
+    r = resolution
+    time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=dtype).expand(len(prompts), -1)
+    return Conditioning(torch.cat(hidden, dim=-1).to(dtype), {"text_embeds": out.text_embeds.to(dtype),
+                                                               "time_ids": time_ids})
