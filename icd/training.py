@@ -63,8 +63,9 @@ from icd.teacher import (
     guidance_mode,
     load_cfg_distilled,
 )
-from models.components import Components
+from models.components import Components, vae_decode, vae_encode
 from models.conditioning import Conditioning, encode_conditioning
+from models.images import to_unit_range
 from models.loading import load_components
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,6 @@ class ICDModule(pl.LightningModule):
         self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
         self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
         self.resolution = components.resolution
-        self.scaling_factor = components.vae.config.scaling_factor
         self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
         self.schedule, self.policy = schedule, policy
         self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance
@@ -240,16 +240,13 @@ class ICDModule(pl.LightningModule):
     def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> fp32 latents; the VAE runs outside autocast in its own dtype (fp32)."""
         with torch.autocast(self.device.type, enabled=False):
-            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-            latents = posterior.sample() if sample else posterior.mean
-        return latents.float() * self.scaling_factor
+            return vae_encode(self.vae, pixels.to(self.device), sample)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """fp32 latents -> images in [0, 1] [B, 3, H, W]."""
         with torch.autocast(self.device.type, enabled=False):
-            x = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+            return to_unit_range(vae_decode(self.vae, latents))
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def draw(self, batch: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from diffusion.ddim import abar_at
 from models.conditioning import Conditioning, encode_conditioning
-from models.images import to_model_pixels
+from models.images import to_model_pixels, to_unit_range
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -115,19 +115,17 @@ class Components:
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """RGB image at model resolution -> fp32 latent [1, 4, h, w] (posterior mean x scaling factor)."""
-        x = to_model_pixels(image)[None].to(self.device, self.vae_dtype)  # [1, 3, H, W] in [-1, 1]
-        latent = self.vae.encode(x).latent_dist.mean
-        return latent.float() * self.vae.config.scaling_factor
+        return vae_encode(self.vae, to_model_pixels(image)[None].to(self.device))  # from [1, 3, H, W] in [-1, 1]
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """fp32 latents [B, 4, h, w] -> list of RGB images (clamped, rounded down to uint8 like the reference)."""
         if not torch.isfinite(latents).all():
             raise FloatingPointError(f"NaN/inf in the latents before decoding; {_nan_cause('UNet', self.dtype)}")
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae_dtype)).sample
+        x = vae_decode(self.vae, latents)
         if not torch.isfinite(x).all():  # clamped, a NaN image would pass as all black and an inf one as all white
             raise FloatingPointError(f"the VAE decoder returned NaN/inf pixels; {_nan_cause('VAE', self.vae_dtype)}")
-        x = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        x = to_unit_range(x).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((img * 255).astype(np.uint8)) for img in x]
 
     def predict(self, latents: torch.Tensor, t: int, text: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -145,6 +143,18 @@ class Components:
     def count_calls(self) -> contextlib.AbstractContextManager[dict[str, int]]:
         """Count the denoiser's forward calls inside the block (`count_forward_calls`)."""
         return count_forward_calls(self.denoiser)
+
+
+def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] -> fp32 latents x scaling factor: the posterior mean, or a sample of it. The
+    VAE runs in its own dtype."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return (posterior.sample() if sample else posterior.mean).float() * vae.config.scaling_factor
+
+
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """fp32 latents [B, 4, h, w] -> fp32 pixels [B, 3, H, W], nominally in [-1, 1] (not clamped)."""
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
 
 def _nan_cause(network: str, dtype: torch.dtype) -> str:

@@ -29,3 +29,8 @@ def to_model_pixels(image: Image.Image) -> torch.Tensor:
     """RGB image -> float32 [3, H, W] in [-1, 1], the range the VAEs encode."""
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
     return x.permute(2, 0, 1)
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels (nominally [-1, 1]) -> [0, 1], clamped."""
+    return ((x.float() + 1) / 2).clamp(0, 1)

@@ -96,41 +96,45 @@ def _load_errors(key: str, path: str):
         ) from err
 
 
+# The model-family seam: each family's modules in the diffusers layout (module name = subfolder) and their classes.
+# A model.family names one; a new family adds its entry here (and, where its denoiser predicts something else than
+# noise, its own `Components.predict`).
+FAMILIES: dict[str, dict[str, type]] = {
+    "sd": {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+           "tokenizer": CLIPTokenizer},
+    "sdxl": {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+             "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer},
+}
+STANDALONE = {"unet": "unet_path", "vae": "vae_path"}  # modules a model config may take from a folder of their own
+
+
 def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: torch.dtype
                      ) -> tuple[dict[str, Any], DDIMScheduler]:
     family = model.get("family") or "sd"
-    if family not in ("sd", "sdxl"):
-        raise ModelLoadError(f"unknown model.family={family!r}; expected sd or sdxl")
+    if family not in FAMILIES:
+        raise ModelLoadError(f"unknown model.family={family!r}; expected one of {', '.join(FAMILIES)}")
     path = _local_or_hub(model["path"], "model.path")
-    unet_path, vae_path = model.get("unet_path"), model.get("vae_path")
     variant = {"variant": model["variant"]} if model.get("variant") else {}
-    hub = hub_kwargs(path, "model.path")
+
+    def load(name: str, cls: type, source: str, key: str, subfolder: str | None) -> Any:
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        if issubclass(cls, torch.nn.Module):
+            kwargs["dtype"] = vae_dtype if name == "vae" else dtype
+        if name == "unet":
+            kwargs.update(variant)
+        with _load_errors(key, source):
+            return cls.from_pretrained(source, **kwargs, **hub_kwargs(source, key))
+
     modules: dict[str, Any] = {}
+    for name, cls in FAMILIES[family].items():
+        key = STANDALONE.get(name)
+        if key and model.get(key):  # e.g. latent-consistency/lcm-ssd-1b, madebyollin/sdxl-vae-fp16-fix
+            modules[name] = load(name, cls, _local_or_hub(model[key], f"model.{key}"), f"model.{key}", None)
+        else:
+            modules[name] = load(name, cls, path, "model.path", name)
     with _load_errors("model.path", path):
-        if not unet_path:
-            modules["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **variant,
-                                                                   **hub)
-        if not vae_path:
-            modules["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=vae_dtype, **hub)
-        modules["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **hub)
-        modules["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
-        if family == "sdxl":
-            modules["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", dtype=dtype, **hub
-            )
-            modules["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub)
-        scheduler = sd_scheduler(**_beta_overrides(DDIMScheduler.load_config(path, subfolder="scheduler", **hub)))
-    if unet_path:  # a standalone UNet (e.g. latent-consistency/lcm-ssd-1b) in place of the base model's
-        unet_path = _local_or_hub(unet_path, "model.unet_path")
-        hub = hub_kwargs(unet_path, "model.unet_path")
-        with _load_errors("model.unet_path", unet_path):
-            modules["unet"] = UNet2DConditionModel.from_pretrained(unet_path, dtype=dtype, **variant, **hub)
-    if vae_path:  # a standalone VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
-        vae_path = _local_or_hub(vae_path, "model.vae_path")
-        hub = hub_kwargs(vae_path, "model.vae_path")
-        with _load_errors("model.vae_path", vae_path):
-            modules["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=vae_dtype, **hub)
-    return modules, scheduler
+        config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs(path, "model.path"))
+    return modules, sd_scheduler(**_beta_overrides(config))
 
 
 def _beta_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
