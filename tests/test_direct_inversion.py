@@ -1,4 +1,4 @@
-"""Direct Inversion (PnP Inversion) + P2P (design §3.2) on the tiny model."""
+"""Direct Inversion (PnP Inversion) + P2P on the tiny model."""
 
 from pathlib import Path
 

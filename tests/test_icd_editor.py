@@ -1,4 +1,4 @@
-"""The iCD editor (design/icd.md §5 items 13-14): call counts, inversion start and determinism, P2P source-branch
+"""The iCD editor: call counts, inversion start and determinism, P2P source-branch
 invariance, adapter files, both guidance backends. Tiny model on CPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Teacher backends and the two-adapter LoRA wiring (design/icd.md §5 items 10d and 12). Tiny models, CPU."""
+"""Teacher backends and the two-adapter LoRA wiring. Tiny models, CPU."""
 
 from __future__ import annotations
 

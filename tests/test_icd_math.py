@@ -1,4 +1,4 @@
-"""iCD math (design/icd.md §5 items 1-8, 10, 11): grids and boundaries, jumps, losses, guidance. Pure, fast."""
+"""iCD math: grids and boundaries, jumps, losses, guidance. Pure, fast."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""iCD training with Lightning (design/icd.md §5 items 1, 9, 12 and the slow smoke test) on a micro w-embedded UNet
-with Gaussian-mixture latents (no VAE in the loop), CPU."""
+"""iCD training with Lightning on a micro w-embedded UNet with Gaussian-mixture latents (no VAE in the loop), CPU."""
 
 from __future__ import annotations
 

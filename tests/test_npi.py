@@ -1,4 +1,4 @@
-"""Negative-Prompt Inversion + P2P (design §3.2) on the tiny model."""
+"""Negative-Prompt Inversion + P2P on the tiny model."""
 
 from pathlib import Path
 

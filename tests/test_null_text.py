@@ -1,4 +1,4 @@
-"""Null-Text Inversion + P2P (design §3.2, §6 items 9–10) on the tiny model."""
+"""Null-Text Inversion + P2P on the tiny model."""
 
 from pathlib import Path
 

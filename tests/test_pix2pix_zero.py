@@ -1,4 +1,4 @@
-"""Pix2Pix-Zero (design §3.4) on the tiny model: regulariser, reference/edit passes, cost."""
+"""Pix2Pix-Zero on the tiny model: regulariser, reference/edit passes, cost."""
 
 from pathlib import Path
 

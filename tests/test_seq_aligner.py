@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt token helpers (design §3.5, §6 items 12–13) on two offline tokenizers."""
+"""Prompt-to-Prompt token helpers on two offline tokenizers."""
 
 from __future__ import annotations
 
