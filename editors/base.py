@@ -206,20 +206,26 @@ def _checked_settings(name: str, value: Any, kind: type, default: Any) -> Any:
     return dataclasses.replace(default, **{k: _checked(f"{name}.{k}", v, hints[k], choices) for k, v in value.items()})
 
 
-def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
-    """``cfg`` is the ``editor`` config: ``name`` picks the class, every other key is a constructor parameter,
-    checked against its annotation and range before the editor is built."""
+def editor_arguments(cfg: Mapping[str, Any]) -> tuple[type[Editor], dict[str, Any]]:
+    """``cfg`` is the ``editor`` config: ``name`` picks the class, every other key is a constructor parameter (1:1),
+    checked against its annotation and range. Returns the class and its checked keyword arguments."""
     _import_editor_modules()
     params = dict(cfg)
     name = params.pop("name")
     if name not in EDITORS:
         raise KeyError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
-    accepted = _parameters(EDITORS[name])
+    cls = EDITORS[name]
+    accepted = _parameters(cls)
     if unknown := sorted(set(params) - set(accepted)):  # e.g. debug's editor.num_steps on an editor without steps
         raise TypeError(f"editor {name} has no parameter {', '.join(unknown)}; "
                         f"it takes: {', '.join(accepted) or 'none'}")
-    hints = _annotations(EDITORS[name])
-    choices = EDITORS[name].parameter_choices
-    defaults = _defaults(EDITORS[name])
-    params = {k: _checked(k, v, hints[k], choices, defaults.get(k)) if k in hints else v for k, v in params.items()}
-    return EDITORS[name](components, **params)
+    hints, defaults = _annotations(cls), _defaults(cls)
+    return cls, {k: _checked(k, v, hints[k], cls.parameter_choices, defaults.get(k)) if k in hints else v
+                 for k, v in params.items()}
+
+
+def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
+    """The editor the ``editor`` config describes (`editor_arguments`), on ``components``; bad values raise before
+    it is built."""
+    cls, params = editor_arguments(cfg)
+    return cls(components, **params)

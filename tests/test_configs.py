@@ -5,6 +5,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from editors.base import editor_arguments
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "precision", "offload", "dataset", "editor", "settings", "metrics", "logger", "debug",
           "experiment")
@@ -79,3 +81,13 @@ def test_ddim_p2p_reference_defaults(hydra_conf):
     assert (cfg.num_steps, cfg.guidance_scale) == (50, 7.5)
     assert (cfg.p2p.cross_replace_steps, cfg.p2p.self_replace_steps) == (0.4, 0.6)
     assert (cfg.p2p.mode, cfg.p2p.amplify, cfg.p2p.blend_start, cfg.p2p.blend_threshold) == ("refine", 2.0, 0.2, 0.3)
+
+
+@pytest.mark.parametrize("option", [option for group, option in OPTIONS if group == "editor"])
+def test_every_editor_config_maps_onto_its_constructor(hydra_conf, option):
+    """Every key of conf/editor/<option>.yaml (composed, with its defaults) is a constructor argument of the class
+    its name registers, of the annotated type and in range: the config tree is the constructor call."""
+    cfg = OmegaConf.to_container(compose(config_name="run", overrides=["~experiment", f"editor={option}"]).editor,
+                                 resolve=True)
+    cls, arguments = editor_arguments(cfg)
+    assert cls.name == cfg["name"] and arguments.keys() == cfg.keys() - {"name"}
