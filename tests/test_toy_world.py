@@ -93,8 +93,8 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     editor = build_editor({"name": "ddim_p2p", "num_steps": 50}, toy)
     z0, cond = toy.encode_image(Image.fromarray(image)), toy.encode_prompts([caption])
     latents = editor.invert(z0, cond)[-1]
-    for t in editor.timesteps:
-        latents = ddim_jump(latents, toy.predict(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+    for t, s in editor.pairs:  # 980 -> 960, ..., 0 -> -20
+        latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.abar(t), toy.abar(s))
     return _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 
