@@ -3,9 +3,13 @@
 `char_tokenizer()` is a CLIP tokenizer whose vocabulary is the 256 byte-level characters (with and without the
 end-of-word marker) and no merges, so every character is one token and distinct words get distinct ids. Tiny test
 models and full-size random-weight architectures use it, since the real CLIP vocabulary lives on the hub.
+`word_tokenizer(words)` adds merges to that vocabulary so that every given word is one token (the toy world's).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Iterable
 
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -13,11 +17,41 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 CLIP_MAX_LENGTH = 77
 
 
-def char_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's start and end tokens, then the 256 byte-level characters, then each with the end-of-word marker."""
     chars = list(bytes_to_unicode().values())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in chars:
-        vocab[char] = len(vocab)
-    for char in chars:
-        vocab[char + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def char_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=model_max_length)
+
+
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merge loop: repeatedly join the adjacent pair of lowest rank."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
+    return parts
+
+
+def word_tokenizer(words: Iterable[str], model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    """A `CLIPTokenizer` in which every word of `words` is one token.
+
+    The vocabulary keeps CLIP's byte-level characters (so an unknown word still tokenizes, letter by letter) and
+    adds merges word by word: while the current merges split a word, the first two of its pieces are merged. A merge
+    appended later never changes the split of a word already whole, since BPE applies lower-ranked merges first.
+    """
+    vocab = _byte_vocab()
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted(set(words)):
+        while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)

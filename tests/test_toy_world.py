@@ -1,6 +1,6 @@
 """The toy world: shipped weights load offline through the normal loader, its tokenizer is word-level, the shipped
 model behaves like a diffusion model should (DDIM round trip, a P2P colour edit), ground-truth metrics, configs,
-and the build script's quick mode."""
+and the build (experiments.toy_build, scripts/build_toy_world.py in quick mode)."""
 
 import json
 import math
@@ -22,6 +22,7 @@ from editors.base import EditRequest, build_editor
 from evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
 from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
 from evaluation.toyset import write_piebench
+from experiments import toy_build
 from experiments.harness import load_editor
 from models.loading import load_components
 from toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
@@ -92,8 +93,8 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     editor = build_editor({"name": "ddim_p2p", "num_steps": 50}, toy)
     z0, cond = toy.encode_image(Image.fromarray(image)), toy.encode_prompts([caption])
     latents = editor.invert(z0, cond)[-1]
-    for t in editor.timesteps:
-        latents = ddim_jump(latents, toy.predict(latents, t, cond), editor.abar(t), editor.abar(t - editor.stride))
+    for t, s in editor.pairs:  # 980 -> 960, ..., 0 -> -20
+        latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.abar(t), toy.abar(s))
     return _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 
@@ -234,53 +235,38 @@ def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     assert trained > untrained and trained > np.mean(teacher) - 3.0, (trained, untrained, np.mean(teacher))
 
 
-@pytest.fixture(scope="module")
-def build():
-    """scripts/build_toy_world.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_toy_world", REPO / "scripts" / "build_toy_world.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
-
-
-def test_fit_gives_each_parameter_group_its_own_learning_rate(build, tmp_path):
+def test_fit_gives_each_parameter_group_its_own_learning_rate(tmp_path):
     """The IP2P stage trains conv_in at ten times the rest's rate: Adam's first step moves a weight by its group's
     rate, whatever the gradient's size."""
     slow, fast = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    steps = build.fit("groups", [{"params": [slow]}, {"params": [fast], "lr": 1e-2}],
-                      lambda step: (slow * torch.tensor([1.0, 5.0, 0.1])).sum() + 3 * fast.sum(), steps=1, lr=1e-3,
-                      log=build.Log(tmp_path / "log.jsonl"), weight_decay=0.0)
+    steps = toy_build.fit("groups", [{"params": [slow]}, {"params": [fast], "lr": 1e-2}],
+                          lambda step: (slow * torch.tensor([1.0, 5.0, 0.1])).sum() + 3 * fast.sum(), steps=1,
+                          lr=1e-3, log=toy_build.Log(tmp_path / "log.jsonl"), weight_decay=0.0)
     assert steps == 1
     torch.testing.assert_close(slow.detach(), torch.full((3,), -1e-3), rtol=1e-3, atol=0)
     torch.testing.assert_close(fast.detach(), torch.full((3,), -1e-2), rtol=1e-3, atol=0)
 
 
-def test_save_ema_writes_the_average_without_this_machines_path(build, tmp_path):
+def test_save_ema_writes_the_average_without_this_machines_path(tmp_path):
     """A resumed diffusers model's config records where it was loaded from; the saved one must not (the weights
     are shipped)."""
-    build.build_unet(cross_attention_dim=8).save_pretrained(tmp_path / "start")
+    toy_build.build_unet(cross_attention_dim=8).save_pretrained(tmp_path / "start")
     model = UNet2DConditionModel.from_pretrained(tmp_path / "start")
-    ema = build.ema_of(model, decay=0.5)
+    ema = toy_build.ema_of(model, decay=0.5)
     for _ in range(2):  # diffusers' warm-up decay: 0 on the first update, (1 + 1) / (10 + 1) on the second
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
         ema[0].step(model.parameters())
     expected = [(p.detach() - 2 / 11).half() for p in model.parameters()]  # 2/11 (p - 1) + 9/11 p
-    build.save_ema(ema, tmp_path / "saved")
+    toy_build.save_ema(ema, tmp_path / "saved")
     assert "_name_or_path" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "saved", dtype=torch.float16)
     for got, want in zip(saved.parameters(), expected):
         torch.testing.assert_close(got, want)
 
 
-def test_denoising_loss_draws_its_high_t_fraction_from_the_upper_half(build):
+def test_denoising_loss_draws_its_high_t_fraction_from_the_upper_half():
     """The IP2P stage trains half of each batch at t >= 500, where only the source image shows the layout."""
     seen = []
 
@@ -291,8 +277,8 @@ def test_denoising_loss_draws_its_high_t_fraction_from_the_upper_half(build):
     latents, ids = torch.zeros(64, 4, 2, 2), torch.zeros(64, 3, dtype=torch.long)
     abar = torch.linspace(0.999, 0.001, 1000)
     for fraction in (0.0, 0.5):
-        build.denoising_loss(unet, lambda ids: (torch.zeros(len(ids), 3, 8),), latents, ids, abar,
-                             torch.Generator().manual_seed(0), extra=latents, high_t_fraction=fraction)
+        toy_build.denoising_loss(unet, lambda ids: (torch.zeros(len(ids), 3, 8),), latents, ids, abar,
+                                 torch.Generator().manual_seed(0), extra=latents, high_t_fraction=fraction)
     uniform, mixed = seen
     assert (mixed[:32] >= 500).all() and (mixed[32:] < 500).any() and (uniform < 500).any()
     assert torch.equal(mixed[32:], uniform[32:])  # the rest keeps the uniform draw
