@@ -56,12 +56,15 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffusion.ddim import cfg
 from diffusion.sampling import ddim_loop, ddim_pairs
 from evaluation.metrics import CLIP_MEAN, CLIP_STD
+from models.components import vae_decode
+from models.images import to_uint8, uint8_to_model_pixels
 from models.loading import load_components, sd_scheduler
 from models.tokenizers import word_tokenizer
 from toyworld.scenes import BG_COLOURS, COLOURS, SHAPES, Scene, make_edit, random_scene, vocabulary
@@ -235,8 +238,8 @@ def render_edits(n: int, seed: int, workers: int) -> Edits:
 
 
 def to_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1], as `Components.encode_image` feeds the VAE."""
-    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] on ``device``, as `Components.encode_image` feeds it."""
+    return uint8_to_model_pixels(images.to(device))
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -621,9 +624,8 @@ def stage_ip2p(w: World) -> None:
 
 # -------------------------------------------------------------------------------------------------------- evaluation
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    """PSNR in dB of two uint8 images (float64; +inf for identical ones)."""
+    return peak_signal_noise_ratio(*(torch.from_numpy(x).double() for x in (a, b)), data_range=255.0).item()
 
 
 class ToyClip:
@@ -669,12 +671,6 @@ def accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
     return result
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded [-1, 1] images [B, 3, H, W] -> uint8 [B, H, W, 3], rounded as `Components.decode_latents`."""
-    x = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (x * 255).astype(np.uint8)
-
-
 @torch.no_grad()
 def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[torch.Tensor], scale: float,
                    num_steps: int) -> torch.Tensor:
@@ -693,7 +689,7 @@ def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[
 
 def decode(c, latents: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return to_uint8(c.vae.decode(latents / c.vae.config.scaling_factor).sample)
+        return to_uint8(vae_decode(c.vae, latents))
 
 
 def stage_eval(w: World) -> dict:

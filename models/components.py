@@ -13,7 +13,6 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
@@ -21,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from diffusion.ddim import abar_at
 from models.conditioning import Conditioning, encode_conditioning
-from models.images import to_model_pixels, to_unit_range
+from models.images import to_model_pixels, to_uint8
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,8 +124,7 @@ class Components:
         x = vae_decode(self.vae, latents)
         if not torch.isfinite(x).all():  # clamped, a NaN image would pass as all black and an inf one as all white
             raise FloatingPointError(f"the VAE decoder returned NaN/inf pixels; {_nan_cause('VAE', self.vae_dtype)}")
-        x = to_unit_range(x).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray((img * 255).astype(np.uint8)) for img in x]
+        return [Image.fromarray(img) for img in to_uint8(x)]
 
     def predict(self, latents: torch.Tensor, t: int, text: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The denoiser's prediction (noise, for the epsilon-prediction families) for fp32 latents at timestep

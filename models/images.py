@@ -27,10 +27,20 @@ def fit(image: Image.Image, size: tuple[int, int], resample: int = Image.BICUBIC
 
 def to_model_pixels(image: Image.Image) -> torch.Tensor:
     """RGB image -> float32 [3, H, W] in [-1, 1], the range the VAEs encode."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1)
+    return uint8_to_model_pixels(torch.from_numpy(np.asarray(image.convert("RGB"))))
+
+
+def uint8_to_model_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1]."""
+    return (images.float() / 127.5 - 1.0).movedim(-1, -3)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """Decoded pixels (nominally [-1, 1]) -> [0, 1], clamped."""
     return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [B, 3, H, W] (nominally [-1, 1]) -> uint8 [B, H, W, 3], clamped and rounded down like the
+    reference implementations."""
+    return (to_unit_range(x).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)

@@ -70,10 +70,6 @@ def test_tokenizer_gives_every_toy_word_one_token(folder):
     assert tokenizer.tokenize("cat") == ["c", "a", "t</w>"]  # unknown words still tokenize, letter by letter
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return 10 * math.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-
-
 def _compose_run(*overrides: str):
     """run.py's config as Hydra composes it for these command-line overrides."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -95,13 +91,13 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     latents = editor.invert(z0, cond)[-1]
     for t, s in editor.pairs:  # 980 -> 960, ..., 0 -> -20
         latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.abar(t), toy.abar(s))
-    return _psnr(np.asarray(toy.decode_latents(latents)[0]), image)
+    return toy_build.psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 
 def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
     scene = Scene((Obj("circle", "red", size="large"),), "gray")
     image = scene.render(32)
-    vae_psnr = _psnr(np.asarray(toy.decode_latents(toy.encode_image(Image.fromarray(image)))[0]), image)
+    vae_psnr = toy_build.psnr(np.asarray(toy.decode_latents(toy.encode_image(Image.fromarray(image)))[0]), image)
     round_trip = _ddim_round_trip_psnr(toy, image, scene.caption())
     assert vae_psnr > 30 and round_trip > vae_psnr - 1.0, (vae_psnr, round_trip)  # measured 34.9 and 34.2 dB
 
@@ -161,7 +157,7 @@ def test_instruct_pix2pix_raises_the_target_score_on_unseen_edits(toy_clip):
                                                     instruction=edit.instruction, seed=i)).edited)
         score_gains.append(clip_score(toy_clip, edited, edit.target_prompt)
                            - clip_score(toy_clip, source, edit.target_prompt))
-        psnr_gains.append(_psnr(edited, target) - _psnr(source, target))
+        psnr_gains.append(toy_build.psnr(edited, target) - toy_build.psnr(source, target))
     assert np.mean(score_gains) > 8, score_gains  # measured 19.2 (the UNet before its last 6,000 steps: 0.4)
     assert np.mean(psnr_gains) > 4, psnr_gains  # measured 6.5 dB (before: 1.6)
 
@@ -220,7 +216,7 @@ def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: lis
         cond = editor.components.conditioning([caption])
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(k))
         latents = editor.generate_latents(editor.invert(z0, cond, noise), cond)
-        scores.append(_psnr(np.asarray(c.decode_latents(latents)[0]), image))
+        scores.append(toy_build.psnr(np.asarray(c.decode_latents(latents)[0]), image))
     return float(np.mean(scores))
 
 
