@@ -59,7 +59,8 @@ def violations() -> list[str]:
                     problems.append(f"{where}: {package} may not import {module}")
                 elif package in BOTTOM_THIRD_PARTY and module not in LAYER_OF \
                         and module not in BOTTOM_THIRD_PARTY[package] and module not in sys.stdlib_module_names:
-                    problems.append(f"{where}: {package} is the bottom layer ({', '.join(BOTTOM_THIRD_PARTY[package])})")
+                    allowed = ", ".join(BOTTOM_THIRD_PARTY[package])
+                    problems.append(f"{where}: {package} is the bottom layer ({allowed})")
     return problems
 
 
