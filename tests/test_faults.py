@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from editors.base import EditorConfigError
-from evaluation import harness
 from evaluation.toyset import builtin_folder, write_piebench
+from experiments import harness
 from experiments.harness import ResultsFile, RunError, run
 
 ROOT = Path(__file__).resolve().parents[1]
