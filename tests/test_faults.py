@@ -306,12 +306,19 @@ def test_editor_parameters_are_checked_when_the_editor_is_built(tiny_components)
         build_editor({"name": "icd", "method": "pnp"}, tiny_components)
 
 
-def test_run_py_exits_non_zero_with_one_clear_line(tmp_path):
+def test_run_py_exits_non_zero_with_one_clear_line(tmp_path, call_main):
+    """The first as a true subprocess (the exit status a shell sees), the second in this process (run.py's main as
+    the command line calls it)."""
     env = {**os.environ, "EDITLAB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    for override, message in (("editor.num_steps=0", "editor.num_steps=0 is out of range"),
-                              ("editor.guidance_scale=inf", "guidance_scale=inf must be a finite number")):
-        proc = subprocess.run([sys.executable, "run.py", *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    for in_process, override, message in ((False, "editor.num_steps=0", "editor.num_steps=0 is out of range"),
+                                          (True, "editor.guidance_scale=inf",
+                                           "guidance_scale=inf must be a finite number")):
+        args = [*FAST, override, f"hydra.run.dir={tmp_path / 'run'}"]
+        if in_process:
+            proc = call_main("run", *args)
+        else:
+            proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=300)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stdout + proc.stderr
 

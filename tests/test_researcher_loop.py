@@ -19,8 +19,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from evaluation import aggregate, harness
+from evaluation import aggregate
 from evaluation.toyset import write_piebench
+from experiments import harness
 from experiments.harness import RunError, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,6 @@
-"""run.py end to end on the tiny model over generated PIE-Bench-format folders (subprocesses, as a user runs it)."""
+"""run.py end to end on the tiny model over generated PIE-Bench-format folders: its Hydra main called in this
+process with the command line's arguments, and as a true subprocess (as a user runs it) for the default tour and
+one multirun sweep."""
 
 import json
 import os
@@ -19,16 +21,39 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]
 
 
-def run_py(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """run.py with `args`; without an experiment= argument, the plain defaults (~experiment: not the toy tour)."""
-    env = {**os.environ, "EDITLAB_CACHE": str(cache), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
-    if not any(a.lstrip("~").startswith("experiment") for a in args):
-        args = (*args, "~experiment")
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+ENV = {"WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+
+
+def _with_defaults(args: tuple[str, ...]) -> tuple[str, ...]:
+    """Without an experiment= argument, the plain defaults (~experiment: not the toy tour)."""
+    return args if any(a.lstrip("~").startswith("experiment") for a in args) else (*args, "~experiment")
+
+
+def _checked(proc, check: bool):
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def run_py_process(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python run.py args` as a user runs it, for the few tests where the fresh process is the point (the default
+    tour's console, a sweep's exit status); the others call it in this process (`run_py`)."""
+    env = {**os.environ, "EDITLAB_CACHE": str(cache), **ENV}
+    return _checked(subprocess.run([sys.executable, "run.py", *_with_defaults(args)], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=600), check)
+
+
+@pytest.fixture
+def run_py(call_main, monkeypatch):
+    """run.py with `args`, in this process (see conftest's call_main): exit status, stdout and stderr as a
+    subprocess would give them."""
+
+    def run_(*args: str, cache: Path, check: bool = True):
+        for key, value in {"EDITLAB_CACHE": str(cache), **ENV}.items():
+            monkeypatch.setenv(key, value)
+        return _checked(call_main("run", *_with_defaults(args)), check)
+
+    return run_
 
 
 def read_results(run_dir: Path) -> pd.DataFrame:
@@ -36,7 +61,7 @@ def read_results(run_dir: Path) -> pd.DataFrame:
                        keep_default_na=False, na_values={"psnr_unedit_part": ["nan"]})
 
 
-def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path):
+def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path, run_py):
     out = tmp_path / "run"
     proc = run_py(*FAST, "dataset.limit=3", f"hydra.run.dir={out}", cache=tmp_path / "cache")
     results = read_results(out)
@@ -58,7 +83,7 @@ def test_single_run_writes_results_summary_images_and_offline_wandb(tmp_path):
 
 def test_multirun_sweep_gives_every_job_its_results_and_wandb_run(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_py("-m", *FAST, "precision=fp32,bf16", "editor.num_steps=3,4", "dataset.limit=1",
+    proc = run_py_process("-m", *FAST, "precision=fp32,bf16", "editor.num_steps=3,4", "dataset.limit=1",
                   f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
     # the sweep report: one headline line per job, the comparison grid (source, ground truth, 4 edits)
     assert "sweep " in proc.stdout and proc.stdout.count("ddim_p2p") >= 4 and "comparison grid" in proc.stdout
@@ -77,7 +102,7 @@ def test_multirun_sweep_gives_every_job_its_results_and_wandb_run(tmp_path):
     assert seen == {("fp32", 5), ("fp32", 7), ("bf16", 5), ("bf16", 7)}
 
 
-def test_rerun_into_the_same_directory_skips_finished_items(tmp_path):
+def test_rerun_into_the_same_directory_skips_finished_items(tmp_path, run_py):
     out, cache = tmp_path / "run", tmp_path / "cache"
     run_py(*FAST, "dataset.limit=2", "logger=none", f"hydra.run.dir={out}", cache=cache)
     first = read_results(out)
@@ -108,7 +133,7 @@ def _bad_input_set(root: Path) -> dict[str, str]:
     return dict(zip(ids, ["missing", "corrupt", "rgba", "grey16", "long", "blend", "odd_size", "not_square", "fine"]))
 
 
-def test_bad_inputs_get_error_rows_and_the_run_goes_on(tmp_path):
+def test_bad_inputs_get_error_rows_and_the_run_goes_on(tmp_path, run_py):
     root, out = tmp_path / "bad", tmp_path / "run"
     kinds = _bad_input_set(root)
     run_py(*FAST, "dataset=pie_bench", f"dataset.root={root}", "metrics=offline",
@@ -125,19 +150,19 @@ def test_bad_inputs_get_error_rows_and_the_run_goes_on(tmp_path):
     assert by_kind["fine"]["error"] == "" and by_kind["fine"]["note"] == ""
 
 
-def test_unknown_editor_is_a_clear_error(tmp_path):
+def test_unknown_editor_is_a_clear_error(tmp_path, run_py):
     proc = run_py("editor=nope", cache=tmp_path / "cache", check=False)
     assert proc.returncode != 0 and "editor" in proc.stderr and "nope" in proc.stderr
 
 
-def test_missing_pie_bench_root_is_a_clear_error(tmp_path):
+def test_missing_pie_bench_root_is_a_clear_error(tmp_path, run_py):
     proc = run_py(*FAST, "dataset=pie_bench", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
                   cache=tmp_path / "cache", check=False)
     assert proc.returncode != 0 and "dataset.root" in proc.stderr
 
 
 @pytest.mark.parametrize("limit", [2])
-def test_sharding_splits_the_items(tmp_path, limit):
+def test_sharding_splits_the_items(tmp_path, limit, run_py):
     cache, ids = tmp_path / "cache", []
     for shard in (0, 1):
         out = tmp_path / f"shard{shard}"
@@ -147,7 +172,7 @@ def test_sharding_splits_the_items(tmp_path, limit):
     assert len(ids[0]) == len(ids[1]) == 1 and not ids[0] & ids[1]
 
 
-def test_aggregate_summarises_a_sweep_per_run(tmp_path, capsys):
+def test_aggregate_summarises_a_sweep_per_run(tmp_path, capsys, run_py):
     from evaluation.aggregate import main as aggregate
 
     sweep = tmp_path / "sweep"
@@ -181,7 +206,7 @@ EDITOR_RUNS = [  # editor, model, overrides, expected UNet calls per edit
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("editor", "model", "overrides", "nfe_ok"), EDITOR_RUNS, ids=[r[0] for r in EDITOR_RUNS])
-def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_ok):
+def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_ok, run_py):
     out = tmp_path / "run"
     run_py(f"editor={editor}", f"model={model}", *overrides, "dataset.limit=2", "logger=none", "warmup=false",
            f"hydra.run.dir={out}", cache=tmp_path / "cache")
@@ -192,7 +217,7 @@ def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_
     assert len(list((out / "annotation_images").rglob("*.png"))) == 2
 
 
-def test_one_editor_on_the_default_tour_is_one_job(tmp_path):
+def test_one_editor_on_the_default_tour_is_one_job(tmp_path, run_py):
     sweep = tmp_path / "sweep"
     proc = run_py("experiment=toy_tour", "editor=npi", "editor.num_steps=2", "dataset.limit=1", "logger=none",
                   f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
@@ -203,7 +228,7 @@ def test_one_editor_on_the_default_tour_is_one_job(tmp_path):
     assert "Launching 1 jobs" in proc.stdout + proc.stderr
 
 
-def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path):
+def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path, run_py):
     sweep = tmp_path / "sweep"
     proc = run_py("-m", *FAST, "editor=ddim_p2p,lcm_controlnet", "dataset.limit=1", "logger=none",
                   f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache", check=False)
@@ -220,7 +245,7 @@ def test_toy_tour_runs_every_editor_with_a_toy_model(tmp_path, monkeypatch):
     says why lcm_controlnet is not among them; the console holds no library chatter (W&B on, not silenced here)."""
     monkeypatch.delenv("WANDB_SILENT", raising=False)
     sweep = tmp_path / "sweep"
-    proc = run_py("experiment=toy_tour", "dataset.edit_types=[6]", "dataset.n_per_type=1", "warmup=false",
+    proc = run_py_process("experiment=toy_tour", "dataset.edit_types=[6]", "dataset.n_per_type=1", "warmup=false",
                   f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
     console = proc.stdout + proc.stderr
     for chatter in ("LOAD REPORT", "Loading weights", "should be kept in float32", "wandb:", "Traceback"):
