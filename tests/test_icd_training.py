@@ -244,11 +244,12 @@ def test_round_trip_is_exact_only_when_untrained_students_are_consistent():
 
 @pytest.mark.slow
 def test_training_lowers_all_four_losses_and_the_round_trip_error():
-    """A few hundred iterations of the full four-loss loop (m = 2) on mixture latents: every loss falls and the
-    forward-then-reverse reconstruction error drops by well over 30 %."""
+    """200 iterations of the full four-loss loop (m = 2) on mixture latents: every loss falls and the
+    forward-then-reverse reconstruction error drops by well over 30 % (measured: the slowest loss, reverse CD, to
+    0.87 of its start over 40-iteration windows; the round trip to 0.02)."""
     pl.seed_everything(0)
     module = ICDModule(micro_components(), BoundarySchedule(2), GuidancePolicy(scale=0.0),
-                       lora=LoraSettings(rank=8), optim=OptimSettings(lr=1e-3))
+                       lora=LoraSettings(rank=8), optim=OptimSettings(lr=2e-3))
     validation = MixtureLatents(16, seed=5)
     text = module.encode_text(validation.captions())
 
@@ -266,7 +267,7 @@ def test_training_lowers_all_four_losses_and_the_round_trip_error():
             self.round_trip.append(module.round_trip(validation.latents, text)["latent_mse"].item())
 
     record = Record()
-    trainer(300, module, [record]).fit(module, train_dataloaders=loader(512, 8))
+    trainer(200, module, [record]).fit(module, train_dataloaders=loader(512, 8))
     losses = np.array(record.losses)  # [iterations, 4]
     first, last = losses[:40].mean(0), losses[-40:].mean(0)
     assert (last < first).all(), dict(zip(LOSSES, zip(first, last)))
