@@ -122,8 +122,9 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: to
             kwargs["dtype"] = vae_dtype if name == "vae" else dtype
         if name == "unet":
             kwargs.update(variant)
+        kwargs.update(hub_kwargs(source, key))  # outside _load_errors: an unreachable hub is its own clear error
         with _load_errors(key, source):
-            return cls.from_pretrained(source, **kwargs, **hub_kwargs(source, key))
+            return cls.from_pretrained(source, **kwargs)
 
     modules: dict[str, Any] = {}
     for name, cls in FAMILIES[family].items():
@@ -132,8 +133,9 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: to
             modules[name] = load(name, cls, _local_or_hub(model[key], f"model.{key}"), f"model.{key}", None)
         else:
             modules[name] = load(name, cls, path, "model.path", name)
+    hub = hub_kwargs(path, "model.path")
     with _load_errors("model.path", path):
-        config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs(path, "model.path"))
+        config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
     return modules, sd_scheduler(**_beta_overrides(config))
 
 

@@ -4,6 +4,7 @@ and the build (experiments.toy_build, scripts/build_toy_world.py in quick mode).
 
 import json
 import math
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -182,11 +183,12 @@ def test_toy_experiment_composes():
     assert cfg.metrics.clip.path == "./weights/toy/clip" and cfg.metrics.lpips.net is None
 
 
-def test_build_script_quick_mode(build, tmp_path):
+def test_build_script_quick_mode(tmp_path):
     """The build script's main as its command line calls it, in this process (its global seeds kept to itself)."""
     out = tmp_path / "toy"
+    script = runpy.run_path(str(REPO / "scripts" / "build_toy_world.py"), run_name="build_toy_world")
     with torch.random.fork_rng():
-        build.main(["--quick", "--device", "cpu", "--workers", "1", "--out", str(out)])
+        script["main"](["--quick", "--device", "cpu", "--workers", "1", "--out", str(out)])
     report = json.loads((out / "quality.json").read_text())
     assert {"vae_psnr", "clip_zero_shot", "teacher_cfg5", "teacher_judge_on_real_scenes",
             "teacher_judge_on_vae_reconstructions", "ddim_round_trip_psnr", "nti_cfg7.5_round_trip_psnr",
