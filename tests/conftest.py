@@ -3,7 +3,6 @@ import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -26,21 +25,6 @@ def tiny_components():
     from models.loading import load_components
 
     return load_components(TINY, FP32, NO_OFFLOAD, "cpu")
-
-
-@pytest.fixture
-def editor_config():
-    """``editor_config(name)``: the composed ``editor`` config of ``editor=<name>`` on the plain defaults (a dict)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    def compose_editor(name: str) -> dict:
-        conf = Path(__file__).resolve().parents[1] / "conf"
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose(config_name="run", overrides=["~experiment", f"editor={name}"])
-        return OmegaConf.to_container(cfg.editor, resolve=True)
-
-    return compose_editor
 
 
 class Finished(NamedTuple):

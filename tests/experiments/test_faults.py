@@ -22,7 +22,7 @@ from evaluation.toyset import builtin_folder, write_piebench
 from experiments import harness
 from experiments.harness import ResultsFile, RunError, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=3"]
 
 

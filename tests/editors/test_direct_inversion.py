@@ -1,18 +1,16 @@
 """Direct Inversion (PnP Inversion) + P2P on the tiny model."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
+from editors.base import EditRequest
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.direct_inversion import DirectInversionEditor
 from editors.p2p import make_controller
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 BLEND = ("red", "blue")
 
@@ -58,13 +56,3 @@ def test_cost_is_one_extra_pass(tiny_components):
     expected = tiny_components.decode_latents(tiny_components.encode_image(request.image))[0]
     assert np.abs(np.asarray(result.reconstruction, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     assert not np.array_equal(np.asarray(ddim.reconstruction), np.asarray(expected))
-
-
-def test_config_has_the_reference_defaults(tiny_components, editor_config):
-    cfg = editor_config("direct_inversion")
-    assert cfg == {
-        "name": "direct_inversion", "num_steps": 50, "guidance_scale": 7.5,
-        "p2p": {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
-                "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3},
-    }
-    assert isinstance(build_editor(cfg, tiny_components), DirectInversionEditor)

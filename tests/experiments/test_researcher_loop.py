@@ -24,7 +24,7 @@ from evaluation.toyset import write_piebench
 from experiments import harness
 from experiments.harness import RunError, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "dataset.limit=3"]
 
 

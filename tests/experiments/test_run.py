@@ -17,7 +17,7 @@ from evaluation.aggregate import CAPTION, HEADER, SIDEBAR
 from evaluation.toyset import write_piebench
 from experiments.harness import RESULT_COLUMNS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]
 
 

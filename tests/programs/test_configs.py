@@ -6,8 +6,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from editors.base import editor_arguments
+from editors.p2p import P2PSettings
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "precision", "offload", "dataset", "editor", "settings", "metrics", "logger", "debug",
           "experiment")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
@@ -76,11 +77,18 @@ def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
     assert cfg.metrics.on_missing == "error"
 
 
-def test_ddim_p2p_reference_defaults(hydra_conf):
-    cfg = compose(config_name="run", overrides=["~experiment", "editor=ddim_p2p"]).editor
-    assert (cfg.num_steps, cfg.guidance_scale) == (50, 7.5)
-    assert (cfg.p2p.cross_replace_steps, cfg.p2p.self_replace_steps) == (0.4, 0.6)
-    assert (cfg.p2p.mode, cfg.p2p.amplify, cfg.p2p.blend_start, cfg.p2p.blend_threshold) == ("refine", 2.0, 0.2, 0.3)
+REFERENCE_P2P = {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
+                 "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3}
+
+
+@pytest.mark.parametrize(("editor", "own"), [
+    ("ddim_p2p", {}), ("npi", {}), ("direct_inversion", {}),
+    ("null_text", {"num_inner_steps": 10, "learning_rate": 0.01, "early_stop_epsilon": 1e-5}),
+])
+def test_the_p2p_family_has_the_pie_bench_reference_settings(hydra_conf, editor, own):
+    cfg = OmegaConf.to_container(compose(config_name="run", overrides=["~experiment", f"editor={editor}"]).editor)
+    assert cfg == {"name": editor, "num_steps": 50, "guidance_scale": 7.5, **own, "p2p": REFERENCE_P2P}
+    assert P2PSettings(**REFERENCE_P2P) == P2PSettings()  # the settings object's defaults are the reference's too
 
 
 @pytest.mark.parametrize("option", [option for group, option in OPTIONS if group == "editor"])

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 import train
 from icd.lora import read_adapter_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = str(REPO / "conf")
 
 

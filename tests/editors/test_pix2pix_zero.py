@@ -18,7 +18,7 @@ from editors.pix2pix_zero import (
     regularize_noise,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from editors.base import EditRequest, build_editor
 from models.loading import load_components
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_IP2P = {"name": "tiny_ip2p", "kind": "tiny", "arch": "ip2p", "seed": 0, "resolution": 64}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}

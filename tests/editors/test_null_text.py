@@ -1,6 +1,5 @@
 """Null-Text Inversion + P2P on the tiny model."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,13 +7,12 @@ import torch
 from PIL import Image
 
 import editors.null_text as null_text
-from editors.base import EditRequest, build_editor
+from editors.base import EditRequest
 from editors.ddim_p2p import DDIMP2PEditor
 from editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
 from editors.p2p import make_controller
 from models.loading import load_components
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 BLEND = ("red", "blue")
 
@@ -121,14 +119,3 @@ def test_half_precision_optimises_in_fp32_and_restores_the_weights():
     assert torch.float32 in seen and torch.bfloat16 in seen  # optimisation in fp32, inversion and edit in bf16
     assert c.unet.dtype == torch.bfloat16
     assert result.extras["backward_passes"] > 0 and all(np.isfinite(result.extras["nti_final_losses"][:-1]))
-
-
-def test_config_has_the_reference_defaults(tiny_components, editor_config):
-    cfg = editor_config("null_text")
-    assert cfg == {
-        "name": "null_text", "num_steps": 50, "guidance_scale": 7.5, "num_inner_steps": 10, "learning_rate": 0.01,
-        "early_stop_epsilon": 1e-5,
-        "p2p": {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "mode": "refine", "amplify": 2.0,
-                "amplify_words": "blend_word", "local_blend": True, "blend_start": 0.2, "blend_threshold": 0.3},
-    }
-    assert isinstance(build_editor(cfg, tiny_components), NullTextEditor)

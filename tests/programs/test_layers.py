@@ -1,7 +1,7 @@
 """The import graph follows the layers (README, "Layers"): a package imports only the layers below it.
 
-    python -m pytest tests/test_layers.py -q      # fails on an upward import, naming the file, line and module
-    python tests/test_layers.py                   # prints the package graph by layer
+    python -m pytest tests/programs/test_layers.py -q   # fails on an upward import, naming the file, line and module
+    python tests/programs/test_layers.py              # prints the package graph by layer
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Lowest first; each package may import any package listed under an earlier layer, and its own package.
 LAYERS = (

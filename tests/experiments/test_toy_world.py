@@ -26,7 +26,7 @@ from experiments.harness import load_editor
 from models.loading import load_components
 from toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "weights" / "toy"
 TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 32}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}

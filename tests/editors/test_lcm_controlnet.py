@@ -15,7 +15,7 @@ from editors.lcm_controlnet import canny_edges
 from models.components import ModelLoadError
 from models.loading import load_components
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
