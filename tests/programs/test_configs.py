@@ -54,7 +54,9 @@ def test_default_is_the_offline_toy_tour(hydra_conf):
     ip2p = compose(config_name="run", overrides=["editor=instruct_pix2pix"])
     assert ip2p.model.variants.instruct_pix2pix.unet_path == "./weights/toy/ip2p_unet"  # its InstructPix2Pix UNet
     assert "unet_path" not in ip2p.editor  # the editor does not carry model paths
-    assert compose(config_name="run", overrides=["editor=icd"]).editor.reverse_lora.startswith("./weights/toy/icd/")
+    for overrides in (["editor=icd"], ["experiment=toy", "editor=icd"]):  # the toy model's adapters, at any settings
+        assert compose(config_name="run", overrides=overrides).editor.reverse_lora.startswith("./weights/toy/icd/")
+    assert compose(config_name="run", overrides=["~experiment", "editor=icd"]).editor.reverse_lora is None
 
 
 def test_toy_settings_are_optional_and_the_command_line_wins(hydra_conf):
