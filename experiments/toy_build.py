@@ -63,7 +63,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConf
 from diffusion.ddim import cfg
 from diffusion.sampling import ddim_loop, ddim_pairs
 from evaluation.metrics import CLIP_MEAN, CLIP_STD
-from models.components import vae_decode
+from models.components import vae_decode, vae_encode
 from models.images import to_uint8, uint8_to_model_pixels
 from models.loading import load_components, sd_scheduler
 from models.tokenizers import word_tokenizer
@@ -460,9 +460,10 @@ def load_vae(w: World) -> AutoencoderKL:
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device: torch.device,
                    scaled: bool = True) -> torch.Tensor:
-    """Posterior means [N, 4, 8, 8] (times the scaling factor unless `scaled` is False, as IP2P's image input)."""
-    factor = vae.config.scaling_factor if scaled else 1.0
-    return torch.cat([vae.encode(to_pixels(c, device)).latent_dist.mean * factor for c in images.split(512)])
+    """Posterior means [N, 4, 8, 8] (times the scaling factor unless `scaled` is False, as IP2P's image input and
+    as `InstructPix2PixEditor` divides it out again)."""
+    latents = torch.cat([vae_encode(vae, to_pixels(c, device)) for c in images.split(512)])
+    return latents if scaled else latents / vae.config.scaling_factor
 
 
 def denoising_loss(unet, text_encoder, latents, ids, alphas_cumprod, gen, extra=None,
