@@ -626,7 +626,7 @@ def stage_ip2p(w: World) -> None:
 # -------------------------------------------------------------------------------------------------------- evaluation
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (float64; +inf for identical ones)."""
-    return peak_signal_noise_ratio(*(torch.from_numpy(x).double() for x in (a, b)), data_range=255.0).item()
+    return peak_signal_noise_ratio(*(torch.tensor(x, dtype=torch.float64) for x in (a, b)), data_range=255.0).item()
 
 
 class ToyClip:

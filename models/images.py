@@ -27,7 +27,7 @@ def fit(image: Image.Image, size: tuple[int, int], resample: int = Image.BICUBIC
 
 def to_model_pixels(image: Image.Image) -> torch.Tensor:
     """RGB image -> float32 [3, H, W] in [-1, 1], the range the VAEs encode."""
-    return uint8_to_model_pixels(torch.from_numpy(np.asarray(image.convert("RGB"))))
+    return uint8_to_model_pixels(torch.from_numpy(np.array(image.convert("RGB"))))  # a writable copy
 
 
 def uint8_to_model_pixels(images: torch.Tensor) -> torch.Tensor:
