@@ -22,6 +22,7 @@ or start every rank yourself (torchrun / srun set the environment Lightning read
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -55,9 +56,14 @@ log = logging.getLogger("train")
 LIGHTNING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
 
-def settings(group: DictConfig) -> dict:
-    """A config group as constructor arguments: its keys are the settings class's field names."""
-    return OmegaConf.to_container(group, resolve=True)
+def settings(cls: type, group: DictConfig, key: str):
+    """The config group at ``key`` as ``cls`` (its keys are the settings class's field names); a key the class does
+    not have stops with the key's path."""
+    values = OmegaConf.to_container(group, resolve=True)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - fields):
+        raise SystemExit(f"error: {key} has no setting {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}")
+    return cls(**values)
 
 
 def build_schedule(icd: DictConfig) -> BoundarySchedule:
@@ -142,12 +148,15 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     policy = GuidancePolicy(scale=t.icd.guidance.eval_scale, tau=t.icd.guidance.eval_tau,
                             train_scales=tuple(float(w) for w in t.icd.guidance.train_scales))
     module = ICDModule(
-        components, schedule, policy, guidance=t.teacher.guidance, lora=LoraSettings(**settings(t.icd.lora)),
-        loss=LossSettings(**settings(t.icd.loss)), optim=OptimSettings(**settings(t.optim)),
+        components, schedule, policy, guidance=t.teacher.guidance,
+        lora=settings(LoraSettings, t.icd.lora, "train.icd.lora"),
+        loss=settings(LossSettings, t.icd.loss, "train.icd.loss"),
+        optim=settings(OptimSettings, t.optim, "train.optim"),
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed, **settings(t.data))
+    datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
+                               **OmegaConf.to_container(t.data, resolve=True))
 
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer

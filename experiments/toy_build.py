@@ -38,6 +38,7 @@ the whole world, iCD adapters included, fits in 30 MB.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -55,6 +56,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
@@ -768,7 +770,9 @@ def ip2p_settings(steps: int) -> dict[str, DictConfig]:
     (conf/editor/instruct_pix2pix.yaml) at `steps` steps (PIE-Bench: 50), and "tour", the toy tour's
     (conf/editor_settings/toy over them, settings=toy)."""
     single_job = ["~experiment", "editor=instruct_pix2pix"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with contextlib.ExitStack() as stack:
+        if not GlobalHydra.instance().is_initialized():  # inside a Hydra app (or test) its own config search applies
+            stack.enter_context(initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"))
         return {"piebench": compose(config_name="run", overrides=[*single_job, f"editor.num_steps={steps}"]).editor,
                 "tour": compose(config_name="run", overrides=[*single_job, "settings=toy"]).editor}
 

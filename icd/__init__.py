@@ -1,6 +1,5 @@
-"""Invertible consistency distillation (iCD) and the DDIM math the editors share.
+"""Invertible consistency distillation (iCD), on the DDIM math of `diffusion.ddim` (incl. the hard boundary at 0).
 
-- `diffusion.ddim`: DDIM jumps (incl. iCD's hard boundary at s = 0), grids, CFG.
 - `icd.schedule`: the multi-boundary schedule (training lookups, inference pairs).
 - `icd.guidance`: guidance units, the w-embedding, dynamic CFG.
 - `icd.teacher`: eps(x, t, c, w) for w-embedded (CFG-distilled) and plain two-pass-CFG UNets.

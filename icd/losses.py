@@ -2,7 +2,7 @@
 
 Every network enters as an ``EpsFn(x, t, text, w) -> eps`` (t and w per sample), so the same code runs with LoRA
 students on a UNet, with analytic teachers in tests, and with any guidance backend. ``text`` is passed through
-untouched except for row selection (``text[rows]``): a tensor [B, L, D] or an `icd.teacher.Conditioning` (SDXL).
+untouched except for row selection (``text[rows]``): a tensor [B, L, D] or a `models.conditioning.Conditioning` (SDXL).
 Each builder returns ``(prediction, target)``: the prediction carries the gradient of exactly one student, the
 target carries none. The loss is `pseudo_huber` of the two.
 

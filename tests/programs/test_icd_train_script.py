@@ -166,3 +166,14 @@ def test_continuing_a_run_with_other_settings_stops_with_the_keys(tmp_path):
         train.train(config(*RESUME_RUN, data, *short, "train.optim.lr=1e-3"), tmp_path / "run", "test")
     train.train(config(*RESUME_RUN, data, "train.trainer.iterations=2"), tmp_path / "run", "test")  # longer: fine
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["icd"]["iteration"] == 2
+
+
+def test_training_settings_are_the_config_groups_as_they_are():
+    from omegaconf import OmegaConf
+
+    from icd.training import OptimSettings
+
+    optim = train.settings(OptimSettings, OmegaConf.create({"lr": 1e-3, "betas": [0.8, 0.9]}), "train.optim")
+    assert optim == OptimSettings(lr=1e-3, betas=[0.8, 0.9])
+    with pytest.raises(SystemExit, match="train.optim has no setting lr_max; it takes: betas, eps"):
+        train.settings(OptimSettings, OmegaConf.create({"lr_max": 1.0}), "train.optim")
