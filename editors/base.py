@@ -138,22 +138,19 @@ PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
+def _inits(cls: type[Editor]) -> list[Callable]:
+    """The ``__init__`` functions an editor class defines along its MRO, base classes first."""
+    return [vars(k)["__init__"] for k in reversed(cls.__mro__) if "__init__" in vars(k) and k is not object]
+
+
 def _defaults(cls: type[Editor]) -> dict[str, Any]:
     """The constructor defaults of an editor class (the most derived class's where several set one)."""
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass) and klass is not object:
-            defaults.update({p.name: p.default for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
-                             if p.default is not p.empty})
-    return defaults
+    return {p.name: p.default for init in _inits(cls) for p in inspect.signature(init).parameters.values()
+            if p.default is not p.empty}
 
 
 def _annotations(cls: type[Editor]) -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass) and klass is not object:
-            hints.update(typing.get_type_hints(vars(klass)["__init__"]))
-    return hints
+    return {name: hint for init in _inits(cls) for name, hint in typing.get_type_hints(init).items()}
 
 
 def _checked(name: str, value: Any, kind: Any, choices: Mapping[str, tuple[str, ...]], default: Any = None) -> Any:

@@ -112,6 +112,7 @@ class NullTextEditor(DDIMP2PEditor):
         def optimise(i: int, latent: torch.Tensor) -> torch.Tensor:
             """a-b, before the step from z̄_i: ε_c, then Adam on ∅ warm-started from ∅_{i-1} ("" for i = 0)."""
             t, s = self.pairs[i]
+            abar_t, abar_s = c.abar(t), c.abar(s)  # once per step, not per Adam step
             with torch.no_grad():  # a. the conditional prediction does not depend on ∅
                 eps_conds.append(self._eps32(latent, t, cond))
             target = trajectory[steps - 1 - i]  # z*_{N-1-i}
@@ -121,7 +122,7 @@ class NullTextEditor(DDIMP2PEditor):
             with torch.enable_grad():
                 for _ in range(self.num_inner_steps):
                     eps = cfg(self._eps32(latent, t, null), eps_conds[-1], self.guidance_scale)
-                    loss = F.mse_loss(ddim_jump(latent, eps, c.abar(t), c.abar(s)), target)
+                    loss = F.mse_loss(ddim_jump(latent, eps, abar_t, abar_s), target)
                     _check_finite(loss, i, t, "loss")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
