@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from experiments.console import quiet_libraries
-from experiments.harness import flatten, read_job, write_job
+from experiments.harness import flatten, read_job, write_json
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.schedule import BoundarySchedule
@@ -125,7 +125,7 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
                          "choose another directory (hydra.run.dir=...), or name a checkpoint (resume=<file>.ckpt) "
                          "to start from it on purpose")
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_job(path, {"config": settings})
+    write_json(path, {"config": settings})
 
 
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:

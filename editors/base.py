@@ -6,7 +6,9 @@ An editor is built once per run from the loaded components and its own config, t
     result = editor.edit(EditRequest(image, source_prompt, target_prompt, ...))
 
 It returns the edited image (and the reconstruction where the method has one) with the number of UNet forward
-calls and the seconds the edit took; the harness measures memory around it.
+calls and the seconds the edit took; the harness measures memory around it. Methods that can also invert an image
+and decode it back, or generate from text, list those tasks in ``tasks`` and implement `_reconstruct` /
+`_generate`; ``editor.run(task, request)`` calls the one a task needs, timed and counted the same way.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from PIL import Image
 
 from models.components import Components
 
+TASKS = ("edit", "inversion", "generation")
+
 
 @dataclass
 class EditRequest:
-    image: Image.Image  # RGB, already at the model's resolution
+    image: Image.Image | None  # RGB, already at the model's resolution (None for text-to-image generation)
     source_prompt: str  # brackets stripped
     target_prompt: str
     instruction: str = ""
@@ -40,7 +44,7 @@ class EditRequest:
 
 @dataclass
 class EditResult:
-    edited: Image.Image
+    edited: Image.Image  # the edit; the reconstruction (inversion task); the generated image (generation task)
     reconstruction: Image.Image | None = None
     nfe: int = 0  # UNet forward calls
     seconds: float = 0.0
@@ -48,15 +52,25 @@ class EditResult:
 
 
 class Editor:
-    """Base class: subclasses implement `_edit`; `edit` adds seeding, timing and UNet-call counting."""
+    """Base class: subclasses implement `_edit` (and `_reconstruct` / `_generate` for the ``tasks`` they list);
+    `run` adds seeding, timing and UNet-call counting."""
 
     name: str = ""
+    tasks: tuple[str, ...] = ("edit",)  # of TASKS: what the method does
     parameter_choices: dict[str, tuple[str, ...]] = {}  # the allowed string values of parameters, by name
 
     def __init__(self, components: Components):
         self.components = components
 
     def _edit(self, request: EditRequest) -> EditResult:
+        raise NotImplementedError
+
+    def _reconstruct(self, request: EditRequest) -> EditResult:
+        """Invert ``request.image`` with the source prompt and decode it back with the same prompt."""
+        raise NotImplementedError
+
+    def _generate(self, request: EditRequest) -> EditResult:
+        """Text-to-image from ``request.source_prompt``, seeded by ``request.seed``."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -70,12 +84,19 @@ class Editor:
         self.close()
 
     def edit(self, request: EditRequest) -> EditResult:
+        return self.run("edit", request)
+
+    def run(self, task: str, request: EditRequest) -> EditResult:
+        """``task`` (one of ``tasks``) on ``request``: the result with its seconds and UNet forward calls."""
+        if task not in self.tasks:
+            raise ValueError(f"editor {self.name} does not do task={task}; it does: {', '.join(self.tasks)}")
+        method = {"edit": self._edit, "inversion": self._reconstruct, "generation": self._generate}[task]
         torch.manual_seed(request.seed)
         device = self.components.device
         _sync(device)
         start = time.perf_counter()
         with self.components.count_calls() as calls:
-            result = self._edit(request)
+            result = method(request)
         _sync(device)
         result.seconds = time.perf_counter() - start
         result.nfe = calls["n"]

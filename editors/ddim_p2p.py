@@ -8,11 +8,16 @@
    replacement for 40 % of the steps, self-attention for 60 %.
 4. Decode: row 0 is the reconstruction (P2P never touches the source branch), row 1 the edit.
 
+The inversion task (`_reconstruct`) runs steps 1-3 with the source prompt alone and no controller: the
+reconstruction at the editor's guidance, which is what the method's edits start from.
+
 Subclasses change one step: `null_embeddings` (Null-Text / Negative-Prompt Inversion) or `source_correction`
 (Direct Inversion). Every pass runs the shared `diffusion.sampling.ddim_loop`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -24,6 +29,8 @@ from editors.p2p import P2PSettings, controlled_attention, make_controller
 
 @register("ddim_p2p")
 class DDIMP2PEditor(Editor):
+    tasks = ("edit", "inversion")
+
     def __init__(
         self,
         components,
@@ -60,17 +67,19 @@ class DDIMP2PEditor(Editor):
     @torch.no_grad()
     def guided_loop(self, x_t: torch.Tensor, text: torch.Tensor, uncond_steps: list[torch.Tensor], controller,
                     after: StepHook | None) -> torch.Tensor:
-        """CFG DDIM of the batch x_t [P, 4, h, w] with text [P, 77, D] under ``controller`` -> [P, 4, h, w]."""
+        """CFG DDIM of the batch x_t [P, 4, h, w] with text [P, 77, D] under ``controller`` (None: plain attention)
+        -> [P, 4, h, w]."""
         c = self.components
         prompts = text.shape[0]
 
         def eps(i: int, latents: torch.Tensor, t: int) -> torch.Tensor:
-            controller.step = i
+            if controller is not None:
+                controller.step = i
             context = torch.cat([uncond_steps[i].expand(prompts, -1, -1), text])  # [uncond x P, cond x P]
             eps_uncond, eps_cond = c.predict(torch.cat([latents] * 2), t, context).chunk(2)
             return cfg(eps_uncond, eps_cond, self.guidance_scale)
 
-        with controlled_attention(c.unet, controller):
+        with controlled_attention(c.unet, controller) if controller is not None else contextlib.nullcontext():
             return ddim_loop(x_t, self.pairs, eps, c.abar, after=after)[-1]
 
     def denoise(self, x_t: torch.Tensor, text: torch.Tensor, uncond_steps: list[torch.Tensor], controller,
@@ -101,3 +110,12 @@ class DDIMP2PEditor(Editor):
         latents = self.denoise(trajectory[-1], text, uncond_steps, controller, correction)
         reconstruction, edited = c.decode_latents(latents)
         return EditResult(edited=edited, reconstruction=reconstruction, extras={"backward_passes": 0, **extras})
+
+    def _reconstruct(self, request: EditRequest) -> EditResult:
+        c = self.components
+        text = c.encode_prompts([request.source_prompt])  # [1, 77, D]
+        trajectory = self.invert(c.encode_image(request.image), text)
+        uncond_steps, extras = self.null_embeddings(trajectory, text, c.encode_prompts([""]))
+        (reconstruction,) = c.decode_latents(self.guided_loop(trajectory[-1], text, uncond_steps, None, None))
+        return EditResult(edited=reconstruction, reconstruction=reconstruction,
+                          extras={"backward_passes": 0, **extras})

@@ -38,6 +38,8 @@ from editors.ddim_p2p import DDIMP2PEditor
 
 @register("direct_inversion")
 class DirectInversionEditor(DDIMP2PEditor):
+    tasks = ("edit",)  # its source branch is the inversion trajectory itself: a reconstruction would be exact
+
     # -- 2. offset pass ---------------------------------------------------------------------------------------------
     def source_predictions(self, trajectory: list[torch.Tensor], text: torch.Tensor,
                            uncond_steps: list[torch.Tensor], controller) -> list[torch.Tensor]:

@@ -62,6 +62,7 @@ def trained_schedule(adapter: str | Path | None) -> dict:
 
 @register("icd")
 class ICDEditor(Editor):
+    tasks = ("edit", "inversion", "generation")
     parameter_choices = {"method": ("p2p", "prompt_switch"), "guidance": ("auto", "embedded", "cfg")}
 
     def __init__(
@@ -207,8 +208,21 @@ class ICDEditor(Editor):
         (edited,) = c.decode_latents(self.decode_prompt_switch(x_T, cond))
         return EditResult(edited=edited)
 
-    # -- generation -----------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[str], seed: int = 0) -> list[Image.Image]:
+    # -- the inversion and generation tasks ---------------------------------------------------------------------------
+    def _reconstruct(self, request: EditRequest) -> EditResult:
+        """Steps 1-2, then the reverse model back with the source prompt under the dynamic guidance."""
+        c = self.components
+        cond = c.conditioning([request.source_prompt])
+        x0 = c.encode_image(request.image)  # [1, 4, h, w]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
+        (reconstruction,) = c.decode_latents(self.generate_latents(self.invert(x0, cond, noise), cond))
+        return EditResult(edited=reconstruction, reconstruction=reconstruction)
+
+    def _generate(self, request: EditRequest) -> EditResult:
+        (image,) = self.generate_images([request.source_prompt], request.seed)
+        return EditResult(edited=image)
+
+    def generate_images(self, prompts: list[str], seed: int = 0) -> list[Image.Image]:
         """Text-to-image with the reverse model in m steps; each prompt gets its own noise."""
         c = self.components
         generator = torch.Generator().manual_seed(seed)

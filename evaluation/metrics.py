@@ -247,6 +247,8 @@ def clip_edit_part(clip: ClipScorer, image: np.ndarray, mask: np.ndarray, prompt
 class PieBenchMetrics:
     """The reference metric set; a backbone left as None makes its metrics NaN (listed in `unavailable`)."""
 
+    keys = METRIC_KEYS
+
     def __init__(
         self,
         structure: StructureBackbone | None = None,
@@ -322,13 +324,22 @@ METRIC_SETTINGS = {"structure.path": "metrics.structure.path", "clip.path": "met
 
 
 def build_metrics(cfg: Mapping, device: str | torch.device = "cpu",
-                  names: Mapping[str, str] = METRIC_SETTINGS) -> PieBenchMetrics:
-    """Load the backbones named in a plain config mapping:
+                  names: Mapping[str, str] | None = None):
+    """The metric set of ``cfg["kind"]``: ``piebench`` (the default) or ``icd_paper`` (the iCD paper's suite,
+    `evaluation.paper_metrics`). For PIE-Bench, load the backbones named in a plain config mapping:
     ``{"structure": {"backbone": "dino"|"clip_vision"|None, "path": ...}, "clip": {"path": ...|None},
     "lpips": {"net": "squeeze"|None}, "on_missing": "error"|"warn"}``. Missing sections take the reference
     defaults (DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet); an explicit None switches a metric off. ``names``:
     what the user sets for each path and for on_missing (config keys for run.py, flags for the scoring CLI), so
     the messages name what to change."""
+    kind = cfg.get("kind", "piebench")
+    if kind == "icd_paper":
+        from evaluation.paper_metrics import ICD_METRIC_SETTINGS, build_icd_metrics
+
+        return build_icd_metrics(cfg, device, names or ICD_METRIC_SETTINGS)
+    if kind != "piebench":
+        raise ValueError(f"unknown metrics.kind={kind!r}; expected piebench or icd_paper")
+    names = names or METRIC_SETTINGS
     on_missing = cfg.get("on_missing", "error")
     if on_missing not in ("error", "warn"):
         raise ValueError(f"on_missing must be 'error' or 'warn', got {on_missing!r}")

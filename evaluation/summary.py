@@ -4,7 +4,8 @@ Conventions:
 - rows with a non-empty `error` are dropped; `n` counts the remaining (successful) items;
 - means ignore NaN, as everyone averaging the reference CSVs does (background metrics are NaN for full masks,
   so `n_unedit` counts the items whose background metrics exist);
-- PSNR is +inf when an edit leaves the background bit-identical. One inf would make the mean inf and hide every
+- PSNR (PIE-Bench's unedited-part PSNR, or the iCD paper's whole-image uint8 PSNR) is +inf when an edit leaves
+  the background (or a reconstruction the image) bit-identical. One inf would make the mean inf and hide every
   other item, so inf counts as NaN in the mean and `n_psnr_inf` reports how many items were perfect.
 """
 
@@ -55,6 +56,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     psnr = ok["psnr_unedit_part"].astype(float) if "psnr_unedit_part" in ok else pd.Series(np.nan, index=ok.index)
     counts = pd.DataFrame({"n": 1, "n_unedit": psnr.notna().astype(int), "n_psnr_inf": np.isinf(psnr).astype(int)})
+    if "psnr_uint8" in ok:  # the iCD paper's PSNR: an identical pair is inf likewise
+        counts["n_psnr_inf"] = np.isinf(ok["psnr_uint8"].astype(float)).astype(int)
     values = ok[metrics + costs].astype(float).replace([np.inf, -np.inf], np.nan)
     for raw, (column, factor) in PAPER_SCALES.items():
         if raw in values:

@@ -1,4 +1,10 @@
-"""The editing harness behind ``run.py``: dataset -> editor -> metrics -> results.csv / summary.csv / W&B.
+"""The harness behind ``run.py``: dataset -> editor -> metrics -> results.csv / summary.csv / W&B.
+
+``task`` says what is done to each item: ``edit`` (source image + prompts -> edit), ``inversion`` (source image ->
+the method's inversion -> decoded back with the source prompt: the reconstruction), ``generation`` (the item's
+caption -> a generated image). The metrics compare the source with the output (none for generation); metric sets
+with set-level scores (FID) score the job's saved outputs against the dataset's source images at the end
+(``set_metrics.json``, and the ``fid`` column of the summary's ``all`` row).
 
 Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
 on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
@@ -32,9 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from editors.base import EditRequest, build_editor
+from editors.base import TASKS, EditRequest, build_editor
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
-from evaluation.metrics import METRIC_KEYS, build_metrics
+from evaluation.icd_benchmark import IcdCsvDataset
+from evaluation.metrics import METRIC_KEYS, PieBenchMetrics, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from evaluation.summary import format_summary, read_results, summarize
 from evaluation.toyset import dataset_root, write_piebench
@@ -47,24 +54,32 @@ from models.loading import load_components
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = (
-    "run", "editor", "model", "precision", "image_id", "edit_type", *METRIC_KEYS, *GT_KEYS,
-    "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note",
-)
+def result_columns(metric_keys: tuple[str, ...] = METRIC_KEYS) -> tuple[str, ...]:
+    """The columns of results.csv for a metric set (PIE-Bench's by default)."""
+    return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_keys, *GT_KEYS,
+            "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note")
+
+
+RESULT_COLUMNS = result_columns()
 
 
 class RunError(Exception):
     """A problem with the configuration or the data that stops the job; the message says what to do."""
 
 
-def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset:
+def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset | IcdCsvDataset:
+    if cfg["kind"] == "icd_csv":
+        if not cfg.get("csv"):
+            raise ValueError(f"dataset={cfg['name']} needs dataset.csv=/path/to/<benchmark>.csv (and dataset.images=)")
+        return IcdCsvDataset(cfg["csv"], cfg.get("images"), limit=cfg.get("limit"), shard=cfg.get("shard", 0),
+                             num_shards=cfg.get("num_shards", 1))
     root = dataset_root(cfg)
     if root is None:
         raise ValueError(f"dataset={cfg['name']} needs dataset.root=/path/to/the/benchmark (mapping_file.json)")
     if cfg["kind"] == "toyset":
         write_piebench(root, n_per_type=cfg["n_per_type"], size=cfg["size"], seed=cfg["seed"])
     elif cfg["kind"] != "piebench":
-        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench or toyset")
+        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench, toyset or icd_csv")
     edit_types = cfg.get("edit_types")
     return PieBenchDataset(
         root, edit_types=[str(t) for t in edit_types] if edit_types else None,
@@ -87,9 +102,9 @@ class ResultsFile:
     """Append-only results.csv, one physical line per row, flushed as rows arrive. Opening an existing file checks
     its header and drops a last line torn by a kill (logged), so the next row starts on a line of its own."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        header = ",".join(RESULT_COLUMNS).encode()
+    def __init__(self, path: Path, columns: tuple[str, ...] = RESULT_COLUMNS):
+        self.path, self.columns = path, columns
+        header = ",".join(columns).encode()
         data = path.read_bytes() if path.exists() else b""
         if b"\n" not in data:  # new, or killed while writing the header
             path.write_bytes(header + b"\r\n")
@@ -105,7 +120,7 @@ class ResultsFile:
                 f.truncate(cut)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        values = [row.get(column, "") for column in RESULT_COLUMNS]
+        values = [row.get(column, "") for column in self.columns]
         values = [" ".join(v.split()) if isinstance(v, str) else v for v in values]  # no line breaks inside a row
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow(values)
@@ -147,9 +162,12 @@ def flatten(value: Any, prefix: str) -> dict[str, Any]:
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The resolved settings a job's rows depend on, flattened to dotted keys."""
     groups = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-              for key in ("editor", "model", "precision", "offload", "metrics", "dataset", "seed")}
+              for key in ("editor", "model", "precision", "offload", "metrics", "dataset", "seed", "task")
+              if key in cfg}
     if groups["dataset"].get("kind") == "toyset":  # the built-in set is named by its parameters, not by its cache
         groups["dataset"].pop("root", None)
+    if groups.get("task", {}).get("name", "edit") == "edit":  # results made before tasks existed are edits
+        groups.pop("task", None)
     flat = {k: v for key, value in groups.items() for k, v in flatten(value, key).items()}
     return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
@@ -168,8 +186,9 @@ def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
 
 
 def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id and the benchmark's folder, which
-    `evaluation.aggregate` draws its grid from), written for a new job. When the
+    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id, the benchmark's folder, which
+    `evaluation.aggregate` draws its grid from, and the paper table row the job produces, which `evaluation.tables`
+    lays out), written for a new job. When the
     directory already holds results made with other settings: a `RunError` naming them, or with ``restart=true``
     the old results move to ``superseded_<time>/`` and the job starts over."""
     path, results = output_dir / "job.json", output_dir / "results.csv"
@@ -190,8 +209,8 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         job = {}
     root = dataset_root(cfg.dataset)
     job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12],
-           "dataset_root": str(root) if root else None}
-    write_job(path, job)
+           "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row")}
+    write_json(path, job)
     return job
 
 
@@ -206,8 +225,8 @@ def read_job(path: Path) -> dict[str, Any]:
                        "(the results stay; they are checked again by their rows)") from None
 
 
-def write_job(path: Path, job: dict[str, Any]) -> None:
-    """job.json via a temporary name and a rename: a kill leaves the old record or the new one."""
+def write_json(path: Path, job: dict[str, Any]) -> None:
+    """A JSON record (job.json, set_metrics.json) via a temporary name and a rename: a kill leaves the old record or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(job, indent=1, default=str) + "\n")
     os.replace(tmp, path)
@@ -246,25 +265,32 @@ class Outcome:
     edited: Image.Image | None = None
 
 
-def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int) -> Outcome:
-    """Edit and score one item; any failure becomes the row's ``error``."""
+def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int) -> Outcome:
+    """Run ``task`` on one item and score it; any failure becomes the row's ``error``."""
     components = editor.components
     row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": ""}
     try:
-        image, note = load_rgb_image(dataset.image_file(item))
-        mask = dataset.load_mask(item, image.height, image.width)
-        image, mask, resize_note = fit_to_resolution(image, mask, components.resolution)
-        empty = [f"empty {name} prompt" for name, prompt in (("source", item.source_prompt),
-                                                             ("target", item.target_prompt)) if not prompt.strip()]
-        row["note"] = "; ".join(n for n in (note, resize_note, *empty) if n)
+        prompts = (("source", item.source_prompt),) if task != "edit" else \
+            (("source", item.source_prompt), ("target", item.target_prompt))
+        notes = [f"empty {name} prompt" for name, prompt in prompts if not prompt.strip()]
+        image = mask = None
+        if task != "generation":
+            image, note = load_rgb_image(dataset.image_file(item))
+            mask = dataset.load_mask(item, image.height, image.width)
+            image, mask, resize_note = fit_to_resolution(image, mask, components.resolution)
+            notes = [note, resize_note, *notes]
+        row["note"] = "; ".join(n for n in notes if n)
+        target = item.target_prompt if task == "edit" else item.source_prompt
         reset_peak_memory(components.device)
-        result = editor.edit(EditRequest(image, item.source_prompt, item.target_prompt, item.instruction,
-                                         item.blend_words, seed))
+        result = editor.run(task, EditRequest(image, item.source_prompt, target, item.instruction,
+                                              item.blend_words if task == "edit" else None, seed))
         row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
                    peak_mem_mb=peak_memory_mb(components.device))
-        row.update(metrics.compute(np.asarray(image), np.asarray(result.edited), mask, item.source_prompt,
-                                   item.target_prompt))
-        row.update(ground_truth_scores(dataset.root, item.image_path, np.asarray(result.edited)))
+        output = np.asarray(result.edited)
+        source = None if image is None else np.asarray(image)
+        row.update(metrics.compute(source, output, mask, item.source_prompt, target))
+        if task == "edit":
+            row.update(ground_truth_scores(dataset.root, item.image_path, output))
         return Outcome(row, image, result.edited)
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
@@ -274,6 +300,23 @@ def edit_item(item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, see
         row["error"] = f"{type(err).__name__}: {err}"
         log.warning("item %s failed: %s", item.image_id, row["error"], exc_info=True)
     return Outcome(row)
+
+
+def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_dir: Path,
+               images: bool) -> dict[str, float]:
+    """The metric set's set-level scores (FID) of the job's saved outputs against the items' source images: for
+    edits and reconstructions the images they came from, for generation the images whose captions they were made
+    from. {} for metric sets without set-level scores, or when images are not saved."""
+    if isinstance(metrics, PieBenchMetrics) or not images:
+        return {}
+    done = set(frame.loc[frame["error"] == "", "image_id"])
+    items = [item for item in dataset if item.image_id in done]
+    outputs = [edited_image_path(output_dir, item) for item in items]
+    references = []
+    for item in dataset:
+        with contextlib.suppress(FileNotFoundError):  # captions without images: no reference for them
+            references.append(dataset.image_file(item))
+    return metrics.set_scores(outputs, sorted(set(references)))
 
 
 def load_editor(cfg: DictConfig, device: str):
@@ -302,11 +345,32 @@ def _setup(cfg: DictConfig, job_num: int | None):
         dataset = build_dataset(cfg.dataset)
         editor = load_editor(cfg, job_device(cfg.device, job_num))
         metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+        task = task_name(cfg)
+        if task not in editor.tasks:
+            raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
+                             f"editors that do: {', '.join(editors_for(task))}")
+        if task == "generation" and isinstance(metrics, PieBenchMetrics):
+            raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
+                             "(metrics=icd_paper_toy on the toy world)")
     except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError,
             RuntimeError) as err:  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
         log.debug("job setup failed", exc_info=True)
         raise RunError(str(err).strip("'\"")) from err
     return dataset, editor, metrics
+
+
+def task_name(cfg: DictConfig) -> str:
+    task = cfg.get("task", {}).get("name", "edit")
+    if task not in TASKS:
+        raise ValueError(f"unknown task.name={task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def editors_for(task: str) -> list[str]:
+    from editors.base import EDITORS, _import_editor_modules
+
+    _import_editor_modules()
+    return sorted(name for name, cls in EDITORS.items() if task in cls.tasks)
 
 
 def job_device(device: str, job_num: int | None = None) -> str:
@@ -336,7 +400,8 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         dataset, editor, metrics = _setup(cfg, job_num)
         cleanup.callback(editor.close)  # the shared models as the editor found them
-        results = ResultsFile(output_dir / "results.csv")
+        task = task_name(cfg)
+        results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}
         previous = results.read()
@@ -346,10 +411,11 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         if len(todo) < len(dataset):
             log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
         if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation
-            edit_item(todo[0], dataset, editor, metrics, cfg.seed)
+            process_item(task, todo[0], dataset, editor, metrics, cfg.seed)
         label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
-        for item in tqdm(todo, desc=label, unit="edit", leave=job_num is None, dynamic_ncols=True):
-            outcome = edit_item(item, dataset, editor, metrics, cfg.seed)
+        unit = {"edit": "edit", "inversion": "inversion", "generation": "image"}[task]
+        for item in tqdm(todo, desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True):
+            outcome = process_item(task, item, dataset, editor, metrics, cfg.seed)
             outcome.row.update(run_info)
             if outcome.edited is not None and cfg.save_images:
                 save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
@@ -358,10 +424,14 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
 
         frame = results.read()
         summary = summarize(frame)
+        if scores := set_scores(metrics, dataset, frame, output_dir, cfg.save_images):
+            write_json(output_dir / "set_metrics.json", scores)
+            for key, value in scores.items():
+                summary.loc[summary["edit_type"] == "all", key] = value
         summary.to_csv(output_dir / "summary.csv", index=False)
         failed = int((frame["error"] != "").sum())
-        log.info("%s | %s | %s | %d edited, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
-                 len(frame) - failed, failed, output_dir)
+        log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
+                 task, len(frame) - failed, failed, output_dir)
         notes = []
         if metrics.unavailable:
             notes.append(f"unavailable metrics (no backbone): {', '.join(metrics.unavailable)}")

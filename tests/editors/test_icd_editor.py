@@ -149,7 +149,7 @@ def test_p2p_rows_identical_without_edit(files):
 
 
 def test_generation_gives_each_prompt_its_own_noise(editor):
-    first, second = editor.generate([SOURCE, SOURCE], seed=0)
+    first, second = editor.generate_images([SOURCE, SOURCE], seed=0)
     assert np.asarray(first).shape == (64, 64, 3)
     assert not np.array_equal(np.asarray(first), np.asarray(second))
 
