@@ -81,8 +81,8 @@ class IcdCsvDataset:
             raise ValueError(f"{self.csv}: expected the columns {', '.join(EDITING_COLUMNS)} (editing pairs) or "
                              f"caption (captions); it has {', '.join(row)}")
         # image_path names the output (<id>.png): unique even where captions share an image
-        return PieBenchItem(image_id=image_id, image_path=f"{image_id}.png", source_prompt=source, target_prompt=target,
-                            instruction="", edit_type="0", blend_words=blend, mask_rle=[])
+        return PieBenchItem(image_id=image_id, image_path=f"{image_id}.png", source_prompt=source,
+                            target_prompt=target, instruction="", edit_type="0", blend_words=blend, mask_rle=[])
 
     def __len__(self) -> int:
         return len(self.items)

@@ -226,7 +226,8 @@ def read_job(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, job: dict[str, Any]) -> None:
-    """A JSON record (job.json, set_metrics.json) via a temporary name and a rename: a kill leaves the old record or the new one."""
+    """A JSON record (job.json, set_metrics.json) via a temporary name and a rename: a kill leaves the old record
+    or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(job, indent=1, default=str) + "\n")
     os.replace(tmp, path)
