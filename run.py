@@ -41,7 +41,8 @@ def main(cfg: DictConfig) -> float:
     group, name = wandb_names(cfg, hydra_cfg, output_dir, multirun)
     (output_dir / "job_error.txt").unlink(missing_ok=True)  # from an earlier attempt of this job
     try:
-        return objective(run(cfg, output_dir, group, hydra_cfg.job.override_dirname or "default", name,
+        label = cfg.get("paper_row") or hydra_cfg.job.override_dirname or "default"  # a paper row names its runs
+        return objective(run(cfg, output_dir, group, label, name,
                              hydra_cfg.job.num if multirun else None))
     except RunError as err:  # the configuration or the data: the message says what to do, no traceback needed
         if not multirun:

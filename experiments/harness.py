@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 from PIL import Image
 from tqdm import tqdm
 
@@ -386,6 +387,17 @@ def job_device(device: str, job_num: int | None = None) -> str:
     return f"cuda:{slot % count}"
 
 
+def check_given(cfg: DictConfig) -> None:
+    """Every setting the job reads is given: a `RunError` naming the first that is not (a key that refers to a
+    ``???``, e.g. an adapter file a paper experiment needs: ``paper.adapters.G.forward``)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # the "???" a job does not use stay unresolved
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+        key = str(err).split("Missing mandatory value: ", 1)[-1].splitlines()[0].strip()
+        raise RunError(f"{key} is not set: give it on the command line ({key}=...); the experiment's comment says "
+                       "what it is") from None
+
+
 def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default", job_name: str | None = None,
         job_num: int | None = None) -> pd.DataFrame:
     """Run the configured editor over the configured dataset; returns the summary table.
@@ -395,6 +407,7 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     keeps the console short (the per-type table goes to the job's log file).
     """
     quiet_libraries(cfg.get("quiet", True))
+    check_given(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
     job = open_job(cfg, output_dir)
