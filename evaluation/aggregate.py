@@ -8,7 +8,9 @@ Prints the headline table (the unedited baseline first), the cost table (seconds
 memory) and the full summary, and redraws ``comparison.png``. Every ``run.py -m`` sweep ends with the same report
 (`SweepReport`, a Hydra callback, which also shows the sweep's progress): one line per run with the headline metrics
 and costs, the jobs that failed and why (the sweep then exits with status 1), and ``comparison.png``: source, ground
-truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics.
+truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics. A sweep
+whose jobs match a paper's table (`evaluation.tables`: published.yaml's layouts) also gets that table, our numbers
+beside the published ones, printed and written next to report.txt with its plots.
 """
 
 from __future__ import annotations
@@ -210,10 +212,23 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
 
 
 # ------------------------------------------------------------------------------------------------ report
+def paper_tables(folder: Path) -> str:
+    """The papers' tables (`evaluation.tables`) that the sweep's jobs match, with the published numbers beside
+    ours, written next to report.txt with their plots; "" when none matches, or when laying them out failed
+    (logged: the report stands without them)."""
+    try:
+        from evaluation.tables import sweep_tables
+
+        return sweep_tables(folder)
+    except Exception:  # noqa: BLE001 - the headline table is already written; a layout problem must not lose it
+        log.exception("the paper tables of %s failed; the report is in %s", folder, folder / "report.txt")
+        return ""
+
+
 def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()) -> pd.DataFrame | None:
     """Print a sweep's headline table (one line per run), its failed jobs and ``notes`` (the sweep config's
-    ``sweep_notes``), and keep them in ``report.txt``; write aggregate_summary.csv and comparison.png. Returns the
-    summary (None when no job wrote results)."""
+    ``sweep_notes``), and keep them in ``report.txt``; then the papers' tables its jobs match (`paper_tables`);
+    write aggregate_summary.csv and comparison.png. Returns the summary (None when no job wrote results)."""
     errors = job_errors(folder)
     try:
         results = collect(folder)
@@ -230,6 +245,10 @@ def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()
     text = "\n".join(lines)
     (folder / "report.txt").write_text(text + "\n")  # before the grid: a grid that fails loses no table
     print(f"\n{text}")
+    if paper := paper_tables(folder):
+        print(f"\n{paper}")
+        with (folder / "report.txt").open("a") as f:
+            f.write(f"\n{paper}\n")
     grid = comparison_grid(folder, dataset_root)
     if grid is not None:
         print(f"comparison grid: {grid}")
