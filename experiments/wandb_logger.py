@@ -27,13 +27,14 @@ from PIL import Image
 
 from evaluation.ground_truth import GT_KEYS, ground_truth_file
 from evaluation.metrics import METRIC_KEYS
+from evaluation.paper_metrics import ICD_METRIC_KEYS
 from evaluation.piebench import EDIT_TYPES, edited_image_path
 
 log = logging.getLogger(__name__)
 
 TABLE_IMAGES = ("source", "edited", "ground_truth", "mask")
 TABLE_LABELS = ("image_id", "edit_type", "edit_type_name", "source_prompt", "target_prompt", "instruction", "error")
-TABLE_VALUES = (*METRIC_KEYS, *GT_KEYS, "seconds", "nfe", "backward_passes", "peak_mem_mb")
+TABLE_VALUES = (*METRIC_KEYS, *ICD_METRIC_KEYS, *GT_KEYS, "seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
 class RunLogger:
@@ -59,7 +60,8 @@ class RunLogger:
         os.environ["WANDB_DATA_DIR"] = str(self.output_dir / "wandb" / "data")
         try:
             self.run = wandb.init(
-                project=lg.project, entity=lg.entity, group=self.group, job_type="edit", id=self.run_id,
+                project=lg.project, entity=lg.entity, group=self.group, id=self.run_id,
+                job_type=self.cfg.get("task", {}).get("name", "edit"),
                 resume="allow" if self.run_id else None, name=self.name,
                 tags=[self.cfg.editor.name, self.cfg.model.name, self.cfg.dataset.name, *lg.tags],
                 config=OmegaConf.to_container(self.cfg, resolve=True), dir=str(self.output_dir), mode=lg.mode,
@@ -103,7 +105,8 @@ class RunLogger:
         rows = results[results["image_id"].isin(items)]
         by_type = [group.to_dict("records") for _, group in rows.groupby("edit_type", sort=True)]
         picked = [group[k] for k in range(max(map(len, by_type), default=0)) for group in by_type if k < len(group)]
-        table = wandb.Table(columns=[*TABLE_LABELS[:3], *TABLE_IMAGES, *TABLE_LABELS[3:], *TABLE_VALUES])
+        values = [key for key in TABLE_VALUES if key in results]  # the job's metric set
+        table = wandb.Table(columns=[*TABLE_LABELS[:3], *TABLE_IMAGES, *TABLE_LABELS[3:], *values])
         for row in picked[: self.cfg.logger.table_rows]:
             item = items[row["image_id"]]
             truth = ground_truth_file(dataset.root, item.image_path)
@@ -113,11 +116,11 @@ class RunLogger:
                 mask = None
             table.add_data(
                 item.image_id, item.edit_type, EDIT_TYPES.get(item.edit_type, ""),
-                _image(dataset.image_file(item)),
+                _source_image(dataset, item),
                 _image(edited_image_path(output_dir, item)) if not row["error"] else None,
                 _image(truth) if truth else None, wandb.Image(mask) if mask is not None else None,
                 item.source_prompt, item.target_prompt, item.instruction, row["error"],
-                *[row.get(key) for key in TABLE_VALUES],
+                *[row.get(key) for key in values],
             )
         return table
 
@@ -159,4 +162,12 @@ def _image(path: Path):
         with Image.open(path) as image:
             return wandb.Image(image.convert("RGB"))
     except (OSError, ValueError):
+        return None
+
+
+def _source_image(dataset, item):
+    """The item's source image; None for a caption without one (text-to-image benchmarks)."""
+    try:
+        return _image(dataset.image_file(item))
+    except FileNotFoundError:
         return None
