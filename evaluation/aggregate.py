@@ -29,7 +29,8 @@ from hydra.experimental.callback import Callback
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from evaluation.piebench import EDIT_TYPES
+from evaluation.paper_metrics import ICD_METRIC_KEYS
+from evaluation.piebench import EDIT_TYPES, strip_brackets
 from evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
 from evaluation.toyset import dataset_root
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "backward_passes", "peak_mem_mb")
 HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "struct_x1e3", "psnr", "lpips_x1e3",
-                 "mse_x1e4", "ssim_x1e2", "gt_psnr", "gt_ssim", "seconds", "nfe")
+                 "mse_x1e4", "ssim_x1e2", *ICD_METRIC_KEYS, "gt_psnr", "gt_ssim", "seconds", "nfe")
 BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
 
 
@@ -69,7 +70,8 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
         if len(baseline) == 1:
             overall.insert(overall.columns.get_loc("clip_whole") + 1, "clip_gain",
                            overall["clip_whole"] - baseline.iloc[0])
-    return overall[[c for c in HEADLINE_VIEW if c in overall]]
+    ground_truth = [c for c in ("gt_psnr", "gt_ssim") if c in overall and overall[c].isna().all()]
+    return overall[[c for c in HEADLINE_VIEW if c in overall and c not in ground_truth]]  # no true edits: no gt_*
 
 
 # ------------------------------------------------------------------------------------------------ comparison grid
@@ -114,8 +116,9 @@ def _caption(row: dict | None) -> str:
         return "not edited"
     if row.get("error"):
         return f"failed: {row['error']}"
-    shown = (("CLIP", "clip_similarity_target_image"), ("PSNR", "psnr_unedit_part"), ("GT", "gt_psnr"))
-    return " · ".join(f"{label} {row[key]:.1f}" for label, key in shown
+    shown = (("CLIP", "clip_similarity_target_image"), ("PSNR", "psnr_unedit_part"), ("GT", "gt_psnr"),
+             ("CLIP-T", "clip_t"), ("DINOv2", "dinov2"), ("PSNR", "psnr_uint8"))  # PIE-Bench's or the iCD paper's
+    return " · ".join(f"{label} {row[key]:.{2 if abs(row[key]) < 2 else 1}f}" for label, key in shown
                       if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]))
 
 
@@ -137,6 +140,17 @@ def _runs(folder: Path) -> dict[str, list[Path]]:
     return {labels[run]: by_run[run] for run in order}
 
 
+def _tasks(jobs: list[Path]) -> set[str]:
+    """The tasks (edit, inversion, generation) the job folders ran, as their job.json records them."""
+    tasks = set()
+    for job in jobs:
+        try:
+            tasks.add(json.loads((job / "job.json").read_text())["config"].get("task.name", "edit"))
+        except (OSError, ValueError, KeyError, TypeError):
+            tasks.add("edit")
+    return tasks
+
+
 def find_dataset_root(folder: Path) -> Path | None:
     """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
     for job in _current(folder.rglob("job.json")):
@@ -152,7 +166,8 @@ def find_dataset_root(folder: Path) -> Path | None:
 def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: int = 10) -> Path | None:
     """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first) with
     its id, edit type and prompts; columns: source, ground truth (if the dataset has one), then each run's edit
-    (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and ground-truth PSNR.
+    (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and ground-truth PSNR
+    (or the iCD metrics). A sweep of reconstructions or generations shows the source prompt and no ground truth.
     None when no job edited anything or the dataset's mapping file is unreadable."""
     root = dataset_root or find_dataset_root(folder)
     try:
@@ -176,7 +191,8 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
     root = Path(root)
     side = _image_side(root / "annotation_images" / mapping[i]["image_path"] for i in ids)
     side = min(TILE_MAX, side * max(1, math.ceil(TILE_MIN / side)))
-    has_truth = (root / "ground_truth").is_dir()
+    edits = _tasks([job for jobs in runs.values() for job in jobs]) <= {"edit"}  # else reconstructions, generations
+    has_truth = edits and (root / "ground_truth").is_dir()
     columns = ["source", *(["ground truth"] if has_truth else []), *runs]
     cells = []
     for image_id in ids:
@@ -204,7 +220,8 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
         entry = mapping[image_id]
         type_id = str(entry["editing_type_id"])
         lines = [f"{image_id} · type {type_id} {EDIT_TYPES.get(type_id, '')}".strip(),
-                 f"source: {entry['original_prompt']}", f"target: {entry['editing_prompt']}"]
+                 *([f"source: {entry['original_prompt']}", f"target: {entry['editing_prompt']}"] if edits else
+                   [f"prompt: {strip_brackets(entry['original_prompt'])}"])]
         canvas.paste(_text_cell(lines, SIDEBAR, side + CAPTION), (0, HEADER + k * (side + CAPTION)))
     out = folder / "comparison.png"
     canvas.save(out)
@@ -212,22 +229,24 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
 
 
 # ------------------------------------------------------------------------------------------------ report
-def paper_tables(folder: Path) -> str:
+def paper_tables(folder: Path, wandb: dict | None = None) -> str:
     """The papers' tables (`evaluation.tables`) that the sweep's jobs match, with the published numbers beside
     ours, written next to report.txt with their plots; "" when none matches, or when laying them out failed
     (logged: the report stands without them)."""
     try:
         from evaluation.tables import sweep_tables
 
-        return sweep_tables(folder)
+        return sweep_tables(folder, wandb)
     except Exception:  # noqa: BLE001 - the headline table is already written; a layout problem must not lose it
         log.exception("the paper tables of %s failed; the report is in %s", folder, folder / "report.txt")
         return ""
 
 
-def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()) -> pd.DataFrame | None:
+def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = (),
+           wandb: dict | None = None) -> pd.DataFrame | None:
     """Print a sweep's headline table (one line per run), its failed jobs and ``notes`` (the sweep config's
-    ``sweep_notes``), and keep them in ``report.txt``; then the papers' tables its jobs match (`paper_tables`);
+    ``sweep_notes``), and keep them in ``report.txt``; then the papers' tables its jobs match (`paper_tables`; with
+    ``wandb``, the sweep's logger settings, also logged to W&B);
     write aggregate_summary.csv and comparison.png. Returns the summary (None when no job wrote results)."""
     errors = job_errors(folder)
     try:
@@ -245,7 +264,7 @@ def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()
     text = "\n".join(lines)
     (folder / "report.txt").write_text(text + "\n")  # before the grid: a grid that fails loses no table
     print(f"\n{text}")
-    if paper := paper_tables(folder):
+    if paper := paper_tables(folder, wandb):
         print(f"\n{paper}")
         with (folder / "report.txt").open("a") as f:
             f.write(f"\n{paper}\n")
@@ -295,8 +314,11 @@ class SweepReport(Callback):
         if not folder.is_dir():
             return
         try:
+            logger = config.get("logger") or {}
+            wandb = {k: logger.get(k) for k in ("mode", "project", "entity")} \
+                if logger.get("name") == "wandb" and logger.get("mode") != "disabled" else None
             report(folder, dataset_root(config.dataset) if config.get("dataset") else None,
-                   list(config.get("sweep_notes") or []))
+                   list(config.get("sweep_notes") or []), wandb)
         except Exception:  # noqa: BLE001 - the jobs' results are already on disk; a report failure must not hide them
             log.exception("the sweep report failed; the results are in %s", folder)
         if failed := job_errors(folder):

@@ -15,13 +15,12 @@ background, so PIE-Bench's masked metrics become whole-image ones. Items are sor
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from evaluation.piebench import PieBenchItem, relative_image_path, strip_brackets
+from evaluation.piebench import ItemSet, PieBenchItem, relative_image_path, strip_brackets
 
 EDITING_COLUMNS = ("file_name", "old_caption", "edited_caption")
 
@@ -43,7 +42,7 @@ def parse_blend_words(value: object, where: str) -> tuple[str, str] | None:
     return (words[0], words[1])
 
 
-class IcdCsvDataset:
+class IcdCsvDataset(ItemSet):
     """Items of one iCD benchmark CSV, filtered by ``limit`` and sharded like `PieBenchDataset`."""
 
     def __init__(self, csv: str | Path, images: str | Path | None = None, limit: int | None = None,
@@ -83,15 +82,6 @@ class IcdCsvDataset:
         # image_path names the output (<id>.png): unique even where captions share an image
         return PieBenchItem(image_id=image_id, image_path=f"{image_id}.png", source_prompt=source,
                             target_prompt=target, instruction="", edit_type="0", blend_words=blend, mask_rle=[])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[PieBenchItem]:
-        return iter(self.items)
-
-    def __getitem__(self, index: int) -> PieBenchItem:
-        return self.items[index]
 
     def image_file(self, item: PieBenchItem) -> Path:
         if not self._files[item.image_id]:

@@ -162,7 +162,23 @@ def _own_mask_size(root: Path) -> int | None:
         return None
 
 
-class PieBenchDataset:
+class ItemSet:
+    """A benchmark's items (``items``, in order) as a sequence; subclasses also say where an item's image is
+    (``image_file``) and give its edit mask (``load_mask``)."""
+
+    items: list[PieBenchItem]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[PieBenchItem]:
+        return iter(self.items)
+
+    def __getitem__(self, index: int) -> PieBenchItem:
+        return self.items[index]
+
+
+class PieBenchDataset(ItemSet):
     """Items of `root/mapping_file.json`, sorted by image id, then filtered, limited and sharded (in that order).
     Masks index a ``mask_size``² grid: by default the one a generated set records, else PIE-Bench's 512²."""
 
@@ -203,15 +219,6 @@ class PieBenchDataset:
         if limit is not None:
             items = items[:limit]
         self.items: list[PieBenchItem] = items[shard::num_shards]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[PieBenchItem]:
-        return iter(self.items)
-
-    def __getitem__(self, index: int) -> PieBenchItem:
-        return self.items[index]
 
     def image_file(self, item: PieBenchItem) -> Path:
         return self.root / "annotation_images" / item.image_path

@@ -117,6 +117,7 @@ class Job:
     results: pd.DataFrame | None = None
     set_metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    wandb_group: str | None = None  # the W&B group of the job's run (job.json)
 
     @property
     def task(self) -> str:
@@ -169,7 +170,8 @@ def read_job(folder: Path, root: Path) -> Job:
     paper_row = meta.get("paper_row")
     return Job(path=folder, name=str(folder.relative_to(root)) if folder != root else folder.name, config=config,
                paper_row=None if paper_row is None else str(paper_row), mtime=stamp.stat().st_mtime,
-               results=results, set_metrics=set_metrics, error=error, root=root)
+               results=results, set_metrics=set_metrics, error=error, root=root,
+               wandb_group=meta.get("wandb_group"))
 
 
 def find_jobs(folders: Iterable[Path | str]) -> list[Job]:
@@ -611,16 +613,19 @@ def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = No
     return written
 
 
-def log_to_wandb(tables: dict[str, pd.DataFrame], images: list[Path], outdir: Path, group: str) -> Path:
-    """An offline W&B run in ``outdir`` (job type ``tables``) with each table as a ``wandb.Table`` and each plot as
-    a ``wandb.Image``; W&B's console stays quiet and the run is always finished. Returns the run's folder."""
+def log_to_wandb(tables: dict[str, pd.DataFrame], images: list[Path], outdir: Path, group: str,
+                 mode: str = "offline", project: str | None = None, entity: str | None = None) -> Path:
+    """A W&B run in ``outdir`` (job type ``tables``, offline unless ``mode`` says otherwise) with each table as a
+    ``wandb.Table`` and each plot as a ``wandb.Image``; W&B's console stays quiet and the run is always finished.
+    Returns the run's folder."""
     import wandb
 
     data_dir = os.environ.get("WANDB_DATA_DIR")
     os.environ["WANDB_DATA_DIR"] = str(outdir / "wandb" / "data")  # W&B's staging folder: with the run, not global
     try:
-        run = wandb.init(mode="offline", dir=str(outdir), group=group, job_type="tables", name=f"tables-{group}",
-                         settings=wandb.Settings(silent=True, console="off"))
+        run = wandb.init(mode=mode, project=project, entity=entity, dir=str(outdir), group=group, job_type="tables",
+                         name=f"tables {group}", settings=wandb.Settings(silent=True, console="off"),
+                         reinit="finish_previous")
         try:
             for layout_id, table in tables.items():
                 run.log({f"tables/{layout_id}": wandb.Table(dataframe=table.astype({"n": int}))})
@@ -637,15 +642,22 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], images: list[Path], outdir: Pa
     return folder
 
 
-def sweep_tables(folder: Path) -> str:
+def sweep_tables(folder: Path, wandb: dict[str, Any] | None = None) -> str:
     """For the sweep report: the tables ``folder``'s jobs match, written next to its report.txt (with their plots),
-    as printed text ("" when none matches)."""
+    as printed text ("" when none matches). ``wandb`` (the sweep's logger settings: mode, project, entity) also logs
+    them to a W&B run in the jobs' group."""
     jobs = find_jobs([folder])
-    texts = []
+    texts, tables, images = [], {}, []
     for layout_id in matching_layouts(jobs):
         table = build_table(layout_id, jobs)
         files = write_outputs(table, folder, jobs)
+        tables[layout_id] = table
+        images += [f for f in files if f.suffix == ".png"]
         texts.append(f"{render(table)}\nwritten: {', '.join(f.name for f in files)}")
+    if tables and wandb:
+        group = next((j.wandb_group for j in jobs if j.wandb_group), folder.name)
+        run = log_to_wandb(tables, images, folder, group, **wandb)
+        texts.append(f"W&B: the tables and plots are in run {run.name} (group {group!r})")
     return "\n\n".join(texts)
 
 
@@ -680,5 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``editlab-tables`` command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

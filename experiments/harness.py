@@ -186,8 +186,8 @@ def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
     return [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(keys) if before.get(k) != current.get(k)]
 
 
-def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id, the benchmark's folder, which
+def open_job(cfg: DictConfig, output_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id and group, the benchmark's folder, which
     `evaluation.aggregate` draws its grid from, and the paper table row the job produces, which `evaluation.tables`
     lays out), written for a new job. When the
     directory already holds results made with other settings: a `RunError` naming them, or with ``restart=true``
@@ -210,7 +210,7 @@ def open_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         job = {}
     root = dataset_root(cfg.dataset)
     job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12],
-           "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row")}
+           "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row"), "wandb_group": group}
     write_json(path, job)
     return job
 
@@ -410,7 +410,7 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     check_given(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
-    job = open_job(cfg, output_dir)
+    job = open_job(cfg, output_dir, cfg.logger.get("group") or group)
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         dataset, editor, metrics = _setup(cfg, job_num)
         cleanup.callback(editor.close)  # the shared models as the editor found them
