@@ -1,4 +1,5 @@
 """Edit a benchmark with one editor and score it:  python run.py [group=option ...]  (-m for sweeps).
+``task=inversion`` reconstructs each source image instead, ``task=generation`` generates from each caption.
 
 Defaults (conf/run.yaml): the tiny model, DDIM + Prompt-to-Prompt, the built-in PIE-Bench-format set, CPU when no
 GPU is present, offline W&B. Each job writes results.csv, summary.csv, the edited images and its W&B run into its

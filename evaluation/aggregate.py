@@ -70,8 +70,9 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
         if len(baseline) == 1:
             overall.insert(overall.columns.get_loc("clip_whole") + 1, "clip_gain",
                            overall["clip_whole"] - baseline.iloc[0])
-    ground_truth = [c for c in ("gt_psnr", "gt_ssim") if c in overall and overall[c].isna().all()]
-    return overall[[c for c in HEADLINE_VIEW if c in overall and c not in ground_truth]]  # no true edits: no gt_*
+    # no true edits: no gt_*; no source image (generation) or no backbone: no column of the iCD suite's
+    empty = [c for c in ("gt_psnr", "gt_ssim", *ICD_METRIC_KEYS) if c in overall and overall[c].isna().all()]
+    return overall[[c for c in HEADLINE_VIEW if c in overall and c not in empty]]
 
 
 # ------------------------------------------------------------------------------------------------ comparison grid

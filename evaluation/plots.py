@@ -84,9 +84,9 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
         ax = figure.add_subplot()
         ax.scatter(ours["x"], ours["y"], s=[area(v) for v in sizes], color=OURS, alpha=0.6, edgecolor="black",
                    linewidth=0.6, zorder=3)
-        for _, point in ours.iterrows():
-            ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, 6), textcoords="offset points",
-                        fontsize=9)
+        for k, (_, point) in enumerate(ours.sort_values(["y", "x"]).iterrows()):  # staggered: close points
+            ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, 6 + 11 * (k % 3)),
+                        textcoords="offset points", fontsize=9)
         front = ours.iloc[pareto_front(ours["x"], ours["y"], lower_x_better, lower_y_better)]
         handles = []
         if len(front) > 1:
@@ -94,9 +94,9 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
             handles.append(Line2D([], [], color=OURS, linestyle="--", label="Pareto front (ours)"))
         if len(theirs):
             ax.scatter(theirs["x"], theirs["y"], marker="x", s=60, color=PAPER, zorder=4)
-            for _, point in theirs.iterrows():
-                ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, -12), textcoords="offset points",
-                            fontsize=8, color=PAPER, style="italic")
+            for k, (_, point) in enumerate(theirs.sort_values(["y", "x"]).iterrows()):
+                ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, -12 - 10 * (k % 3)),
+                            textcoords="offset points", fontsize=8, color=PAPER, style="italic")
             handles.append(Line2D([], [], marker="x", color=PAPER, linestyle="", label="paper"))
         shown = sorted({float(v) for v in np.nanpercentile(sizes, [0, 50, 100])}) if math.isfinite(top) else []
         handles += [ax.scatter([], [], s=area(v), color=OURS, alpha=0.6, edgecolor="black", linewidth=0.6,

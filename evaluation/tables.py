@@ -571,7 +571,9 @@ def make_plots(table: pd.DataFrame, jobs: list[Job] | None, outdir: Path) -> lis
                 y_name, y, y_paper, _, y_lower = _axis(table, spec["y"])
                 s_name, size, size_paper, _, _ = _axis(table, spec["size"])
                 ours = pd.DataFrame({"label": labels, "x": x, "y": y, "size": size})[ran]
-                paper = pd.DataFrame({"label": labels, "x": x_paper, "y": y_paper, "size": size_paper})
+                # toy numbers and the paper's share no scale: the paper's points only beside real runs
+                paper = None if table.attrs.get("header") else \
+                    pd.DataFrame({"label": labels, "x": x_paper, "y": y_paper, "size": size_paper})
                 out = plots.quality_vs_cost(ours, path, x_label=x_name, y_label=y_name, size_label=s_name,
                                             lower_x_better=x_lower, lower_y_better=y_lower, paper=paper,
                                             title=title)

@@ -369,7 +369,7 @@ def test_a_failure_in_the_tables_does_not_lose_the_report(tmp_path, capsys, monk
     for k, editor in enumerate(PIE_EDITORS[:2]):
         make_job(sweep / str(k), editor)
 
-    def broken(folder):
+    def broken(folder, wandb=None):
         raise RuntimeError("layout exploded")
 
     monkeypatch.setattr(tables, "sweep_tables", broken)
