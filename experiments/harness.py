@@ -304,16 +304,22 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
     return Outcome(row)
 
 
-def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_dir: Path,
-               images: bool) -> dict[str, float]:
-    """The metric set's set-level scores (FID) of the job's saved outputs against the items' source images: for
-    edits and reconstructions the images they came from, for generation the images whose captions they were made
-    from. {} for metric sets without set-level scores, or when images are not saved."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_dir: Path, images: bool,
+               reference: str | None = None) -> dict[str, float]:
+    """The metric set's set-level scores (FID) of the job's saved outputs against ``reference`` (a folder of
+    images) or else the items' source images: for edits and reconstructions the images they came from, for
+    generation the images whose captions they were made from. {} for metric sets without set-level scores, or when
+    images are not saved."""
     if isinstance(metrics, PieBenchMetrics) or not images:
         return {}
     done = set(frame.loc[frame["error"] == "", "image_id"])
-    items = [item for item in dataset if item.image_id in done]
-    outputs = [edited_image_path(output_dir, item) for item in items]
+    outputs = [edited_image_path(output_dir, item) for item in dataset if item.image_id in done]
+    if reference:
+        folder = Path(reference)  # checked in _setup
+        return metrics.set_scores(outputs, sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
     references = []
     for item in dataset:
         with contextlib.suppress(FileNotFoundError):  # captions without images: no reference for them
@@ -351,6 +357,8 @@ def _setup(cfg: DictConfig, job_num: int | None):
         if task not in editor.tasks:
             raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
                              f"editors that do: {', '.join(editors_for(task))}")
+        if (reference := cfg.get("task", {}).get("reference")) and not Path(reference).is_dir():
+            raise ValueError(f"task.reference={reference} is not a folder (of FID's reference images)")
         if task == "generation" and isinstance(metrics, PieBenchMetrics):
             raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
                              "(metrics=icd_paper_toy on the toy world)")
@@ -438,7 +446,8 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
 
         frame = results.read()
         summary = summarize(frame)
-        if scores := set_scores(metrics, dataset, frame, output_dir, cfg.save_images):
+        if scores := set_scores(metrics, dataset, frame, output_dir, cfg.save_images,
+                                cfg.get("task", {}).get("reference")):
             write_json(output_dir / "set_metrics.json", scores)
             for key, value in scores.items():
                 summary.loc[summary["edit_type"] == "all", key] = value

@@ -46,12 +46,20 @@ def test_generation_task_with_icd_makes_one_image_per_caption(call_main, tmp_pat
     assert np.isfinite(results["clip_t"]).all() and results["clip_i"].isna().all()  # nothing to pair with
     assert len(list((out / "annotation_images").rglob("*.png"))) == 3
     assert math.isfinite(json.loads((out / "set_metrics.json").read_text())["fid"])
+    # FID against a folder of one's choosing: the generations themselves give about 0
+    again = call_main("run", *TOY, "editor=icd", "task=generation", f"task.reference={out / 'annotation_images'}",
+                      f"hydra.run.dir={tmp_path / 'again'}")
+    assert again.returncode == 0, again.stderr
+    assert abs(json.loads((tmp_path / "again" / "set_metrics.json").read_text())["fid"]) < 1e-2
 
 
 def test_a_task_that_cannot_run_says_why(call_main, tmp_path):
     done = call_main("run", "experiment=toy", "logger=none", "task=generation", "editor=icd",
                      f"hydra.run.dir={tmp_path / 'a'}")
     assert done.returncode == 1 and "task=generation has no source image" in done.stderr
+    done = call_main("run", *TOY, "task=generation", "editor=icd", "task.reference=/nowhere",
+                     f"hydra.run.dir={tmp_path / 'r'}")
+    assert done.returncode == 1 and "task.reference=/nowhere is not a folder" in done.stderr
     done = call_main("run", *TOY, "task=inversion", "editor=direct_inversion", f"hydra.run.dir={tmp_path / 'b'}")
     assert done.returncode == 1
     assert "does not do task=inversion" in done.stderr and "ddim, ddim_p2p, icd, npi, null_text" in done.stderr
