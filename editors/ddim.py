@@ -72,10 +72,10 @@ class DDIMEditor(Editor):
 
     def _invert_denoise(self, image, source: str, target: str) -> EditResult:
         c = self.components
-        text = c.encode_prompts([source, target])  # [2, 77, D]
+        text = c.encode_prompts([source] if source == target else [source, target])  # [1 or 2, 77, D]
         uncond = c.encode_prompts([""])  # [1, 77, D]
         z_T = self.invert(c.encode_image(image), text[:1], uncond)
-        (image,) = c.decode_latents(self.denoise(z_T, text[1:], uncond))
+        (image,) = c.decode_latents(self.denoise(z_T, text[-1:], uncond))
         return EditResult(edited=image, extras={"backward_passes": 0})
 
     def _edit(self, request: EditRequest) -> EditResult:

@@ -15,12 +15,15 @@ background, so PIE-Bench's masked metrics become whole-image ones. Items are sor
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from evaluation.piebench import ItemSet, PieBenchItem, relative_image_path, strip_brackets
+
+log = logging.getLogger(__name__)
 
 EDITING_COLUMNS = ("file_name", "old_caption", "edited_caption")
 
@@ -69,10 +72,18 @@ class IcdCsvDataset(ItemSet):
         image_id = Path(file_name).stem if file_name else (row.get("id") or str(k)).strip()
         if image_id in self._files:  # several captions of one image: one item each
             image_id = f"{image_id}_{k}"
-        self._files[image_id] = relative_image_path(file_name, image_id) if file_name else ""
+        try:
+            relative_image_path(f"{image_id}.png", image_id)  # the output's name stays inside the output folder
+            self._files[image_id] = relative_image_path(file_name, image_id) if file_name else ""
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}".replace("PIE-Bench entry ", "item ")) from None
         if all(c in row for c in EDITING_COLUMNS):
             source, target = strip_brackets(row["old_caption"]), strip_brackets(row["edited_caption"])
-            blend = parse_blend_words(row.get("blended_words"), where)
+            try:
+                blend = parse_blend_words(row.get("blended_words"), where)
+            except ValueError as err:  # e.g. the three-word entry of editing_pie_bench_all.csv: edit without a blend
+                log.warning("%s; the item is edited without LocalBlend", err)
+                blend = None
         elif "caption" in row:
             source = target = " ".join(row["caption"].split())  # some COCO captions span lines
             blend = None

@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 ICD_METRIC_KEYS = ("clip_t", "clip_i", "dinov2", "image_reward", "lpips_vgg", "psnr_uint8")
 SET_METRIC_KEYS = ("fid",)
-PAIRED_KEYS = ("clip_i", "dinov2", "lpips_vgg", "psnr_uint8")  # need a source image
 
 DINOV2_PATH = "facebook/dinov2-base"
 IMAGE_REWARD_PATH = "THUDM/ImageReward"

@@ -282,10 +282,10 @@ def _column_value(column: dict, overall: dict, results: pd.DataFrame, jobs: list
     if key in overall and overall[key] is not None:
         value = pd.to_numeric(overall[key], errors="coerce")
         return float(value) if pd.notna(value) else math.nan
-    for job in reversed(jobs):  # set-level metrics (fid): the latest folder of the configuration that has them
-        if key in job.set_metrics:
-            return job.set_metrics[key]
-    return math.nan
+    scored = [job for job in jobs if key in job.set_metrics]  # set-level metrics (fid)
+    if len(scored) == 1:
+        return scored[0].set_metrics[key]
+    return math.nan  # none, or one per shard: a set metric of parts is not the whole set's (noted in _fill)
 
 
 def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
@@ -325,6 +325,10 @@ def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     result.status, result.n = OK, int(overall.get("n", 0))
     succeeded = results[(errors == "").to_numpy()]
     result.values = {c["key"]: _column_value(c, overall, succeeded, result.jobs) for c in layout["columns"]}
+    sharded = sorted({k for job in result.jobs for k in job.set_metrics} if len(result.jobs) > 1 else set())
+    if sharded:
+        result.notes.append(f"{', '.join(sharded)}: {len(result.jobs)} shards each scored their own part, which is "
+                            "not the whole set's score: n/a (run the configuration as one job for it)")
 
 
 def resolve(layout_id: str, jobs: list[Job], compare: bool = True) -> list[RowResult]:
@@ -586,7 +590,8 @@ def make_plots(table: pd.DataFrame, jobs: list[Job] | None, outdir: Path) -> lis
                 name = table.loc[table["column"] == metric, "name"].iloc[0]
                 out = plots.per_edit_type_bars(per_type, path, metric_label=name, title=title)
             elif kind == "inversion_ablation":
-                out = plots.inversion_ablation(table, path, title=title)
+                out = plots.inversion_ablation(table.assign(paper=math.nan) if table.attrs.get("header") else table,
+                                               path, title=title)  # toy numbers: no paper bars beside them
             elif kind == "fig9_scatter":
                 out = plots.fig9_scatter(table, path, title=title)
             else:

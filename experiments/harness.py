@@ -27,6 +27,7 @@ import resource
 import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -267,6 +268,12 @@ class Outcome:
     edited: Image.Image | None = None
 
 
+def item_seed(seed: int, image_id: str) -> int:
+    """A generation's seed: the run's seed mixed with the item's id, so every caption starts from its own noise
+    (one shared noise would shrink the set's diversity and bias FID), the same on every shard and rerun."""
+    return (seed ^ zlib.crc32(image_id.encode())) & 0x7FFFFFFF
+
+
 def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int) -> Outcome:
     """Run ``task`` on one item and score it; any failure becomes the row's ``error``."""
     components = editor.components
@@ -285,7 +292,8 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
         target = item.target_prompt if task == "edit" else item.source_prompt
         reset_peak_memory(components.device)
         result = editor.run(task, EditRequest(image, item.source_prompt, target, item.instruction,
-                                              item.blend_words if task == "edit" else None, seed))
+                                              item.blend_words if task == "edit" else None,
+                                              item_seed(seed, item.image_id) if task == "generation" else seed))
         row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
                    peak_mem_mb=peak_memory_mb(components.device))
         output = np.asarray(result.edited)
@@ -320,11 +328,17 @@ def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_di
     if reference:
         folder = Path(reference)  # checked in _setup
         return metrics.set_scores(outputs, sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-    references = []
+    return metrics.set_scores(outputs, reference_images(dataset))
+
+
+def reference_images(dataset: PieBenchDataset) -> list[Path]:
+    """The items' own images that exist (captions without an image have none)."""
+    references = set()
     for item in dataset:
-        with contextlib.suppress(FileNotFoundError):  # captions without images: no reference for them
-            references.append(dataset.image_file(item))
-    return metrics.set_scores(outputs, sorted(set(references)))
+        with contextlib.suppress(FileNotFoundError):
+            if (path := dataset.image_file(item)).is_file():
+                references.add(path)
+    return sorted(references)
 
 
 def load_editor(cfg: DictConfig, device: str):
@@ -359,6 +373,11 @@ def _setup(cfg: DictConfig, job_num: int | None):
                              f"editors that do: {', '.join(editors_for(task))}")
         if (reference := cfg.get("task", {}).get("reference")) and not Path(reference).is_dir():
             raise ValueError(f"task.reference={reference} is not a folder (of FID's reference images)")
+        if task == "generation" and not reference and not isinstance(metrics, PieBenchMetrics) and cfg.save_images \
+                and len(dataset) and not reference_images(dataset):
+            raise ValueError(f"none of the {len(dataset)} items has an image to score FID against (dataset.images="
+                             f"{cfg.dataset.get('images', cfg.dataset.get('root'))}): set the images' folder, or "
+                             "task.reference=<folder of reference images>")
         if task == "generation" and isinstance(metrics, PieBenchMetrics):
             raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
                              "(metrics=icd_paper_toy on the toy world)")
@@ -395,13 +414,19 @@ def job_device(device: str, job_num: int | None = None) -> str:
     return f"cuda:{slot % count}"
 
 
-def check_given(cfg: DictConfig) -> None:
+def check_given(cfg: DictConfig, output_dir: Path | None = None) -> None:
     """Every setting the job reads is given: a `RunError` naming the first that is not (a key that refers to a
-    ``???``, e.g. an adapter file a paper experiment needs: ``paper.adapters.G.forward``)."""
+    ``???``, e.g. an adapter file a paper experiment needs: ``paper.adapters.G.forward``). A new ``output_dir``
+    then gets a job.json with what is known (the task, the metric set, the paper row), so the paper table shows
+    the row as failed with this message rather than as not run."""
     try:
         OmegaConf.to_container(cfg, resolve=True)  # the "???" a job does not use stay unresolved
     except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
         key = str(err).split("Missing mandatory value: ", 1)[-1].splitlines()[0].strip()
+        if output_dir is not None and not (output_dir / "job.json").exists():
+            known = {"task.name": OmegaConf.select(cfg, "task.name", default="edit"),
+                     "metrics.kind": OmegaConf.select(cfg, "metrics.kind", default="piebench")}
+            write_json(output_dir / "job.json", {"config": known, "paper_row": cfg.get("paper_row")})
         raise RunError(f"{key} is not set: give it on the command line ({key}=...); the experiment's comment says "
                        "what it is") from None
 
@@ -415,12 +440,13 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     keeps the console short (the per-type table goes to the job's log file).
     """
     quiet_libraries(cfg.get("quiet", True))
-    check_given(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    check_given(cfg, output_dir)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
     job = open_job(cfg, output_dir, cfg.logger.get("group") or group)
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         dataset, editor, metrics = _setup(cfg, job_num)
+        _check_output_dir(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
         cleanup.callback(editor.close)  # the shared models as the editor found them
         task = task_name(cfg)
         results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
@@ -446,8 +472,14 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
 
         frame = results.read()
         summary = summarize(frame)
-        if scores := set_scores(metrics, dataset, frame, output_dir, cfg.save_images,
-                                cfg.get("task", {}).get("reference")):
+        try:
+            scores = set_scores(metrics, dataset, frame, output_dir, cfg.save_images,
+                                cfg.get("task", {}).get("reference"))
+        except Exception as err:  # noqa: BLE001 - the rows are on disk; a set metric must not cost the summary
+            log.error("the set-level metrics failed (%s: %s); the per-item results are complete", type(err).__name__,
+                      err, exc_info=log.isEnabledFor(logging.DEBUG))
+            scores = {}
+        if scores:
             write_json(output_dir / "set_metrics.json", scores)
             for key, value in scores.items():
                 summary.loc[summary["edit_type"] == "all", key] = value
@@ -456,11 +488,11 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
                  task, len(frame) - failed, failed, output_dir)
         notes = []
-        if metrics.unavailable:
-            notes.append(f"unavailable metrics (no backbone): {', '.join(metrics.unavailable)}")
+        if unavailable := [*metrics.unavailable, *getattr(metrics, "set_unavailable", [])]:
+            notes.append(f"unavailable metrics (no backbone): {', '.join(unavailable)}")
         if cfg.metrics.get("label"):
-            notes.append(f"metric backbones: {cfg.metrics.label} (not comparable with the PIE-Bench reference "
-                         "backbones)")
+            notes.append(f"metric backbones: {cfg.metrics.label} (not comparable with the reference backbones' "
+                         "numbers)")
         table = "\n".join([*notes, format_summary(summary)])
         (details() if job_num is not None else log).info("%s", table)  # a sweep's report prints the headlines
         logger.log_summary(frame, summary, output_dir, dataset)

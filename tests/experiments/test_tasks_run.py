@@ -13,6 +13,7 @@ from PIL import Image
 
 from evaluation.icd_benchmark import IcdCsvDataset
 from evaluation.paper_metrics import ICD_METRIC_KEYS
+from experiments.harness import item_seed
 
 TOY = ("experiment=toy", "metrics=icd_paper_toy", "logger=none", "dataset.limit=3", "warmup=false")
 
@@ -51,6 +52,11 @@ def test_generation_task_with_icd_makes_one_image_per_caption(call_main, tmp_pat
                       f"hydra.run.dir={tmp_path / 'again'}")
     assert again.returncode == 0, again.stderr
     assert abs(json.loads((tmp_path / "again" / "set_metrics.json").read_text())["fid"]) < 1e-2
+
+
+def test_every_caption_gets_its_own_noise():
+    seeds = {item_seed(1234, f"{k:012d}") for k in range(100)}
+    assert len(seeds) == 100 and item_seed(1234, "a") == item_seed(1234, "a") != item_seed(1235, "a")
 
 
 def test_a_task_that_cannot_run_says_why(call_main, tmp_path):
