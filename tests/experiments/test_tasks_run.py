@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from evaluation import tables
 from evaluation.icd_benchmark import IcdCsvDataset
 from evaluation.paper_metrics import ICD_METRIC_KEYS
 from experiments.harness import item_seed
@@ -75,6 +76,18 @@ def test_a_task_that_cannot_run_says_why(call_main, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_paper_row_without_its_files_is_a_failed_row_of_its_table(call_main, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = call_main("run", "-m", "~experiment", "+paper=icd_sd15", "+rows/icd_inversion=G,teacher_unguided",
+                     "task=inversion", "metrics=icd_paper_toy", "model=tiny", "dataset.limit=1", "logger=none",
+                     f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 1  # a job of the sweep failed
+    cells = tables.build_table("icd_table2", tables.find_jobs([sweep]))
+    status = cells.drop_duplicates("row").set_index("row")["status"]
+    assert status["G"] == "failed" and status["teacher_unguided"] == "ok" and status["K"] == "not run"
+    assert "paper.teacher is not set" in " ".join(cells.attrs["notes"])
+
+
 def write_benchmark(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for name in ("a.jpg", "b.jpg"):
@@ -110,7 +123,11 @@ def test_icd_benchmark_csv_items(tmp_path):
 
 
 def test_run_py_edits_an_icd_benchmark_csv(call_main, tmp_path):
-    csv = write_benchmark(tmp_path)
+    (tmp_path / "bench").mkdir()
+    csv = write_benchmark(tmp_path / "bench")
+    inside = call_main("run", *TOY, "dataset=icd_csv", f"dataset.csv={csv}", "editor=ddim",
+                       f"hydra.run.dir={tmp_path / 'bench' / 'out'}")
+    assert inside.returncode == 1 and "edits would be written into the benchmark" in inside.stderr
     out = tmp_path / "out"
     done = call_main("run", *TOY, "dataset=icd_csv", f"dataset.csv={csv}", "metrics=icd_paper_toy", "editor=ddim",
                      "editor.num_steps=4", f"hydra.run.dir={out}")
@@ -118,4 +135,4 @@ def test_run_py_edits_an_icd_benchmark_csv(call_main, tmp_path):
     results = pd.read_csv(out / "results.csv", dtype={"image_id": str})
     assert list(results["image_id"]) == ["a", "b"] and results["error"].isna().all()
     assert "resized 48x40->32x32" in results["note"].iloc[0]
-    assert (tmp_path / "a.jpg").is_file() and (out / "annotation_images" / "a.png").is_file()
+    assert (tmp_path / "bench" / "a.jpg").is_file() and (out / "annotation_images" / "a.png").is_file()
