@@ -97,7 +97,7 @@ def test_run_py_names_groups_by_experiment_and_time():
 
 def test_the_sweep_bar_counts_every_job_of_the_sweep():
     cfg = config("experiment=toy_tour", hydra=True)
-    assert aggregate._count_jobs(cfg) == 8
+    assert aggregate._count_jobs(cfg) == 9
     cfg = config(*FAST, hydra=True)
     cfg.hydra.overrides.task = ["precision=fp32,bf16", "editor.num_steps=3,4,5"]
     assert aggregate._count_jobs(cfg) == 6
@@ -150,9 +150,16 @@ def test_comparison_grid_merges_shards_labels_items_and_is_redrawn_by_the_cli(tm
 # ------------------------------------------------------------------------------------------------ memory, devices
 
 
+def _resident_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
 def test_cpu_peak_memory_is_measured_per_edit():
     cpu = torch.device("cpu")
     harness.reset_peak_memory(cpu)
+    if harness.peak_memory_mb(cpu) > _resident_mb() + 32:  # the kernel kept the old peak (seen under heavy load)
+        pytest.xfail("this kernel did not reset the peak resident set: peak_mem_mb is the process's peak so far")
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     high = harness.peak_memory_mb(cpu)
     del block
