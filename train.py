@@ -40,6 +40,7 @@ from experiments.console import quiet_libraries
 from experiments.harness import flatten, read_job, write_json
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
+from icd.guidance_distillation import DistillSettings, ExportTeacher, GuidanceDistillationModule, WMixture
 from icd.schedule import BoundarySchedule
 from icd.training import (
     ExportAdapters,
@@ -50,6 +51,7 @@ from icd.training import (
     OptimSettings,
     load_teacher,
 )
+from models.loading import load_components
 
 log = logging.getLogger("train")
 
@@ -116,6 +118,8 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
                 for k, v in flatten(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
                                     else cfg[key], key).items()
                 if not k.startswith("train.logger") and k not in RESUMABLE}
+    if settings.get("train.method") == "icd":  # runs made before guidance distillation existed: iCD ones
+        settings = {k: v for k, v in settings.items() if not k.startswith(("train.guidance.", "train.method"))}
     path = output_dir / "job.json"
     before = read_job(path).get("config")
     if before is not None and before != settings:
@@ -141,6 +145,10 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     t = cfg.train
+    if t.method == "guidance":
+        return train_guidance(cfg, output_dir, group, checkpoint)
+    if t.method != "icd":
+        raise SystemExit(f"error: unknown train.method={t.method!r}; expected icd or guidance")
     schedule = build_schedule(t.icd)
     log.info("iCD with %s; inference reverse %s, forward %s", schedule, schedule.reverse_steps,
              schedule.forward_steps)
@@ -155,12 +163,37 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
+    export = ExportAdapters(output_dir / "lora", t.trainer.export_every, getattr(torch, t.trainer.export_dtype))
+    return fit(cfg, module, components, export, output_dir, group, checkpoint)
+
+
+def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: str | None) -> dict[str, float]:
+    """Guidance distillation of the plain base model into a w-conditioned teacher (<run dir>/teacher/)."""
+    t = cfg.train
+    values = OmegaConf.to_container(t.guidance, resolve=True)
+    mixture = WMixture(**values.pop("mixture", {}))
+    distill = settings(DistillSettings, OmegaConf.create(values), "train.guidance")
+    components = load_components(cfg.model, cfg.precision, {"mode": "none"}, "cpu")
+    log.info("guidance distillation of %s: %s student, w-embedding %d, w ~ %s", cfg.model.name, distill.variant,
+             distill.embed_dim, mixture)
+    module = GuidanceDistillationModule(
+        components, dataclasses.replace(distill, mixture=mixture), settings(OptimSettings, t.optim, "train.optim"),
+        gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
+        validation_seed=cfg.seed,
+    )
+    export = ExportTeacher(output_dir / "teacher", t.trainer.export_every, getattr(torch, t.trainer.export_dtype))
+    return fit(cfg, module, components, export, output_dir, group, checkpoint)
+
+
+def fit(cfg: DictConfig, module: pl.LightningModule, components, export: pl.Callback, output_dir: Path, group: str,
+        checkpoint: str | None) -> dict[str, float]:
+    """Lightning's fit of ``module`` on the configured data, with its export callback; the last validation."""
+    t = cfg.train
     datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
                                **OmegaConf.to_container(t.data, resolve=True))
-
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer
-    callbacks = [ExportAdapters(output_dir / "lora", tc.export_every, getattr(torch, tc.export_dtype))]
+    callbacks = [export]
     if tc.progress_bar:
         callbacks.append(IterationProgressBar())
     if tc.checkpoint_every:
@@ -191,7 +224,8 @@ def main(cfg: DictConfig) -> float:
     os.environ.setdefault("WANDB_DIR", str(output_dir))
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else output_dir.name
     metrics = train(cfg, output_dir, group)
-    return metrics.get("val/latent_mse", math.nan)  # a sweep objective: the round-trip error
+    # a sweep objective: iCD's round-trip error, guidance distillation's mean single-pass error
+    return metrics.get("val/latent_mse", metrics.get("val/rel_error_mean", math.nan))
 
 
 if __name__ == "__main__":

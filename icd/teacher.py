@@ -83,12 +83,16 @@ class GuidedUNet:
 
 
 def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 512,
-                           state_dict: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
+                           state_dict: dict[str, torch.Tensor] | None = None,
+                           init: str = "random") -> UNet2DConditionModel:
     """The same UNet with a w-embedding input (``time_cond_proj_dim = dim``), sharing the existing weights.
 
     With ``state_dict`` (a CFG-distilled checkpoint) every weight is taken from it, strictly. Without, the new
-    bias-free ``cond_proj`` keeps diffusers' random init: a usable test teacher, but not a distilled one.
+    bias-free ``cond_proj`` is ``init``: ``random`` (diffusers' init: a usable test teacher, not a distilled one) or
+    ``zeros`` (a guidance-distillation student: it starts equal to the conditional prediction at every w).
     """
+    if init not in ("random", "zeros"):
+        raise ValueError(f"unknown w-embedding init {init!r}; expected random or zeros")
     # private keys (e.g. _use_default_values) would make from_config ignore the new value
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")} | {"time_cond_proj_dim": dim}
     with init_empty_weights():  # no second full-size copy: weights are assigned, not allocated
@@ -100,8 +104,11 @@ def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 512,
             raise RuntimeError(f"unexpected UNet layout: missing {missing}, unexpected {unexpected}")
         proj = embedded.time_embedding.cond_proj
         embedded.time_embedding.cond_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=False)
-        log.warning("w-embedding (cond_proj %d->%d) initialised randomly: a test teacher, not a CFG-distilled one",
-                    proj.in_features, proj.out_features)
+        if init == "zeros":
+            torch.nn.init.zeros_(embedded.time_embedding.cond_proj.weight)
+        else:
+            log.warning("w-embedding (cond_proj %d->%d) initialised randomly: a test teacher, not a CFG-distilled "
+                        "one", proj.in_features, proj.out_features)
     else:
         result = embedded.load_state_dict(state_dict, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:

@@ -446,13 +446,14 @@ class ICDModule(pl.LightningModule):
 
 class IterationProgressBar(TQDMProgressBar):
     """Lightning's bar counting iterations of the whole run (the loader is endless, so there are no epochs):
-    ``iCD 12/60 [.., 1.9 it/s]``, starting where a resumed run starts."""
+    ``iCD 12/60 [.., 1.9 it/s]`` (``guidance ...`` for guidance distillation), starting where a resumed run
+    starts."""
 
     def on_train_epoch_start(self, trainer, module: ICDModule, *_: Any) -> None:
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps // module.steps_per_iteration)
         bar.initial = bar.n = module.iteration
-        bar.set_description("iCD")
+        bar.set_description(getattr(module, "progress_name", "iCD"))
 
     def get_metrics(self, trainer, module) -> dict[str, Any]:
         """The losses under short names (``reverse_cd=...``), without Lightning's version number."""

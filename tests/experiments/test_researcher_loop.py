@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -160,9 +161,11 @@ def test_cpu_peak_memory_is_measured_per_edit():
     harness.reset_peak_memory(cpu)
     if harness.peak_memory_mb(cpu) > _resident_mb() + 32:  # the kernel kept the old peak (seen under heavy load)
         pytest.xfail("this kernel did not reset the peak resident set: peak_mem_mb is the process's peak so far")
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    block = mmap.mmap(-1, 64 * 2**20)  # 64 MiB of fresh pages (malloc could reuse resident ones), touched
+    for page in range(0, len(block), mmap.PAGESIZE):
+        block[page] = 1
     high = harness.peak_memory_mb(cpu)
-    del block
+    block.close()  # the pages go back to the kernel
     harness.reset_peak_memory(cpu)
     assert harness.peak_memory_mb(cpu) < high - 48  # a new edit does not inherit the earlier peak
 

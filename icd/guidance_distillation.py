@@ -1,0 +1,391 @@
+"""Guidance distillation: the w-conditioned teacher eps(x_t, t, c, w) that iCD needs, from a plain checkpoint.
+
+Meng et al.'s stage one, as the iCD maintainers describe their released teachers: one UNet call reproduces
+two-pass classifier-free guidance at any strength w. Per batch (clean latents x0 [B, 4, h, w], captions):
+
+1. Draw a noise, a timestep t per sample (uniform over 0..999, or the 50-step DDIM grid 19, 39, ..., 999 the iCD
+   solvers query) and a w per sample from `WMixture` (code units: eps_c + w (eps_c - eps_u), w = 0 is the
+   conditional prediction; a share at exactly 0, a share on iCD's discrete training scales, the rest uniform).
+2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+3. Target (no gradient): the frozen base UNet's two-pass CFG, eps_c + w (eps_c - eps_u), with the empty prompt as
+   the null prompt (`icd.teacher.GuidedUNet` in ``cfg`` mode: one call of batch 2B, or B when every w is 0).
+4. Student: the base UNet with a w-embedding (diffusers' ``time_cond_proj_dim``, the sinusoidal embedding of 1000 w
+   that the released teachers use, `icd.guidance.guidance_embedding`) and a zero-initialised projection, so that
+   at step 0 it equals the conditional teacher at every w. ``full``: every weight trains (as the released
+   teachers); ``lora``: a LoRA adapter plus the projection train, the base weights stay shared and frozen.
+5. Loss: MSE on eps per sample, optionally min-SNR-gamma weighted, averaged; logged per w bucket.
+
+Export: the student's full state dict (LoRA merged in) as ``cfg_distill.safetensors``, the layout of
+``sd15_cfg_distill.pt``: ``train.teacher.checkpoint`` and ``editor.teacher_checkpoint`` load it like the released
+files (`icd.teacher.load_cfg_distilled`). Validation reports, on a held-out batch with fixed noise and timesteps,
+the relative error ||eps_student(w) - eps_cfg(w)|| / ||eps_cfg(w)|| per w beside that of the undistilled model
+(w ignored: eps_c), and writes samples at several w, single-pass beside two-pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from diffusion.ddim import add_noise
+from diffusion.sampling import ddim_loop, ddim_pairs
+from icd.lora import lora_config
+from icd.teacher import GuidedUNet, add_guidance_embedding
+from icd.training import OptimSettings, rng_states, set_rng_states
+from models.components import Components, vae_decode, vae_encode
+from models.conditioning import Conditioning, encode_conditioning
+from models.images import to_unit_range
+
+log = logging.getLogger(__name__)
+
+CFG_ADAPTER = "cfg"
+VARIANTS = ("full", "lora")
+TIMESTEPS = ("uniform", "ddim_grid")
+
+
+@dataclass(frozen=True)
+class WMixture:
+    """The distribution of w (code units) over training samples: ``zero`` at w = 0, ``p_discrete`` on ``discrete``
+    (uniformly), the rest uniform in [``low``, ``high``]."""
+
+    zero: float = 0.2
+    discrete: Sequence[float] = (7.0, 11.0, 15.0, 19.0)
+    p_discrete: float = 0.4
+    low: float = 0.0
+    high: float = 19.0
+
+    def __post_init__(self):
+        if not (0 <= self.zero and 0 <= self.p_discrete and self.zero + self.p_discrete <= 1):
+            raise ValueError(f"w mixture shares zero={self.zero}, p_discrete={self.p_discrete} must be >= 0 and sum "
+                             "to at most 1")
+        if self.low > self.high or self.low < 0:
+            raise ValueError(f"w range [{self.low}, {self.high}] must be ordered and >= 0")
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """w per sample [batch]."""
+        u = torch.rand(batch, generator=generator)
+        uniform = self.low + (self.high - self.low) * torch.rand(batch, generator=generator)
+        discrete = torch.tensor(list(self.discrete) or [0.0], dtype=torch.float32)
+        picked = discrete[torch.randint(len(discrete), (batch,), generator=generator)]
+        w = torch.where(u < self.zero + self.p_discrete, picked, uniform)
+        return torch.where(u < self.zero, torch.zeros(batch), w)
+
+    @property
+    def eval_scales(self) -> list[float]:
+        """The w the validation reports: 0, the discrete scales and the range's end."""
+        return sorted({0.0, *map(float, self.discrete), float(self.high)})
+
+    def bucket(self, w: float) -> str:
+        return "w0" if w == 0 else "discrete" if any(math.isclose(w, d) for d in self.discrete) else "uniform"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """The student and its objective (``train.guidance``)."""
+
+    variant: str = "full"        # full | lora
+    embed_dim: int = 512         # time_cond_proj_dim, as the released teachers
+    timesteps: str = "uniform"   # uniform over 0..999 | ddim_grid (19, 39, ..., 999)
+    snr_gamma: float = 0.0       # > 0: min-SNR-gamma weights; 0: plain MSE
+    ema_decay: float = 0.0       # > 0: the export is an EMA of the student's trainable weights
+    lora_rank: int = 64          # variant lora
+    lora_alpha: float = 64
+    mixture: WMixture = WMixture()
+
+
+def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per sample (eps prediction); ones for gamma = 0."""
+    if gamma <= 0:
+        return torch.ones_like(abar)
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """||prediction - target|| / ||target|| over the whole batch."""
+    return ((prediction - target).norm() / target.norm().clamp_min(1e-12)).item()
+
+
+class GuidanceDistillationModule(pl.LightningModule):
+    def __init__(self, components: Components, settings: DistillSettings = DistillSettings(),
+                 optim: OptimSettings = OptimSettings(), gradient_checkpointing: bool = False,
+                 validation_every: int = 0, validation_seed: int = 0):
+        super().__init__()
+        if settings.variant not in VARIANTS or settings.timesteps not in TIMESTEPS:
+            raise ValueError(f"train.guidance.variant={settings.variant!r} / timesteps={settings.timesteps!r}: "
+                             f"expected one of {VARIANTS} / {TIMESTEPS}")
+        self.automatic_optimization = False
+        self.settings, self.mixture = settings, settings.mixture
+        self.vae, self.text_encoder = components.vae, components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
+        self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
+        self.resolution, self.latent_size = components.resolution, components.latent_size
+        self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
+        self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
+        self.validation_every, self.validation_seed = validation_every, validation_seed
+
+        # 1. the frozen base (the target's two passes) and the student, w-embedded and zero-initialised
+        self.teacher_unet = components.unet.eval().requires_grad_(False)
+        base = copy.deepcopy(components.unet) if settings.variant == "full" else components.unet
+        self.student = add_guidance_embedding(base, settings.embed_dim, init="zeros")  # lora: shares base weights
+        if settings.variant == "full":
+            self.student.float().requires_grad_(True)
+        else:
+            self.student.add_adapter(lora_config(settings.lora_rank, settings.lora_alpha), adapter_name=CFG_ADAPTER)
+            for name, p in self.student.named_parameters():
+                trainable = ".lora_" in name or name.startswith("time_embedding.cond_proj")
+                p.requires_grad_(trainable)
+                if trainable:
+                    p.data = p.data.float()
+        if gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        self.student.train()
+        self.ema: dict[str, torch.Tensor] = {}
+        if settings.ema_decay > 0:
+            self.ema = {n: p.detach().clone() for n, p in self.trainable().items()}
+        self._guided: tuple[GuidedUNet, GuidedUNet] | None = None
+        self.iteration, self.skipped, self.batches_seen = 0, 0, 0
+        self._resumed_rng: dict[str, Any] | None = None
+        self.validation_history: list[dict[str, float]] = []
+        self._batch_start: float | None = None
+
+    steps_per_iteration = 1
+    progress_name = "guidance"
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2, self.teacher_unet):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- networks -------------------------------------------------------------------------------------------------
+    @property
+    def guided(self) -> tuple[GuidedUNet, GuidedUNet]:
+        """(two-pass CFG of the frozen base, the single-pass student)."""
+        if self._guided is None:
+            uncond = self.encode_text([""])
+            self._guided = (GuidedUNet(self.teacher_unet, "cfg", uncond.text, uncond_added=uncond.added),
+                            GuidedUNet(self.student, "embedded"))
+        return self._guided
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
+        return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return vae_encode(self.vae, pixels.to(self.device), sample)
+
+    def draw_timesteps(self, batch: int) -> torch.Tensor:
+        if self.settings.timesteps == "ddim_grid":
+            return (torch.randint(0, 50, (batch,)) * 20 + 19).to(self.device)
+        return torch.randint(0, len(self.alphas_cumprod), (batch,), device=self.device)
+
+    def losses(self, x0: torch.Tensor, text: Conditioning, noise: torch.Tensor, t: torch.Tensor,
+               w: torch.Tensor) -> torch.Tensor:
+        """Per-sample weighted MSE between the student and the two-pass target [B]."""
+        teacher, student = self.guided
+        x_t = add_noise(x0, noise, t, self.alphas_cumprod)
+        with torch.no_grad():
+            target = teacher(x_t, t, text.text, w, text.added)
+        prediction = student(x_t, t, text.text, w, text.added)
+        per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)
+        return per_sample * min_snr_weight(self.alphas_cumprod[t], self.settings.snr_gamma)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self.batches_seen += 1
+        self.skipped += int(batch["skipped"])
+        if not batch["captions"]:
+            return None
+        x0 = batch["latents"].float() if "latents" in batch else self.encode_images(batch["pixels"])
+        text = self.encode_text(batch["captions"])
+        noise, t = torch.randn_like(x0), self.draw_timesteps(x0.shape[0])
+        w = self.mixture.sample(x0.shape[0]).to(self.device)
+        per_sample = self.losses(x0, text, noise, t, w)
+        loss = per_sample.mean()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if self.ema:
+            with torch.no_grad():
+                for name, p in self.trainable().items():
+                    self.ema[name].lerp_(p.detach(), 1 - self.settings.ema_decay)
+        values = {"train/loss": loss.detach()}
+        buckets = [self.mixture.bucket(v) for v in w.tolist()]
+        for bucket in sorted(set(buckets)):
+            values[f"train/loss_{bucket}"] = per_sample[[b == bucket for b in buckets]].mean().detach()
+        self.log_dict(values, prog_bar=True)
+        self.iteration += 1
+        self.log("train/iteration", float(self.iteration))
+        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(list(self.trainable().values()), **self.optim)
+        warmup = max(self.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.validation_every and self.iteration == 0:
+            self.validate()  # the baseline: the student is still the conditional teacher
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None and batch["captions"]:
+            self.log("train/images_per_sec", len(batch["captions"]) / (time.perf_counter() - self._batch_start))
+        if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
+            self.validate()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"student.{n}" for n in self.trainable()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["guidance"] = {"iteration": self.iteration, "skipped": self.skipped,
+                                  "batches_seen": self.batches_seen, "rng": rng_states(),
+                                  "ema": {k: v.cpu() for k, v in self.ema.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("guidance", {})
+        self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
+        self.batches_seen = saved.get("batches_seen", self.iteration)
+        self._resumed_rng = saved.get("rng")
+        self.ema.update({k: v.to(self.device) for k, v in saved.get("ema", {}).items()})
+
+    # -- validation: the single-pass error per w, and samples ----------------------------------------------------
+    @torch.no_grad()
+    def errors(self, x0: torch.Tensor, text: Conditioning, scales: Sequence[float] | None = None,
+               timesteps: Sequence[int] = (259, 519, 779), seed: int = 0) -> dict[float, tuple[float, float]]:
+        """{w: (student's relative error, the undistilled model's (w ignored))} against two-pass CFG, on ``x0`` at
+        fixed noise and ``timesteps`` (all rows at each)."""
+        teacher, student = self.guided
+        generator = torch.Generator().manual_seed(seed)
+        out = {}
+        noises = [torch.randn(x0.shape, generator=generator).to(self.device) for _ in timesteps]
+        for w in scales if scales is not None else self.mixture.eval_scales:
+            errs, ignored = [], []
+            for t, noise in zip(timesteps, noises):
+                x_t = add_noise(x0, noise, t, self.alphas_cumprod)
+                ws = torch.full((x0.shape[0],), float(w), device=self.device)
+                target = teacher(x_t, t, text.text, ws, text.added)
+                errs.append(relative_error(student(x_t, t, text.text, ws, text.added), target))
+                ignored.append(relative_error(teacher(x_t, t, text.text, torch.zeros_like(ws), text.added), target))
+            out[float(w)] = (float(np.mean(errs)), float(np.mean(ignored)))
+        return out
+
+    @torch.no_grad()
+    def samples(self, text: Conditioning, scales: Sequence[float], num_steps: int = 10, seed: int = 0):
+        """[rows: single-pass at each w, then two-pass at each w] of decoded images in [0, 1], one per caption."""
+        teacher, student = self.guided
+        rows = text.text.shape[0]
+        channels, size = self.student.config.in_channels, self.latent_size
+        pairs = ddim_pairs(num_steps, len(self.alphas_cumprod))
+        grid = []
+        for model in (student, teacher):
+            for w in scales:
+                x = torch.randn((rows, channels, size, size), generator=torch.Generator().manual_seed(seed))
+                ws = torch.full((rows,), float(w), device=self.device)
+                latents = ddim_loop(x.to(self.device), pairs, lambda i, x, t: model(x, t, text.text, ws, text.added),
+                                    lambda t: self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0])[-1]
+                with torch.autocast(self.device.type, enabled=False):
+                    grid.append(to_unit_range(vae_decode(self.vae, latents)))
+        return grid
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch = getattr(datamodule, "validation", None)
+        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
+            return {}
+        with self.trainer.precision_plugin.forward_context():
+            text = self.encode_text(batch["captions"])
+            x0 = self.encode_images(batch["pixels"].to(self.device), sample=False)
+            errors = self.errors(x0, text, seed=self.validation_seed)
+            shown = sorted({0.0, float(self.mixture.discrete[0]) if self.mixture.discrete else 0.0,
+                            float(self.mixture.high)})
+            grid = self.samples(text[:4], shown, seed=self.validation_seed)  # 4 captions: a readable grid
+        metrics = {f"val/rel_error_w{w:g}": e for w, (e, _) in errors.items()}
+        metrics |= {f"val/rel_error_ignored_w{w:g}": b for w, (_, b) in errors.items()}
+        metrics["val/rel_error_mean"] = float(np.mean([e for e, _ in errors.values()]))
+        self.validation_history.append(metrics | {"iteration": float(self.iteration)})
+        picture = torch.cat([torch.cat(list(row), dim=2) for row in grid], dim=1)  # [3, rows*H, B*W]
+        image = Image.fromarray((picture.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8))
+        folder = Path(self.trainer.default_root_dir) / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"iteration_{self.iteration:06d}.png")
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+            if hasattr(logger, "log_image"):
+                logger.log_image(f"val/single_pass_rows_then_two_pass_at_w_{'_'.join(f'{w:g}' for w in shown)}",
+                                 [image], step=step)
+        log.info("validation at iteration %d: relative error per w %s (w ignored: %s)", self.iteration,
+                 ", ".join(f"{w:g}: {e:.3f}" for w, (e, _) in errors.items()),
+                 ", ".join(f"{w:g}: {b:.3f}" for w, (_, b) in errors.items()))
+        return metrics
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def teacher_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The distilled teacher as a plain w-embedded UNet state dict (the released layout): LoRA merged in, the
+        EMA weights when there are."""
+        student = copy.deepcopy(self.student)
+        if self.ema:
+            named = dict(student.named_parameters())
+            for name, value in self.ema.items():
+                named[name].data.copy_(value)
+        if self.settings.variant == "lora":
+            student.fuse_lora(adapter_names=[CFG_ADAPTER])
+            student.unload_lora()
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in student.state_dict().items()}
+
+    def export_teacher(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(directory) / "cfg_distill.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.teacher_state_dict(dtype), str(path),
+                  metadata={"time_cond_proj_dim": str(self.settings.embed_dim), "iteration": str(self.iteration),
+                            "variant": self.settings.variant})
+        return path
+
+
+class ExportTeacher(pl.Callback):
+    """Write the distilled teacher every ``every_n_iterations`` (``<dir>/iteration_N``) and at the end (``<dir>``)."""
+
+    def __init__(self, directory: str | Path, every_n_iterations: int = 0, dtype: torch.dtype = torch.float32):
+        self.directory, self.every, self.dtype = Path(directory), every_n_iterations, dtype
+
+    def on_train_batch_end(self, trainer, module: GuidanceDistillationModule, outputs, batch, batch_idx) -> None:
+        if self.every and module.iteration % self.every == 0 and trainer.is_global_zero:
+            module.export_teacher(self.directory / f"iteration_{module.iteration:06d}", self.dtype)
+
+    def on_train_end(self, trainer, module: GuidanceDistillationModule) -> None:
+        if trainer.is_global_zero:
+            log.info("exported the distilled teacher: %s", module.export_teacher(self.directory, self.dtype))
