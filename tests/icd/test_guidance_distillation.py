@@ -135,3 +135,19 @@ def test_train_py_distils_and_exports_the_teacher(call_main, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "teacher" / "cfg_distill.safetensors").is_file()
     assert list((out / "validation").glob("iteration_*.png"))
+
+
+def test_an_sdxl_family_base_distils_with_its_pooled_and_size_conditioning():
+    components = load_components({"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64},
+                                 FP32, {"mode": "none"}, "cpu")
+    m = GuidanceDistillationModule(components, DistillSettings(), OptimSettings(lr=1e-3))
+    text = m.encode_text(CAPTIONS)
+    assert set(text.added) == {"text_embeds", "time_ids"}
+    teacher, student = m.guided
+    x, t = latents(), torch.tensor([500, 100])
+    assert torch.equal(student(x, t, text.text, torch.full((2,), 7.0), text.added),
+                       teacher(x, t, text.text, torch.zeros(2), text.added))
+    losses = m.losses(latents(1), text, latents(2), t, torch.tensor([0.0, 7.0]))
+    assert losses[0] < 1e-10 and losses[1] > 1e-6  # w = 0: the conditional prediction (up to batched rounding)
+    losses.mean().backward()
+    assert m.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0  # w reaches the student
