@@ -40,15 +40,15 @@ from experiments.console import quiet_libraries
 from experiments.harness import flatten, read_job, write_json
 from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
-from icd.guidance_distillation import DistillSettings, ExportTeacher, GuidanceDistillationModule, WMixture
+from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
 from icd.schedule import BoundarySchedule
 from icd.training import (
-    ExportAdapters,
     ICDModule,
     IterationProgressBar,
     LoraSettings,
     LossSettings,
     OptimSettings,
+    PeriodicExport,
     load_teacher,
 )
 from models.loading import load_components
@@ -163,8 +163,7 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    export = ExportAdapters(output_dir / "lora", t.trainer.export_every, getattr(torch, t.trainer.export_dtype))
-    return fit(cfg, module, components, export, output_dir, group, checkpoint)
+    return fit(cfg, module, components, output_dir / "lora", output_dir, group, checkpoint)
 
 
 def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: str | None) -> dict[str, float]:
@@ -181,19 +180,18 @@ def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: st
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    export = ExportTeacher(output_dir / "teacher", t.trainer.export_every, getattr(torch, t.trainer.export_dtype))
-    return fit(cfg, module, components, export, output_dir, group, checkpoint)
+    return fit(cfg, module, components, output_dir / "teacher", output_dir, group, checkpoint)
 
 
-def fit(cfg: DictConfig, module: pl.LightningModule, components, export: pl.Callback, output_dir: Path, group: str,
+def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Path, output_dir: Path, group: str,
         checkpoint: str | None) -> dict[str, float]:
-    """Lightning's fit of ``module`` on the configured data, with its export callback; the last validation."""
+    """Lightning's fit of ``module`` on the configured data, exporting into ``export_dir``; the last validation."""
     t = cfg.train
     datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
                                **OmegaConf.to_container(t.data, resolve=True))
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer
-    callbacks = [export]
+    callbacks = [PeriodicExport(export_dir, tc.export_every, getattr(torch, tc.export_dtype))]
     if tc.progress_bar:
         callbacks.append(IterationProgressBar())
     if tc.checkpoint_every:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -41,9 +40,9 @@ from diffusion.ddim import add_noise
 from diffusion.sampling import ddim_loop, ddim_pairs
 from icd.lora import lora_config
 from icd.teacher import GuidedUNet, add_guidance_embedding
-from icd.training import OptimSettings, rng_states, set_rng_states
-from models.components import Components, vae_decode, vae_encode
-from models.conditioning import Conditioning, encode_conditioning
+from icd.training import FrozenPartsModule, OptimSettings, rng_states
+from models.components import Components, vae_decode
+from models.conditioning import Conditioning
 from models.images import to_unit_range
 
 log = logging.getLogger(__name__)
@@ -116,23 +115,16 @@ def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return ((prediction - target).norm() / target.norm().clamp_min(1e-12)).item()
 
 
-class GuidanceDistillationModule(pl.LightningModule):
+class GuidanceDistillationModule(FrozenPartsModule):
     def __init__(self, components: Components, settings: DistillSettings = DistillSettings(),
                  optim: OptimSettings = OptimSettings(), gradient_checkpointing: bool = False,
                  validation_every: int = 0, validation_seed: int = 0):
-        super().__init__()
         if settings.variant not in VARIANTS or settings.timesteps not in TIMESTEPS:
             raise ValueError(f"train.guidance.variant={settings.variant!r} / timesteps={settings.timesteps!r}: "
                              f"expected one of {VARIANTS} / {TIMESTEPS}")
-        self.automatic_optimization = False
+        super().__init__(components, optim)
         self.settings, self.mixture = settings, settings.mixture
-        self.vae, self.text_encoder = components.vae, components.text_encoder
-        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
-        self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
-        self.resolution, self.latent_size = components.resolution, components.latent_size
-        self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
-        self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
-        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
+        self.latent_size = components.latent_size
         self.validation_every, self.validation_seed = validation_every, validation_seed
 
         # 1. the frozen base (the target's two passes) and the student, w-embedded and zero-initialised
@@ -156,9 +148,7 @@ class GuidanceDistillationModule(pl.LightningModule):
             self.ema = {n: p.detach().clone() for n, p in self.trainable().items()}
         self._guided: tuple[GuidedUNet, GuidedUNet] | None = None
         self.iteration, self.skipped, self.batches_seen = 0, 0, 0
-        self._resumed_rng: dict[str, Any] | None = None
         self.validation_history: list[dict[str, float]] = []
-        self._batch_start: float | None = None
 
     steps_per_iteration = 1
     progress_name = "guidance"
@@ -166,12 +156,8 @@ class GuidanceDistillationModule(pl.LightningModule):
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for frozen in (self.vae, self.text_encoder, self.text_encoder_2, self.teacher_unet):
-            if frozen is not None:
-                frozen.eval()
-        return self
+    def frozen_modules(self) -> tuple[torch.nn.Module | None, ...]:
+        return *super().frozen_modules(), self.teacher_unet
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
@@ -182,16 +168,6 @@ class GuidanceDistillationModule(pl.LightningModule):
             self._guided = (GuidedUNet(self.teacher_unet, "cfg", uncond.text, uncond_added=uncond.added),
                             GuidedUNet(self.student, "embedded"))
         return self._guided
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Conditioning:
-        encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
-        return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=False):
-            return vae_encode(self.vae, pixels.to(self.device), sample)
 
     def draw_timesteps(self, batch: int) -> torch.Tensor:
         if self.settings.timesteps == "ddim_grid":
@@ -238,26 +214,13 @@ class GuidanceDistillationModule(pl.LightningModule):
         self.log("train/iteration", float(self.iteration))
         return None
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(list(self.trainable().values()), **self.optim)
-        warmup = max(self.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.make_optimizer(list(self.trainable().values()))
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         if self.validation_every and self.iteration == 0:
             self.validate()  # the baseline: the student is still the conditional teacher
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._resumed_rng is not None:
-            set_rng_states(self._resumed_rng)
-            self._resumed_rng = None
-        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None and batch["captions"]:
@@ -365,6 +328,11 @@ class GuidanceDistillationModule(pl.LightningModule):
             student.unload_lora()
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in student.state_dict().items()}
 
+    exported = "the distilled teacher"
+
+    def export(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+        return [self.export_teacher(directory, dtype)]
+
     def export_teacher(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         from safetensors.torch import save_file
 
@@ -374,18 +342,3 @@ class GuidanceDistillationModule(pl.LightningModule):
                   metadata={"time_cond_proj_dim": str(self.settings.embed_dim), "iteration": str(self.iteration),
                             "variant": self.settings.variant})
         return path
-
-
-class ExportTeacher(pl.Callback):
-    """Write the distilled teacher every ``every_n_iterations`` (``<dir>/iteration_N``) and at the end (``<dir>``)."""
-
-    def __init__(self, directory: str | Path, every_n_iterations: int = 0, dtype: torch.dtype = torch.float32):
-        self.directory, self.every, self.dtype = Path(directory), every_n_iterations, dtype
-
-    def on_train_batch_end(self, trainer, module: GuidanceDistillationModule, outputs, batch, batch_idx) -> None:
-        if self.every and module.iteration % self.every == 0 and trainer.is_global_zero:
-            module.export_teacher(self.directory / f"iteration_{module.iteration:06d}", self.dtype)
-
-    def on_train_end(self, trainer, module: GuidanceDistillationModule) -> None:
-        if trainer.is_global_zero:
-            log.info("exported the distilled teacher: %s", module.export_teacher(self.directory, self.dtype))

@@ -147,7 +147,65 @@ class OptimSettings:
     max_grad_norm: float = 1.0
 
 
-class ICDModule(pl.LightningModule):
+class FrozenPartsModule(pl.LightningModule):
+    """What iCD's and guidance distillation's trainers share: the frozen VAE and text encoders of ``components``
+    (never in train mode), caption and image encoding, the noise schedule, gradient clipping after the AMP scaler
+    unscaled the gradients, and the random states of a loaded checkpoint restored at the next batch."""
+
+    def __init__(self, components: Components, optim: OptimSettings):
+        super().__init__()
+        self.automatic_optimization = False
+        self.vae, self.text_encoder = components.vae, components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
+        self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
+        self.resolution = components.resolution
+        self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
+        self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
+        self._resumed_rng: dict[str, Any] | None = None  # random states of a loaded checkpoint, set at the next batch
+        self._batch_start: float | None = None
+
+    def frozen_modules(self) -> tuple[torch.nn.Module | None, ...]:
+        return self.vae, self.text_encoder, self.text_encoder_2
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in self.frozen_modules():  # frozen parts never run in train mode
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """Captions -> their conditioning (SD: text [B, 77, D]; SDXL: also pooled and size embeddings)."""
+        encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
+        return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> fp32 latents; the VAE runs outside autocast in its own dtype (fp32)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return vae_encode(self.vae, pixels.to(self.device), sample)
+
+    def make_optimizer(self, params) -> dict[str, Any]:
+        """AdamW over ``params`` with a linear warm-up, stepped per optimizer step."""
+        optimizer = torch.optim.AdamW(params, **self.optim)
+        warmup = max(self.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.max_grad_norm > 0:  # called after the AMP scaler unscaled the gradients
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_rng is not None:  # here, after the loader started: the draws go on as in an unstopped run
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+        self._batch_start = time.perf_counter()
+
+
+class ICDModule(FrozenPartsModule):
     def __init__(
         self,
         components: Components,
@@ -161,23 +219,16 @@ class ICDModule(pl.LightningModule):
         validation_every: int = 0,
         validation_seed: int = 0,
     ):
-        super().__init__()
         if optim.topology not in ("sequential", "joint"):
             raise ValueError(f"unknown optim.topology={optim.topology!r}; expected sequential or joint")
-        self.automatic_optimization = False
+        super().__init__(components, optim)
         self.strict_loading = False  # checkpoints hold the adapters only
-        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
-        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
-        self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
-        self.resolution = components.resolution
-        self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
+        self.unet = components.unet
         self.schedule, self.policy = schedule, policy
         self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance
         self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": loss.lambda_f,
                              "reverse_preservation": loss.lambda_r}
         self.huber_c, self.topology, self.ema_decay = loss.huber_c, optim.topology, loss.ema_decay
-        self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
-        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
         self.validation_every, self.validation_seed = validation_every, validation_seed
 
         # Students: two adapters on the teacher's UNet, trainable params in fp32 whatever the frozen dtype.
@@ -198,17 +249,8 @@ class ICDModule(pl.LightningModule):
             self.unet.enable_gradient_checkpointing()
         self._guided: GuidedUNet | None = None
         self.iteration, self.skipped, self.batches_seen = 0, 0, 0
-        self._resumed_rng: dict[str, Any] | None = None  # random states of a loaded checkpoint, set at the next batch
         self.current_loss: str | None = None
         self.validation_history: list[dict[str, float]] = []
-        self._batch_start: float | None = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):  # frozen parts never run in train mode
-            if frozen is not None:
-                frozen.eval()
-        return self
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
@@ -229,18 +271,6 @@ class ICDModule(pl.LightningModule):
 
     def target_fn(self, adapter: str):
         return self.eps_fn(adapter + EMA_SUFFIX if self.ema_decay > 0 else adapter)
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Conditioning:
-        """Captions -> their conditioning (SD: text [B, 77, D]; SDXL: also pooled and size embeddings)."""
-        encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
-        return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> fp32 latents; the VAE runs outside autocast in its own dtype (fp32)."""
-        with torch.autocast(self.device.type, enabled=False):
-            return vae_encode(self.vae, pixels.to(self.device), sample)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -327,37 +357,21 @@ class ICDModule(pl.LightningModule):
             for ema, p in zip(lora_parameters(self.unet, name + EMA_SUFFIX), lora_parameters(self.unet, name)):
                 ema.lerp_(p, 1 - self.ema_decay)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.max_grad_norm > 0:  # called after the AMP scaler unscaled the gradients
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-
     @property
     def steps_per_iteration(self) -> int:
         """Optimizer steps (Lightning global steps) per batch."""
         return len(LOSSES) if self.topology == "sequential" else 1
 
     def configure_optimizers(self):
-        def make(params):
-            optimizer = torch.optim.AdamW(params, **self.optim)
-            warmup = max(self.warmup_steps, 1)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
         reverse, forward = lora_parameters(self.unet, REVERSE), lora_parameters(self.unet, FORWARD)
         if self.topology == "joint":
-            return make([{"params": reverse}, {"params": forward}])
-        return [make(reverse), make(forward)]
+            return self.make_optimizer([{"params": reverse}, {"params": forward}])
+        return [self.make_optimizer(reverse), self.make_optimizer(forward)]
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         if self.validation_every and self.iteration == 0:
             self.validate()  # the baseline: both students still equal the teacher
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._resumed_rng is not None:  # here, after the loader started: the draws go on as in an unstopped run
-            set_rng_states(self._resumed_rng)
-            self._resumed_rng = None
-        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None and batch["captions"]:
@@ -432,6 +446,11 @@ class ICDModule(pl.LightningModule):
         return metrics
 
     # -- export ---------------------------------------------------------------------------------------------------
+    exported = "the iCD adapters"
+
+    def export(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+        return list(self.export_adapters(directory, dtype).values())
+
     def export_adapters(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
         """``forward.safetensors`` / ``reverse.safetensors`` (diffusers style, in ``dtype``) + ``schedule.json``."""
         directory = Path(directory)
@@ -466,18 +485,18 @@ class IterationProgressBar(TQDMProgressBar):
         bar.refresh()
 
 
-class ExportAdapters(pl.Callback):
-    """Write the adapters every ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``), in
-    ``dtype``."""
+class PeriodicExport(pl.Callback):
+    """Write what the module trains (its ``export(directory, dtype)``: iCD's adapters, a distilled teacher) every
+    ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``), in ``dtype``."""
 
     def __init__(self, directory: str | Path, every_n_iterations: int = 0, dtype: torch.dtype = torch.float32):
         self.directory, self.every, self.dtype = Path(directory), every_n_iterations, dtype
 
-    def on_train_batch_end(self, trainer, module: ICDModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every and module.iteration % self.every == 0 and trainer.is_global_zero:
-            module.export_adapters(self.directory / f"iteration_{module.iteration:06d}", self.dtype)
+            module.export(self.directory / f"iteration_{module.iteration:06d}", self.dtype)
 
-    def on_train_end(self, trainer, module: ICDModule) -> None:
+    def on_train_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
-            paths = module.export_adapters(self.directory, self.dtype)
-            log.info("exported the iCD adapters: %s", ", ".join(str(p) for p in paths.values()))
+            paths = module.export(self.directory, self.dtype)
+            log.info("exported %s: %s", module.exported, ", ".join(str(p) for p in paths))
