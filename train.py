@@ -172,7 +172,15 @@ def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: st
     values = OmegaConf.to_container(t.guidance, resolve=True)
     mixture = WMixture(**values.pop("mixture", {}))
     distill = settings(DistillSettings, OmegaConf.create(values), "train.guidance")
+    if "lcm" in str(cfg.model.get("lora") or "").lower():
+        raise SystemExit(f"error: model={cfg.model.name} fuses the LCM-LoRA {cfg.model.lora} into the base: guidance "
+                         "distillation starts from the plain checkpoint; give model.lora=null "
+                         "(train/experiment=sdxl_guidance does)")
     components = load_components(cfg.model, cfg.precision, {"mode": "none"}, "cpu")
+    if components.unet.config.get("time_cond_proj_dim"):
+        raise SystemExit(f"error: the UNet of model={cfg.model.name} already takes a w-embedding (time_cond_proj_dim="
+                         f"{components.unet.config.time_cond_proj_dim}: an LCM or CFG-distilled UNet); guidance "
+                         "distillation starts from a plain one (e.g. model.unet_path=null for ssd1b)")
     log.info("guidance distillation of %s: %s student, w-embedding %d, w ~ %s", cfg.model.name, distill.variant,
              distill.embed_dim, mixture)
     module = GuidanceDistillationModule(

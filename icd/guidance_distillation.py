@@ -24,6 +24,7 @@ the relative error ||eps_student(w) - eps_cfg(w)|| / ||eps_cfg(w)|| per w beside
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -113,6 +114,40 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
 def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> float:
     """||prediction - target|| / ||target|| over the whole batch."""
     return ((prediction - target).norm() / target.norm().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def guidance_errors(target: GuidedUNet, single_pass: GuidedUNet, x0: torch.Tensor, text: Conditioning,
+                    alphas_cumprod: torch.Tensor, scales: Sequence[float], timesteps: Sequence[int] = (259, 519, 779),
+                    seed: int = 0) -> dict[float, tuple[float, float]]:
+    """{w: (relative error of ``single_pass`` at w, that of ``target`` at w = 0, i.e. the undistilled model with w
+    ignored)} against ``target`` (two-pass CFG) at w, on ``x0`` [B, 4, h, w] noised to each of ``timesteps`` with
+    fixed noise; each error is the mean over the timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in timesteps]
+    out = {}
+    for w in scales:
+        ws = torch.full((x0.shape[0],), float(w), device=x0.device)
+        errors, ignored = [], []
+        for t, noise in zip(timesteps, noises):
+            x_t = add_noise(x0, noise, t, alphas_cumprod)
+            reference = target(x_t, t, text.text, ws, text.added)
+            errors.append(relative_error(single_pass(x_t, t, text.text, ws, text.added), reference))
+            ignored.append(relative_error(target(x_t, t, text.text, torch.zeros_like(ws), text.added), reference))
+        out[float(w)] = (float(np.mean(errors)), float(np.mean(ignored)))
+    return out
+
+
+@torch.no_grad()
+def sample_latents(model: GuidedUNet, text: Conditioning, w: float, shape: Sequence[int],
+                   alphas_cumprod: torch.Tensor, num_steps: int = 10, seed: int = 0) -> torch.Tensor:
+    """DDIM (eta = 0) samples [B, C, h, w] of ``model`` at guidance ``w`` from seeded noise of ``shape``."""
+    device = alphas_cumprod.device
+    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    ws = torch.full((shape[0],), float(w), device=device)
+    return ddim_loop(x, ddim_pairs(num_steps, len(alphas_cumprod)),
+                     lambda i, x, t: model(x, t, text.text, ws, text.added),
+                     lambda t: alphas_cumprod[t] if t >= 0 else alphas_cumprod[0])[-1]
 
 
 class GuidanceDistillationModule(FrozenPartsModule):
@@ -243,43 +278,37 @@ class GuidanceDistillationModule(FrozenPartsModule):
         self.ema.update({k: v.to(self.device) for k, v in saved.get("ema", {}).items()})
 
     # -- validation: the single-pass error per w, and samples ----------------------------------------------------
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def exported_weights(self):
+        """The student holds the EMA weights (what the export writes) inside the block, its own ones after."""
+        if not self.ema:
+            yield
+            return
+        trainable = self.trainable()
+        own = {n: p.detach().clone() for n, p in trainable.items()}
+        try:
+            for name, p in trainable.items():
+                p.data.copy_(self.ema[name])
+            yield
+        finally:
+            for name, p in trainable.items():
+                p.data.copy_(own[name])
+
     def errors(self, x0: torch.Tensor, text: Conditioning, scales: Sequence[float] | None = None,
-               timesteps: Sequence[int] = (259, 519, 779), seed: int = 0) -> dict[float, tuple[float, float]]:
-        """{w: (student's relative error, the undistilled model's (w ignored))} against two-pass CFG, on ``x0`` at
-        fixed noise and ``timesteps`` (all rows at each)."""
-        teacher, student = self.guided
-        generator = torch.Generator().manual_seed(seed)
-        out = {}
-        noises = [torch.randn(x0.shape, generator=generator).to(self.device) for _ in timesteps]
-        for w in scales if scales is not None else self.mixture.eval_scales:
-            errs, ignored = [], []
-            for t, noise in zip(timesteps, noises):
-                x_t = add_noise(x0, noise, t, self.alphas_cumprod)
-                ws = torch.full((x0.shape[0],), float(w), device=self.device)
-                target = teacher(x_t, t, text.text, ws, text.added)
-                errs.append(relative_error(student(x_t, t, text.text, ws, text.added), target))
-                ignored.append(relative_error(teacher(x_t, t, text.text, torch.zeros_like(ws), text.added), target))
-            out[float(w)] = (float(np.mean(errs)), float(np.mean(ignored)))
-        return out
+               seed: int = 0) -> dict[float, tuple[float, float]]:
+        """`guidance_errors` of the student against the frozen base's two-pass CFG, at the mixture's scales."""
+        return guidance_errors(*self.guided, x0, text, self.alphas_cumprod,
+                               scales if scales is not None else self.mixture.eval_scales, seed=seed)
 
     @torch.no_grad()
     def samples(self, text: Conditioning, scales: Sequence[float], num_steps: int = 10, seed: int = 0):
         """[rows: single-pass at each w, then two-pass at each w] of decoded images in [0, 1], one per caption."""
         teacher, student = self.guided
-        rows = text.text.shape[0]
-        channels, size = self.student.config.in_channels, self.latent_size
-        pairs = ddim_pairs(num_steps, len(self.alphas_cumprod))
-        grid = []
-        for model in (student, teacher):
-            for w in scales:
-                x = torch.randn((rows, channels, size, size), generator=torch.Generator().manual_seed(seed))
-                ws = torch.full((rows,), float(w), device=self.device)
-                latents = ddim_loop(x.to(self.device), pairs, lambda i, x, t: model(x, t, text.text, ws, text.added),
-                                    lambda t: self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0])[-1]
-                with torch.autocast(self.device.type, enabled=False):
-                    grid.append(to_unit_range(vae_decode(self.vae, latents)))
-        return grid
+        shape = (text.text.shape[0], self.student.config.in_channels, self.latent_size, self.latent_size)
+        with torch.autocast(self.device.type, enabled=False):
+            return [to_unit_range(vae_decode(self.vae, sample_latents(model, text, w, shape, self.alphas_cumprod,
+                                                                      num_steps, seed)))
+                    for model in (student, teacher) for w in scales]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -287,7 +316,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
         batch = getattr(datamodule, "validation", None)
         if not batch or not batch["captions"] or not self.trainer.is_global_zero:
             return {}
-        with self.trainer.precision_plugin.forward_context():
+        with self.trainer.precision_plugin.forward_context(), self.exported_weights():
             text = self.encode_text(batch["captions"])
             x0 = self.encode_images(batch["pixels"].to(self.device), sample=False)
             errors = self.errors(x0, text, seed=self.validation_seed)

@@ -126,6 +126,39 @@ def test_the_chain_composes():
         assert chained.train.method == "icd" and chained.train.teacher.guidance == "embedded"
         assert chained.train.teacher.checkpoint.endswith("cfg_distill.safetensors")
 
+        sd15 = compose("train", ["train/experiment=sd15_guidance"])
+        assert (sd15.train.method, sd15.model.name, sd15.train.data.kind) == ("guidance", "sd15", "coco")
+        assert sd15.train.guidance.mixture.discrete == [7, 11, 15, 19] and sd15.train.guidance.ema_decay == 0.9999
+        sd15_icd = compose("train", ["train/experiment=sd15_reference", "train/teacher=distilled",
+                                     "train.teacher.checkpoint=/runs/sd15_teacher/teacher/cfg_distill.safetensors"])
+        assert sd15_icd.train.method == "icd" and sd15_icd.train.teacher.guidance == "embedded"
+
+        sdxl = compose("train", ["train/experiment=sdxl_guidance"])
+        assert sdxl.model.family == "sdxl" and sdxl.model.lora is None  # the plain base, not the LCM-LoRA one
+        assert sdxl.train.guidance.mixture.discrete == [3, 5, 7, 9, 11, 13, 15, 17, 19]
+        assert set(sdxl.train.guidance.mixture.discrete) < set(compose("train", ["train/icd=sdxl_4step"])
+                                                               .train.icd.guidance.train_scales)
+
+
+def test_a_consistency_model_is_refused_as_the_base(call_main, tmp_path):
+    done = call_main("train", "model=tiny", "train.method=guidance", "+model.lora=latent-consistency/lcm-lora-sdv1-5",
+                     "train/logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0 and "model.lora=null" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_validation_and_the_export_see_the_ema_weights(tmp_path):
+    m = module(ema_decay=0.5)
+    own = {n: p.detach().clone() for n, p in m.trainable().items()}
+    for name in m.ema:
+        m.ema[name] += 0.01
+    with m.exported_weights():
+        inside = {n: p.detach().clone() for n, p in m.trainable().items()}
+    assert all(torch.equal(inside[n], m.ema[n]) for n in own)
+    assert all(torch.equal(p, own[n]) for n, p in m.trainable().items())  # restored after the block
+    exported = m.teacher_state_dict()
+    name = "time_embedding.cond_proj.weight"
+    assert torch.equal(exported[name], m.ema[name])
+
 
 def test_train_py_distils_and_exports_the_teacher(call_main, tmp_path):
     out = tmp_path / "run"
