@@ -6,7 +6,10 @@ two-pass classifier-free guidance at any strength w. Per batch (clean latents x0
 1. Draw a noise, a timestep t per sample (uniform over 0..999, or the 50-step DDIM grid 19, 39, ..., 999 the iCD
    solvers query) and a w per sample from `WMixture` (code units: eps_c + w (eps_c - eps_u), w = 0 is the
    conditional prediction; a share at exactly 0, a share on iCD's discrete training scales, the rest uniform).
-2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. Or (``inputs: trajectories``, AGD's idea: train on the states
+   the guided sampler visits, not on noised data) x_t is a state of the base's own CFG sampling trajectory for the
+   caption at its w, at a random step of ``trajectory_steps`` DDIM steps (`trajectory_points`); the images are
+   then unused.
 3. Target (no gradient): the frozen base UNet's two-pass CFG, eps_c + w (eps_c - eps_u), with the empty prompt as
    the null prompt (`icd.teacher.GuidedUNet` in ``cfg`` mode: one call of batch 2B, or B when every w is 0).
 4. Student: the base UNet with a w-embedding (diffusers' ``time_cond_proj_dim``, the sinusoidal embedding of 1000 w
@@ -17,9 +20,10 @@ two-pass classifier-free guidance at any strength w. Per batch (clean latents x0
 
 Export: the student's full state dict (LoRA merged in) as ``cfg_distill.safetensors``, the layout of
 ``sd15_cfg_distill.pt``: ``train.teacher.checkpoint`` and ``editor.teacher_checkpoint`` load it like the released
-files (`icd.teacher.load_cfg_distilled`). Validation reports, on a held-out batch with fixed noise and timesteps,
-the relative error ||eps_student(w) - eps_cfg(w)|| / ||eps_cfg(w)|| per w beside that of the undistilled model
-(w ignored: eps_c), and writes samples at several w, single-pass beside two-pass.
+files (`icd.teacher.load_cfg_distilled`). Validation (with the EMA weights when there are) reports, on a held-out
+batch with fixed noise and timesteps, the relative error ||eps_student(w) - eps_cfg(w)|| / ||eps_cfg(w)|| per w
+beside that of the undistilled model (w ignored: eps_c), and writes samples at several w, single-pass beside
+two-pass.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion.ddim import add_noise
+from diffusion.ddim import add_noise, ddim_jump
 from diffusion.sampling import ddim_loop, ddim_pairs
 from icd.lora import lora_config
 from icd.teacher import GuidedUNet, add_guidance_embedding
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 CFG_ADAPTER = "cfg"
 VARIANTS = ("full", "lora")
 TIMESTEPS = ("uniform", "ddim_grid")
+INPUTS = ("noised", "trajectories")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class DistillSettings:
     variant: str = "full"        # full | lora
     embed_dim: int = 512         # time_cond_proj_dim, as the released teachers
     timesteps: str = "uniform"   # uniform over 0..999 | ddim_grid (19, 39, ..., 999)
+    inputs: str = "noised"       # noised: x_t from the data's latents | trajectories: from the base's CFG samples
+    trajectory_steps: int = 10   # inputs=trajectories: DDIM steps of the sampled trajectories
     snr_gamma: float = 0.0       # > 0: min-SNR-gamma weights; 0: plain MSE
     ema_decay: float = 0.0       # > 0: the export is an EMA of the student's trainable weights
     lora_rank: int = 64          # variant lora
@@ -154,9 +161,11 @@ class GuidanceDistillationModule(FrozenPartsModule):
     def __init__(self, components: Components, settings: DistillSettings = DistillSettings(),
                  optim: OptimSettings = OptimSettings(), gradient_checkpointing: bool = False,
                  validation_every: int = 0, validation_seed: int = 0):
-        if settings.variant not in VARIANTS or settings.timesteps not in TIMESTEPS:
-            raise ValueError(f"train.guidance.variant={settings.variant!r} / timesteps={settings.timesteps!r}: "
-                             f"expected one of {VARIANTS} / {TIMESTEPS}")
+        if settings.variant not in VARIANTS or settings.timesteps not in TIMESTEPS or settings.inputs not in INPUTS:
+            raise ValueError(f"train.guidance.variant={settings.variant!r} / timesteps={settings.timesteps!r} / "
+                             f"inputs={settings.inputs!r}: expected one of {VARIANTS} / {TIMESTEPS} / {INPUTS}")
+        if settings.trajectory_steps < 1:
+            raise ValueError(f"train.guidance.trajectory_steps={settings.trajectory_steps} must be >= 1")
         super().__init__(components, optim)
         self.settings, self.mixture = settings, settings.mixture
         self.latent_size = components.latent_size
@@ -211,25 +220,53 @@ class GuidanceDistillationModule(FrozenPartsModule):
 
     def losses(self, x0: torch.Tensor, text: Conditioning, noise: torch.Tensor, t: torch.Tensor,
                w: torch.Tensor) -> torch.Tensor:
-        """Per-sample weighted MSE between the student and the two-pass target [B]."""
-        teacher, student = self.guided
+        """Per-sample weighted MSE between the student and the two-pass target on ``x0`` noised to t [B]."""
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
         with torch.no_grad():
-            target = teacher(x_t, t, text.text, w, text.added)
-        prediction = student(x_t, t, text.text, w, text.added)
+            target = self.guided[0](x_t, t, text.text, w, text.added)
+        return self.student_losses(x_t, t, text, w, target)
+
+    def student_losses(self, x_t: torch.Tensor, t: torch.Tensor, text: Conditioning, w: torch.Tensor,
+                       target: torch.Tensor) -> torch.Tensor:
+        prediction = self.guided[1](x_t, t, text.text, w, text.added)
         per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)
         return per_sample * min_snr_weight(self.alphas_cumprod[t], self.settings.snr_gamma)
+
+    @torch.no_grad()
+    def trajectory_points(self, text: Conditioning, w: torch.Tensor, shape: Sequence[int],
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """AGD-style inputs: (x_t [B, C, h, w], t [B], two-pass target [B, C, h, w]) at one random step per sample
+        of the frozen base's own CFG sampling trajectory (``trajectory_steps`` DDIM steps from noise, each sample
+        at its w). The sampler computes the target at each state anyway, so it costs no extra call; the batch
+        runs only as far as its deepest drawn step."""
+        teacher = self.guided[0]
+        pairs = ddim_pairs(self.settings.trajectory_steps, len(self.alphas_cumprod))
+        step = torch.randint(0, len(pairs), (shape[0],), generator=generator).to(self.device)
+        x = torch.randn(tuple(shape), generator=generator).to(self.device)
+        x_t, target = torch.empty_like(x), torch.empty_like(x)
+        t = torch.empty(shape[0], dtype=torch.long, device=self.device)
+        abar = self.alphas_cumprod
+        for i, (t_i, s_i) in enumerate(pairs[: int(step.max()) + 1]):
+            eps = teacher(x, t_i, text.text, w, text.added)
+            here = step == i
+            x_t[here], target[here], t[here] = x[here], eps[here], t_i
+            x = ddim_jump(x, eps, abar[t_i], abar[s_i] if s_i >= 0 else abar[0])
+        return x_t, t, target
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self.batches_seen += 1
         self.skipped += int(batch["skipped"])
         if not batch["captions"]:
             return None
-        x0 = batch["latents"].float() if "latents" in batch else self.encode_images(batch["pixels"])
         text = self.encode_text(batch["captions"])
-        noise, t = torch.randn_like(x0), self.draw_timesteps(x0.shape[0])
-        w = self.mixture.sample(x0.shape[0]).to(self.device)
-        per_sample = self.losses(x0, text, noise, t, w)
+        w = self.mixture.sample(len(batch["captions"])).to(self.device)
+        if self.settings.inputs == "trajectories":  # the captions only: the states come from the base's samples
+            shape = (len(w), self.student.config.in_channels, self.latent_size, self.latent_size)
+            x_t, t, target = self.trajectory_points(text, w, shape)
+            per_sample = self.student_losses(x_t, t, text, w, target)
+        else:
+            x0 = batch["latents"].float() if "latents" in batch else self.encode_images(batch["pixels"])
+            per_sample = self.losses(x0, text, torch.randn_like(x0), self.draw_timesteps(x0.shape[0]), w)
         loss = per_sample.mean()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.manual_backward(loss)

@@ -184,3 +184,25 @@ def test_an_sdxl_family_base_distils_with_its_pooled_and_size_conditioning():
     assert losses[0] < 1e-10 and losses[1] > 1e-6  # w = 0: the conditional prediction (up to batched rounding)
     losses.mean().backward()
     assert m.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0  # w reaches the student
+
+
+def test_trajectory_inputs_are_the_base_samplers_states_with_its_own_guided_prediction_as_target():
+    m = module(inputs="trajectories", trajectory_steps=5)
+    text = m.encode_text(CAPTIONS)
+    w = torch.tensor([0.0, 4.0])
+    x_t, t, target = m.trajectory_points(text, w, (2, 4, 8, 8), torch.Generator().manual_seed(3))
+    assert set(t.tolist()) <= {800, 600, 400, 200, 0}  # on the 5-step DDIM grid the editors sample
+    teacher, _ = m.guided
+    torch.testing.assert_close(target, teacher(x_t, t, text.text, w), rtol=1e-5, atol=1e-6)
+    losses = m.student_losses(x_t, t, text, w, target)
+    assert losses[0] < 1e-10 and losses[1] > 1e-6  # the zero-initialised student is the w = 0 sampler
+
+
+def test_train_py_distils_on_trajectories(call_main, tmp_path):
+    out = tmp_path / "run"
+    done = call_main("train", "model=tiny", "train.method=guidance", "train.guidance.inputs=trajectories",
+                     "train.guidance.trajectory_steps=3", "train.trainer.iterations=2",
+                     "train.trainer.validation_every=0", "train.data.n_images=12", "train.data.batch_size=2",
+                     "train/logger=none", f"hydra.run.dir={out}")
+    assert done.returncode == 0, done.stderr
+    assert (out / "teacher" / "cfg_distill.safetensors").is_file()
