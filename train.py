@@ -42,6 +42,7 @@ from icd.data import ICDDataModule
 from icd.guidance import GuidancePolicy
 from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
 from icd.schedule import BoundarySchedule
+from icd.teacher import warn_outside_w_range
 from icd.training import (
     ICDModule,
     IterationProgressBar,
@@ -155,6 +156,7 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     components = load_teacher(cfg.model, cfg.precision, t.teacher)
     policy = GuidancePolicy(scale=t.icd.guidance.eval_scale, tau=t.icd.guidance.eval_tau,
                             train_scales=tuple(float(w) for w in t.icd.guidance.train_scales))
+    warn_outside_w_range(components.unet, [*policy.train_scales, policy.scale], "train.icd.guidance")
     module = ICDModule(
         components, schedule, policy, guidance=t.teacher.guidance,
         lora=settings(LoraSettings, t.icd.lora, "train.icd.lora"),

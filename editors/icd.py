@@ -40,7 +40,7 @@ from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from icd.sampling import inversion_start, run_pairs
 from icd.schedule import BoundarySchedule
-from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled
+from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
 from models.conditioning import Conditioning
 from models.hub import resolve_local
 
@@ -112,6 +112,7 @@ class ICDEditor(Editor):
         forward_steps = forward_steps or trained.get("forward_steps") or REFERENCE_FORWARD_STEPS
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=code_guidance_scale, tau=tau)
+        warn_outside_w_range(c.unet, [code_guidance_scale], "editor.code_guidance_scale")
         self.method = method
         self.p2p = p2p
         log.info("iCD: %s, guidance %s (w=%g code units, tau=%g), reverse %s, forward %s", method, mode_,

@@ -406,5 +406,5 @@ class GuidanceDistillationModule(FrozenPartsModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(self.teacher_state_dict(dtype), str(path),
                   metadata={"time_cond_proj_dim": str(self.settings.embed_dim), "iteration": str(self.iteration),
-                            "variant": self.settings.variant})
+                            "variant": self.settings.variant, "w_range": f"{self.mixture.low},{self.mixture.high}"})
         return path

@@ -147,6 +147,29 @@ def read_unet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_cfg_distilled(unet: UNet2DConditionModel, checkpoint: str | Path, dim: int = 512) -> UNet2DConditionModel:
-    """The CFG-distilled teacher: ``unet``'s architecture plus the w-embedding, all weights from ``checkpoint``."""
+    """The CFG-distilled teacher: ``unet``'s architecture plus the w-embedding, all weights from ``checkpoint``;
+    ``trained_w_range`` on it is the (low, high) w our exports record (None for the released files)."""
     log.info("loading the CFG-distilled teacher from %s", checkpoint)
-    return add_guidance_embedding(unet, dim, read_unet_state_dict(checkpoint))
+    teacher = add_guidance_embedding(unet, dim, read_unet_state_dict(checkpoint))
+    teacher.trained_w_range = distilled_w_range(checkpoint)
+    return teacher
+
+
+def distilled_w_range(checkpoint: str | Path) -> tuple[float, float] | None:
+    """The w range (code units) a teacher exported by guidance distillation was trained on, from its metadata."""
+    if Path(checkpoint).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        value = (f.metadata() or {}).get("w_range")
+    return tuple(float(v) for v in value.split(",")) if value else None
+
+
+def warn_outside_w_range(unet: UNet2DConditionModel, scales, key: str) -> None:
+    """A warning when a w of ``scales`` (code units) lies above the range the teacher was distilled on."""
+    w_range = getattr(unet, "trained_w_range", None)
+    beyond = [float(w) for w in scales if w_range and float(w) > w_range[1] + 1e-6]
+    if beyond:
+        log.warning("%s asks the distilled teacher for w = %s, beyond the range it was trained on (%g..%g code "
+                    "units): its single pass extrapolates there", key, ", ".join(f"{w:g}" for w in beyond), *w_range)

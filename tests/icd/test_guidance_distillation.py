@@ -5,6 +5,7 @@ CFG-distilled teacher (one UNet call per guided step), a short run lowers the er
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from diffusion.ddim import add_noise
 from icd.guidance import guidance_embedding
 from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture, min_snr_weight
-from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled
+from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
 from icd.training import OptimSettings, load_teacher
 from models.loading import load_components
 
@@ -206,3 +207,15 @@ def test_train_py_distils_on_trajectories(call_main, tmp_path):
                      "train/logger=none", f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr
     assert (out / "teacher" / "cfg_distill.safetensors").is_file()
+
+
+def test_the_export_records_its_w_range_and_asking_beyond_it_warns(tmp_path, caplog):
+    m = module(mixture=WMixture(zero=0.5, discrete=(2.0,), p_discrete=0.5, low=0.0, high=2.0))
+    teacher = load_cfg_distilled(load_components(TINY, FP32, {"mode": "none"}, "cpu").unet,
+                                 m.export_teacher(tmp_path / "teacher"))
+    assert teacher.trained_w_range == (0.0, 2.0)
+    with caplog.at_level(logging.WARNING, logger="icd.teacher"):
+        warn_outside_w_range(teacher, [0.0, 2.0], "editor.code_guidance_scale")
+        assert not caplog.records
+        warn_outside_w_range(teacher, [19.0], "editor.code_guidance_scale")
+    assert "w = 19, beyond the range it was trained on (0..2" in caplog.text
