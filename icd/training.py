@@ -155,6 +155,7 @@ class FrozenPartsModule(pl.LightningModule):
     def __init__(self, components: Components, optim: OptimSettings):
         super().__init__()
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen parts
         self.vae, self.text_encoder = components.vae, components.text_encoder
         self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
         self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
@@ -222,7 +223,6 @@ class ICDModule(FrozenPartsModule):
         if optim.topology not in ("sequential", "joint"):
             raise ValueError(f"unknown optim.topology={optim.topology!r}; expected sequential or joint")
         super().__init__(components, optim)
-        self.strict_loading = False  # checkpoints hold the adapters only
         self.unet = components.unet
         self.schedule, self.policy = schedule, policy
         self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance

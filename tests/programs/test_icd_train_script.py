@@ -177,3 +177,52 @@ def test_training_settings_are_the_config_groups_as_they_are():
     assert optim == OptimSettings(lr=1e-3, betas=[0.8, 0.9])
     with pytest.raises(SystemExit, match="train.optim has no setting lr_max; it takes: betas, eps"):
         train.settings(OptimSettings, OmegaConf.create({"lr_max": 1.0}), "train.optim")
+
+
+GUIDANCE_RUN = ("model=tiny", "train.method=guidance", "train.guidance.ema_decay=0.5", *RESUME_RUN)
+
+
+def test_killed_and_resumed_guidance_distillation_ends_bit_identical(tmp_path, monkeypatch):
+    """The same for guidance distillation: the exported teacher (the EMA weights) and the checkpointed student equal
+    an unstopped run's."""
+    from safetensors.torch import load_file
+
+    from icd.guidance_distillation import GuidanceDistillationModule
+
+    data = f"train.data.root={tmp_path / 'toy'}"
+    train.train(config(*GUIDANCE_RUN, data), tmp_path / "whole", "test")
+    step = GuidanceDistillationModule.training_step
+
+    def dies_at_iteration_2(self, batch, batch_idx):
+        if self.iteration == 2:
+            raise Killed
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GuidanceDistillationModule, "training_step", dies_at_iteration_2)
+    with pytest.raises(Killed):
+        train.train(config(*GUIDANCE_RUN, data), tmp_path / "stopped", "test")
+    monkeypatch.setattr(GuidanceDistillationModule, "training_step", step)
+    train.train(config(*GUIDANCE_RUN, data), tmp_path / "stopped", "test")
+
+    whole, resumed = (load_file(tmp_path / r / "teacher" / "cfg_distill.safetensors") for r in ("whole", "stopped"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    last = [torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("whole", "stopped")]
+    assert last[0]["guidance"]["iteration"] == last[1]["guidance"]["iteration"] == 4
+    emas = [checkpoint["guidance"]["ema"] for checkpoint in last]
+    assert emas[0] and all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])
+
+
+def test_guidance_distillation_ddp_run_on_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=tiny", "train.method=guidance", "train.trainer.accelerator=cpu",
+         "train.trainer.devices=2", "train.trainer.strategy=ddp", "train.trainer.iterations=2",
+         "train.trainer.validation_every=2", "train.trainer.progress_bar=false", f"train.data.root={tmp_path / 'toy'}",
+         "train.data.n_images=8", "train.data.batch_size=2", "train.data.validation_size=2", f"hydra.run.dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, output[-3000:]
+    assert (run / "teacher" / "cfg_distill.safetensors").is_file()
+    assert len(list(run.rglob("validation/iteration_*.png"))) == 2  # before training and at iteration 2, rank 0
