@@ -71,13 +71,19 @@ def ddim_round_trip(c: Components, model: GuidedUNet, z0: torch.Tensor, text, st
     return ddim_loop(noised[-1], pairs, eps, c.abar)[-1]
 
 
-def icd_round_trip(images: list[np.ndarray], captions: list[str], adapters: Path, teacher: Path | None) -> float:
-    """Mean PSNR of iCD's 4-step forward then 4-step unguided reverse pass (fresh components: the adapters attach in
-    place)."""
+def icd_round_trip(images: list[np.ndarray], captions: list[str], adapters: Path | None,
+                   teacher: Path | None = None) -> float:
+    """Mean PSNR of iCD's 4-step forward then 4-step unguided reverse pass with the adapters in folder ``adapters``
+    (None: untrained ones, i.e. the teacher at 4 steps) on ``teacher`` (None: the plain toy teacher); fresh
+    components, since the adapters attach in place."""
     c = toy_components()
-    options = {"name": "icd", "code_guidance_scale": 0.0, "forward_lora": str(adapters / "forward.safetensors"),
-               "reverse_lora": str(adapters / "reverse.safetensors")}
-    editor = build_editor(options | ({"teacher_checkpoint": str(teacher)} if teacher else {}), c)
+    options = {"name": "icd", "code_guidance_scale": 0.0}
+    if adapters is not None:
+        options |= {"forward_lora": str(adapters / "forward.safetensors"),
+                    "reverse_lora": str(adapters / "reverse.safetensors")}
+    if teacher is not None:
+        options["teacher_checkpoint"] = str(teacher)
+    editor = build_editor(options, c)
     scores = []
     for k, (image, caption) in enumerate(zip(images, captions)):
         z0 = c.encode_image(Image.fromarray(image))

@@ -23,6 +23,7 @@ from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
 from evaluation.toyset import write_piebench
 from experiments import toy_build
 from experiments.harness import load_editor
+from experiments.toy_guidance_chain import icd_round_trip
 from models.loading import load_components
 from toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
 
@@ -204,23 +205,6 @@ def test_build_script_quick_mode(tmp_path):
     assert components.unet.config.in_channels == 8
 
 
-def _icd_round_trip_psnr(adapters: bool, images: list[np.ndarray], captions: list[str]) -> float:
-    """Mean PSNR of iCD's 4-step forward (inversion) then 4-step reverse (unguided) round trip on fresh components
-    (adapters attach to the UNet in place)."""
-    c = load_components(TOY, FP32, NO_OFFLOAD, "cpu")
-    lora = {"forward_lora": str(WEIGHTS / "icd" / "forward.safetensors"),
-            "reverse_lora": str(WEIGHTS / "icd" / "reverse.safetensors")} if adapters else {}
-    editor = build_editor({"name": "icd", "code_guidance_scale": 0.0, **lora}, c)
-    scores = []
-    for k, (image, caption) in enumerate(zip(images, captions)):
-        z0 = c.encode_image(Image.fromarray(image))
-        cond = editor.components.conditioning([caption])
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(k))
-        latents = editor.generate_latents(editor.invert(z0, cond, noise), cond)
-        scores.append(toy_build.psnr(np.asarray(c.decode_latents(latents)[0]), image))
-    return float(np.mean(scores))
-
-
 def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     """The shipped toy adapters (train.py train/experiment=toy, 120 iterations): a 4 + 4-step round trip within 3 dB
     of the teacher's 50 + 50-step DDIM round trip and better than the untrained adapters (== the teacher at 4 steps;
@@ -228,7 +212,8 @@ def test_icd_round_trip_beats_its_untrained_start_and_nears_the_teacher(toy):
     scenes = [random_scene(np.random.default_rng([11, k])) for k in range(4)]
     images, captions = [s.render(32) for s in scenes], [s.caption() for s in scenes]
     teacher = [_ddim_round_trip_psnr(toy, image, caption) for image, caption in zip(images, captions)]
-    trained, untrained = _icd_round_trip_psnr(True, images, captions), _icd_round_trip_psnr(False, images, captions)
+    trained = icd_round_trip(images, captions, WEIGHTS / "icd")
+    untrained = icd_round_trip(images, captions, None)
     assert trained > untrained and trained > np.mean(teacher) - 3.0, (trained, untrained, np.mean(teacher))
 
 

@@ -95,28 +95,34 @@ class Killed(Exception):
     """Stands for a kill: the run stops in the middle of an iteration, after its last checkpoint."""
 
 
-def test_killed_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch):
-    """A run stopped in its third iteration and re-run into the same directory (no resume= given) continues from
-    last.ckpt with the same data order and random draws: every exported tensor equals an unstopped run's."""
-    from icd.training import ICDModule
-
+def whole_and_killed_then_resumed(module_class, overrides: tuple[str, ...], tmp_path, monkeypatch,
+                                  export: str) -> None:
+    """An unstopped run into tmp_path/whole, and one killed in its third iteration (after the checkpoint of the
+    second; its final ``export`` not yet written) then re-run into tmp_path/stopped with nothing said about
+    resuming."""
     data = f"train.data.root={tmp_path / 'toy'}"
-    train.train(config(*RESUME_RUN, data), tmp_path / "whole", "test")
-
-    step = ICDModule.training_step
+    train.train(config(*overrides, data), tmp_path / "whole", "test")
+    step = module_class.training_step
 
     def dies_at_iteration_2(self, batch, batch_idx):
         if self.iteration == 2:
             raise Killed
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(ICDModule, "training_step", dies_at_iteration_2)
+    monkeypatch.setattr(module_class, "training_step", dies_at_iteration_2)
     with pytest.raises(Killed):
-        train.train(config(*RESUME_RUN, data), tmp_path / "stopped", "test")
-    assert not (tmp_path / "stopped" / "lora" / "forward.safetensors").exists()
-    monkeypatch.setattr(ICDModule, "training_step", step)
-    train.train(config(*RESUME_RUN, data), tmp_path / "stopped", "test")
+        train.train(config(*overrides, data), tmp_path / "stopped", "test")
+    assert not (tmp_path / "stopped" / export).exists()
+    monkeypatch.setattr(module_class, "training_step", step)
+    train.train(config(*overrides, data), tmp_path / "stopped", "test")
 
+
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch):
+    """A run stopped in its third iteration and re-run into the same directory (no resume= given) continues from
+    last.ckpt with the same data order and random draws: every exported tensor equals an unstopped run's."""
+    from icd.training import ICDModule
+
+    whole_and_killed_then_resumed(ICDModule, RESUME_RUN, tmp_path, monkeypatch, "lora/forward.safetensors")
     for name in ("forward", "reverse"):
         whole, _ = read_adapter_file(tmp_path / "whole" / "lora" / f"{name}.safetensors")
         resumed, _ = read_adapter_file(tmp_path / "stopped" / "lora" / f"{name}.safetensors")
@@ -189,21 +195,8 @@ def test_killed_and_resumed_guidance_distillation_ends_bit_identical(tmp_path, m
 
     from icd.guidance_distillation import GuidanceDistillationModule
 
-    data = f"train.data.root={tmp_path / 'toy'}"
-    train.train(config(*GUIDANCE_RUN, data), tmp_path / "whole", "test")
-    step = GuidanceDistillationModule.training_step
-
-    def dies_at_iteration_2(self, batch, batch_idx):
-        if self.iteration == 2:
-            raise Killed
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(GuidanceDistillationModule, "training_step", dies_at_iteration_2)
-    with pytest.raises(Killed):
-        train.train(config(*GUIDANCE_RUN, data), tmp_path / "stopped", "test")
-    monkeypatch.setattr(GuidanceDistillationModule, "training_step", step)
-    train.train(config(*GUIDANCE_RUN, data), tmp_path / "stopped", "test")
-
+    whole_and_killed_then_resumed(GuidanceDistillationModule, GUIDANCE_RUN, tmp_path, monkeypatch,
+                                  "teacher/cfg_distill.safetensors")
     whole, resumed = (load_file(tmp_path / r / "teacher" / "cfg_distill.safetensors") for r in ("whole", "stopped"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     last = [torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("whole", "stopped")]
