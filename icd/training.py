@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
+    decay: str = "constant"  # after the warm-up: constant | cosine (to 0 at the run's last optimizer step)
     max_grad_norm: float = 1.0
 
 
@@ -162,7 +164,9 @@ class FrozenPartsModule(pl.LightningModule):
         self.resolution = components.resolution
         self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
         self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
-        self.warmup_steps, self.max_grad_norm = optim.warmup_steps, optim.max_grad_norm
+        if optim.decay not in ("constant", "cosine"):
+            raise ValueError(f"train.optim.decay={optim.decay!r}: expected constant or cosine")
+        self.warmup_steps, self.decay, self.max_grad_norm = optim.warmup_steps, optim.decay, optim.max_grad_norm
         self._resumed_rng: dict[str, Any] | None = None  # random states of a loaded checkpoint, set at the next batch
         self._batch_start: float | None = None
 
@@ -189,10 +193,20 @@ class FrozenPartsModule(pl.LightningModule):
             return vae_encode(self.vae, pixels.to(self.device), sample)
 
     def make_optimizer(self, params) -> dict[str, Any]:
-        """AdamW over ``params`` with a linear warm-up, stepped per optimizer step."""
+        """AdamW over ``params`` with a linear warm-up, then constant or cosine decay, stepped per optimizer step."""
         optimizer = torch.optim.AdamW(params, **self.optim)
         warmup = max(self.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
+        if self.decay == "cosine" and total <= warmup:
+            raise ValueError(f"train.optim.decay=cosine needs more optimizer steps ({total}) than the warm-up "
+                             f"({warmup})")
+
+        def factor(step: int) -> float:
+            if step + 1 < warmup or self.decay == "constant":
+                return min(1.0, (step + 1) / warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step + 1 - warmup) / (total - warmup))))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -219,3 +219,15 @@ def test_the_export_records_its_w_range_and_asking_beyond_it_warns(tmp_path, cap
         assert not caplog.records
         warn_outside_w_range(teacher, [19.0], "editor.code_guidance_scale")
     assert "w = 19, beyond the range it was trained on (0..2" in caplog.text
+
+
+def test_the_learning_rate_warms_up_then_decays_on_a_cosine_to_zero():
+    m = GuidanceDistillationModule(load_components(TINY, FP32, {"mode": "none"}, "cpu"), DistillSettings(),
+                                   OptimSettings(lr=1e-3, warmup_steps=10, decay="cosine"))
+    m.trainer = type("Trainer", (), {"max_steps": 110})()
+    schedule = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [schedule.lr_lambdas[0](step) for step in (0, 8, 9, 59, 109)]
+    assert factors == pytest.approx([0.1, 0.9, 1.0, 0.5, 0.0], abs=1e-9)
+    with pytest.raises(ValueError, match="decay='linear': expected constant or cosine"):
+        GuidanceDistillationModule(load_components(TINY, FP32, {"mode": "none"}, "cpu"), DistillSettings(),
+                                   OptimSettings(decay="linear"))
