@@ -119,13 +119,16 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
                 for k, v in flatten(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
                                     else cfg[key], key).items()
                 if not k.startswith("train.logger") and k not in RESUMABLE}
-    if settings.get("train.method") == "icd":  # runs made before guidance distillation existed: iCD ones
-        settings = {k: v for k, v in settings.items() if not k.startswith(("train.guidance.", "train.method"))}
+    if settings["train.method"] == "icd":  # the guidance distillation settings do not touch an iCD run
+        settings = {k: v for k, v in settings.items() if not k.startswith("train.guidance.")}
     path = output_dir / "job.json"
     before = read_job(path).get("config")
-    if before is not None and before != settings:
-        changed = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(before.keys() | settings.keys())
-                   if before.get(k) != settings.get(k)]
+    if before is not None:
+        before.setdefault("train.method", "icd")  # runs made before guidance distillation existed: iCD ones
+    # a setting the run's code did not have yet (absent from its job.json) is no change
+    changed = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(before)
+               if before.get(k) != settings.get(k)] if before is not None else []
+    if changed:
         raise SystemExit(f"error: {output_dir} holds a run trained with other settings ({'; '.join(changed[:6])}): "
                          "choose another directory (hydra.run.dir=...), or name a checkpoint (resume=<file>.ckpt) "
                          "to start from it on purpose")

@@ -219,3 +219,18 @@ def test_guidance_distillation_ddp_run_on_two_cpu_processes(tmp_path):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, output[-3000:]
     assert (run / "teacher" / "cfg_distill.safetensors").is_file()
     assert len(list(run.rglob("validation/iteration_*.png"))) == 2  # before training and at iteration 2, rank 0
+
+
+def test_continuing_a_run_with_other_settings_stops_but_new_settings_of_the_code_pass(tmp_path):
+    run = tmp_path / "run"
+    train.check_same_run(config("train.optim.lr=1e-4"), run)
+    train.check_same_run(config("train.optim.lr=1e-4"), run)  # the same settings: continues
+    with pytest.raises(SystemExit, match=r"train.optim.lr: 0.0001 -> 0.001"):
+        train.check_same_run(config("train.optim.lr=1e-3"), run)
+    job = json.loads((run / "job.json").read_text())
+    for key in ("train.optim.decay", "train.method"):  # a run made before these settings existed
+        del job["config"][key]
+    (run / "job.json").write_text(json.dumps(job))
+    train.check_same_run(config("train.optim.lr=1e-4"), run)
+    with pytest.raises(SystemExit, match="train.method: 'icd' -> 'guidance'"):
+        train.check_same_run(config("train.optim.lr=1e-4", "train.method=guidance"), run)
