@@ -12,7 +12,8 @@ prints, on toy scenes that no training run saw (own seed stream):
    error of the plain teacher with w ignored (`icd.guidance_distillation.guidance_errors`);
 2. samples (50-step DDIM) at w = 2 code units (classic 3, the toy's best guidance) from the single pass and from the
    two passes, judged by the toy CLIP (`experiments.toy_build.ToyClip`: shape, colour and background right);
-3. round trips: the plain teacher's 50 + 50-step DDIM (unguided inversion and decoding), and iCD's 4 + 4 steps
+3. round trips: the plain and the distilled teacher's 50 + 50-step DDIM (unguided inversion and decoding; the
+   distilled one at w = 0), and iCD's 4 + 4 steps
    with the ``--adapters`` trained on the distilled teacher (and, for reference, the shipped ones on the plain one).
 """
 
@@ -122,8 +123,9 @@ def measure(teacher: Path, adapters: Path | None, n_images: int = 64, n_round_tr
     k = min(n_round_trip, n_images)
     sub = text[:k]
     report["round_trip_images"] = k
-    report["ddim50_round_trip_psnr"] = float(np.mean(
-        [psnr(a, b) for a, b in zip(decode(c, ddim_round_trip(c, plain, z0[:k], sub)), images[:k])]))
+    for name, model in (("", plain), ("_distilled", distilled)):  # the distilled teacher at w = 0
+        report[f"ddim50_round_trip_psnr{name}"] = float(np.mean(
+            [psnr(a, b) for a, b in zip(decode(c, ddim_round_trip(c, model, z0[:k], sub)), images[:k])]))
     report["icd_round_trip_psnr_shipped_adapters"] = icd_round_trip(images[:k], captions[:k], WEIGHTS / "icd", None)
     if adapters is not None:
         report["icd_round_trip_psnr"] = icd_round_trip(images[:k], captions[:k], adapters, teacher)
@@ -141,8 +143,9 @@ def print_report(report: dict) -> None:
         a = report[f"judged_w{BEST_W:g}_{name}"]
         print(f"samples at w = {BEST_W:g} (50 DDIM steps), {name:>9}: all correct {a['all_correct']:.3f} (shape "
               f"{a['shape']:.3f}, colour {a['colour']:.3f}, background {a['background']:.3f})")
-    print(f"round trip PSNR over {report['round_trip_images']} scenes: teacher DDIM 50 + 50 "
-          f"{report['ddim50_round_trip_psnr']:.2f} dB; iCD 4 + 4, shipped adapters on the plain teacher "
+    print(f"round trip PSNR over {report['round_trip_images']} scenes: DDIM 50 + 50 of the plain teacher "
+          f"{report['ddim50_round_trip_psnr']:.2f} dB, of the distilled one "
+          f"{report['ddim50_round_trip_psnr_distilled']:.2f} dB; iCD 4 + 4, shipped adapters on the plain teacher "
           f"{report['icd_round_trip_psnr_shipped_adapters']:.2f} dB"
           + (f", adapters on the distilled teacher {report['icd_round_trip_psnr']:.2f} dB"
              if "icd_round_trip_psnr" in report else ""))

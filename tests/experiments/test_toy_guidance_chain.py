@@ -32,6 +32,7 @@ def test_the_chain_report_of_an_undistilled_teacher(undistilled_teacher, tmp_pat
     for name in ("two_pass", "distilled"):
         assert 0 <= report[f"judged_w2_{name}"]["all_correct"] <= 1
     assert report["ddim50_round_trip_psnr"] > 28  # the plain teacher's 50 + 50 DDIM (32-34 dB on toy scenes)
+    assert report["ddim50_round_trip_psnr_distilled"] == pytest.approx(report["ddim50_round_trip_psnr"], abs=0.05)
     # the shipped adapters on the undistilled export are the shipped adapters on the plain teacher
     assert report["icd_round_trip_psnr"] == pytest.approx(report["icd_round_trip_psnr_shipped_adapters"], abs=0.05)
     assert "relative single-pass error" in capsys.readouterr().out
