@@ -181,7 +181,7 @@ def test_training_settings_are_the_config_groups_as_they_are():
 
     optim = train.settings(OptimSettings, OmegaConf.create({"lr": 1e-3, "betas": [0.8, 0.9]}), "train.optim")
     assert optim == OptimSettings(lr=1e-3, betas=[0.8, 0.9])
-    with pytest.raises(SystemExit, match="train.optim has no setting lr_max; it takes: betas, eps"):
+    with pytest.raises(SystemExit, match="train.optim has no setting lr_max; it takes: betas, decay, eps"):
         train.settings(OptimSettings, OmegaConf.create({"lr_max": 1.0}), "train.optim")
 
 
