@@ -2,7 +2,8 @@
 
     python train.py train/experiment=toy_guidance hydra.run.dir=outputs/toy_teacher
     python train.py train/experiment=toy train/teacher=distilled hydra.run.dir=outputs/toy_icd_distilled \\
-        train.teacher.checkpoint=outputs/toy_teacher/teacher/cfg_distill.safetensors
+        train.teacher.checkpoint=outputs/toy_teacher/teacher/cfg_distill.safetensors train.icd.lora.rank=8 \\
+        train.icd.lora.alpha=8
     python -m experiments.toy_guidance_chain --teacher outputs/toy_teacher/teacher/cfg_distill.safetensors \\
         --adapters outputs/toy_icd_distilled/lora
 
