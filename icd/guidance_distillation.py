@@ -342,10 +342,10 @@ class GuidanceDistillationModule(FrozenPartsModule):
         """[rows: single-pass at each w, then two-pass at each w] of decoded images in [0, 1], one per caption."""
         teacher, student = self.guided
         shape = (text.text.shape[0], self.student.config.in_channels, self.latent_size, self.latent_size)
-        with torch.autocast(self.device.type, enabled=False):
-            return [to_unit_range(vae_decode(self.vae, sample_latents(model, text, w, shape, self.alphas_cumprod,
-                                                                      num_steps, seed)))
-                    for model in (student, teacher) for w in scales]
+        latents = [sample_latents(model, text, w, shape, self.alphas_cumprod, num_steps, seed)
+                   for model in (student, teacher) for w in scales]  # under the run's autocast, like training
+        with torch.autocast(self.device.type, enabled=False):  # the VAE decodes in its own dtype
+            return [to_unit_range(vae_decode(self.vae, x)) for x in latents]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
