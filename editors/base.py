@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from models.components import Components
+from models.safe_load import safe_loading
 
 TASKS = ("edit", "inversion", "generation")
 
@@ -242,6 +243,7 @@ def editor_arguments(cfg: Mapping[str, Any]) -> tuple[type[Editor], dict[str, An
                  for k, v in params.items()}
 
 
+@safe_loading
 def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
     """The editor the ``editor`` config describes (`editor_arguments`), on ``components``; bad values raise before
     it is built."""

@@ -165,7 +165,7 @@ def word_token_alphas(prompts: list[str], words: list[str], tokenizer) -> torch.
         if len(inds) == 0:
             raise ValueError(
                 f"blend word {word!r} is not a whole word of the prompt {prompt!r}; "
-                "fix the blend words or disable local blending (editor.local_blend=false)"
+                "fix the blend words or disable local blending (editor.p2p.local_blend=false)"
             )
         alphas[p, inds] = 1
     return alphas

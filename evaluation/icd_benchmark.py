@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation.piebench import ItemSet, PieBenchItem, relative_image_path, strip_brackets
+from evaluation.piebench import ItemSet, PieBenchItem, file_inside, relative_image_path, strip_brackets
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class IcdCsvDataset(ItemSet):
         if not self._files[item.image_id]:
             raise FileNotFoundError(f"{self.csv}: item {item.image_id} has no file_name (a captions-only file serves "
                                     "the generation task)")
-        return self.root / self._files[item.image_id]
+        return file_inside(self.root, self._files[item.image_id], item.image_id)
 
     def load_mask(self, item: PieBenchItem, height: int | None = None, width: int | None = None) -> np.ndarray:
         height = height or 512

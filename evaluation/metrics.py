@@ -26,6 +26,7 @@ from torchvision.transforms import Resize
 
 from evaluation.piebench import strip_brackets
 from models.hub import hub_kwargs, is_local, resolve_local
+from models.safe_load import UnsafeWeightsError, safe_loading
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,21 @@ def clip_edit_part(clip: ClipScorer, image: np.ndarray, mask: np.ndarray, prompt
 # all metrics of one edit
 
 
+class BackboneScores:
+    """Calls a backbone-based metric; a NaN or inf score (a network that overflowed, say) becomes NaN and is recorded
+    in ``failures`` as ``{metric: why}``, so the row can say which metric failed rather than leave a silent gap."""
+
+    def __init__(self, failures: dict[str, str] | None) -> None:
+        self.failures = {} if failures is None else failures
+
+    def __call__(self, key: str, score: Callable[[], float]) -> float:
+        value = float(score())
+        if math.isfinite(value):
+            return value
+        self.failures[key] = f"its backbone gave {value}"
+        return math.nan
+
+
 class PieBenchMetrics:
     """The reference metric set; a backbone left as None makes its metrics NaN (listed in `unavailable`)."""
 
@@ -265,23 +281,26 @@ class PieBenchMetrics:
         return [key for key in METRIC_KEYS if key in backbones and backbones[key] is None]
 
     def compute(
-        self, source: np.ndarray, edited: np.ndarray, mask: np.ndarray, source_prompt: str, target_prompt: str
+        self, source: np.ndarray, edited: np.ndarray, mask: np.ndarray, source_prompt: str, target_prompt: str,
+        failures: dict[str, str] | None = None,
     ) -> dict[str, float]:
+        """The eight PIE-Bench metrics; a backbone's non-finite score is NaN and recorded in ``failures``."""
         nan, structure = math.nan, self.structure
+        checked = BackboneScores(failures)
         out = {
-            "structure_distance": nan if structure is None else structure_distance(structure, source, edited),
+            "structure_distance": nan if structure is None else checked(
+                "structure_distance", lambda: structure_distance(structure, source, edited)),
             "psnr_unedit_part": psnr_unedit_part(source, edited, mask, self.device),
-            "lpips_unedit_part": nan if self.lpips is None else lpips_unedit_part(self.lpips, source, edited, mask),
+            "lpips_unedit_part": nan if self.lpips is None else checked(
+                "lpips_unedit_part", lambda: lpips_unedit_part(self.lpips, source, edited, mask)),
             "mse_unedit_part": mse_unedit_part(source, edited, mask, self.device),
             "ssim_unedit_part": ssim_unedit_part(source, edited, mask, self.device),
         }
-        if self.clip is None:
+        if (clip := self.clip) is None:
             return out | dict.fromkeys(METRIC_KEYS[5:], nan)
-        return out | {
-            "clip_similarity_source_image": clip_score(self.clip, source, source_prompt),
-            "clip_similarity_target_image": clip_score(self.clip, edited, target_prompt),
-            "clip_similarity_target_image_edit_part": clip_edit_part(self.clip, edited, mask, target_prompt),
-        }
+        scores = (lambda: clip_score(clip, source, source_prompt), lambda: clip_score(clip, edited, target_prompt),
+                  lambda: clip_edit_part(clip, edited, mask, target_prompt))
+        return out | {key: checked(key, score) for key, score in zip(METRIC_KEYS[5:], scores)}
 
 
 def _weights(path: str) -> str:
@@ -310,6 +329,8 @@ def _try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on
               on_missing_name: str) -> Any:
     try:
         return loader()
+    except UnsafeWeightsError as err:  # never a missing backbone: a file was refused, whatever on_missing says
+        raise RuntimeError(f"cannot load the backbone of {metric} from {source}: {err}") from None
     except Exception as err:  # offline hub/torchvision downloads fail with many exception types
         message = f"cannot load the backbone of {metric} from {source}: {type(err).__name__}: {err}. To fix: {hint}"
         if on_missing == "error":
@@ -323,6 +344,7 @@ METRIC_SETTINGS = {"structure.path": "metrics.structure.path", "clip.path": "met
                    "on_missing": "metrics.on_missing"}
 
 
+@safe_loading
 def build_metrics(cfg: Mapping, device: str | torch.device = "cpu",
                   names: Mapping[str, str] | None = None):
     """The metric set of ``cfg["kind"]``: ``piebench`` (the default) or ``icd_paper`` (the iCD paper's suite,

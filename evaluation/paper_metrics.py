@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.metrics import CLIP_MEAN, CLIP_PATH, CLIP_STD, ClipScorer, _try_load, _weights
+from evaluation.metrics import CLIP_MEAN, CLIP_PATH, CLIP_STD, BackboneScores, ClipScorer, _try_load, _weights
 from evaluation.piebench import strip_brackets
 from models.hub import hub_kwargs
+from models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
@@ -257,27 +258,29 @@ class ICDPaperMetrics:
         mask: np.ndarray | None,
         source_prompt: str,
         target_prompt: str,
+        failures: dict[str, str] | None = None,
     ) -> dict[str, float]:
         """The six per-image metrics of uint8 HWC images; ``mask`` and ``source_prompt`` are not used (whole-image
-        metrics), ``source`` None (generation) makes the paired metrics NaN."""
-        nan = math.nan
-        out = dict.fromkeys(self.keys, nan)
+        metrics), ``source`` None (generation) makes the paired metrics NaN. A backbone's non-finite score is NaN
+        and recorded in ``failures``."""
+        out = dict.fromkeys(self.keys, math.nan)
+        checked = BackboneScores(failures)
         prompt = strip_brackets(target_prompt)
         edited_emb = None
         if self.clip is not None:
             edited_emb = self.clip.image_embeds(edited)
-            out["clip_t"] = _cosine(edited_emb, self.clip.text_embeds(prompt))
+            out["clip_t"] = checked("clip_t", lambda: _cosine(edited_emb, self.clip.text_embeds(prompt)))
         if self.image_reward is not None:
-            out["image_reward"] = float(self.image_reward.score(np.asarray(edited), prompt))
+            out["image_reward"] = checked("image_reward", lambda: self.image_reward.score(np.asarray(edited), prompt))
         if source is None:
             return out
         out["psnr_uint8"] = psnr_uint8(source, edited)  # also checks the shapes
         if edited_emb is not None:
-            out["clip_i"] = _cosine(self.clip.image_embeds(source), edited_emb)
+            out["clip_i"] = checked("clip_i", lambda: _cosine(self.clip.image_embeds(source), edited_emb))
         if self.dinov2 is not None:
-            out["dinov2"] = _cosine(self.dinov2.embed(source), self.dinov2.embed(edited))
+            out["dinov2"] = checked("dinov2", lambda: _cosine(self.dinov2.embed(source), self.dinov2.embed(edited)))
         if self.lpips is not None:
-            out["lpips_vgg"] = lpips_vgg(self.lpips, source, edited)
+            out["lpips_vgg"] = checked("lpips_vgg", lambda: lpips_vgg(self.lpips, source, edited))
         return out
 
     @torch.no_grad()
@@ -305,6 +308,7 @@ def _section(cfg: Mapping, key: str) -> Mapping:
     return cfg.get(key) or {}
 
 
+@safe_loading
 def build_icd_metrics(
     cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] = ICD_METRIC_SETTINGS
 ) -> ICDPaperMetrics:

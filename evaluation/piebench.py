@@ -9,12 +9,13 @@ boundary"), so a decoded mask is never empty and its complement never covers the
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 PIE_BENCH_SIZE = 512
 EDIT_TYPES = {  # PIE-Bench's editing_type_id -> the name of its folder
@@ -62,6 +63,19 @@ def strip_brackets(prompt: str) -> str:
     return prompt.replace("[", "").replace("]", "")
 
 
+def _control_characters(text: str) -> list[str]:
+    """Control characters other than white space (a NUL byte, an escape ...): no prompt or id has a use for them."""
+    return sorted({repr(c) for c in text if unicodedata.category(c) == "Cc" and not c.isspace()})
+
+
+def check_image_id(image_id: str) -> None:
+    """One rule for ids, checked at load: no white space at either end, no tab or line break, no control character.
+    (A results row stores its id with white space folded, so such an id would never count as done.)"""
+    if not image_id or image_id != " ".join(image_id.split()) or _control_characters(image_id):
+        raise ValueError(f"image id {image_id!r} has white space at an end, a tab, a line break or a control "
+                         "character; rename it in the benchmark file")
+
+
 @dataclass(frozen=True)
 class PieBenchItem:
     image_id: str
@@ -72,6 +86,17 @@ class PieBenchItem:
     edit_type: str  # "0".."9", kept a string as in the mapping file
     blend_words: tuple[str, str] | None
     mask_rle: list[int]
+
+    def __post_init__(self) -> None:
+        """Checks the id and the texts, and folds every run of white space in a text (a caption spanning lines) to
+        one space, as the tokenizers and the blend-word lookup read it."""
+        check_image_id(self.image_id)
+        for name in ("source_prompt", "target_prompt", "instruction"):
+            text = getattr(self, name)
+            if bad := _control_characters(text):
+                raise ValueError(f"item {self.image_id}: {name} holds control characters ({', '.join(bad)}); "
+                                 "remove them from the benchmark file")
+            object.__setattr__(self, name, " ".join(text.split()))
 
     @classmethod
     def from_entry(cls, image_id: str, entry: Mapping) -> PieBenchItem:
@@ -221,7 +246,7 @@ class PieBenchDataset(ItemSet):
         self.items: list[PieBenchItem] = items[shard::num_shards]
 
     def image_file(self, item: PieBenchItem) -> Path:
-        return self.root / "annotation_images" / item.image_path
+        return file_inside(self.root / "annotation_images", item.image_path, item.image_id)
 
     def load_mask(self, item: PieBenchItem, height: int | None = None, width: int | None = None) -> np.ndarray:
         """Edit mask (1 = edited) at the source image's size (default: the benchmark's), frame forced to 1 like the
@@ -243,12 +268,23 @@ class PieBenchDataset(ItemSet):
         return (np.asarray(resized) > 127).astype(np.float64)
 
 
+def file_inside(folder: Path, relative: str, image_id: str) -> Path:
+    """``folder / relative``, refused when it resolves outside ``folder`` (an image that is a link to a file
+    elsewhere): the benchmark's items come from its own folder. ``folder`` itself may be a link."""
+    path = folder / relative
+    if path.is_symlink() and folder.resolve() not in path.resolve().parents:
+        raise ValueError(f"image of {image_id}: {path} is a link to {path.resolve()}, outside {folder}; copy the "
+                         "image into the benchmark's folder")
+    return path
+
+
 def edited_image_path(output_dir: Path, item: PieBenchItem) -> Path:
     """Where a run saves an item's edit: ``<output_dir>/annotation_images/<image_path stem>.png``, the layout
     `evaluation.score` reads; ``image_path`` is relative and stays inside (`relative_image_path`)."""
     return output_dir / "annotation_images" / Path(item.image_path).with_suffix(".png")
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -258,18 +294,27 @@ def load_rgb_image(path: str | Path) -> tuple[Image.Image, str]:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "RGB":
-                return image.copy(), ""
-            if mode in _SIXTEEN_BIT_MODES:
-                # PIL's convert() clips 16-bit values at 255; scale the full range instead (65535 -> 255).
-                # Mode "I" is 32-bit but is what 16-bit TIFF/PNG greys often decode to, so read it as 16-bit too.
-                grey = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
-                grey = np.round(grey).astype(np.uint8)
-                return Image.fromarray(np.repeat(grey[..., None], 3, axis=2)), f"{mode}->RGB (16-bit scaled to 8-bit)"
-            # RGBA/LA: alpha is dropped, not composited; L/P/CMYK/1/YCbCr: PIL's standard conversion.
-            return image.convert("RGB"), f"{mode}->RGB"
+        with Image.open(path) as opened:
+            opened.load()
+            notes = [f"first of {frames} frames"] if (frames := getattr(opened, "n_frames", 1)) > 1 else []
+            if (orientation := opened.getexif().get(ORIENTATION_TAG, 1)) not in (0, 1):
+                notes.append(f"EXIF orientation {orientation} applied")
+            image = ImageOps.exif_transpose(opened)  # upright, as viewers show it
+            rgb, note = _to_rgb(image)
+            return rgb, "; ".join(n for n in (note, *notes) if n)
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt files with all three
         raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy(), ""
+    if mode in _SIXTEEN_BIT_MODES:
+        # PIL's convert() clips 16-bit values at 255; scale the full range instead (65535 -> 255).
+        # Mode "I" is 32-bit but is what 16-bit TIFF/PNG greys often decode to, so read it as 16-bit too.
+        grey = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        grey = np.round(grey).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2)), f"{mode}->RGB (16-bit scaled to 8-bit)"
+    # RGBA/LA: alpha is dropped, not composited; L/P/CMYK/1/YCbCr: PIL's standard conversion.
+    return image.convert("RGB"), f"{mode}->RGB"

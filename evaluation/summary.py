@@ -21,7 +21,7 @@ from evaluation.metrics import METRIC_KEYS, PAPER_SCALES
 
 # a run is identified by these (those present are group keys); the other non-metric columns are per-item labels
 RUN_COLUMNS = ("run", "editor", "model", "precision")
-ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "image_id", "image_path")
+ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "inputs", "image_id", "image_path")
 COST_COLUMNS = ("seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
@@ -43,6 +43,18 @@ def _succeeded(results: pd.DataFrame) -> pd.DataFrame:
     return results[error == ""]
 
 
+def _failed_metric(results: pd.DataFrame, key: str) -> pd.Series:
+    """Rows whose note says that ``key``'s backbone failed for the item (`evaluation.metrics.BackboneScores`)."""
+    notes = results["note"].fillna("").astype(str) if "note" in results else pd.Series("", index=results.index)
+    return notes.str.contains(f"{key} failed (", regex=False)
+
+
+def metric_gaps(results: pd.DataFrame, keys: tuple[str, ...]) -> dict[str, int]:
+    """``{metric: items}`` for each metric that failed for some successful items (left out of its means)."""
+    ok = _succeeded(results)
+    return {key: n for key in keys if (n := int(_failed_metric(ok, key).sum()))}
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, editor, model, precision, edit type) plus an `"all"` edit-type row per run; each of
     those keys is used only when present, so a sweep's concatenated results summarise in one table."""
@@ -58,6 +70,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     counts = pd.DataFrame({"n": 1, "n_unedit": psnr.notna().astype(int), "n_psnr_inf": np.isinf(psnr).astype(int)})
     if "psnr_uint8" in ok:  # the iCD paper's PSNR: an identical pair is inf likewise
         counts["n_psnr_inf"] = np.isinf(ok["psnr_uint8"].astype(float)).astype(int)
+    for key in metric_gaps(ok, tuple(metrics)):  # a metric that failed for some items: how many its mean is over
+        counts[f"n_{key}"] = (~_failed_metric(ok, key)).astype(int)
     values = ok[metrics + costs].astype(float).replace([np.inf, -np.inf], np.nan)
     for raw, (column, factor) in PAPER_SCALES.items():
         if raw in values:

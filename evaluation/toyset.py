@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from evaluation.files import waiting_lock
 from evaluation.piebench import EDIT_TYPES, rle_encode
 from toyworld.scenes import MAX_PROMPT_CHARS, TOYSET_VERSION, edit_mask, toy_edits
 
@@ -74,6 +75,14 @@ def write_piebench(root, n_per_type: int = 2, size: int = 64, seed: int = 0, edi
     if _is_complete(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: two sweeps repairing the same set would take each other's parts away mid-move
+    with waiting_lock(root.parent, f".{root.name}.lock", f"the toy set {root.name}"):
+        if not _is_complete(root, params):
+            _write(root, params, n_per_type, size, seed, edit_types)
+    return root
+
+
+def _write(root: Path, params: dict, n_per_type: int, size: int, seed: int, edit_types: list[str]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         mapping = {}
@@ -99,7 +108,6 @@ def write_piebench(root, n_per_type: int = 2, size: int = 64, seed: int = 0, edi
         _publish(staging, root, params)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root
 
 
 def _publish(staging: Path, root: Path, params: dict) -> None:

@@ -18,15 +18,10 @@ its ``error`` and the run goes on; a job in which every item failed exits non-ze
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
 import os
 import resource
-import tempfile
-import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,35 +36,54 @@ from PIL import Image
 from tqdm import tqdm
 
 from editors.base import TASKS, EditRequest, build_editor
-from evaluation.ground_truth import GT_KEYS, ground_truth_scores
+from evaluation.files import FolderBusyError, FolderLock, atomic_write, remove_orphans
+from evaluation.ground_truth import ground_truth_scores
 from evaluation.icd_benchmark import IcdCsvDataset
-from evaluation.metrics import METRIC_KEYS, PieBenchMetrics, build_metrics
+from evaluation.metrics import PieBenchMetrics, build_metrics
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
-from evaluation.summary import format_summary, read_results, summarize
+from evaluation.summary import format_summary, metric_gaps, read_results, summarize
 from evaluation.toyset import dataset_root, write_piebench
 from experiments.console import details, quiet_libraries
+from experiments.job_folder import (  # noqa: F401 - RunError, ResultsFile, flatten, read_job ...: API
+    RESULT_COLUMNS,
+    ResultsFile,
+    RunError,
+    check_job,
+    check_output_folder,
+    check_writable,
+    flatten,
+    item_inputs,
+    read_job,
+    record_job,
+    record_stopped_job,
+    result_columns,
+    save_image_atomic,
+    supersede,
+    write_json,
+)
 from experiments.wandb_logger import RunLogger
 from models.components import ModelLoadError
 from models.hub import HubUnreachableError
 from models.images import fit
 from models.loading import load_components
+from models.safe_load import weights_only_loading
 
 log = logging.getLogger(__name__)
 
-def result_columns(metric_keys: tuple[str, ...] = METRIC_KEYS) -> tuple[str, ...]:
-    """The columns of results.csv for a metric set (PIE-Bench's by default)."""
-    return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_keys, *GT_KEYS,
-            "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note")
 
-
-RESULT_COLUMNS = result_columns()
-
-
-class RunError(Exception):
-    """A problem with the configuration or the data that stops the job; the message says what to do."""
+def _check_counts(cfg: Mapping[str, Any]) -> None:
+    """``dataset.limit`` (null: every item) and the shard settings are whole numbers in range, or the key is named."""
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"dataset.limit={limit!r}: give a whole number of items >= 1, or dataset.limit=null for all")
+    for key in ("shard", "num_shards"):
+        value = cfg.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_shards" else 0):
+            raise ValueError(f"dataset.{key}={value!r}: give a whole number (shard: 0 <= shard < num_shards)")
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset | IcdCsvDataset:
+    _check_counts(cfg)
     if cfg["kind"] == "icd_csv":
         if not cfg.get("csv"):
             raise ValueError(f"dataset={cfg['name']} needs dataset.csv=/path/to/<benchmark>.csv (and dataset.images=)")
@@ -100,139 +114,29 @@ def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[
         f"resized {width}x{height}->{size}x{size}"
 
 
-class ResultsFile:
-    """Append-only results.csv, one physical line per row, flushed as rows arrive. Opening an existing file checks
-    its header and drops a last line torn by a kill (logged), so the next row starts on a line of its own."""
-
-    def __init__(self, path: Path, columns: tuple[str, ...] = RESULT_COLUMNS):
-        self.path, self.columns = path, columns
-        header = ",".join(columns).encode()
-        data = path.read_bytes() if path.exists() else b""
-        if b"\n" not in data:  # new, or killed while writing the header
-            path.write_bytes(header + b"\r\n")
-            return
-        if data.split(b"\n", 1)[0].rstrip(b"\r") != header:
-            raise RunError(f"{path} has other columns than this version of editlab writes; move it away or choose "
-                           "another output directory (hydra.run.dir=...)")
-        if not data.endswith(b"\n"):
-            cut = data.rindex(b"\n") + 1
-            log.warning("%s: dropped a torn last line (the previous run was stopped while writing it): %r",
-                        path, data[cut:][:120].decode(errors="replace"))
-            with path.open("r+b") as f:
-                f.truncate(cut)
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        values = [row.get(column, "") for column in self.columns]
-        values = [" ".join(v.split()) if isinstance(v, str) else v for v in values]  # no line breaks inside a row
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow(values)
-
-    def read(self) -> pd.DataFrame:
-        """The latest row per item (a retried item's success replaces its earlier error)."""
-        return read_results(self.path).drop_duplicates("image_id", keep="last").reset_index(drop=True)
-
-
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    """Write to a private name and rename: a kill leaves the old file or the new one, never half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool) -> set[str]:
-    """Ids of the dataset's items whose latest row succeeded (and, when images are saved, whose image exists)."""
-    succeeded = set(frame.loc[frame["error"] == "", "image_id"])
-    return {item.image_id for item in dataset if item.image_id in succeeded
+def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool,
+                   inputs: Mapping[str, str]) -> set[str]:
+    """Ids of the dataset's items whose latest row succeeded on the item's current inputs (``inputs``: id -> hash,
+    `item_inputs`) and, when images are saved, whose image exists."""
+    succeeded = dict(zip(frame.loc[frame["error"] == "", "image_id"], frame.loc[frame["error"] == "", "inputs"]))
+    return {item.image_id for item in dataset if succeeded.get(item.image_id) == inputs[item.image_id]
             and (not images or edited_image_path(output_dir, item).is_file())}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# job.json: what the results in a directory were made with
-
-# Keys that pick items or only change how a run reports (not what its rows hold): resuming with others is fine.
-NOT_FINGERPRINTED = ("dataset.limit", "dataset.ids", "dataset.edit_types", "dataset.shard", "dataset.num_shards")
+def changed_items(frame: pd.DataFrame, inputs: Mapping[str, str]) -> list[str]:
+    """Ids whose latest row was made from other inputs than the item has now (its prompts, mask or image changed)."""
+    return sorted(i for i, h in zip(frame["image_id"], frame["inputs"].fillna("")) if i in inputs and h != inputs[i])
 
 
-def flatten(value: Any, prefix: str) -> dict[str, Any]:
-    """A nested mapping as ``{"prefix.key.sub": value}``."""
-    if isinstance(value, Mapping):
-        return {k: v for key, sub in value.items() for k, v in flatten(sub, f"{prefix}.{key}").items()}
-    return {prefix: value}
+def inputs_of(dataset: PieBenchDataset, task: str) -> dict[str, str]:
+    def image_file(item: PieBenchItem) -> Path | None:
+        if task == "generation":
+            return None
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a missing or refused image fails its item
+            return dataset.image_file(item)
+        return None
 
-
-def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings a job's rows depend on, flattened to dotted keys."""
-    groups = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-              for key in ("editor", "model", "precision", "offload", "metrics", "dataset", "seed", "task")
-              if key in cfg}
-    if groups["dataset"].get("kind") == "toyset":  # the built-in set is named by its parameters, not by its cache
-        groups["dataset"].pop("root", None)
-    if groups.get("task", {}).get("name", "edit") == "edit":  # results made before tasks existed are edits
-        groups.pop("task", None)
-    flat = {k: v for key, value in groups.items() for k, v in flatten(value, key).items()}
-    return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
-
-
-def _changed_settings(current: dict[str, Any], output_dir: Path) -> list[str]:
-    """``"key: old -> new"`` for each setting that differs from those the directory's results were made with."""
-    job = read_job(output_dir / "job.json")
-    if "config" in job:
-        before = job["config"]
-        keys = before.keys() | current.keys()
-    else:  # results written before job.json existed: their rows record the editor, model and precision
-        rows = pd.read_csv(output_dir / "results.csv", usecols=["editor", "model", "precision"], dtype=str)
-        before = {f"{k}.name": "/".join(sorted(set(rows[k].dropna()))) for k in rows}
-        keys = before.keys()
-    return [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(keys) if before.get(k) != current.get(k)]
-
-
-def open_job(cfg: DictConfig, output_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """``job.json`` of ``output_dir`` (the fingerprint, the job's W&B run id and group, the benchmark's folder, which
-    `evaluation.aggregate` draws its grid from, and the paper table row the job produces, which `evaluation.tables`
-    lays out), written for a new job. When the
-    directory already holds results made with other settings: a `RunError` naming them, or with ``restart=true``
-    the old results move to ``superseded_<time>/`` and the job starts over."""
-    path, results = output_dir / "job.json", output_dir / "results.csv"
-    current = fingerprint(cfg)
-    job = read_job(path)
-    if results.is_file() and results.read_bytes().count(b"\n") > 1 and (changed := _changed_settings(current,
-                                                                                                     output_dir)):
-        if not cfg.get("restart"):
-            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-            raise RunError(f"{output_dir} holds results made with other settings ({'; '.join(changed[:6])}{more}): "
-                           "choose another output directory (hydra.run.dir=...), or add restart=true to move those "
-                           "results aside and start over")
-        aside = Path(tempfile.mkdtemp(prefix=time.strftime("superseded_%Y%m%d-%H%M%S_"), dir=output_dir))
-        for name in ("results.csv", "summary.csv", "job.json", "annotation_images", "wandb"):
-            if (output_dir / name).exists():
-                (output_dir / name).rename(aside / name)
-        log.warning("restart=true: the results made with the previous settings moved to %s", aside)
-        job = {}
-    root = dataset_root(cfg.dataset)
-    job = {"config": current, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12],
-           "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row"), "wandb_group": group}
-    write_json(path, job)
-    return job
-
-
-def read_job(path: Path) -> dict[str, Any]:
-    """A job.json ({} when there is none); one that cannot be read stops the job with what to do."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path} cannot be read ({err}): move it away to start the directory's record afresh "
-                       "(the results stay; they are checked again by their rows)") from None
-
-
-def write_json(path: Path, job: dict[str, Any]) -> None:
-    """A JSON record (job.json, set_metrics.json) via a temporary name and a rename: a kill leaves the old record
-    or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(job, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    return {item.image_id: item_inputs(item, image_file(item)) for item in dataset}
 
 
 _PROC = Path("/proc/self")
@@ -274,10 +178,13 @@ def item_seed(seed: int, image_id: str) -> int:
     return (seed ^ zlib.crc32(image_id.encode())) & 0x7FFFFFFF
 
 
-def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int) -> Outcome:
-    """Run ``task`` on one item and score it; any failure becomes the row's ``error``."""
+def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int,
+                 inputs: str = "") -> Outcome:
+    """Run ``task`` on one item and score it; any failure becomes the row's ``error``, a metric whose backbone
+    failed for this item a line of its ``note``. ``inputs``: the item's `item_inputs` hash, kept with its row."""
     components = editor.components
-    row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": ""}
+    row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": "",
+                           "inputs": inputs}
     try:
         prompts = (("source", item.source_prompt),) if task != "edit" else \
             (("source", item.source_prompt), ("target", item.target_prompt))
@@ -298,7 +205,10 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
                    peak_mem_mb=peak_memory_mb(components.device))
         output = np.asarray(result.edited)
         source = None if image is None else np.asarray(image)
-        row.update(metrics.compute(source, output, mask, item.source_prompt, target))
+        failures: dict[str, str] = {}
+        row.update(metrics.compute(source, output, mask, item.source_prompt, target, failures=failures))
+        notes += [f"{key} failed ({why}): left out of its mean" for key, why in failures.items()]
+        row["note"] = "; ".join(n for n in notes if n)
         if task == "edit":
             row.update(ground_truth_scores(dataset.root, item.image_path, output))
         return Outcome(row, image, result.edited)
@@ -335,7 +245,7 @@ def reference_images(dataset: PieBenchDataset) -> list[Path]:
     """The items' own images that exist (captions without an image have none)."""
     references = set()
     for item in dataset:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, ValueError):
             if (path := dataset.image_file(item)).is_file():
                 references.add(path)
     return sorted(references)
@@ -360,13 +270,30 @@ def _check_output_dir(output_dir: Path, root: Path | None) -> None:
                        "into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
 
 
-def _setup(cfg: DictConfig, job_num: int | None):
-    """Dataset, editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError`
-    before the first item is edited."""
+def _setup_failure(err: Exception) -> RunError:
+    log.debug("job setup failed", exc_info=True)
+    return RunError(str(err).strip("'\""))
+
+
+SETUP_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError,
+                RuntimeError)  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
+
+
+def load_dataset(cfg: DictConfig) -> PieBenchDataset | IcdCsvDataset:
+    """The configured dataset; a configuration or data problem becomes a `RunError`."""
     try:
-        dataset = build_dataset(cfg.dataset)
-        editor = load_editor(cfg, job_device(cfg.device, job_num))
-        metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+        return build_dataset(cfg.dataset)
+    except SETUP_ERRORS as err:
+        raise _setup_failure(err) from err
+
+
+def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
+    """Editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError` before the
+    first item is edited."""
+    try:
+        with weights_only_loading():  # no code runs from any weights file the model, editor or metrics name
+            editor = load_editor(cfg, job_device(cfg.device, job_num))
+            metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
         task = task_name(cfg)
         if task not in editor.tasks:
             raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
@@ -381,11 +308,14 @@ def _setup(cfg: DictConfig, job_num: int | None):
         if task == "generation" and isinstance(metrics, PieBenchMetrics):
             raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
                              "(metrics=icd_paper_toy on the toy world)")
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError,
-            RuntimeError) as err:  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
-        log.debug("job setup failed", exc_info=True)
-        raise RunError(str(err).strip("'\"")) from err
-    return dataset, editor, metrics
+    except SETUP_ERRORS as err:
+        raise _setup_failure(err) from err
+    if editor.components.device.type == "cpu" and cfg.precision.name != "fp32":
+        log.warning("precision=%s on CPU: half-precision kernels are emulated there and run several times slower "
+                    "than fp32 (precision=fp32 is the CPU's setting)", cfg.precision.name)
+    return editor, metrics
+
+
 
 
 def task_name(cfg: DictConfig) -> str:
@@ -417,16 +347,13 @@ def job_device(device: str, job_num: int | None = None) -> str:
 def check_given(cfg: DictConfig, output_dir: Path | None = None) -> None:
     """Every setting the job reads is given: a `RunError` naming the first that is not (a key that refers to a
     ``???``, e.g. an adapter file a paper experiment needs: ``paper.adapters.G.forward``). A new ``output_dir``
-    then gets a job.json with what is known (the task, the metric set, the paper row), so the paper table shows
-    the row as failed with this message rather than as not run."""
+    then gets a stub job.json (`record_stopped_job`)."""
     try:
         OmegaConf.to_container(cfg, resolve=True)  # the "???" a job does not use stay unresolved
     except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
         key = str(err).split("Missing mandatory value: ", 1)[-1].splitlines()[0].strip()
-        if output_dir is not None and not (output_dir / "job.json").exists():
-            known = {"task.name": OmegaConf.select(cfg, "task.name", default="edit"),
-                     "metrics.kind": OmegaConf.select(cfg, "metrics.kind", default="piebench")}
-            write_json(output_dir / "job.json", {"config": known, "paper_row": cfg.get("paper_row")})
+        if output_dir is not None:
+            record_stopped_job(cfg, output_dir)
         raise RunError(f"{key} is not set: give it on the command line ({key}=...); the experiment's comment says "
                        "what it is") from None
 
@@ -440,20 +367,65 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     keeps the console short (the per-type table goes to the job's log file).
     """
     quiet_libraries(cfg.get("quiet", True))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_given(cfg, output_dir)
     _check_output_dir(output_dir, dataset_root(cfg.dataset))
-    job = open_job(cfg, output_dir, cfg.logger.get("group") or group)
-    with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
-        dataset, editor, metrics = _setup(cfg, job_num)
-        _check_output_dir(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
+    check_output_folder(output_dir)
+    check_writable(output_dir)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(FolderLock(output_dir, what="a run's results"))
+        except FolderBusyError as err:
+            raise RunError(str(err)) from None
+        if orphans := remove_orphans(output_dir):
+            log.info("removed %d temporary file(s) a stopped run left in %s", len(orphans), output_dir)
+        return _run_locked(cfg, output_dir, group, run_name, job_name, job_num)
+
+
+def _check_inputs(cfg: DictConfig, output_dir: Path, inputs: Mapping[str, str]) -> None:
+    """Items whose inputs changed since their rows are edited again; when every item the folder's rows share with
+    the dataset changed, the benchmark is another one: a `RunError`, or with ``restart=true`` a fresh start."""
+    path = output_dir / "results.csv"
+    try:
+        previous = read_results(path).drop_duplicates("image_id", keep="last") if path.is_file() else None
+    except (ValueError, KeyError):  # empty or of another version: ResultsFile says so
+        return
+    if previous is None or "inputs" not in previous or not (shared := set(previous["image_id"]) & inputs.keys()):
+        return
+    changed = changed_items(previous, inputs)
+    if len(changed) < len(shared):
+        if changed:
+            log.warning("%d item(s) changed since they were edited (prompts, mask or image): editing them again: %s",
+                        len(changed), ", ".join(changed[:10]))
+        return
+    if not cfg.get("restart"):
+        raise RunError(f"{output_dir} holds results of another benchmark: all {len(shared)} of its items that share "
+                       "an id with this dataset have other prompts, masks or images now; choose another output "
+                       "directory (hydra.run.dir=...), or add restart=true to move those results aside")
+    supersede(output_dir, "from the benchmark's earlier inputs")
+
+
+def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, job_name: str | None,
+                job_num: int | None) -> pd.DataFrame:
+    check_given(cfg, output_dir)
+    dataset = load_dataset(cfg)
+    _check_output_dir(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
+    task = task_name(cfg)
+    inputs = inputs_of(dataset, task)
+    _check_inputs(cfg, output_dir, inputs)
+    previous_job = check_job(cfg, output_dir)
+    try:
+        editor, metrics = _setup(cfg, dataset, job_num)
+    except RunError:
+        record_stopped_job(cfg, output_dir)
+        raise
+    with contextlib.ExitStack() as cleanup:
         cleanup.callback(editor.close)  # the shared models as the editor found them
-        task = task_name(cfg)
+        job = record_job(cfg, output_dir, previous_job, cfg.logger.get("group") or group)
+        logger = cleanup.enter_context(RunLogger(cfg, output_dir, group, job["wandb_id"], job_name))
         results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}
         previous = results.read()
-        done = finished_items(previous, dataset, output_dir, cfg.save_images)
+        done = finished_items(previous, dataset, output_dir, cfg.save_images, inputs)
         logger.log_history(previous[previous["image_id"].isin(done)])
         todo = [item for item in dataset if item.image_id not in done]
         if len(todo) < len(dataset):
@@ -463,11 +435,12 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
         label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
         unit = {"edit": "edit", "inversion": "inversion", "generation": "image"}[task]
         for item in tqdm(todo, desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True):
-            outcome = process_item(task, item, dataset, editor, metrics, cfg.seed)
+            outcome = process_item(task, item, dataset, editor, metrics, cfg.seed, inputs[item.image_id])
             outcome.row.update(run_info)
-            if outcome.edited is not None and cfg.save_images:
-                save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
-            results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
+            with disk_errors(output_dir):
+                if outcome.edited is not None and cfg.save_images:
+                    save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
+                results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
             logger.log_item(outcome.row)
 
         frame = results.read()
@@ -479,17 +452,21 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
             log.error("the set-level metrics failed (%s: %s); the per-item results are complete", type(err).__name__,
                       err, exc_info=log.isEnabledFor(logging.DEBUG))
             scores = {}
-        if scores:
-            write_json(output_dir / "set_metrics.json", scores)
-            for key, value in scores.items():
-                summary.loc[summary["edit_type"] == "all", key] = value
-        summary.to_csv(output_dir / "summary.csv", index=False)
+        with disk_errors(output_dir):
+            if scores:
+                write_json(output_dir / "set_metrics.json", scores)
+                for key, value in scores.items():
+                    summary.loc[summary["edit_type"] == "all", key] = value
+            atomic_write(output_dir / "summary.csv", lambda f: summary.to_csv(f, index=False))
         failed = int((frame["error"] != "").sum())
         log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
                  task, len(frame) - failed, failed, output_dir)
         notes = []
         if unavailable := [*metrics.unavailable, *getattr(metrics, "set_unavailable", [])]:
             notes.append(f"unavailable metrics (no backbone): {', '.join(unavailable)}")
+        if gaps := metric_gaps(frame, tuple(metrics.keys)):
+            log.warning("a metric failed for some items and is left out of their means (the row's note says why): "
+                        "%s", ", ".join(f"{key} for {n}" for key, n in gaps.items()))
         if cfg.metrics.get("label"):
             notes.append(f"metric backbones: {cfg.metrics.label} (not comparable with the reference backbones' "
                          "numbers)")
@@ -500,6 +477,18 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
             raise RunError(f"every item failed ({failed} of {len(frame)}; the first: {frame['error'].iloc[0]}); "
                            f"see {output_dir / 'results.csv'}")
     return summary
+
+
+@contextlib.contextmanager
+def disk_errors(output_dir: Path):
+    """A write that fails (a full disk, a folder made read-only) stops the job with one line; what is on disk stays
+    consistent (every write is atomic), so the same command resumes once the disk is fixed."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise RunError(f"cannot write into {output_dir}: {err.strerror or err}{where}; free space or fix the folder, "
+                       "then re-run the same command to resume (the finished items are kept)") from None
 
 
 def objective(summary: pd.DataFrame) -> float:

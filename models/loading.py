@@ -44,6 +44,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from models.builders import RANDOM_ARCHS, SD_MODULES, TINY_ARCHS
 from models.components import DTYPES, Components, ModelLoadError, resolve_device
 from models.hub import hub_kwargs, is_local, resolve_local
+from models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def to_channels_last(*modules: torch.nn.Module | None) -> None:
             module.to(memory_format=torch.channels_last)
 
 
+@safe_loading
 def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offload: Mapping[str, Any],
                     device: str = "auto") -> Components:
     """Build the model described by the ``model`` config in the ``precision`` dtypes, with ``offload`` applied."""
