@@ -34,8 +34,29 @@ def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) ->
     return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
 
 
+def one_editor_is_one_run(argv: list[str]) -> list[str]:
+    """``python run.py editor=X`` on the default experiment (the toy tour, a sweep over every editor) is one run of
+    X: a single job in ``hydra.run.dir`` (default ``outputs/<date>/<time>_<editor>_<model>_<precision>``), not a
+    one-job sweep. Several editors (``editor=a,b``), ``-m`` or another experiment keep their own mode."""
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    experiments = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] == "experiment"]
+    editors = [a.split("=", 1)[1] for a in overrides if a.lstrip("+").split("=", 1)[0] == "editor"]
+    if any(a in ("-m", "--multirun") for a in argv) or experiments not in ([], ["experiment=toy_tour"]):
+        return argv
+    if len(editors) == 1 and "," not in editors[0] and "(" not in editors[0]:
+        return [*argv, "hydra.mode=RUN"]
+    return argv
+
+
+def main() -> float:
+    """``python run.py`` and ``editlab-run``: the Hydra program, with `one_editor_is_one_run` applied to the
+    command line."""
+    sys.argv = one_editor_is_one_run(sys.argv)
+    return run_job()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
-def main(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

@@ -296,12 +296,14 @@ class SweepReport(Callback):
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+        self.total: int | None = None
 
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
             total = _count_jobs(config)
         except Exception:  # noqa: BLE001 - an unusual sweeper: no total, the bar still counts
             total = None
+        self.total = total
         self.bar = tqdm(total=total, desc="sweep", unit="job", file=sys.stdout, dynamic_ncols=True)
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
@@ -322,8 +324,15 @@ class SweepReport(Callback):
                    list(config.get("sweep_notes") or []), wandb)
         except Exception:  # noqa: BLE001 - the jobs' results are already on disk; a report failure must not hide them
             log.exception("the sweep report failed; the results are in %s", folder)
+        problems = []
         if failed := job_errors(folder):
-            sys.exit(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)} (see above)")
+            problems.append(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)} (see above)")
+        reported = {p.parent for name in ("results.csv", "job_error.txt") for p in _current(folder.rglob(name))}
+        if self.total is not None and len(reported) < self.total:
+            problems.append(f"{self.total - len(reported)} of the sweep's {self.total} jobs left neither results nor "
+                            f"an error in {folder} (killed, or written elsewhere; see the jobs' logs)")
+        if problems:
+            sys.exit("; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -102,6 +104,41 @@ def check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
                        "free space") from None
     finally:
         probe.unlink(missing_ok=True)
+
+
+def path_safe(value: Any) -> str:
+    """A sweep value as one folder name (the ``path_safe`` resolver of the job folders' names): path separators and
+    ``%`` percent-encoded, so ``x/../../escaped`` stays inside the sweep folder; over-long names end in a hash."""
+    text = str(value).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C").replace("\0", "%00")
+    if len(text.encode()) > 200:
+        text = f"{text.encode()[:180].decode(errors='ignore')}~{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return text
+
+
+OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
+
+
+class OutputGuard(Callback):
+    """Hydra callback: the checks of `check_output_folder` and `check_writable` on the run's (or the sweep's)
+    folder before Hydra writes anything there (its ``.hydra/``, the log); a refusal is one line and exit status 1.
+    A sweep given ``hydra.run.dir`` is refused too: a sweep's folder is ``hydra.sweep.dir``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.run.dir), "hydra.run.dir", sweep=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if given := [o for o in config.hydra.overrides.hydra if o.split("=", 1)[0] == "hydra.run.dir"]:
+            sys.exit(f"error: {given[0]} names a single run's folder, but this is a sweep (several jobs, or -m): "
+                     "name its folder with hydra.sweep.dir=... (each job gets a subfolder)")
+        self._check(Path(config.hydra.sweep.dir), "hydra.sweep.dir", sweep=True)
+
+    @staticmethod
+    def _check(folder: Path, key: str, sweep: bool) -> None:
+        try:
+            check_output_folder(folder, key, sweep)
+            check_writable(folder, key)
+        except RunError as err:
+            sys.exit(f"error: {err}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
