@@ -167,7 +167,7 @@ def render(table: pd.DataFrame, fmt: str = "text", delta: bool = False) -> str:
         parts += [f"- {note}" for note in notes]
         parts += ["", apart, *[f"- {line}" for line in context]] if context else []
         return "\n".join(parts).rstrip() + "\n"
-    wrap = textwrap.TextWrapper(width=119, subsequent_indent="    ")
+    wrap = textwrap.TextWrapper(width=119, subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
     parts = [f"== {layout_id}: {title} ==", wrap.fill(f"Source: {source}"), *map(wrap.fill, settings(meta))]
     parts += [f"!! {line}" for line in meta.get("header", ())]
     parts += [frame.to_string(), wrap.fill(legend)]
