@@ -64,6 +64,20 @@ def pareto_front(x, y, lower_x_better: bool = True, lower_y_better: bool = False
     return np.array(sorted(keep, key=lambda i: x[i] * (1 if lower_x_better else -1)), dtype=int)
 
 
+def _unstack(labels: list) -> None:
+    """Moves each annotation up, in steps of a line, until it overlaps none placed before it (close points)."""
+    renderer = labels[0].figure.canvas.get_renderer() if labels else None
+    placed = []
+    for label in labels:
+        for _ in range(len(labels) * 3):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y + box.height * 72 / label.figure.dpi + 1)
+        placed.append(label.get_window_extent(renderer))
+
+
 def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: str, size_label: str,
                     lower_x_better: bool = True, lower_y_better: bool = False, paper: pd.DataFrame | None = None,
                     title: str = "") -> Path | None:
@@ -84,9 +98,8 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
         ax = figure.add_subplot()
         ax.scatter(ours["x"], ours["y"], s=[area(v) for v in sizes], color=OURS, alpha=0.6, edgecolor="black",
                    linewidth=0.6, zorder=3)
-        for k, (_, point) in enumerate(ours.sort_values(["y", "x"]).iterrows()):  # staggered: close points
-            ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, 6 + 11 * (k % 3)),
-                        textcoords="offset points", fontsize=9)
+        labels = [ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, 6), textcoords="offset points",
+                              fontsize=9) for _, point in ours.sort_values(["y", "x"]).iterrows()]
         front = ours.iloc[pareto_front(ours["x"], ours["y"], lower_x_better, lower_y_better)]
         handles = []
         if len(front) > 1:
@@ -94,9 +107,9 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
             handles.append(Line2D([], [], color=OURS, linestyle="--", label="Pareto front (ours)"))
         if len(theirs):
             ax.scatter(theirs["x"], theirs["y"], marker="x", s=60, color=PAPER, zorder=4)
-            for k, (_, point) in enumerate(theirs.sort_values(["y", "x"]).iterrows()):
-                ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, -12 - 10 * (k % 3)),
-                            textcoords="offset points", fontsize=8, color=PAPER, style="italic")
+            labels += [ax.annotate(point["label"], (point["x"], point["y"]), xytext=(6, -12), fontsize=8,
+                                   textcoords="offset points", color=PAPER, style="italic")
+                       for _, point in theirs.sort_values(["y", "x"]).iterrows()]
             handles.append(Line2D([], [], marker="x", color=PAPER, linestyle="", label="paper"))
         shown = sorted({float(v) for v in np.nanpercentile(sizes, [0, 50, 100])}) if math.isfinite(top) else []
         handles += [ax.scatter([], [], s=area(v), color=OURS, alpha=0.6, edgecolor="black", linewidth=0.6,
@@ -108,12 +121,15 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
         ax.set_title(_title(title))
         ax.grid(alpha=0.3)
         ax.margins(0.15)
+        figure.tight_layout()
+        _unstack(labels)
         return _save(figure, path)
 
 
 def per_edit_type_bars(per_type: pd.DataFrame, path: Path, *, metric_label: str, title: str = "") -> Path | None:
-    """``per_type`` (columns method, edit_type, value: a metric's mean per PIE-Bench edit type) as grouped bars,
-    one group per edit type, one bar per method."""
+    """``per_type`` (columns method, edit_type, value: a metric's mean per PIE-Bench edit type, n: the items it
+    averages) as grouped bars, one group per edit type, one bar per method; the items per type under its name, per
+    method in the legend."""
     data = _finite(per_type, "value") if len(per_type) else per_type
     if data.empty:
         return None
@@ -127,9 +143,14 @@ def per_edit_type_bars(per_type: pd.DataFrame, path: Path, *, metric_label: str,
         ax = figure.add_subplot()
         width = 0.8 / len(methods)
         positions = np.arange(len(table))
+        counts = data.pivot_table(index="edit_type", columns="method", values="n", aggfunc="sum", sort=False)
+        counts = counts.reindex(index=table.index, columns=methods).fillna(0).astype(int)
         for k, method in enumerate(methods):
-            ax.bar(positions + (k - (len(methods) - 1) / 2) * width, table[method], width, label=method)
-        names = [f"{t} {EDIT_TYPES.get(str(t), '')}".replace("_", " ").strip() for t in table.index]
+            ax.bar(positions + (k - (len(methods) - 1) / 2) * width, table[method], width,
+                   label=f"{method} (n = {counts[method].sum()})")
+        spans = [f"n = {lo}" + (f"–{hi}" if hi > lo else "") for lo, hi in zip(counts.min(axis=1), counts.max(axis=1))]
+        names = [f"{t} {EDIT_TYPES.get(str(t), '')}".replace("_", " ").strip() + f"\n{span}"
+                 for t, span in zip(table.index, spans)]
         ax.set_xticks(positions, names, rotation=30, ha="right")
         ax.set_xlabel("PIE-Bench edit type")
         ax.set_ylabel(metric_label)
@@ -149,27 +170,38 @@ def _row_labels(cells: pd.DataFrame) -> list[str]:
 
 def inversion_ablation(table: pd.DataFrame, path: Path, *, title: str = "",
                        columns: tuple[str, ...] = ABLATION_COLUMNS) -> Path | None:
-    """One panel per metric of ``columns`` (from a tidy table of `evaluation.tables.build_table`), a pair of
-    horizontal bars per row: ours and the paper's."""
-    columns = tuple(c for c in columns if c in set(table["column"]))
-    if not columns or not np.isfinite(table.loc[table["column"].isin(columns), ["ours", "paper"]].to_numpy(
-            dtype=float)).any():
+    """One panel per metric of ``columns`` (from a tidy table of `evaluation.tables.build_table`), per row a bar of
+    ours beside the paper's. Metrics, rows and the paper's bars with no number at all are left out, and a line under
+    the title names what was."""
+    cells = table[table["column"].isin(columns)]
+    finite = cells[["ours", "paper"]].apply(pd.to_numeric, errors="coerce").apply(np.isfinite)
+    cells = cells.assign(drawn=finite.any(axis=1))
+    shown = [c for c in columns if cells.loc[cells["column"] == c, "drawn"].any()]
+    if not shown:
         return None
-    rows = list(dict.fromkeys(table["row"]))
+    rows = list(dict.fromkeys(cells.loc[cells["drawn"] & cells["column"].isin(shown), "row"]))
+    series = [(part, color) for part, color in (("ours", OURS), ("paper", PAPER)) if finite[part].any()]
+    names = cells.drop_duplicates("column").set_index("column")["name"]
+    labels = cells.drop_duplicates("row").set_index("row")
+    empty = [[names[c] for c in columns if c in names and c not in shown],
+             [str(label) for label in labels.loc[~labels.index.isin(rows), "label"]]]
+    left_out = [f"{what} {', '.join(items)}" for what, items in zip(("metrics", "rows"), empty) if items]
     with mpl.rc_context(STYLE):
-        figure = _figure(5.0 * len(columns) + 3.5, 0.42 * len(rows) + 2.2)
-        axes = figure.subplots(1, len(columns), sharey=True, squeeze=False)[0]
-        positions = np.arange(len(rows))
-        for ax, column in zip(axes, columns):
-            cells = table[table["column"] == column].set_index("row").loc[rows]
-            ax.barh(positions - 0.2, cells["ours"], 0.4, color=OURS, label="ours")
-            ax.barh(positions + 0.2, cells["paper"], 0.4, color=PAPER, alpha=0.75, label="paper")
-            ax.set_xlabel(cells["name"].iloc[0])
+        figure = _figure(5.0 * len(shown) + 3.5, 0.42 * len(rows) + 2.6)
+        axes = figure.subplots(1, len(shown), sharey=True, squeeze=False)[0]
+        positions, width = np.arange(len(rows)), 0.8 / len(series)
+        for ax, column in zip(axes, shown):
+            values = cells[cells["column"] == column].set_index("row").loc[rows]
+            for k, (part, color) in enumerate(series):
+                ax.barh(positions + (k - (len(series) - 1) / 2) * width, values[part], width, color=color,
+                        alpha=1.0 if part == "ours" else 0.75, label=part)
+            ax.set_xlabel(names[column])
             ax.grid(axis="x", alpha=0.3)
-        axes[0].set_yticks(positions, _row_labels(table[table["column"] == columns[0]].set_index("row").loc[rows]))
+        axes[0].set_yticks(positions, _row_labels(labels.loc[rows]))
         axes[0].invert_yaxis()  # the paper's first row on top
-        figure.suptitle(_title(title, 120))
-        figure.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2)
+        note = f"\n{_title('left out, no numbers: ' + '; '.join(left_out), 140)}" if left_out else ""
+        figure.suptitle(_title(title, 120) + note)
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=len(series))
         return _save(figure, path)
 
 

@@ -1,6 +1,6 @@
 """The papers' tables, with our numbers beside the published ones, and their plots.
 
-    python -m evaluation.tables DIR [DIR ...] [--layout auto|<layout id>] [--out OUTDIR] [--wandb]
+    python -m evaluation.tables DIR [DIR ...] [--layout auto|<layout id>] [--out OUTDIR] [--delta] [--wandb]
 
 A layout (``evaluation/published.yaml``: one per paper table, with its source) lists the paper's rows in the
 paper's order and the columns it prints, with the published numbers. Each job folder under the DIRs (``job.json``,
@@ -28,13 +28,17 @@ with jobs no row names (the toy tour's ``identity`` baseline, iCD in a PIE-Bench
 sweeps given together pick each one's table, the tables then drawing on every job given (the fast-editing sweep
 with its separately run reference). ``--layout <id>`` lays out any layout.
 
-Each table is printed (rows = the layout's rows, for each column ours, paper and Δ = ours − paper; "–" where a row
-was not run, "n/a" where its job has no such number) with a header line when metric backbones are toy ones
-(``metrics.label``: the numbers are not comparable with the paper's), and written into OUTDIR (default: the first
-DIR) as ``table_<layout>.md``, ``table_<layout>.tex`` (booktabs) and ``table_<layout>.csv`` (tidy: one line per row
-and column with ours / paper / diff), with the layout's plots (``plot_<layout>_<kind>.png``, `evaluation.plots`).
-``--wandb`` logs the tables and plots to an offline W&B run in OUTDIR (``wandb sync`` uploads it). The sweep report
-(`evaluation.aggregate.report`) prints and writes the tables its sweep matches.
+Each table is printed as papers print a reproduction (`evaluation.table_render`): rows labelled by method (the
+paper's own label cited in the notes), for each metric ours beside the paper's number, the best of each column
+marked, Δ = ours − paper only with ``--delta``, a caption with the paper's setup and what our jobs ran (model, data
+set, items, the layout's ``run_settings``), a header line when metric backbones are toy ones (``metrics.label``:
+the numbers are not comparable with the paper's), and numbers that are not in the paper's table (context: another
+source's seconds) apart, never compared. It is written into OUTDIR (default: the first DIR) as
+``table_<layout>.md``, ``table_<layout>.tex`` (booktabs, fits a two-column paper) and ``table_<layout>.csv``
+(tidy: one line per row and column with ours / paper / diff, status, job folder and items), with the layout's plots
+(``plot_<layout>_<kind>.png``, `evaluation.plots`). ``--wandb`` logs the tables and plots to an offline W&B run in
+OUTDIR (``wandb sync`` uploads it). The sweep report (`evaluation.aggregate.report`) prints and writes the tables
+its sweep matches.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ import logging
 import math
 import os
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,19 +59,22 @@ import pandas as pd
 import yaml
 
 from evaluation.summary import read_results, summarize
+from evaluation.table_render import header, render
 
 log = logging.getLogger(__name__)
 
 LAYOUTS_FILE = Path(__file__).with_name("published.yaml")
 JOB_FILES = ("job.json", "results.csv", "job_error.txt")
 NOT_RUN, FAILED, PUBLISHED_ONLY, OK = "not run", "failed", "not run (not in editlab)", "ok"
-NO_VALUE, NOT_AVAILABLE = "–", "n/a"
 TIDY_COLUMNS = ("layout", "row", "label", "group", "column", "name", "direction", "decimals", "ours", "paper", "diff",
                 "status", "job", "n")
-FORMATS = ("text", "md", "tex", "csv")
 
 
 # ------------------------------------------------------------------------------------------------ layouts
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @lru_cache(maxsize=4)
 def _load(path: str, mtime: float) -> dict[str, dict]:
     layouts = yaml.safe_load(Path(path).read_text())
@@ -82,7 +88,11 @@ def _load(path: str, mtime: float) -> dict[str, dict]:
         problems += [f"row ids repeat: {ids}"] if len(set(ids)) != len(ids) else []
         problems += [f"row {r['id']}: published {k!r} is not a number under a declared column"
                      for r in layout.get("rows", ()) for k, v in (r.get("published") or {}).items()
-                     if k not in keys or isinstance(v, bool) or not isinstance(v, (int, float))]
+                     if k not in keys or not _is_number(v)]
+        problems += [f"row {r['id']}: context {k!r} needs a value, a source, a declared column and no published number"
+                     for r in layout.get("rows", ()) for k, v in (r.get("context") or {}).items()
+                     if k not in keys or k in (r.get("published") or {}) or not _is_number(v.get("value"))
+                     or not v.get("source")]
         if layout.get("reference") and layout["reference"] not in ids:
             problems.append(f"reference row {layout['reference']!r} is not a row")
         if problems:
@@ -93,14 +103,6 @@ def _load(path: str, mtime: float) -> dict[str, dict]:
 def load_layouts(path: Path = LAYOUTS_FILE) -> dict[str, dict]:
     """{layout id: layout} from published.yaml, checked (a ValueError names what is wrong)."""
     return _load(str(path), path.stat().st_mtime)
-
-
-def header(column: dict) -> str:
-    """A column's printed name: name, scale, direction (``Struct ×10³ ↓``), and "(not computed)" for one whose
-    backbone editlab cannot have (``unavailable``)."""
-    parts = (column["name"], column.get("scale"), column.get("direction"),
-             "(not computed)" if column.get("unavailable") else None)
-    return " ".join(str(p) for p in parts if p)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -410,12 +412,40 @@ def _against_reference(layout: dict, rows: list[RowResult]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tables
+def describe_runs(layout: dict, results: list[RowResult]) -> str:
+    """What the rows' jobs ran: model, data set, items per row and the layout's ``run_settings`` (each a config key's
+    values over the jobs of its rows)."""
+    ran = [r for r in results if r.status in (OK, "reference")]
+    if not ran:
+        return "nothing run"
+
+    def values(key: str, rows: Iterable[str] | None = None) -> str:
+        found = {job.config.get(key) for r in ran if rows is None or r.row["id"] in rows for job in r.jobs}
+        return " / ".join(sorted(f"{v:g}" if _is_number(v) else str(v) for v in found - {None}))
+
+    counts = sorted({r.n for r in ran})
+    items = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    parts = [f"model {values('model.name')}", f"data set {values('dataset.name')}", f"{items} items per row"]
+    parts += [f"{s['name']} {v}" for s in layout.get("run_settings", ()) if (v := values(s["key"], s.get("rows")))]
+    return ", ".join(parts)
+
+
+def _row_notes(result: RowResult) -> list[str]:
+    row = result.row
+    said = ([f"the paper's row “{row['paper_label']}”"] if row.get("paper_label") else []) + \
+        ([row["note"]] if row.get("note") else []) + ([PUBLISHED_ONLY] if result.status == PUBLISHED_ONLY else [])
+    name = row["label"] + (f" ({row['group']})" if row.get("group") else "")
+    return ([f"{name}: {'; '.join(said)}"] if said else []) + [f"{name}: {note}" for note in result.notes]
+
+
 def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
     """The layout's table for ``jobs``, tidy: one line per row and column (ours, paper, diff = ours − paper, the
-    row's status and job folder), rows and columns in the paper's order. ``attrs`` hold the layout id, title,
-    source, header lines (toy metrics) and notes."""
+    row's status, job folder and item count), rows and columns in the paper's order. ``attrs`` hold the layout id,
+    title, the paper's setup and what our jobs ran, source, header lines (toy metrics), notes and context (numbers
+    from outside the table: never a paper number nor a difference)."""
     layout = load_layouts()[layout_id]
     results = resolve(layout_id, jobs)
+    columns = {c["key"]: c for c in layout["columns"]}
     records = []
     for result in results:
         row = result.row
@@ -428,9 +458,11 @@ def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
                             "decimals": int(column.get("decimals", 2)), "ours": ours, "paper": paper,
                             "diff": ours - paper, "status": result.status, "job": result.job_name, "n": result.n})
     table = pd.DataFrame.from_records(records, columns=list(TIDY_COLUMNS))
-    notes = [f"{r.row['label']}{' · ' + r.row['group'] if r.row.get('group') else ''}: {note}"
-             for r in results for note in ([r.row["note"]] if r.row.get("note") else []) + r.notes]
+    notes = [note for r in results for note in _row_notes(r)]
     notes += [f"{c['name']}: not computed ({c['unavailable']})" for c in layout["columns"] if c.get("unavailable")]
+    context = [f"{r['label']}: {header(columns[key])} {value['value']:.{columns[key].get('decimals', 2)}f} "
+               f"({' '.join(value['source'].split())})"
+               for r in layout["rows"] for key, value in (r.get("context") or {}).items()]
     ran = [r for r in results if r.jobs]
     toy = [r for r in ran if any(j.metrics_label for j in r.jobs)]
     heading = []
@@ -440,100 +472,10 @@ def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
             r.row["label"] + (f" ({r.row['group']})" if r.row.get("group") else "") for r in toy)
         heading.append(f"TOY METRICS ({names} backbones, metrics.label) in {which}: these numbers are not "
                        "comparable with the paper's")
-    table.attrs.update(layout=layout_id, title=layout["title"], source=" ".join(layout["source"].split()),
-                       header=heading, notes=notes)
+    table.attrs.update(layout=layout_id, title=layout["title"], setup=layout.get("setup", ""),
+                       ran=describe_runs(layout, results), source=" ".join(layout["source"].split()),
+                       header=heading, notes=notes, context=context)
     return table
-
-
-def _number(value: float, decimals: int, sign: bool = False) -> str:
-    return f"{value:{'+' if sign else ''}.{decimals}f}" if pd.notna(value) and math.isfinite(value) else ""
-
-
-def wide(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as the paper lays it out: one line per row (indexed by group and label), for each column ours,
-    paper and Δ (paper and Δ only where the paper has numbers in that column), then the job folder and items."""
-    columns = list(dict.fromkeys(table["column"]))
-    names = table.drop_duplicates("column").set_index("column")["name"]
-    published = table.groupby("column", sort=False)["paper"].apply(lambda s: s.notna().any())
-    lines, index = [], []
-    for _, rows in table.groupby("row", sort=False):
-        first = rows.iloc[0]
-        ran = first["status"] in (OK, "reference")
-        line: dict[tuple[str, str], str] = {}
-        for _, cell in rows.set_index("column").loc[columns].iterrows():
-            name, decimals = names[cell.name], int(cell["decimals"])
-            line[(name, "ours")] = (_number(cell["ours"], decimals) or NOT_AVAILABLE) if ran else NO_VALUE
-            if published[cell.name]:
-                line[(name, "paper")] = _number(cell["paper"], decimals)
-                line[(name, "Δ")] = _number(cell["diff"], decimals, sign=True)
-        line[("", "job")] = {OK: first["job"], "reference": f"{first['job']} (reference)"}.get(first["status"],
-                                                                                                first["status"])
-        line[("", "n")] = str(int(first["n"])) if ran else ""
-        lines.append(line)
-        index.append((first["group"] if isinstance(first["group"], str) else "", first["label"]))
-    frame = pd.DataFrame(lines)
-    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
-    if any(group for group, _ in index):
-        frame.index = pd.MultiIndex.from_tuples(index, names=["", "method"])
-    else:
-        frame.index = pd.Index([label for _, label in index], name="method")
-    return frame
-
-
-_TEX = str.maketrans({
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-    "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-    "Δ": r"$\Delta$", "×": r"$\times$", "²": r"$^{2}$", "³": r"$^{3}$", "⁴": r"$^{4}$", "τ": r"$\tau$",
-    "λ": r"$\lambda$", "†": r"$^{\dagger}$", "·": r"$\cdot$", "±": r"$\pm$", "–": "--", "−": "-", "…": r"\dots{}",
-    "|": r"$|$",
-})
-
-
-def tex_escape(text: Any) -> str:
-    """``text`` for LaTeX: special characters escaped (underscores included), the tables' symbols as math."""
-    return str(text).translate(_TEX)
-
-
-def _flat(frame: pd.DataFrame) -> pd.DataFrame:
-    flat = frame.reset_index()
-    flat.columns = [" ".join(p for p in (c if isinstance(c, tuple) else (c,)) if p) or "group" for c in flat.columns]
-    return flat
-
-
-def render(table: pd.DataFrame, fmt: str = "text") -> str:
-    """The table as ``text`` (the console), ``md``, ``tex`` (booktabs, with its caption) or ``csv`` (tidy)."""
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    meta = table.attrs
-    layout_id, title = meta.get("layout", ""), meta.get("title", "")
-    frame, notes = wide(table), list(meta.get("notes", ()))
-    if fmt == "tex":
-        frame = frame.map(tex_escape)
-        frame.columns = pd.MultiIndex.from_tuples([tuple(tex_escape(p) for p in c) for c in frame.columns])
-        frame.index = frame.index.map(lambda i: tuple(map(tex_escape, i)) if isinstance(i, tuple) else tex_escape(i))
-        frame.index.names = [None] * frame.index.nlevels  # no line of index names under the header
-        body = frame.to_latex(escape=False, multicolumn=True, multicolumn_format="c", multirow=False,
-                              column_format="l" * frame.index.nlevels + "r" * (frame.shape[1] - 2) + "lr",
-                              caption=tex_escape(title), label=f"tab:{layout_id}", position="t")
-        comments = [f"% {line}" for line in (f"source: {meta.get('source', '')}", *meta.get("header", ()), *notes)]
-        return "\n".join(["% requires \\usepackage{booktabs}", *comments, body])
-    if fmt == "md":
-        parts = [f"### {title}", "", f"Source: {meta.get('source', '')}", ""]
-        parts += [f"**{line}**" for line in meta.get("header", ())] + ([""] if meta.get("header") else [])
-        flat = _flat(frame).map(lambda v: str(v).replace("|", r"\|"))
-        flat.columns = [c.replace("|", r"\|") for c in flat.columns]
-        parts += [flat.to_markdown(index=False, disable_numparse=True, colalign=[
-            "left" if c in ("group", "method", "job") else "right" for c in flat.columns]), ""]
-        parts += [f"- {note}" for note in notes]
-        return "\n".join(parts).rstrip() + "\n"
-    wrap = textwrap.TextWrapper(width=119, subsequent_indent="    ")
-    parts = [f"== {layout_id}: {title} ==", wrap.fill(f"source: {meta.get('source', '')}")]
-    parts += [f"!! {line}" for line in meta.get("header", ())]
-    parts.append(frame.to_string())
-    parts += [wrap.fill(f"  * {note}") for note in notes]
-    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ files, plots, W&B
@@ -585,8 +527,8 @@ def make_plots(table: pd.DataFrame, jobs: list[Job] | None, outdir: Path) -> lis
                 metric = spec["metric"]
                 parts = [r.per_type.assign(method=r.row["label"]) for r in resolve(layout_id, jobs or [], False)
                          if r.per_type is not None and metric in r.per_type]
-                per_type = pd.concat(parts)[["method", "edit_type", metric]].rename(columns={metric: "value"}) \
-                    if parts else pd.DataFrame(columns=["method", "edit_type", "value"])
+                per_type = pd.concat(parts)[["method", "edit_type", metric, "n"]].rename(columns={metric: "value"}) \
+                    if parts else pd.DataFrame(columns=["method", "edit_type", "value", "n"])
                 name = table.loc[table["column"] == metric, "name"].iloc[0]
                 out = plots.per_edit_type_bars(per_type, path, metric_label=name, title=title)
             elif kind == "inversion_ablation":
@@ -604,16 +546,17 @@ def make_plots(table: pd.DataFrame, jobs: list[Job] | None, outdir: Path) -> lis
     return written
 
 
-def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = None, plots: bool = True) -> list[Path]:
-    """``table_<layout>.md`` / ``.tex`` / ``.csv`` in ``outdir``, and (``plots``) the layout's plots; returns the
-    files written."""
+def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = None, plots: bool = True,
+                  delta: bool = False) -> list[Path]:
+    """``table_<layout>.md`` / ``.tex`` (``delta``: with Δ columns) / ``.csv`` in ``outdir``, and (``plots``) the
+    layout's plots; returns the files written."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     layout_id = table.attrs["layout"]
     written = []
     for fmt, suffix in (("md", "md"), ("tex", "tex"), ("csv", "csv")):
         path = outdir / f"table_{layout_id}.{suffix}"
-        path.write_text(render(table, fmt))
+        path.write_text(render(table, fmt, delta))
         written.append(path)
     if plots:
         written += make_plots(table, jobs, outdir)
@@ -676,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="auto", choices=["auto", *layouts],
                         help="the paper table to lay out (default auto: every layout the jobs match)")
     parser.add_argument("--out", type=Path, help="where the table files and plots go (default: the first DIR)")
+    parser.add_argument("--delta", action="store_true", help="print Δ = ours − paper beside each published number")
     parser.add_argument("--wandb", action="store_true", help="log the tables and plots to an offline W&B run")
     args = parser.parse_args(argv)
     if missing := [str(f) for f in args.folders if not f.is_dir()]:
@@ -690,10 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     tables, images = {}, []
     for layout_id in chosen:
         table = build_table(layout_id, jobs)
-        files = write_outputs(table, outdir, jobs)
+        files = write_outputs(table, outdir, jobs, delta=args.delta)
         tables[layout_id] = table
         images += [f for f in files if f.suffix == ".png"]
-        print(f"{render(table)}\nwritten: {', '.join(str(f) for f in files)}\n")
+        print(f"{render(table, delta=args.delta)}\nwritten: {', '.join(str(f) for f in files)}\n")
     if args.wandb:
         print(f"W&B run (offline): {log_to_wandb(tables, images, outdir, args.folders[0].resolve().name)}")
     return 0

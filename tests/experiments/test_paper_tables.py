@@ -38,7 +38,8 @@ def test_toy_paper_table_end_to_end(call_main, tmp_path, capsys, table):
         cells = tidy[tidy["row"] == row]
         assert (cells["status"] == "ok").all() and (cells["n"] == 2).all(), row
         published = cells[cells["paper"].notna() & ~cells["column"].isin(NO_TOY_BACKBONE)]
-        assert len(published), f"{row} has no published number to compare with"
+        row_published = next(r for r in layout["rows"] if r["id"] == row).get("published")
+        assert len(published) or not row_published, f"{row} has no published number to compare with"
         for cell in published.itertuples():
             assert math.isfinite(cell.ours), (row, cell.column)
             assert cell.diff == pytest.approx(cell.ours - cell.paper), (row, cell.column)
