@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.harness import RunError, objective, run
+import experiments.help  # noqa: F401 - the resolver of --help's config groups
 
 log = logging.getLogger("run")
 
@@ -36,6 +36,8 @@ def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) ->
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> float:
+    from experiments.harness import RunError, objective, run  # torch and diffusers: not before --help
+
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
