@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import experiments.help  # noqa: F401 - the resolver of --help's config groups
+from experiments.cli import needs_launcher  # also the resolver of --help's config groups
 
 log = logging.getLogger("run")
 
@@ -34,6 +34,7 @@ def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) ->
     return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
 
 
+@needs_launcher
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> float:
     from experiments.harness import RunError, objective, run  # torch and diffusers: not before --help

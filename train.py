@@ -34,7 +34,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import experiments.help  # noqa: F401 - the resolver of --help's config groups
+from experiments.cli import needs_launcher  # also the resolver of --help's config groups
 
 if TYPE_CHECKING:  # torch, Lightning and the models load inside the functions: --help returns without them
     import pytorch_lightning as pl
@@ -237,6 +237,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Pat
     return module.validation_history[-1] if module.validation_history else {}
 
 
+@needs_launcher
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
