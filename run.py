@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.harness import RunError, objective, run
+from experiments.cli import needs_launcher  # also the resolver of --help's config groups
 
 log = logging.getLogger("run")
 
@@ -55,8 +55,11 @@ def main() -> float:
     return run_job()
 
 
+@needs_launcher
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def run_job(cfg: DictConfig) -> float:
+    from experiments.harness import RunError, objective, run  # torch and diffusers: not before --help
+
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

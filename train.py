@@ -28,31 +28,18 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 
-from experiments.console import quiet_libraries
-from experiments.harness import flatten, read_job, write_json
-from icd.data import ICDDataModule
-from icd.guidance import GuidancePolicy
-from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
-from icd.schedule import BoundarySchedule
-from icd.teacher import warn_outside_w_range
-from icd.training import (
-    ICDModule,
-    IterationProgressBar,
-    LoraSettings,
-    LossSettings,
-    OptimSettings,
-    PeriodicExport,
-    load_teacher,
-)
-from models.loading import load_components
+from experiments.cli import needs_launcher  # also the resolver of --help's config groups
+
+if TYPE_CHECKING:  # torch, Lightning and the models load inside the functions: --help returns without them
+    import pytorch_lightning as pl
+
+    from icd.schedule import BoundarySchedule
 
 log = logging.getLogger("train")
 
@@ -70,6 +57,8 @@ def settings(cls: type, group: DictConfig, key: str):
 
 
 def build_schedule(icd: DictConfig) -> BoundarySchedule:
+    from icd.schedule import BoundarySchedule
+
     return BoundarySchedule(
         icd.num_steps,
         reverse=list(icd.reverse_boundaries) if icd.reverse_boundaries else None,
@@ -115,6 +104,8 @@ RESUMABLE = ("train.trainer.iterations", "train.trainer.progress_bar", "train.tr
 def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
     """``<run dir>/job.json`` holds the settings the run's checkpoints were trained with; continuing them with other
     settings stops with the keys that differ (a new learning rate would be overridden by the restored optimizer)."""
+    from experiments.harness import flatten, read_job, write_json
+
     settings = {k: v for key in ("model", "precision", "train", "seed")
                 for k, v in flatten(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
                                     else cfg[key], key).items()
@@ -138,6 +129,13 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
 
 def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
     """One training run; returns the last validation metrics."""
+    import pytorch_lightning as pl
+
+    from experiments.console import quiet_libraries
+    from icd.guidance import GuidancePolicy
+    from icd.teacher import warn_outside_w_range
+    from icd.training import ICDModule, LoraSettings, LossSettings, OptimSettings, load_teacher
+
     quiet_libraries(cfg.get("quiet", True))
     checkpoint = resume_checkpoint(cfg.resume, output_dir)
     if cfg.resume in (None, "", "auto", "last"):  # continuing (or starting) this directory's own run
@@ -173,6 +171,10 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
 
 def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: str | None) -> dict[str, float]:
     """Guidance distillation of the plain base model into a w-conditioned teacher (<run dir>/teacher/)."""
+    from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
+    from icd.training import OptimSettings
+    from models.loading import load_components
+
     t = cfg.train
     values = OmegaConf.to_container(t.guidance, resolve=True)
     mixture = WMixture(**values.pop("mixture", {}))
@@ -199,6 +201,13 @@ def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: st
 def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Path, output_dir: Path, group: str,
         checkpoint: str | None) -> dict[str, float]:
     """Lightning's fit of ``module`` on the configured data, exporting into ``export_dir``; the last validation."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from icd.data import ICDDataModule
+    from icd.training import IterationProgressBar, PeriodicExport
+
     t = cfg.train
     datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
                                **OmegaConf.to_container(t.data, resolve=True))
@@ -228,6 +237,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Pat
     return module.validation_history[-1] if module.validation_history else {}
 
 
+@needs_launcher
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()

@@ -105,7 +105,7 @@ class ICDEditor(Editor):
         # fused: each student as merged weights, swapped per phase (faster calls, two more weight copies)
         self.switch = FusedAdapterSwitch(c.unet) if fuse_adapters else AdapterSwitch(c.unet)
         mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
-        uncond = self.components.conditioning([""]) if mode_ == "cfg" else Conditioning(None)
+        uncond = self.components.unconditional() if mode_ == "cfg" else Conditioning(None)
         self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
         trained = trained_schedule(reverse_lora or forward_lora)
         reverse_steps = reverse_steps or trained.get("reverse_steps") or REFERENCE_REVERSE_STEPS

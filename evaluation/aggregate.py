@@ -298,6 +298,11 @@ class SweepReport(Callback):
         self.bar: tqdm | None = None
         self.total: int | None = None
 
+    def __getstate__(self) -> dict:
+        # launchers that run the jobs in processes of their own (submitit, joblib) pickle the callbacks with them;
+        # the bar stays with the sweep (a pickled tqdm recurses without end when loaded)
+        return {**self.__dict__, "bar": None}
+
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
             total = _count_jobs(config)

@@ -150,7 +150,7 @@ class KeyBackbone:
 
     @classmethod
     def from_clip_vision(cls, model: torch.nn.Module) -> KeyBackbone:
-        """A `transformers.CLIPVisionModel`, its own input size and CLIP mean/std, still on 0-255 inputs."""
+        """A CLIP vision tower (`load_clip_vision`), its own input size and CLIP mean/std, still on 0-255 inputs."""
         return cls(model, model.config.image_size, CLIP_MEAN, CLIP_STD)
 
     @torch.no_grad()
@@ -308,14 +308,23 @@ def _weights(path: str) -> str:
     return str(resolve_local(path)) if is_local(path) else path
 
 
-def _load_structure(kind: str, path: str, device: str | torch.device, key: str) -> KeyBackbone:
-    from transformers import CLIPVisionModel, ViTModel
+def load_clip_vision(path: str, key: str) -> torch.nn.Module:
+    """The float32 vision tower of a whole (CLIPModel) or vision-only (CLIPVisionModel) CLIP checkpoint. Loading the
+    model the weights hold and keeping its tower leaves transformers no unexpected keys (the text tower) to report."""
+    from transformers import AutoModel
 
     path = _weights(path)
-    hub = hub_kwargs(path, key)
-    if kind == "dino":
-        return KeyBackbone.from_vit(ViTModel.from_pretrained(path, add_pooling_layer=False, **hub).to(device))
-    return KeyBackbone.from_clip_vision(CLIPVisionModel.from_pretrained(path, dtype=torch.float32, **hub).to(device))
+    return AutoModel.from_pretrained(path, dtype=torch.float32, **hub_kwargs(path, key)).vision_model
+
+
+def _load_structure(kind: str, path: str, device: str | torch.device, key: str) -> KeyBackbone:
+    if kind == "clip_vision":
+        return KeyBackbone.from_clip_vision(load_clip_vision(path, key).to(device))
+    from transformers import ViTModel
+
+    path = _weights(path)
+    vit = ViTModel.from_pretrained(path, add_pooling_layer=False, **hub_kwargs(path, key))
+    return KeyBackbone.from_vit(vit.to(device))
 
 
 def _load_lpips(net: str, device: str | torch.device) -> torch.nn.Module:

@@ -41,7 +41,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.metrics import CLIP_MEAN, CLIP_PATH, CLIP_STD, BackboneScores, ClipScorer, _try_load, _weights
+from evaluation.metrics import (
+    CLIP_MEAN,
+    CLIP_PATH,
+    CLIP_STD,
+    BackboneScores,
+    ClipScorer,
+    _try_load,
+    _weights,
+    load_clip_vision,
+)
 from evaluation.piebench import strip_brackets
 from models.hub import hub_kwargs
 from models.safe_load import safe_loading
@@ -83,7 +92,7 @@ _OFF = (None, "none", "null")
 
 class PooledImageEncoder:
     """A vision transformer and its image processor; ``embed`` gives the model's ``pooler_output`` for one image
-    (DINOv2: layer-normed CLS; CLIPVisionModel: post-layernorm CLS, before the projection)."""
+    (DINOv2: layer-normed CLS; CLIP's vision tower: post-layernorm CLS, before the projection)."""
 
     def __init__(self, model: torch.nn.Module, processor: Callable) -> None:
         self.model, self.processor = model.eval(), processor
@@ -96,7 +105,7 @@ class PooledImageEncoder:
 
 
 def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: str) -> PooledImageEncoder:
-    from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessorPil, CLIPVisionModel
+    from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessorPil
 
     path = _weights(path)
     hub = hub_kwargs(path, key)
@@ -106,7 +115,7 @@ def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: 
         model = AutoModel.from_pretrained(path, dtype=torch.float32, **hub)
     else:
         processor = CLIPImageProcessorPil.from_pretrained(path, **hub)
-        model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, **hub)
+        model = load_clip_vision(path, key)
     return PooledImageEncoder(model.to(device), processor)
 
 
@@ -126,7 +135,7 @@ def _load_piq_lpips(device: str | torch.device) -> torch.nn.Module:
 
 
 class ClipVisionFeatures(torch.nn.Module):
-    """FID features for the toy world: a CLIPVisionModel's pooled output of uint8 [B, 3, H, W] images, with the
+    """FID features for the toy world: a CLIP vision tower's pooled output of uint8 [B, 3, H, W] images, with the
     CLIP preprocessing done on tensors (bicubic antialiased resize to the model's input size, CLIP mean/std)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -163,11 +172,7 @@ def _load_fid(kind: str, weights: str | None, path: str | None, device: str | to
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"no InceptionV3 weights file at {weights}")
         return _fid_metric(FID_FEATURES, weights, device)
-    from transformers import CLIPVisionModel
-
-    path = _weights(path)
-    model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, **hub_kwargs(path, key))
-    return _fid_metric(ClipVisionFeatures(model.to(device)), None, device)
+    return _fid_metric(ClipVisionFeatures(load_clip_vision(path, key).to(device)), None, device)
 
 
 def fid_image(path: str | Path) -> torch.Tensor:

@@ -34,6 +34,7 @@ from evaluation.metrics import METRIC_KEYS
 from evaluation.piebench import PieBenchItem
 from evaluation.summary import read_results
 from evaluation.toyset import dataset_root
+from experiments.cli import path_safe  # noqa: F401 - registers the job folders' resolver
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,6 @@ def check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
         probe.unlink(missing_ok=True)
 
 
-def path_safe(value: Any) -> str:
-    """A sweep value as one folder name (the ``path_safe`` resolver of the job folders' names): path separators and
-    ``%`` percent-encoded, so ``x/../../escaped`` stays inside the sweep folder; over-long names end in a hash."""
-    text = str(value).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C").replace("\0", "%00")
-    if len(text.encode()) > 200:
-        text = f"{text.encode()[:180].decode(errors='ignore')}~{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    return text
-
-
-OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 class OutputGuard(Callback):

@@ -208,7 +208,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
     def guided(self) -> tuple[GuidedUNet, GuidedUNet]:
         """(two-pass CFG of the frozen base, the single-pass student)."""
         if self._guided is None:
-            uncond = self.encode_text([""])
+            uncond = self.unconditional()
             self._guided = (GuidedUNet(self.teacher_unet, "cfg", uncond.text, uncond_added=uncond.added),
                             GuidedUNet(self.student, "embedded"))
         return self._guided

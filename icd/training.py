@@ -65,7 +65,7 @@ from icd.teacher import (
     load_cfg_distilled,
 )
 from models.components import Components, vae_decode, vae_encode
-from models.conditioning import Conditioning, encode_conditioning
+from models.conditioning import Conditioning, encode_conditioning, unconditional
 from models.images import to_unit_range
 from models.loading import load_components
 
@@ -162,6 +162,7 @@ class FrozenPartsModule(pl.LightningModule):
         self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
         self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
         self.resolution = components.resolution
+        self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.register_buffer("alphas_cumprod", components.alphas_cumprod.clone(), persistent=False)
         self.optim = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
         if optim.decay not in ("constant", "cosine"):
@@ -185,6 +186,10 @@ class FrozenPartsModule(pl.LightningModule):
         """Captions -> their conditioning (SD: text [B, 77, D]; SDXL: also pooled and size embeddings)."""
         encoders = list(zip(self.tokenizers, [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]))
         return encode_conditioning(captions, encoders, self.resolution, self.device, self.text_encoder.dtype)
+
+    def unconditional(self) -> Conditioning:
+        """CFG's unconditional branch, as `Components.unconditional` gives it, on this module's device."""
+        return unconditional(self.encode_text, self.force_zeros_for_empty_prompt)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
@@ -270,7 +275,7 @@ class ICDModule(FrozenPartsModule):
     @property
     def guided(self) -> GuidedUNet:
         if self._guided is None:
-            uncond = self.encode_text([""]) if self.guidance == "cfg" else Conditioning(None)
+            uncond = self.unconditional() if self.guidance == "cfg" else Conditioning(None)
             self._guided = GuidedUNet(self.unet, self.guidance, uncond.text, uncond_added=uncond.added)
         return self._guided
 

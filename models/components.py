@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusion.ddim import abar_at
-from models.conditioning import Conditioning, encode_conditioning
+from models.conditioning import Conditioning, encode_conditioning, unconditional
 from models.images import to_model_pixels, to_uint8
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,6 +52,7 @@ class Components:
     tokenizer_2: CLIPTokenizer | None = None  # SDXL family only
     controlnet: ControlNetModel | None = None  # random-weight SDXL models only (tiny / random_arch)
     offload: str = "none"  # the offload mode in effect ("none" on CPU)
+    force_zeros_for_empty_prompt: bool = False  # the pipeline's: CFG's unconditional branch is zeros (SDXL family)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -101,6 +102,10 @@ class Components:
         if self.text_encoder_2 is not None:
             encoders.append((self.tokenizer_2, self.text_encoder_2))
         return encode_conditioning(prompts, encoders, self.resolution, self.device, self.dtype)
+
+    def unconditional(self) -> Conditioning:
+        """CFG's unconditional branch (`models.conditioning.unconditional`)."""
+        return unconditional(self.conditioning, self.force_zeros_for_empty_prompt)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [B, 77, D] of an SD-family model (`conditioning`)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -44,3 +44,14 @@ def encode_conditioning(prompts: list[str], encoders: Sequence[tuple], resolutio
     time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=dtype).expand(len(prompts), -1)
     return Conditioning(torch.cat(hidden, dim=-1).to(dtype), {"text_embeds": out.text_embeds.to(dtype),
                                                                "time_ids": time_ids})
+
+
+def unconditional(encode: Callable[[list[str]], Conditioning], zeros: bool) -> Conditioning:
+    """CFG's unconditional branch: the encoded empty prompt, or with ``zeros`` (a pipeline's
+    ``force_zeros_for_empty_prompt``: SDXL-family bases) zero token and pooled embeddings, as diffusers' SDXL
+    pipelines and iCD-XL's training use; the size micro-conditioning stays."""
+    empty = encode([""])
+    if not zeros:
+        return empty
+    return Conditioning(torch.zeros_like(empty.text),
+                        {**empty.added, "text_embeds": torch.zeros_like(empty.added["text_embeds"])})

@@ -140,6 +140,19 @@ def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: to
     return modules, sd_scheduler(**_beta_overrides(config))
 
 
+def _force_zeros_for_empty_prompt(model: Mapping[str, Any], sdxl: bool) -> bool:
+    """The pipeline's ``force_zeros_for_empty_prompt`` (its model_index.json), else diffusers' default for the
+    family: zeros for SDXL pipelines; SD pipelines have no such setting (the encoded empty prompt)."""
+    if not sdxl:
+        return False
+    if model["kind"] == "pretrained":
+        path = _local_or_hub(model["path"], "model.path")
+        with contextlib.suppress(OSError):  # a folder without model_index.json keeps the default
+            index = DiffusionPipeline.load_config(path, **hub_kwargs(path, "model.path"))
+            return bool(index.get("force_zeros_for_empty_prompt", True))
+    return True
+
+
 def _beta_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
     """Keep the checkpoint's beta schedule but the reference DDIM conventions (offset 0, no clipping)."""
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
@@ -196,7 +209,8 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
 
     components = Components(
         name=model["name"], scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype,
-        resolution=int(model["resolution"]), offload=_offload_mode(offload.get("mode", "none"), device_), **modules,
+        resolution=int(model["resolution"]), offload=_offload_mode(offload.get("mode", "none"), device_),
+        force_zeros_for_empty_prompt=_force_zeros_for_empty_prompt(model, "text_encoder_2" in modules), **modules,
     )
     pipe = _base_pipeline(components)
     _load_lora(pipe, model)  # before any offload hook exists (diffusers #10914: LoRA loading misreads the hooks)
@@ -214,6 +228,7 @@ def _base_pipeline(components: Components) -> DiffusionPipeline:
         return StableDiffusionXLPipeline(
             vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
             tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, add_watermarker=False,
+            force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt,
         )
     return StableDiffusionPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,

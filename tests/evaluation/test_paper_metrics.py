@@ -7,6 +7,7 @@ import math
 import sys
 import types
 import warnings
+from logging.handlers import BufferingHandler
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from transformers import (
     Dinov2Model,
 )
 
+from evaluation.metrics import build_metrics
 from evaluation.paper_metrics import (
     ICD_METRIC_KEYS,
     INCEPTION_FILE,
@@ -424,3 +426,19 @@ def test_config_files():
     assert real["clip"]["path"] == "openai/clip-vit-large-patch14"
     assert real["dinov2"] == {"backbone": "dinov2", "path": "facebook/dinov2-base"}
     assert real["lpips"]["net"] == "vgg" and real["fid"] == {"backbone": "inception", "weights": None}
+
+
+def test_the_toy_backbones_load_without_a_transformers_load_report():
+    """A vision-only model loaded from the toy CLIP's whole checkpoint made transformers print a 20-row report of
+    unexpected keys (the text tower) at every load; the vision tower of the model the weights hold has none."""
+    library = logging.getLogger("transformers")  # the library's own root logger, not propagated to pytest's
+    records, level = BufferingHandler(capacity=10_000), library.level
+    library.addHandler(records)
+    library.setLevel(logging.WARNING)
+    try:
+        build_metrics(load_yaml("toy.yaml"))  # structure distance on the vision tower, CLIP scores
+        build_icd_metrics(load_yaml("icd_paper_toy.yaml"))  # "DINOv2" and FID on the vision tower
+    finally:
+        library.removeHandler(records)
+        library.setLevel(level)
+    assert not [r.getMessage() for r in records.buffer if "LOAD REPORT" in r.getMessage()]
