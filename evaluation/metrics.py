@@ -260,6 +260,11 @@ class BackboneScores:
         return math.nan
 
 
+def failure_notes(failures: Mapping[str, str]) -> list[str]:
+    """A row's note for each metric that `BackboneScores` recorded as failed (`evaluation.summary` counts them)."""
+    return [f"{key} failed ({why}): left out of its mean" for key, why in failures.items()]
+
+
 class PieBenchMetrics:
     """The reference metric set; a backbone left as None makes its metrics NaN (listed in `unavailable`)."""
 

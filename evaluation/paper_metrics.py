@@ -23,8 +23,9 @@ LPIPS, PSNR) are NaN; a metric whose backbone is off or missing is NaN (``unavai
 Per set (``ICDPaperMetrics.set_scores``): FID between two lists of image files, each image Lanczos-resized to short
 side 256 and centre-cropped to 256 (uint8), as the iCD code; features from torchmetrics' FrechetInceptionDistance
 with the 2048-d pool features of torch-fidelity's InceptionV3 (the same TF-ported pt_inception-2015-12-05 weights
-pytorch-fid uses; its bilinear upsampling to 299 is torch's, as pytorch-fid's, but it scales pixels by (x - 128) /
-128 where pytorch-fid uses 2 x / 255 - 1), or, for the toy world, the toy CLIP vision tower's pooled output.
+pytorch-fid uses; its bilinear upsampling to 299 is torch's, as pytorch-fid's), with its input scaling changed from
+torch-fidelity's (x - 128) / 128 to the iCD code's (pytorch-fid's) 2 x / 255 - 1 (`scale_inputs_as_the_icd_code`),
+or, for the toy world, the toy CLIP vision tower's pooled output.
 """
 
 from __future__ import annotations
@@ -165,13 +166,29 @@ def _fid_metric(feature: int | torch.nn.Module, weights: str | None, device: str
     ).to(device)
 
 
+def scale_inputs_as_the_icd_code(inception: torch.nn.Module) -> None:
+    """Make torch-fidelity's InceptionV3, which scales its uint8 input as ``y = (x - 128) / 128``, compute the
+    features of the iCD code's pytorch-fid scaling ``y' = 2 x / 255 - 1`` exactly. ``y' = a y + b`` with ``a =
+    256 / 255``, ``b = 1 / 255``; the first convolution has no padding and no bias, so ``W * y' = a W * y + b
+    sum(W)``: its weights are scaled by ``a`` and ``b`` times each filter's sum becomes its bias. (Both resize to
+    299² bilinearly first, which commutes with the scaling.)"""
+    conv = inception.Conv2d_1a_3x3.conv
+    if conv.padding != (0, 0) or conv.bias is not None:
+        raise ValueError("InceptionV3's first convolution is not the unpadded, bias-free one this rescaling assumes")
+    with torch.no_grad():
+        conv.bias = torch.nn.Parameter(conv.weight.sum(dim=(1, 2, 3)) / 255, requires_grad=False)
+        conv.weight.mul_(256 / 255)
+
+
 def _load_fid(kind: str, weights: str | None, path: str | None, device: str | torch.device, key: str) -> Any:
     if kind == "inception":
         if weights is not None:
             weights = _weights(weights)
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"no InceptionV3 weights file at {weights}")
-        return _fid_metric(FID_FEATURES, weights, device)
+        fid = _fid_metric(FID_FEATURES, weights, device)
+        scale_inputs_as_the_icd_code(fid.inception)
+        return fid
     return _fid_metric(ClipVisionFeatures(load_clip_vision(path, key).to(device)), None, device)
 
 

@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from evaluation.files import atomic_write
 from evaluation.ground_truth import GT_KEYS, ground_truth_scores
-from evaluation.metrics import CLIP_PATH, METRIC_KEYS, PieBenchMetrics, build_metrics
+from evaluation.metrics import CLIP_PATH, METRIC_KEYS, PieBenchMetrics, build_metrics, failure_notes
 from evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
 from evaluation.summary import format_summary, summarize
 
@@ -82,7 +83,10 @@ def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metric
         edit, note = fit_to_source(edit, source.size)
         notes.append(note)
         mask = dataset.load_mask(item, source.height, source.width)
-        row |= metrics.compute(np.asarray(source), np.asarray(edit), mask, item.source_prompt, item.target_prompt)
+        failures: dict[str, str] = {}
+        row |= metrics.compute(np.asarray(source), np.asarray(edit), mask, item.source_prompt, item.target_prompt,
+                               failures=failures)
+        notes += failure_notes(failures)
         row |= ground_truth_scores(dataset.root, item.image_path, np.asarray(edit))  # NaN without ground_truth/
         row["error"] = ""
     except Exception as err:  # one bad item must not end a 700-item run; it is reported in the CSV instead
@@ -156,10 +160,10 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
 
     out = args.out or args.edits.resolve().parent / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out, index=False)
+    atomic_write(out, lambda f: results.to_csv(f, index=False))
     summary = summarize(results.assign(editor=args.name or default_name(args.edits)))
     summary_path = out.with_name(f"{out.stem}_summary.csv")
-    summary.to_csv(summary_path, index=False)
+    atomic_write(summary_path, lambda f: summary.to_csv(f, index=False))
 
     failed = int((results["error"] != "").sum())
     print(f"scored {len(results) - failed}/{len(results)} edits ({failed} errors) -> {out}, {summary_path}")

@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from evaluation.files import atomic_write_text
 from evaluation.summary import read_results, summarize
 from evaluation.table_render import header, render
 
@@ -553,11 +554,10 @@ def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = No
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     layout_id = table.attrs["layout"]
-    written = []
-    for fmt, suffix in (("md", "md"), ("tex", "tex"), ("csv", "csv")):
-        path = outdir / f"table_{layout_id}.{suffix}"
-        path.write_text(render(table, fmt, delta))
-        written.append(path)
+    texts = {outdir / f"table_{layout_id}.{fmt}": render(table, fmt, delta) for fmt in ("md", "tex", "csv")}
+    for path, text in texts.items():  # all rendered first: a failing format leaves no file of the set half-new
+        atomic_write_text(path, text)
+    written = list(texts)
     if plots:
         written += make_plots(table, jobs, outdir)
     return written

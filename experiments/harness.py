@@ -39,7 +39,7 @@ from editors.base import TASKS, EditRequest, build_editor
 from evaluation.files import FolderBusyError, FolderLock, atomic_write, remove_orphans
 from evaluation.ground_truth import ground_truth_scores
 from evaluation.icd_benchmark import IcdCsvDataset
-from evaluation.metrics import PieBenchMetrics, build_metrics
+from evaluation.metrics import PieBenchMetrics, build_metrics, failure_notes
 from evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from evaluation.summary import format_summary, metric_gaps, read_results, summarize
 from evaluation.toyset import dataset_root, write_piebench
@@ -207,7 +207,7 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
         source = None if image is None else np.asarray(image)
         failures: dict[str, str] = {}
         row.update(metrics.compute(source, output, mask, item.source_prompt, target, failures=failures))
-        notes += [f"{key} failed ({why}): left out of its mean" for key, why in failures.items()]
+        notes += failure_notes(failures)
         row["note"] = "; ".join(n for n in notes if n)
         if task == "edit":
             row.update(ground_truth_scores(dataset.root, item.image_path, output))

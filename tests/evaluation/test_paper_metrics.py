@@ -442,3 +442,32 @@ def test_the_toy_backbones_load_without_a_transformers_load_report():
         library.removeHandler(records)
         library.setLevel(level)
     assert not [r.getMessage() for r in records.buffer if "LOAD REPORT" in r.getMessage()]
+
+
+def test_fid_inception_sees_the_icd_codes_pixel_scaling(monkeypatch):
+    """The iCD code (pytorch-fid) feeds Inception 2 x / 255 - 1, torch-fidelity (x - 128) / 128: after the rescaling
+    the first block's output on torch-fidelity's input equals the unmodified block's on the iCD code's."""
+    import copy
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    from evaluation.paper_metrics import scale_inputs_as_the_icd_code
+
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})  # random weights, offline
+    monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    original = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).eval()
+    for module in original.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, so the bias matters downstream
+            module.running_mean.uniform_(-1, 1)
+    rescaled = copy.deepcopy(original)
+    scale_inputs_as_the_icd_code(rescaled)
+    x = torch.randint(0, 256, (2, 3, 64, 64)).float()
+    with torch.no_grad():
+        ours = rescaled.Conv2d_1a_3x3((x - 128) / 128)
+        icd = original.Conv2d_1a_3x3(2 * x / 255 - 1)
+        plain = original.Conv2d_1a_3x3((x - 128) / 128)
+    torch.testing.assert_close(ours, icd, rtol=1e-5, atol=1e-5)
+    assert (plain - icd).abs().max() > 1e-3  # the two conventions do differ
+    with torch.no_grad():
+        (features,) = rescaled(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and features.isfinite().all()

@@ -549,3 +549,25 @@ def test_quality_vs_cost_labels_do_not_overlap(tmp_path, drawn):
     boxes = [text.get_window_extent(renderer) for text in figure.axes[0].texts]
     assert len(boxes) == 5
     assert not [(a, b) for a in range(5) for b in range(a + 1, 5) if boxes[a].overlaps(boxes[b])]
+
+
+def test_a_kill_while_writing_a_table_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    make_job(tmp_path / "sweep" / "0", "ddim_p2p", label="toy")
+    jobs = tables.find_jobs([tmp_path / "sweep"])
+    table = tables.build_table("piebench", jobs)
+    tables.write_outputs(table, tmp_path / "out", jobs, plots=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    real = tables.render
+
+    class Killed(BaseException):
+        pass
+
+    def dying(table, fmt, *args):
+        if fmt == "tex":
+            raise Killed
+        return real(table, fmt, *args)
+
+    monkeypatch.setattr(tables, "render", dying)
+    with pytest.raises(Killed):
+        tables.write_outputs(table, tmp_path / "out", jobs, plots=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # no 0-byte .md, no .tmp
