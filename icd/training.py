@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -510,17 +512,18 @@ class ICDModule(FrozenPartsModule):
 class IterationProgressBar(TQDMProgressBar):
     """Lightning's bar counting iterations of the whole run (the loader is endless, so there are no epochs):
     ``iCD 12/60 [.., 1.9 it/s]`` (``guidance ...`` for guidance distillation), starting where a resumed run
-    starts (Lightning skips ``on_train_epoch_start`` when it resumes inside an epoch, so the bar is set up here)."""
+    starts. It is made whole at ``on_train_start``: Lightning skips ``on_train_epoch_start`` when it resumes inside
+    an epoch, and a bar shown before it is set up would show ``Training 0/?``."""
 
-    def on_train_start(self, trainer, module: ICDModule) -> None:
-        super().on_train_start(trainer, module)
-        self.on_train_epoch_start(trainer, module)
+    def init_train_tqdm(self) -> Tqdm:
+        module = self.trainer.lightning_module
+        return Tqdm(desc=getattr(module, "progress_name", "iCD"), total=self.trainer.max_steps //
+                    module.steps_per_iteration, initial=module.iteration, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
 
-    def on_train_epoch_start(self, trainer, module: ICDModule, *_: Any) -> None:
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps // module.steps_per_iteration)
-        bar.initial = bar.n = module.iteration
-        bar.set_description(getattr(module, "progress_name", "iCD"))
+    def on_train_epoch_start(self, *_: Any) -> None:
+        """Nothing: the bar counts the run's iterations, not an epoch's batches."""
 
     def get_metrics(self, trainer, module) -> dict[str, Any]:
         """The losses under short names (``reverse_cd=...``), without Lightning's version number."""
