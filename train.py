@@ -185,6 +185,7 @@ class RecordJob(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, self.job)
 
 
