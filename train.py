@@ -290,7 +290,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Pat
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     except SIGTERMException:  # Lightning's stop on SIGTERM, or on Ctrl-C passed on as one: between iterations
         stopped_by = checkpoints.stopped_by or "SIGTERM"
-        saved = checkpoints.best_model_path or checkpoints.last_model_path or "no checkpoint (checkpoint_every=0)"
+        saved = checkpoints.best_model_path or checkpoints.last_model_path or "nothing (checkpoint_every=0)"
         log.warning("%s: stopped after iteration %d, saved %s; resume with: %s", stopped_by, module.iteration, saved,
                     resume_command(output_dir))
         raise SystemExit(128 + getattr(signal, stopped_by)) from None
