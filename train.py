@@ -26,9 +26,14 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
+import signal
+import sys
+import uuid
 import warnings
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -67,14 +72,25 @@ def build_schedule(icd: DictConfig) -> BoundarySchedule:
     )
 
 
-def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: str):
+def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) -> tuple[str, str]:
+    """Named as run.py names editing runs: the group is the preset and the run's date (a sweep's: and time), the
+    name what trains and the run's time (``icd toy fp32 10-06-15``; a sweep's job number first)."""
+    experiment = hydra_cfg.runtime.choices.get("train/experiment") or ("sweep" if multirun else "run")
+    folder = Path(hydra_cfg.sweep.dir) if multirun else output_dir
+    stamp = folder.name.split("_", 1)[0]
+    group = f"{experiment} {folder.parent.name} {stamp}" if multirun else f"{experiment} {folder.parent.name}"
+    name = f"{cfg.train.method} {cfg.model.name} {cfg.precision.name}"
+    return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
+
+
+def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: str, name: str, run_id: str):
     if logger.name == "none":
         return False
     import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     run = WandbLogger(project=logger.project, entity=logger.entity, mode=logger.mode, save_dir=str(output_dir),
-                      group=logger.group or group, tags=list(logger.tags), name=output_dir.name,
+                      group=logger.group or group, tags=list(logger.tags), name=name, id=run_id,  # resumes the run
                       config=OmegaConf.to_container(cfg, resolve=True),
                       settings=wandb.Settings(silent=cfg.get("quiet", True)))
     run._wandb_init.pop("anonymous", None)  # Lightning always passes it; W&B warns that it is deprecated
@@ -87,24 +103,46 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     exist; a ``.ckpt`` file; or a run directory or checkpoints folder (its ``last.ckpt``)."""
     own = output_dir / "checkpoints" / "last.ckpt"
     if resume in (None, "", "auto"):
-        return str(own) if own.is_file() else None
+        return check_intact(own) if own.is_file() else None
     path = own if resume == "last" else Path(resume).expanduser()
     for candidate in (path, path / "last.ckpt", path / "checkpoints" / "last.ckpt"):
         if candidate.is_file():
-            return str(candidate)
+            return check_intact(candidate)
     raise FileNotFoundError(f"resume={resume}: no checkpoint at {path} (nor last.ckpt in it or in its checkpoints/)")
+
+
+def intact(path: Path) -> bool:
+    """Whether a checkpoint (torch.save's zip) is whole: a kill while it was written leaves it truncated."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def check_intact(path: Path) -> str:
+    """``path``, or an error naming it and the newest intact checkpoint beside it to continue from instead."""
+    if intact(path):
+        return str(path)
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
+    newest = next((p for p in reversed(others) if intact(p)), None)
+    then = (f"continue from the newest intact one with resume={newest}" if newest else
+            "there is no intact checkpoint beside it: move it away to start over")
+    raise SystemExit(f"error: the checkpoint {path} is damaged or truncated (a kill while it was written?): {then}")
 
 
 # What a run may change when it continues a directory's checkpoint: its length and how it reports.
 RESUMABLE = ("train.trainer.iterations", "train.trainer.progress_bar", "train.trainer.validation_every",
-             "train.trainer.log_every", "train.trainer.checkpoint_every", "train.trainer.export_every",
-             "train.trainer.export_dtype")
+             "train.trainer.log_every", "train.trainer.checkpoint_every", "train.trainer.keep_checkpoints",
+             "train.trainer.export_every", "train.trainer.export_dtype")
 
 
-def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
-    """``<run dir>/job.json`` holds the settings the run's checkpoints were trained with; continuing them with other
-    settings stops with the keys that differ (a new learning rate would be overridden by the restored optimizer)."""
-    from experiments.harness import flatten, read_job, write_json
+def job_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """What ``<run dir>/job.json`` holds once training starts (`OnTrainStart` in `fit`): the settings the run's checkpoints are
+    trained with and its W&B run id, which a resumed run logs on into. Continuing the directory's own run (resume
+    null or last) with other settings stops with the keys that differ (a new learning rate would be overridden by
+    the restored optimizer)."""
+    from experiments.harness import flatten, read_job
 
     settings = {k: v for key in ("model", "precision", "train", "seed")
                 for k, v in flatten(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
@@ -112,8 +150,8 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
                 if not k.startswith("train.logger") and k not in RESUMABLE}
     if settings["train.method"] == "icd":  # the guidance distillation settings do not touch an iCD run
         settings = {k: v for k, v in settings.items() if not k.startswith("train.guidance.")}
-    path = output_dir / "job.json"
-    before = read_job(path).get("config")
+    job = read_job(output_dir / "job.json")
+    before = job.get("config") if cfg.resume in (None, "", "auto", "last") else None
     if before is not None:
         before.setdefault("train.method", "icd")  # runs made before guidance distillation existed: iCD ones
     # a setting the run's code did not have yet (absent from its job.json) is no change
@@ -123,12 +161,18 @@ def check_same_run(cfg: DictConfig, output_dir: Path) -> None:
         raise SystemExit(f"error: {output_dir} holds a run trained with other settings ({'; '.join(changed[:6])}): "
                          "choose another directory (hydra.run.dir=...), or name a checkpoint (resume=<file>.ckpt) "
                          "to start from it on purpose")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"config": settings})
+    return {"config": settings, "wandb_id": job.get("wandb_id") or uuid.uuid4().hex[:12]}
 
 
-def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
-    """One training run; returns the last validation metrics."""
+def resume_command(output_dir: Path) -> str:
+    """The command that continues this run: its overrides (less any resume=), into its directory."""
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in ("resume", "hydra.run.dir")]
+    return shlex.join(["python", "train.py", *kept, f"hydra.run.dir={output_dir}"])
+
+
+def train(cfg: DictConfig, output_dir: Path, group: str, name: str | None = None) -> dict[str, float]:
+    """One training run, W&B ``group`` and ``name`` (default: the run directory's); the last validation metrics."""
     import pytorch_lightning as pl
 
     from experiments.console import quiet_libraries
@@ -138,17 +182,20 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
 
     quiet_libraries(cfg.get("quiet", True))
     checkpoint = resume_checkpoint(cfg.resume, output_dir)
-    if cfg.resume in (None, "", "auto", "last"):  # continuing (or starting) this directory's own run
-        check_same_run(cfg, output_dir)
+    job = job_record(cfg, output_dir)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # the frozen VAE / text encoders are in eval mode on purpose; the other is Lightning's own deprecation
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # every checkpoint is taken after its iteration's optimizer steps on purpose; Lightning suggests otherwise
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # re-running into a run directory continues its checkpoints: that is what it is for
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty", category=UserWarning)
     t = cfg.train
     if t.method == "guidance":
-        return train_guidance(cfg, output_dir, group, checkpoint)
+        return train_guidance(cfg, output_dir, checkpoint, group, name or output_dir.name, job)
     if t.method != "icd":
         raise SystemExit(f"error: unknown train.method={t.method!r}; expected icd or guidance")
     schedule = build_schedule(t.icd)
@@ -166,10 +213,12 @@ def train(cfg: DictConfig, output_dir: Path, group: str) -> dict[str, float]:
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    return fit(cfg, module, components, output_dir / "lora", output_dir, group, checkpoint)
+    return fit(cfg, module, components, output_dir / "lora", output_dir, checkpoint, group, name or output_dir.name,
+               job)
 
 
-def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: str | None) -> dict[str, float]:
+def train_guidance(cfg: DictConfig, output_dir: Path, checkpoint: str | None, group: str, name: str,
+                   job: dict[str, Any]) -> dict[str, float]:
     """Guidance distillation of the plain base model into a w-conditioned teacher (<run dir>/teacher/)."""
     from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
     from icd.training import OptimSettings
@@ -195,40 +244,52 @@ def train_guidance(cfg: DictConfig, output_dir: Path, group: str, checkpoint: st
         gradient_checkpointing=t.trainer.gradient_checkpointing, validation_every=t.trainer.validation_every,
         validation_seed=cfg.seed,
     )
-    return fit(cfg, module, components, output_dir / "teacher", output_dir, group, checkpoint)
+    return fit(cfg, module, components, output_dir / "teacher", output_dir, checkpoint, group, name, job)
 
 
-def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Path, output_dir: Path, group: str,
-        checkpoint: str | None) -> dict[str, float]:
-    """Lightning's fit of ``module`` on the configured data, exporting into ``export_dir``; the last validation."""
+def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Path, output_dir: Path,
+        checkpoint: str | None, group: str, name: str, job: dict[str, Any]) -> dict[str, float]:
+    """Lightning's fit of ``module`` on the configured data, exporting into ``export_dir``; the last validation.
+    On SIGTERM or SIGINT the run stops after checkpointing its running iteration (exit status 128 + the signal)."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from experiments.harness import write_json
     from icd.data import ICDDataModule
-    from icd.training import IterationProgressBar, PeriodicExport
+    from icd.training import IterationCheckpoint, IterationProgressBar, OnTrainStart, PeriodicExport
 
     t = cfg.train
     datamodule = ICDDataModule(resolution=components.resolution, seed=cfg.seed,
                                **OmegaConf.to_container(t.data, resolve=True))
     steps = module.steps_per_iteration  # Lightning counts optimizer steps; the config counts iterations
     tc = t.trainer
-    callbacks = [PeriodicExport(export_dir, tc.export_every, getattr(torch, tc.export_dtype))]
+    callbacks = [PeriodicExport(export_dir, tc.export_every, getattr(torch, tc.export_dtype)),
+                 # job.json once training has started: a run stopped by a start-up error leaves none, so its
+                 # corrected re-run is not refused as a run trained with other settings
+                 OnTrainStart(lambda: write_json(output_dir / "job.json", job))]
     if tc.progress_bar:
         callbacks.append(IterationProgressBar())
+    checkpoints = IterationCheckpoint(output_dir / "checkpoints", tc.checkpoint_every, steps, tc.keep_checkpoints)
     if tc.checkpoint_every:
-        callbacks.append(ModelCheckpoint(dirpath=output_dir / "checkpoints", every_n_train_steps=tc.checkpoint_every
-                                         * steps, save_last=True, save_top_k=-1))
+        callbacks.append(checkpoints)
     trainer = pl.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
         precision=LIGHTNING_PRECISION[cfg.precision.dtype], max_steps=tc.iterations * steps,
-        log_every_n_steps=max(1, tc.log_every), logger=build_logger(t.logger, cfg, output_dir, group),
+        log_every_n_steps=max(1, tc.log_every),
+        logger=build_logger(t.logger, cfg, output_dir, group, name, job["wandb_id"]),
         callbacks=callbacks, default_root_dir=str(output_dir), enable_progress_bar=tc.progress_bar,
         enable_checkpointing=bool(tc.checkpoint_every), enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=False,  # the data module splits its batches over the ranks
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SIGTERMException:  # Lightning's stop on SIGTERM, or on Ctrl-C passed on as one: between iterations
+        stopped_by = checkpoints.stopped_by or "SIGTERM"
+        saved = checkpoints.best_model_path or checkpoints.last_model_path or "nothing (checkpoint_every=0)"
+        log.warning("%s: stopped after iteration %d, saved %s; resume with: %s", stopped_by, module.iteration, saved,
+                    resume_command(output_dir))
+        raise SystemExit(128 + getattr(signal, stopped_by)) from None
     finally:
         if trainer.logger:
             import wandb
@@ -240,11 +301,16 @@ def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Pat
 @needs_launcher
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from icd.training import SettingError
+
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     os.environ.setdefault("WANDB_DIR", str(output_dir))
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else output_dir.name
-    metrics = train(cfg, output_dir, group)
+    os.environ.setdefault("WANDB_DATA_DIR", str(output_dir / "wandb" / "data"))  # W&B stages artifacts there
+    try:
+        metrics = train(cfg, output_dir, *wandb_names(cfg, hydra_cfg, output_dir, hydra_cfg.mode.name == "MULTIRUN"))
+    except SettingError as err:  # the message names the key and what to do: no traceback
+        sys.exit(f"error: {err}")
     # a sweep objective: iCD's round-trip error, guidance distillation's mean single-pass error
     return metrics.get("val/latent_mse", metrics.get("val/rel_error_mean", math.nan))
 

@@ -39,13 +39,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffusion.ddim import add_noise, ddim_jump
 from diffusion.sampling import ddim_loop, ddim_pairs
 from icd.lora import lora_config
 from icd.teacher import GuidedUNet, add_guidance_embedding
-from icd.training import FrozenPartsModule, OptimSettings, rng_states
+from icd.training import FrozenPartsModule, OptimSettings, labelled_grid, rng_states
 from models.components import Components, vae_decode
 from models.conditioning import Conditioning
 from models.images import to_unit_range
@@ -364,17 +363,9 @@ class GuidanceDistillationModule(FrozenPartsModule):
         metrics |= {f"val/rel_error_ignored_w{w:g}": b for w, (_, b) in errors.items()}
         metrics["val/rel_error_mean"] = float(np.mean([e for e, _ in errors.values()]))
         self.validation_history.append(metrics | {"iteration": float(self.iteration)})
-        picture = torch.cat([torch.cat(list(row), dim=2) for row in grid], dim=1)  # [3, rows*H, B*W]
-        image = Image.fromarray((picture.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8))
-        folder = Path(self.trainer.default_root_dir) / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"iteration_{self.iteration:06d}.png")
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
-            if hasattr(logger, "log_image"):
-                logger.log_image(f"val/single_pass_rows_then_two_pass_at_w_{'_'.join(f'{w:g}' for w in shown)}",
-                                 [image], step=step)
+        labels = [f"{kind} w={w:g}" for kind in ("single-pass", "two-pass CFG") for w in shown]
+        self.publish_validation(metrics, labelled_grid(grid, labels),
+                                f"val/single_pass_rows_then_two_pass_at_w_{'_'.join(f'{w:g}' for w in shown)}")
         log.info("validation at iteration %d: relative error per w %s (w ignored: %s)", self.iteration,
                  ", ".join(f"{w:g}: {e:.3f}" for w, (e, _) in errors.items()),
                  ", ".join(f"{w:g}: {b:.3f}" for w, (_, b) in errors.items()))

@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
-from pytorch_lightning.callbacks import TQDMProgressBar
+from PIL import Image, ImageDraw, ImageFont
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from icd.guidance import GuidancePolicy
@@ -75,6 +80,11 @@ LOSSES = ("reverse_cd", "forward_cd", "forward_preservation", "reverse_preservat
 ADAPTER_OF = {"reverse_cd": REVERSE, "forward_cd": FORWARD, "forward_preservation": FORWARD,
               "reverse_preservation": REVERSE}
 EMA_SUFFIX = "_ema"
+TILE_PIXELS = 256  # validation images are enlarged (nearest) to about this height: toy ones are 32-64 px
+
+
+class SettingError(ValueError):
+    """A setting that cannot work; the message names the key and what to do (train.py prints it as one line)."""
 
 
 def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher: Mapping[str, Any]) -> Components:
@@ -114,6 +124,23 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def labelled_grid(rows: Sequence[torch.Tensor], labels: Sequence[str]) -> Image.Image:
+    """Rows of images in [0, 1] ([B, 3, H, W] each) side by side, enlarged (nearest: no smoothing that would hide
+    what the model drew) to about `TILE_PIXELS` high, each row's label in a margin on the left."""
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # [3, rows * H, B * W]
+    tiles = Image.fromarray((grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8))
+    height = rows[0].shape[-2] * max(1, round(TILE_PIXELS / rows[0].shape[-2]))
+    tiles = tiles.resize((tiles.width * height // rows[0].shape[-2], height * len(rows)), Image.NEAREST)
+    font = ImageFont.load_default(size=max(12, height // 12))
+    margin = max(round(font.getlength(label)) for label in labels) + height // 8
+    picture = Image.new("RGB", (margin + tiles.width, tiles.height), "white")
+    picture.paste(tiles, (margin, 0))
+    draw = ImageDraw.Draw(picture)
+    for row, label in enumerate(labels):
+        draw.text((height // 16, (row + 0.5) * height), label, fill="black", font=font, anchor="lm")
+    return picture
 
 
 @dataclass(frozen=True)
@@ -203,8 +230,9 @@ class FrozenPartsModule(pl.LightningModule):
         warmup = max(self.warmup_steps, 1)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
         if self.decay == "cosine" and total <= warmup:
-            raise ValueError(f"train.optim.decay=cosine needs more optimizer steps ({total}) than the warm-up "
-                             f"({warmup})")
+            raise SettingError(f"train.optim.decay=cosine decays after the warm-up, but train.optim.warmup_steps="
+                               f"{warmup} is not below the run's {total} optimizer steps ({self.steps_per_iteration} "
+                               "per iteration): raise train.trainer.iterations or lower train.optim.warmup_steps")
 
         def factor(step: int) -> float:
             if step + 1 < warmup or self.decay == "constant":
@@ -217,6 +245,17 @@ class FrozenPartsModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.max_grad_norm > 0:  # called after the AMP scaler unscaled the gradients
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def publish_validation(self, metrics: Mapping[str, float], picture: Image.Image, name: str) -> None:
+        """``validation/iteration_N.png`` in the run directory, and the metrics and picture to the loggers."""
+        folder = Path(self.trainer.default_root_dir) / "validation"  # not trainer.log_dir: it broadcasts (DDP)
+        folder.mkdir(parents=True, exist_ok=True)
+        picture.save(folder / f"iteration_{self.iteration:06d}.png")
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the axis Lightning logs train/* on
+        for logger in self.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+            if hasattr(logger, "log_image"):
+                logger.log_image(name, [picture], step=step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resumed_rng is not None:  # here, after the loader started: the draws go on as in an unstopped run
@@ -449,17 +488,10 @@ class ICDModule(FrozenPartsModule):
         metrics = {"val/latent_mse": out["latent_mse"].item(), "val/psnr": psnr.item(),
                    "iteration": float(self.iteration)}
         self.validation_history.append(metrics)
-        grid = torch.cat([torch.cat(list(row), dim=2) for row in
-                          (images, reconstructed, self.decode_latents(out["generation"]))], dim=1)  # [3, 3H, B*W]
-        picture = Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-        folder = Path(self.trainer.default_root_dir) / "validation"  # not trainer.log_dir: it broadcasts (DDP)
-        folder.mkdir(parents=True, exist_ok=True)
-        picture.save(folder / f"iteration_{self.iteration:06d}.png")
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the axis Lightning logs train/* on
-        for logger in self.loggers:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=step)
-            if hasattr(logger, "log_image"):
-                logger.log_image("val/originals_reconstructions_generations", [picture], step=step)
+        picture = labelled_grid([images, reconstructed, self.decode_latents(out["generation"])],
+                                ["originals", "reconstructions", "generations"])
+        self.publish_validation({k: v for k, v in metrics.items() if k != "iteration"}, picture,
+                                "val/originals_reconstructions_generations")
         log.info("validation at iteration %d: latent MSE %.5f, PSNR %.2f dB", self.iteration,
                  metrics["val/latent_mse"], metrics["val/psnr"])
         return metrics
@@ -468,7 +500,7 @@ class ICDModule(FrozenPartsModule):
     exported = "the iCD adapters"
 
     def export(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> list[Path]:
-        return list(self.export_adapters(directory, dtype).values())
+        return [*self.export_adapters(directory, dtype).values(), Path(directory) / "schedule.json"]
 
     def export_adapters(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
         """``forward.safetensors`` / ``reverse.safetensors`` (diffusers style, in ``dtype``) + ``schedule.json``."""
@@ -485,13 +517,18 @@ class ICDModule(FrozenPartsModule):
 class IterationProgressBar(TQDMProgressBar):
     """Lightning's bar counting iterations of the whole run (the loader is endless, so there are no epochs):
     ``iCD 12/60 [.., 1.9 it/s]`` (``guidance ...`` for guidance distillation), starting where a resumed run
-    starts."""
+    starts. It is made whole at ``on_train_start``: Lightning skips ``on_train_epoch_start`` when it resumes inside
+    an epoch, and a bar shown before it is set up would show ``Training 0/?``."""
 
-    def on_train_epoch_start(self, trainer, module: ICDModule, *_: Any) -> None:
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps // module.steps_per_iteration)
-        bar.initial = bar.n = module.iteration
-        bar.set_description(getattr(module, "progress_name", "iCD"))
+    def init_train_tqdm(self) -> Tqdm:
+        module = self.trainer.lightning_module
+        return Tqdm(desc=getattr(module, "progress_name", "iCD"), total=self.trainer.max_steps //
+                    module.steps_per_iteration, initial=module.iteration, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, *_: Any) -> None:
+        """Nothing: the bar counts the run's iterations, not an epoch's batches."""
 
     def get_metrics(self, trainer, module) -> dict[str, Any]:
         """The losses under short names (``reverse_cd=...``), without Lightning's version number."""
@@ -519,3 +556,58 @@ class PeriodicExport(pl.Callback):
         if trainer.is_global_zero:
             paths = module.export(self.directory, self.dtype)
             log.info("exported %s: %s", module.exported, ", ".join(str(p) for p in paths))
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self.log_artifact(logger.experiment, paths, module.iteration)
+
+    def log_artifact(self, run, paths: Sequence[Path], iteration: int) -> None:
+        """The exported files as the W&B model artifact ``<export folder>-<run id>``, the run's config its
+        metadata."""
+        import wandb
+
+        artifact = wandb.Artifact(f"{self.directory.name}-{run.id}", type="model",
+                                  metadata={"iteration": iteration, "config": dict(run.config)})
+        for path in paths:
+            artifact.add_file(str(path))
+        run.log_artifact(artifact)
+
+
+class IterationCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoints every ``every`` iterations: ``iteration_000040.ckpt``, the last ``keep`` of them (-1:
+    all) and ``last.ckpt``. On SIGTERM (what Slurm sends before a kill) or SIGINT (Ctrl-C) the running iteration
+    finishes and is saved too: Lightning then stops with a `SIGTERMException`, and ``stopped_by`` names the signal.
+    A second Ctrl-C stops at once, without a checkpoint."""
+
+    def __init__(self, directory: str | Path, every: int, steps_per_iteration: int, keep: int = -1):
+        super().__init__(dirpath=directory, filename="iteration_{train/iteration:06.0f}", monitor="train/iteration",
+                         mode="max", save_top_k=keep, save_last=True, auto_insert_metric_name=False,
+                         every_n_train_steps=every * steps_per_iteration)  # Lightning counts optimizer steps
+        self.stopped_by: str | None = None
+        self._sigint = None
+
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum, frame) -> None:
+        if self.stopped_by:
+            raise KeyboardInterrupt
+        self.stopped_by = "SIGINT"
+        log.warning("Ctrl-C: stopping at the end of this iteration with a checkpoint (Ctrl-C again: at once, "
+                    "without one)")
+        signal.raise_signal(signal.SIGTERM)  # Lightning's own graceful stop, which also tells the other ranks
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):  # only this one comes between iterations
+            return
+        self.stopped_by = self.stopped_by or "SIGTERM"
+        if not self._should_skip_saving_checkpoint(trainer):  # unless this iteration's checkpoint is written
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        super().teardown(trainer, module, stage)
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None

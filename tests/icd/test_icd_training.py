@@ -18,7 +18,15 @@ from icd.guidance import GuidancePolicy
 from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from icd.schedule import BoundarySchedule
 from icd.teacher import GuidedUNet
-from icd.training import LOSSES, ICDModule, LoraSettings, LossSettings, OptimSettings, load_teacher
+from icd.training import (
+    LOSSES,
+    ICDModule,
+    LoraSettings,
+    LossSettings,
+    OptimSettings,
+    labelled_grid,
+    load_teacher,
+)
 from models.builders import build_tiny
 from models.components import Components
 from models.loading import load_components, sd_scheduler
@@ -176,6 +184,17 @@ def test_checkpoint_holds_adapters_only_and_resumes(tmp_path):
     bad = ICDModule(micro_components(), BoundarySchedule(3), GuidancePolicy(), lora=LoraSettings(rank=4))
     with pytest.raises(ValueError, match="boundaries"):
         trainer(2, bad).fit(bad, train_dataloaders=loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_validation_grid_is_enlarged_and_its_rows_labelled():
+    rows = [torch.full((2, 3, 32, 48), value) for value in (0.0, 0.5, 1.0)]
+    picture = np.asarray(labelled_grid(rows, ["originals", "reconstructions", "generations"]))
+    margin = picture.shape[1] - 2 * 48 * 8  # 32 px high -> 256: eight times, nearest
+    assert picture.shape[0] == 3 * 256 and margin > 0
+    for row, value in enumerate((0, 128, 255)):
+        band = picture[row * 256:(row + 1) * 256]
+        assert (band[:, margin:] == value).all()  # the images, not smoothed
+        assert (band[:, :margin] < 100).any() and (band[:, :margin] == 255).any()  # dark label on white
 
 
 def test_export_is_what_the_editor_loads(tmp_path):

@@ -4,9 +4,14 @@ adapters, a checkpoint, validation images and an offline W&B run."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,14 +143,28 @@ def test_resume_accepts_last_a_directory_or_a_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="resume=last"):
         train.resume_checkpoint("last", run)
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    (run / "checkpoints" / "epoch=0-step=8.ckpt").write_bytes(b"")
+    for name in ("last.ckpt", "iteration_000002.ckpt"):
+        torch.save({}, run / "checkpoints" / name)
     last = str(run / "checkpoints" / "last.ckpt")
     assert train.resume_checkpoint(None, run) == train.resume_checkpoint("last", run) == last
     assert train.resume_checkpoint(str(run), tmp_path / "other") == last
     assert train.resume_checkpoint(str(run / "checkpoints"), tmp_path / "other") == last
-    step8 = str(run / "checkpoints" / "epoch=0-step=8.ckpt")
-    assert train.resume_checkpoint(step8, tmp_path / "other") == step8
+    second = str(run / "checkpoints" / "iteration_000002.ckpt")
+    assert train.resume_checkpoint(second, tmp_path / "other") == second
+
+
+def test_a_truncated_last_checkpoint_is_named_with_the_intact_one_to_resume_from(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    intact = folder / "iteration_000080.ckpt"
+    torch.save({"weights": torch.zeros(1000)}, intact)
+    (folder / "last.ckpt").write_bytes(intact.read_bytes()[:3000])  # killed while it was written
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(folder / 'last.ckpt'))} is damaged or truncated .*"
+                                         rf"with resume={re.escape(str(intact))}$"):
+        train.resume_checkpoint(None, tmp_path / "run")
+    intact.unlink()
+    with pytest.raises(SystemExit, match="no intact checkpoint beside it: move it away to start over"):
+        train.resume_checkpoint("last", tmp_path / "run")
 
 
 def test_endless_batches_resume_where_they_stopped_and_split_over_ranks(monkeypatch):
@@ -223,14 +242,105 @@ def test_guidance_distillation_ddp_run_on_two_cpu_processes(tmp_path):
 
 def test_continuing_a_run_with_other_settings_stops_but_new_settings_of_the_code_pass(tmp_path):
     run = tmp_path / "run"
-    train.check_same_run(config("train.optim.lr=1e-4"), run)
-    train.check_same_run(config("train.optim.lr=1e-4"), run)  # the same settings: continues
+    run.mkdir()
+    job = train.job_record(config("train.optim.lr=1e-4"), run)
+    (run / "job.json").write_text(json.dumps(job))  # what fit writes once training starts
+    assert train.job_record(config("train.optim.lr=1e-4"), run) == job  # the same settings: continues
     with pytest.raises(SystemExit, match=r"train.optim.lr: 0.0001 -> 0.001"):
-        train.check_same_run(config("train.optim.lr=1e-3"), run)
-    job = json.loads((run / "job.json").read_text())
+        train.job_record(config("train.optim.lr=1e-3"), run)
     for key in ("train.optim.decay", "train.method"):  # a run made before these settings existed
         del job["config"][key]
     (run / "job.json").write_text(json.dumps(job))
-    train.check_same_run(config("train.optim.lr=1e-4"), run)
+    train.job_record(config("train.optim.lr=1e-4"), run)
     with pytest.raises(SystemExit, match="train.method: 'icd' -> 'guidance'"):
-        train.check_same_run(config("train.optim.lr=1e-4", "train.method=guidance"), run)
+        train.job_record(config("train.optim.lr=1e-4", "train.method=guidance"), run)
+
+
+TINY_SCRIPT = ("model=tiny", "train/teacher=tiny", "train.trainer.validation_every=0", "train.data.n_images=6",
+               "train.data.batch_size=2", "train.data.validation_size=2", "train.icd.lora.rank=4",
+               "train.icd.num_steps=2")
+
+
+def train_py(*overrides: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *overrides], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **popen)
+
+
+def test_a_setting_error_at_start_up_is_one_line_and_leaves_no_job_record(tmp_path):
+    """Fewer optimizer steps than the warm-up: one line naming the keys, and the corrected command may use the
+    directory (nothing was trained there)."""
+    run = tmp_path / "run"
+    proc = train_py(*TINY_SCRIPT, f"train.data.root={tmp_path / 'toy'}", "train.trainer.iterations=2",
+                    "train.optim.decay=cosine", "train.optim.warmup_steps=100", "train/logger=none",
+                    f"hydra.run.dir={run}")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("error: train.optim.decay=cosine decays after the warm-up, "
+                                                      "but train.optim.warmup_steps=100 is not below"), output[-2000:]
+    assert not (run / "job.json").exists()
+    train.job_record(config(*TINY_SCRIPT, "train.optim.decay=cosine", "train.optim.warmup_steps=4"), run)
+
+
+def started_then_signalled(run: Path, signum: int, *overrides: str) -> tuple[int, str]:
+    """train.py into ``run``, sent ``signum`` once training has started (job.json written); its status and output."""
+    proc = train_py(*TINY_SCRIPT, *overrides, f"hydra.run.dir={run}")
+    while not (run / "job.json").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    return proc.wait(timeout=600), proc.stdout.read()
+
+
+def test_sigterm_checkpoints_the_running_iteration_and_the_printed_command_resumes_it(tmp_path):
+    """SIGTERM (Slurm's notice before a kill) once training runs: the iteration under way finishes and is saved
+    under its number, the message names the file and the command that resumes, and that command continues the run
+    from there: the same W&B run, a progress bar counting from the iteration it resumes at to the total, the last
+    ``keep_checkpoints`` checkpoints kept."""
+    run = tmp_path / "run"
+    overrides = (f"train.data.root={tmp_path / 'toy'}", "train.trainer.iterations=4",
+                 "train.trainer.checkpoint_every=1", "train.trainer.keep_checkpoints=2")
+    status, output = started_then_signalled(run, signal.SIGTERM, *overrides)
+    assert status == 128 + signal.SIGTERM, output[-3000:]
+    stopped = re.search(r"SIGTERM: stopped after iteration (\d+), saved (\S+); resume with: (.+)", output)
+    assert stopped, output[-3000:]
+    iteration, saved, command = int(stopped[1]), Path(stopped[2]), shlex.split(stopped[3])
+    assert saved == run / "checkpoints" / f"iteration_{iteration:06d}.ckpt" and 1 <= iteration < 4
+    assert torch.load(saved, weights_only=True)["icd"]["iteration"] == iteration
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["icd"]["iteration"] == iteration
+    assert command[:2] == ["python", "train.py"] and f"hydra.run.dir={run}" in command
+    assert "saved_models" not in output  # the tail of a Lightning warning about manual optimisation
+
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    shown = resumed.stdout + resumed.stderr  # Lightning's bar writes to stdout
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in shown
+    assert re.search(rf"iCD: +\d+%\|[^|]*\| {iteration}/4 \[", shown), shown[-2000:]
+    assert "/?" not in shown and "Training" not in shown and "is not empty" not in shown, shown[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["icd"]["iteration"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "iteration_000003.ckpt", "iteration_000004.ckpt", "last.ckpt"]
+    wandb_id = json.loads((run / "job.json").read_text())["wandb_id"]
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{wandb_id}") for a in attempts)
+    record = (attempts[-1] / f"run-{wandb_id}.wandb").read_bytes()  # the export, logged as a model artifact
+    assert f"lora-{wandb_id}".encode() in record and b"reverse.safetensors" in record and b"schedule.json" in record
+
+
+def test_ctrl_c_checkpoints_the_running_iteration_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    status, output = started_then_signalled(run, signal.SIGINT, f"train.data.root={tmp_path / 'toy'}",
+                                            "train.method=guidance", "train.trainer.iterations=50",
+                                            "train.trainer.checkpoint_every=20", "train/logger=none")
+    assert status == 128 + signal.SIGINT, output[-3000:]
+    stopped = re.search(r"SIGINT: stopped after iteration (\d+), saved (\S+); resume with: python train.py", output)
+    assert stopped and Path(stopped[2]) == run / "checkpoints" / f"iteration_{int(stopped[1]):06d}.ckpt", output
+    assert torch.load(Path(stopped[2]), weights_only=True)["guidance"]["iteration"] == int(stopped[1]) < 20
+
+
+def test_training_runs_are_named_like_editing_runs():
+    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(choices={"train/experiment": "toy"}),
+                                job=SimpleNamespace(num=3),
+                                sweep=SimpleNamespace(dir="multirun/train/2026-12-01/10-06-15"))
+    cfg = config("model=tiny")
+    single = Path("outputs/train/2026-12-01/10-07-00_tiny_m4")
+    assert train.wandb_names(cfg, hydra_cfg, single, False) == ("toy 2026-12-01", "icd tiny fp32 10-07-00")
+    assert train.wandb_names(cfg, hydra_cfg, Path("x"), True) == ("toy 2026-12-01 10-06-15", "3 icd tiny fp32")
