@@ -217,15 +217,16 @@ def test_each_editor_in_a_two_image_run(tmp_path, editor, model, overrides, nfe_
     assert len(list((out / "annotation_images").rglob("*.png"))) == 2
 
 
-def test_one_editor_on_the_default_tour_is_one_job(tmp_path, run_py):
-    sweep = tmp_path / "sweep"
+def test_one_editor_on_the_default_tour_is_one_run_in_the_folder_named(tmp_path, run_py):
+    """``python run.py editor=npi hydra.run.dir=X`` writes into X (a single run, no sweep, no tour notes)."""
+    out = tmp_path / "x"
     proc = run_py("experiment=toy_tour", "editor=npi", "editor.num_steps=2", "dataset.limit=1", "logger=none",
-                  f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache")
-    (job,) = [p for p in sweep.iterdir() if (p / "results.csv").is_file()]
-    results = read_results(job)
+                  f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    results = read_results(out)
     assert list(results["editor"]) == ["npi"] and results["error"].iloc[0] == ""
-    assert results["nfe"].iloc[0] == 2 * 2 - 1 and not list(sweep.rglob("job_error.txt"))
-    assert "Launching 1 jobs" in proc.stdout + proc.stderr
+    assert results["nfe"].iloc[0] == 2 * 2 - 1
+    printed = proc.stdout + proc.stderr
+    assert "Launching" not in printed and "not in the tour" not in printed and not (tmp_path / "multirun").exists()
 
 
 def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path, run_py):
