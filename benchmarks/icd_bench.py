@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from editors.base import EditRequest, build_editor
-from icd.data import collate
-from icd.guidance import GuidancePolicy
-from icd.schedule import BoundarySchedule
-from icd.teacher import add_guidance_embedding
-from icd.training import ICDModule, OptimSettings
-from models.loading import load_components, to_channels_last
+from editlab.editors.base import EditRequest, build_editor
+from editlab.icd.data import collate
+from editlab.icd.guidance import GuidancePolicy
+from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.teacher import add_guidance_embedding
+from editlab.icd.training import ICDModule, OptimSettings
+from editlab.models.loading import load_components, to_channels_last
 
 MODELS = {
     "tiny": {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64},

@@ -23,12 +23,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from experiments.toy_build import ALL_STAGES, PROFILES, BuildOptions, build  # noqa: E402
+from editlab.experiments.toy_build import ALL_STAGES, PROFILES, BuildOptions, build  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "weights" / "toy")
+    parser.add_argument("--out", type=Path, default=REPO / "editlab" / "weights" / "toy")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--quick", action="store_const", const="quick", dest="profile", help="= --profile quick")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -22,7 +22,7 @@ NO_OFFLOAD = {"mode": "none"}
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from models.loading import load_components
+    from editlab.models.loading import load_components
 
     return load_components(TINY, FP32, NO_OFFLOAD, "cpu")
 

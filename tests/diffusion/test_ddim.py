@@ -2,7 +2,7 @@
 
 import torch
 
-from diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
+from editlab.diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
 
 
 def test_reference_grid():

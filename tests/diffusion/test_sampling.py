@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from diffusion.ddim import ddim_timesteps
-from diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.ddim import ddim_timesteps
+from editlab.diffusion.sampling import ddim_loop, ddim_pairs
 
 ALPHAS = torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64)  # a decreasing abar schedule
 

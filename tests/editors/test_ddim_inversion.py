@@ -2,8 +2,8 @@
 
 import torch
 
-from diffusion.ddim import ddim_jump
-from editors.ddim_p2p import DDIMP2PEditor
+from editlab.diffusion.ddim import ddim_jump
+from editlab.editors.ddim_p2p import DDIMP2PEditor
 
 
 def test_inversion_trajectory_shape_and_identity_first_step(tiny_components):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from editors.base import EditRequest
-from editors.ddim_p2p import DDIMP2PEditor
-from editors.direct_inversion import DirectInversionEditor
-from editors.p2p import make_controller
+from editlab.editors.base import EditRequest
+from editlab.editors.ddim_p2p import DDIMP2PEditor
+from editlab.editors.direct_inversion import DirectInversionEditor
+from editlab.editors.p2p import make_controller
 
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 BLEND = ("red", "blue")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.ddim import add_noise
-from editors.base import EditRequest, build_editor
-from icd.lora import FORWARD, REVERSE, add_icd_adapters, lora_parameters, save_adapter
-from icd.teacher import add_guidance_embedding
-from models.builders import build_tiny
-from models.loading import load_components
+from editlab.diffusion.ddim import add_noise
+from editlab.editors.base import EditRequest, build_editor
+from editlab.icd.lora import FORWARD, REVERSE, add_icd_adapters, lora_parameters, save_adapter
+from editlab.icd.teacher import add_guidance_embedding
+from editlab.models.builders import build_tiny
+from editlab.models.loading import load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}

@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
-from models.loading import load_components
+from editlab.editors.base import EditRequest, build_editor
+from editlab.models.loading import load_components
 
 
 def test_identity_returns_the_source_with_no_unet_call():

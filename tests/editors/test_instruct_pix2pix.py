@@ -9,8 +9,8 @@ from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
-from models.loading import load_components
+from editlab.editors.base import EditRequest, build_editor
+from editlab.models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_IP2P = {"name": "tiny_ip2p", "kind": "tiny", "arch": "ip2p", "seed": 0, "resolution": 64}

@@ -10,10 +10,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
-from editors.lcm_controlnet import canny_edges
-from models.components import ModelLoadError
-from models.loading import load_components
+from editlab.editors.base import EditRequest, build_editor
+from editlab.editors.lcm_controlnet import canny_edges
+from editlab.models.components import ModelLoadError
+from editlab.models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}

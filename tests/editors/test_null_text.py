@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-import editors.null_text as null_text
-from editors.base import EditRequest
-from editors.ddim_p2p import DDIMP2PEditor
-from editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
-from editors.p2p import make_controller
-from models.loading import load_components
+import editlab.editors.null_text as null_text
+from editlab.editors.base import EditRequest
+from editlab.editors.ddim_p2p import DDIMP2PEditor
+from editlab.editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
+from editlab.editors.p2p import make_controller
+from editlab.models.loading import load_components
 
 PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 BLEND = ("red", "blue")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from editors.ddim_p2p import DDIMP2PEditor
-from editors.p2p import LocalBlend, P2PController, P2PSettings, controlled_attention, make_controller
+from editlab.editors.ddim_p2p import DDIMP2PEditor
+from editlab.editors.p2p import LocalBlend, P2PController, P2PSettings, controlled_attention, make_controller
 
 SRC, TGT = "a red circle on a gray background", "a blue circle on a gray background"
 
@@ -148,7 +148,7 @@ def test_missing_blend_word_is_a_clear_error(tiny_components):
 def test_edit_reports_calls_and_returns_both_images(tiny_components):
     from PIL import Image
 
-    from editors.base import EditRequest, build_editor
+    from editlab.editors.base import EditRequest, build_editor
 
     editor = build_editor({"name": "ddim_p2p", "num_steps": 6}, tiny_components)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -166,7 +166,7 @@ def test_edit_reports_calls_and_returns_both_images(tiny_components):
 def test_blend_resolution_is_latent_over_4_or_the_nearest_cross_attention_size(latent_size, blocks, expected):
     from types import SimpleNamespace
 
-    from models.components import Components
+    from editlab.models.components import Components
 
     unet = SimpleNamespace(config=SimpleNamespace(down_block_types=blocks))
     fake = SimpleNamespace(latent_size=latent_size, unet=unet)

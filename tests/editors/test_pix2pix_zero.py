@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
-from editors.p2p import controlled_attention
-from editors.pix2pix_zero import (
+from editlab.editors.base import EditRequest, build_editor
+from editlab.editors.p2p import controlled_attention
+from editlab.editors.pix2pix_zero import (
     CrossAttentionGuidance,
     Pix2PixZeroEditor,
     auto_corr_loss,
@@ -111,7 +111,7 @@ def test_edit_cost_and_outputs(tiny_components):
 
 
 def test_config_has_the_reference_defaults(tiny_components):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "editor" / "pix2pix_zero.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "editlab" / "conf" / "editor" / "pix2pix_zero.yaml"))
     assert cfg == {
         "name": "pix2pix_zero", "num_steps": 50, "guidance_scale": 7.5, "xa_guidance": 0.1, "lambda_ac": 20.0,
         "lambda_kl": 20.0, "num_reg_steps": 5, "num_ac_rolls": 5, "caption": "source_prompt", "offload_maps": True,

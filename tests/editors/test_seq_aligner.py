@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from editors.seq_aligner import (
+from editlab.editors.seq_aligner import (
     cross_replace_alpha,
     get_equalizer,
     get_refinement_mapper,
@@ -19,7 +19,7 @@ from editors.seq_aligner import (
     get_word_inds,
     self_replace_window,
 )
-from models.tokenizers import char_tokenizer
+from editlab.models.tokenizers import char_tokenizer
 
 L = 77
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
-from models.loading import load_components
+from editlab.editors.base import EditRequest, build_editor
+from editlab.models.loading import load_components
 
 FP32, NO_OFFLOAD = {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}
 P2P = {"num_steps": 3}

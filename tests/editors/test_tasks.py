@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editors.base import EditRequest, build_editor
+from editlab.editors.base import EditRequest, build_editor
 
 SOURCE, TARGET = "a red circle on gray", "a blue circle on gray"
 

@@ -1,4 +1,4 @@
-"""evaluation.image_reward on a tiny random checkpoint in the released ImageReward.pt layout (timm ViT keys under
+"""editlab.evaluation.image_reward on a tiny random checkpoint in the released ImageReward.pt layout (timm ViT keys under
 blip.visual_encoder, BERT keys under blip.text_encoder, the MLP as an nn.Sequential under mlp.layers), cross-checked
 against a from-scratch forward pass over the checkpoint's own tensors."""
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BertTokenizer
 
-import evaluation.image_reward as ir
-from evaluation.image_reward import CheckpointMismatchError, ImageRewardScorer
+import editlab.evaluation.image_reward as ir
+from editlab.evaluation.image_reward import CheckpointMismatchError, ImageRewardScorer
 
 # ViT: width 64 (one 64-wide head, as BLIP's ViTs), 2 blocks, 16px patches on a 32px image (2x2 grid + CLS)
 V_WIDTH, V_DEPTH, V_MLP, PATCH, IMAGE = 64, 2, 96, 16, 32

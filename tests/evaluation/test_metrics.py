@@ -19,7 +19,7 @@ from transformers import (
     ViTModel,
 )
 
-from evaluation.metrics import (
+from editlab.evaluation.metrics import (
     METRIC_KEYS,
     PAPER_SCALES,
     ClipScorer,
@@ -35,7 +35,7 @@ from evaluation.metrics import (
     ssim_unedit_part,
     structure_distance,
 )
-from models.tokenizers import char_tokenizer
+from editlab.models.tokenizers import char_tokenizer
 
 
 def tiny_clip_config():
@@ -290,7 +290,7 @@ def test_build_metrics_missing_weights(tmp_path, caplog):
     with pytest.raises(RuntimeError, match="structure_distance") as info:
         build_metrics(cfg | {"on_missing": "error"})
     assert missing in str(info.value) and "HF_HOME" in str(info.value) and "structure.path" in str(info.value)
-    with caplog.at_level(logging.WARNING, logger="evaluation.metrics"):
+    with caplog.at_level(logging.WARNING, logger="editlab.evaluation.metrics"):
         metrics = build_metrics(cfg | {"on_missing": "warn"})
     assert "structure_distance" in metrics.unavailable
     assert "structure_distance" in caplog.text and missing in caplog.text

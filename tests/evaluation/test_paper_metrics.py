@@ -26,8 +26,8 @@ from transformers import (
     Dinov2Model,
 )
 
-from evaluation.metrics import build_metrics
-from evaluation.paper_metrics import (
+from editlab.evaluation.metrics import build_metrics
+from editlab.evaluation.paper_metrics import (
     ICD_METRIC_KEYS,
     INCEPTION_FILE,
     PIQ_LPIPS_FILE,
@@ -38,8 +38,8 @@ from evaluation.paper_metrics import (
     lpips_input,
     psnr_uint8,
 )
-from models.hub import REPO_ROOT
-from toyworld.scenes import random_scene
+from editlab.models.hub import REPO_ROOT
+from editlab.toyworld.scenes import random_scene
 
 TOY_CLIP = str(REPO_ROOT / "weights" / "toy" / "clip")
 OFF = {"clip": {"path": None}, "dinov2": {"backbone": None}, "image_reward": {"path": None}, "lpips": {"net": None},
@@ -335,7 +335,7 @@ class StubImageReward:
 
 def test_image_reward_scores_target_prompt_and_edited_image(monkeypatch):
     stub = types.SimpleNamespace(ImageRewardScorer=StubImageReward)
-    monkeypatch.setitem(sys.modules, "evaluation.image_reward", stub)
+    monkeypatch.setitem(sys.modules, "editlab.evaluation.image_reward", stub)
     StubImageReward.calls = []
     metrics = build_icd_metrics(OFF | {"image_reward": {"path": "THUDM/ImageReward"}})
     assert StubImageReward.calls == [("load", "THUDM/ImageReward", "cpu", "metrics.image_reward.path")]
@@ -370,7 +370,7 @@ def test_on_missing_error_names_the_config_key(tmp_path):
 
 def test_on_missing_warn_gives_nan_and_lists_the_key(tmp_path, caplog, monkeypatch):
     missing = str(tmp_path / "no_such_model")
-    monkeypatch.setitem(sys.modules, "evaluation.image_reward", types.SimpleNamespace())  # no scorer: import fails
+    monkeypatch.setitem(sys.modules, "editlab.evaluation.image_reward", types.SimpleNamespace())  # no scorer: import fails
     cfg = {"clip": {"path": missing}, "dinov2": {"backbone": "dinov2", "path": missing},
            "image_reward": {"path": missing}, "lpips": {"net": None},
            "fid": {"backbone": "inception", "weights": missing}, "on_missing": "warn"}
@@ -451,7 +451,7 @@ def test_fid_inception_sees_the_icd_codes_pixel_scaling(monkeypatch):
 
     import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 
-    from evaluation.paper_metrics import scale_inputs_as_the_icd_code
+    from editlab.evaluation.paper_metrics import scale_inputs_as_the_icd_code
 
     monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})  # random weights, offline
     monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.piebench import PieBenchDataset, load_rgb_image, rle_decode, rle_encode, strip_brackets
+from editlab.evaluation.piebench import PieBenchDataset, load_rgb_image, rle_decode, rle_encode, strip_brackets
 
 N = 512 * 512
 

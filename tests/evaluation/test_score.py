@@ -18,12 +18,12 @@ from transformers import (
     ViTModel,
 )
 
-from evaluation.ground_truth import GT_KEYS
-from evaluation.metrics import METRIC_KEYS, ClipScorer, KeyBackbone, PieBenchMetrics
-from evaluation.piebench import rle_encode
-from evaluation.score import find_edit, fit_to_source, main
-from evaluation.summary import format_summary, summarize
-from models.tokenizers import char_tokenizer
+from editlab.evaluation.ground_truth import GT_KEYS
+from editlab.evaluation.metrics import METRIC_KEYS, ClipScorer, KeyBackbone, PieBenchMetrics
+from editlab.evaluation.piebench import rle_encode
+from editlab.evaluation.score import find_edit, fit_to_source, main
+from editlab.evaluation.summary import format_summary, summarize
+from editlab.models.tokenizers import char_tokenizer
 
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""evaluation.tables / evaluation.plots: published.yaml, matching jobs to the papers' rows, the files, the plots,
+"""editlab.evaluation.tables / evaluation.plots: published.yaml, matching jobs to the papers' rows, the files, the plots,
 the sweep report. Synthetic job folders (job.json, results.csv, set_metrics.json) in tmp_path; offline and fast."""
 
 import io
@@ -15,10 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from evaluation import aggregate, plots, table_render, tables
-from evaluation.metrics import METRIC_KEYS
-from evaluation.summary import summarize
-from evaluation.table_render import wide
+from editlab.evaluation import aggregate, plots, table_render, tables
+from editlab.evaluation.metrics import METRIC_KEYS
+from editlab.evaluation.summary import summarize
+from editlab.evaluation.table_render import wide
 
 LAYOUTS = yaml.safe_load(tables.LAYOUTS_FILE.read_text())
 ROW_COUNTS = {"piebench": 6, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
@@ -299,7 +299,7 @@ def test_plots_are_written_as_readable_pngs(tmp_path):
 
 
 def test_pareto_front_and_nothing_to_draw():
-    from evaluation import plots
+    from editlab.evaluation import plots
 
     front = plots.pareto_front([1, 2, 3, 2.5], [1, 3, 4, 2], lower_x_better=True, lower_y_better=False)
     assert list(front) == [0, 1, 2]  # (2.5, 2) is beaten by (2, 3)
@@ -373,7 +373,7 @@ def test_a_failure_in_the_tables_does_not_lose_the_report(tmp_path, capsys, monk
         raise RuntimeError("layout exploded")
 
     monkeypatch.setattr(tables, "sweep_tables", broken)
-    with caplog.at_level(logging.ERROR, logger="evaluation.aggregate"):
+    with caplog.at_level(logging.ERROR, logger="editlab.evaluation.aggregate"):
         summary = aggregate.report(sweep)
     assert summary is not None and "layout exploded" in caplog.text
     assert "sweep" in (sweep / "report.txt").read_text() and "ddim_p2p" in capsys.readouterr().out

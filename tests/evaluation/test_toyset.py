@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import piebench
-from evaluation.piebench import EDIT_TYPES, rle_decode
-from evaluation.toyset import write_piebench
-from toyworld.scenes import MAX_PROMPT_CHARS, Obj, Scene, bracket, edit_mask, random_scene, toy_edits
+from editlab.evaluation import piebench
+from editlab.evaluation.piebench import EDIT_TYPES, rle_decode
+from editlab.evaluation.toyset import write_piebench
+from editlab.toyworld.scenes import MAX_PROMPT_CHARS, Obj, Scene, bracket, edit_mask, random_scene, toy_edits
 
 N, SIZE, SEED = 2, 32, 0
 FIELDS = ["image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",

@@ -17,10 +17,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from editors.base import EditorConfigError
-from evaluation.toyset import builtin_folder, write_piebench
-from experiments import harness
-from experiments.harness import ResultsFile, RunError, run
+from editlab.editors.base import EditorConfigError
+from editlab.evaluation.toyset import builtin_folder, write_piebench
+from editlab.experiments import harness
+from editlab.experiments.harness import ResultsFile, RunError, run
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=3"]
@@ -31,7 +31,7 @@ class Killed(BaseException):
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
         return compose("run", overrides=[*FAST, *overrides])
 
 
@@ -163,7 +163,7 @@ def test_rerun_with_another_config_refuses_and_restart_moves_the_old_results_asi
     (aside,) = out.glob("superseded_*")
     assert (aside / "results.csv").read_bytes()[: len(before)] == before and len(images(aside)) == 4
     assert set(results(out)["editor"]) == {"npi"} and len(results(out)) == 3
-    from evaluation.aggregate import collect
+    from editlab.evaluation.aggregate import collect
 
     assert set(collect(out)["editor"]) == {"npi"}  # reports leave the moved-aside results out
 
@@ -298,7 +298,7 @@ def test_a_bad_value_stops_the_job_before_the_first_item(tmp_path, override, mes
 
 
 def test_editor_parameters_are_checked_when_the_editor_is_built(tiny_components):
-    from editors.base import build_editor
+    from editlab.editors.base import build_editor
 
     with pytest.raises(EditorConfigError, match="editor.reverse_steps=1200 is out of range"):
         build_editor({"name": "icd", "reverse_steps": [259, 1200]}, tiny_components)
@@ -337,8 +337,8 @@ def test_a_job_whose_every_item_failed_exits_non_zero(tmp_path):
 def test_an_unreachable_hub_is_one_clear_line_at_once(monkeypatch):
     from huggingface_hub import constants
 
-    from models import hub as paths
-    from models.loading import load_components
+    from editlab.models import hub as paths
+    from editlab.models.loading import load_components
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(paths, "hub_reachable", lambda: False)
@@ -346,7 +346,7 @@ def test_an_unreachable_hub_is_one_clear_line_at_once(monkeypatch):
         load_components({"name": "x", "kind": "pretrained", "path": "org/absent-model", "resolution": 64},
                         {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}, "cpu")
     assert paths.hub_kwargs("./weights/toy", "model.path") == {}  # local folders never ask the hub
-    assert paths.hub_kwargs("weights/toy", "model.path") == {}
+    assert paths.hub_kwargs("editlab/weights/toy", "model.path") == {}  # an existing relative folder
 
 
 # ------------------------------------------------------------------------------------------------ the toy set cache
@@ -365,7 +365,7 @@ def test_toy_sets_of_other_parameters_live_apart(tmp_path, cache):
 
 
 def test_a_toy_set_write_is_all_or_nothing(tmp_path, monkeypatch):
-    from evaluation import toyset
+    from editlab.evaluation import toyset
 
     kill_at(monkeypatch, toyset, "_publish", 1)
     with pytest.raises(Killed):
@@ -380,7 +380,7 @@ def test_a_toy_set_write_is_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_one_job_is_one_wandb_run_whose_history_and_table_cover_every_item(tmp_path, monkeypatch):
-    from experiments.wandb_logger import RunLogger
+    from editlab.experiments.wandb_logger import RunLogger
 
     logged, tables = [], []
     log_item, make_table = RunLogger.log_item, RunLogger._table

@@ -21,19 +21,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from evaluation.files import FolderLock
-from evaluation.piebench import PieBenchDataset
-from evaluation.toyset import write_piebench
-from experiments import harness
-from experiments.job_folder import CHECKOUT, OutputGuard, check_output_folder, path_safe
-from experiments.harness import RunError, run
+from editlab.evaluation.files import FolderLock
+from editlab.evaluation.piebench import PieBenchDataset
+from editlab.evaluation.toyset import write_piebench
+from editlab.experiments import harness
+from editlab.experiments.job_folder import CHECKOUT, OutputGuard, check_output_folder, path_safe
+from editlab.experiments.harness import RunError, run
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=2"]
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
         return compose("run", overrides=[*FAST, *overrides])
 
 
@@ -91,8 +91,8 @@ def path_keys() -> list[tuple[str, str, str]]:
 
     found = []
     for group in ("model", "metrics", "editor", "paper"):
-        for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
-            node = OmegaConf.load(ROOT / "conf" / group / f"{option}.yaml")
+        for option in sorted(p.stem for p in (ROOT / "editlab" / "conf" / group).glob("*.yaml")):
+            node = OmegaConf.load(ROOT / "editlab" / "conf" / group / f"{option}.yaml")
             flat = harness.flatten(OmegaConf.to_container(node), group)
             found += [(group, option, key) for key, value in flat.items()
                       if re.search(PATH_KEY, key) and (value is None or isinstance(value, str))]
@@ -140,8 +140,8 @@ def test_no_code_runs_from_a_file_planted_at_any_path_valued_key(tmp_path, monke
 def test_files_in_the_torch_hub_cache_and_fid_weights_are_refused_with_a_message(tmp_path, monkeypatch):
     """torch.hub's cache (piq's VGG and LPIPS heads, lpips' SqueezeNet, torch-fidelity's Inception) and a user's
     Inception file are loaded by libraries with weights_only=False: refused, named, nothing runs."""
-    from evaluation import paper_metrics
-    from evaluation.metrics import build_metrics
+    from editlab.evaluation import paper_metrics
+    from editlab.evaluation.metrics import build_metrics
 
     marker = tmp_path / "PWNED"
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
@@ -165,7 +165,7 @@ def test_files_in_the_torch_hub_cache_and_fid_weights_are_refused_with_a_message
 
 
 def test_weights_only_loading_still_loads_plain_state_dicts(tmp_path):
-    from models.safe_load import weights_only_loading
+    from editlab.models.safe_load import weights_only_loading
 
     torch.save({"w": torch.arange(3)}, tmp_path / "plain.pt")
     with weights_only_loading():
@@ -241,7 +241,7 @@ def test_a_read_only_or_full_disk_is_one_line(tmp_path, monkeypatch):
         run(config(), out, "g")
     monkeypatch.undo()
 
-    from experiments import job_folder
+    from editlab.experiments import job_folder
 
     original, calls = job_folder.atomic_write, []
 
@@ -303,7 +303,7 @@ def test_changed_items_are_edited_again_and_a_wholly_changed_benchmark_is_anothe
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from evaluation.files import FolderLock
+    from editlab.evaluation.files import FolderLock
     lock = FolderLock(Path(sys.argv[1]), what="a run's results").acquire()
     print("held", flush=True)
     time.sleep(60)
@@ -378,7 +378,7 @@ def test_sweep_values_with_separators_stay_inside_the_sweep_folder(tmp_path, cal
 
 
 def test_a_sweep_whose_jobs_did_not_all_report_exits_non_zero(tmp_path):
-    from evaluation.aggregate import SweepReport
+    from editlab.evaluation.aggregate import SweepReport
 
     sweep = tmp_path / "sweep"
     (sweep / "0_editor=npi").mkdir(parents=True)
@@ -400,7 +400,7 @@ def test_a_sweep_given_a_run_folder_is_refused_naming_the_sweep_key(tmp_path, ca
 
 
 def test_a_metric_that_fails_for_one_item_is_noted_counted_and_reported(tmp_path, monkeypatch, caplog):
-    from evaluation import metrics
+    from editlab.evaluation import metrics
 
     calls = []
 
@@ -439,7 +439,7 @@ def test_a_linked_image_outside_the_benchmark_is_an_error_row(tmp_path):
 
 
 def test_exif_orientation_is_applied_and_animated_images_noted(tmp_path):
-    from evaluation.piebench import load_rgb_image
+    from editlab.evaluation.piebench import load_rgb_image
 
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20] = 255  # left half white
@@ -466,7 +466,7 @@ def test_control_characters_in_prompts_are_refused_and_line_breaks_folded(tmp_pa
     with pytest.raises(ValueError, match=r"item .*: target_prompt holds control characters \('\\x00'\)"):
         PieBenchDataset(root)
 
-    from evaluation.icd_benchmark import IcdCsvDataset
+    from editlab.evaluation.icd_benchmark import IcdCsvDataset
 
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "cat.png")
     pd.DataFrame({"file_name": ["cat.png"], "old_caption": ["a photo\nof a cat"], "edited_caption": ["a dog"],
@@ -485,7 +485,7 @@ def test_bad_dataset_limits_name_the_key(tmp_path, value):
 
 
 def test_half_precision_on_cpu_warns_and_the_blend_word_hint_names_a_real_key(tmp_path, caplog):
-    from editors.p2p import word_token_alphas
+    from editlab.editors.p2p import word_token_alphas
 
     with caplog.at_level(logging.WARNING):
         run(config("precision=bf16", "dataset.limit=1"), tmp_path / "run", "g")
@@ -499,7 +499,7 @@ def test_half_precision_on_cpu_warns_and_the_blend_word_hint_names_a_real_key(tm
 def _tokenizer():
     from transformers import CLIPTokenizer
 
-    from models.loading import load_components
+    from editlab.models.loading import load_components
 
     components = load_components({"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64},
                                  {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}, "cpu")

@@ -1,5 +1,5 @@
 """The toy variants of the PIE-Bench table, the inversion table (iCD Table 2) and the generation table (iCD Table 4)
-end to end: run.py's sweep, its report's paper table, and `python -m evaluation.tables` on the sweep folder, with
+end to end: run.py's sweep, its report's paper table, and `python -m editlab.evaluation.tables` on the sweep folder, with
 every expected row run and finite numbers beside the published ones. Two items per job to stay quick."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from evaluation import tables
+from editlab.evaluation import tables
 
 RUN = {  # the rows each toy variant runs; the other rows of the table stay "not run"
     "piebench": ["ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix"],

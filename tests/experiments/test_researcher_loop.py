@@ -20,17 +20,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from evaluation import aggregate
-from evaluation.toyset import write_piebench
-from experiments import harness
-from experiments.harness import RunError, run
+from editlab.evaluation import aggregate
+from editlab.evaluation.toyset import write_piebench
+from editlab.experiments import harness
+from editlab.experiments.harness import RunError, run
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "dataset.limit=3"]
 
 
 def config(*overrides: str, name: str = "run", hydra: bool = False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
         return compose(name, overrides=list(overrides), return_hydra_config=hydra)
 
 
@@ -43,7 +43,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _spy_on_summaries(monkeypatch) -> list[dict]:
-    from experiments.wandb_logger import RunLogger
+    from editlab.experiments.wandb_logger import RunLogger
 
     seen, exit_ = [], RunLogger.__exit__
 
@@ -110,7 +110,7 @@ def _results(editor: str, ids, **values) -> pd.DataFrame:
 
 
 def test_headline_puts_the_baseline_first_with_structure_lpips_and_mse():
-    from evaluation.summary import summarize
+    from editlab.evaluation.summary import summarize
 
     frame = pd.concat([_results("ddim_p2p", ["1", "2"], clip_similarity_target_image=30.0, structure_distance=0.01,
                                 lpips_unedit_part=0.1, mse_unedit_part=0.01),
@@ -186,10 +186,10 @@ def test_auto_device_spreads_jobs_over_visible_gpus(monkeypatch):
 
 
 def test_icd_editor_takes_the_trained_schedule_from_the_export_folder(tmp_path):
-    from experiments.harness import load_editor
+    from editlab.experiments.harness import load_editor
 
     export = tmp_path / "lora"
-    shutil.copytree(ROOT / "weights" / "toy" / "icd", export)
+    shutil.copytree(ROOT / "editlab" / "weights" / "toy" / "icd", export)
     trained = {"reverse_steps": [339, 699, 999], "forward_steps": [19, 339, 699]}
     (export / "schedule.json").write_text(json.dumps(trained))
     adapters = [f"editor.forward_lora={export / 'forward.safetensors'}",
@@ -231,7 +231,7 @@ def test_training_logs_train_and_validation_on_one_axis_with_an_iteration_bar(tm
 
 
 def test_score_cli_with_toy_backbones_scores_the_ground_truth_too(tmp_path, capsys):
-    from evaluation.score import main
+    from editlab.evaluation.score import main
 
     root = write_piebench(tmp_path / "bench", n_per_type=1, size=32, edit_types=("1", "6"))
     edits = tmp_path / "method" / "annotation_images"
@@ -244,8 +244,8 @@ def test_score_cli_with_toy_backbones_scores_the_ground_truth_too(tmp_path, caps
 def test_score_cli_names_its_flags_when_a_backbone_cannot_be_had(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from evaluation.score import main
-    from models import hub as paths
+    from editlab.evaluation.score import main
+    from editlab.models import hub as paths
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(paths, "hub_reachable", lambda: False)

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from evaluation.aggregate import CAPTION, HEADER, SIDEBAR
-from evaluation.toyset import write_piebench
-from experiments.harness import RESULT_COLUMNS
+from editlab.evaluation.aggregate import CAPTION, HEADER, SIDEBAR
+from editlab.evaluation.toyset import write_piebench
+from editlab.experiments.harness import RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["model=tiny", "editor.num_steps=4", "warmup=false"]
@@ -173,7 +173,7 @@ def test_sharding_splits_the_items(tmp_path, limit, run_py):
 
 
 def test_aggregate_summarises_a_sweep_per_run(tmp_path, capsys, run_py):
-    from evaluation.aggregate import main as aggregate
+    from editlab.evaluation.aggregate import main as aggregate
 
     sweep = tmp_path / "sweep"
     run_py("-m", *FAST, "experiment=benchmark", "editor.num_steps=2,3", "dataset.limit=1", "dataset.num_shards=2",

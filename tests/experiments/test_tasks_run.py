@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from evaluation import tables
-from evaluation.icd_benchmark import IcdCsvDataset
-from evaluation.paper_metrics import ICD_METRIC_KEYS
-from experiments.harness import item_seed
+from editlab.evaluation import tables
+from editlab.evaluation.icd_benchmark import IcdCsvDataset
+from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
+from editlab.experiments.harness import item_seed
 
 TOY = ("experiment=toy", "metrics=icd_paper_toy", "logger=none", "dataset.limit=3", "warmup=false")
 

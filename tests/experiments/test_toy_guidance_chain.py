@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from experiments import toy_guidance_chain as chain
-from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
-from icd.training import OptimSettings
+from editlab.experiments import toy_guidance_chain as chain
+from editlab.icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture
+from editlab.icd.training import OptimSettings
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,19 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from diffusion.ddim import ddim_jump
-from editors.base import EditRequest, build_editor
-from evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
-from evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
-from evaluation.toyset import write_piebench
-from experiments import toy_build
-from experiments.harness import load_editor
-from experiments.toy_guidance_chain import icd_round_trip
-from models.loading import load_components
-from toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
+from editlab.diffusion.ddim import ddim_jump
+from editlab.editors.base import EditRequest, build_editor
+from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
+from editlab.evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
+from editlab.evaluation.toyset import write_piebench
+from editlab.experiments import toy_build
+from editlab.experiments.harness import load_editor
+from editlab.experiments.toy_guidance_chain import icd_round_trip
+from editlab.models.loading import load_components
+from editlab.toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
-WEIGHTS = REPO / "weights" / "toy"
+WEIGHTS = REPO / "editlab" / "weights" / "toy"
 TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 32}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
@@ -72,7 +72,7 @@ def test_tokenizer_gives_every_toy_word_one_token(folder):
 
 def _compose_run(*overrides: str):
     """run.py's config as Hydra composes it for these command-line overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "editlab" / "conf"), version_base="1.3"):
         cfg = compose(config_name="run", overrides=list(overrides))
     GlobalHydra.instance().clear()
     return cfg

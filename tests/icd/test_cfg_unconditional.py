@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from editors.base import build_editor
-from icd.guidance import GuidancePolicy
-from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule
-from icd.schedule import BoundarySchedule
-from icd.training import ICDModule, OptimSettings, load_teacher
-from models.loading import _force_zeros_for_empty_prompt, load_components
+from editlab.editors.base import build_editor
+from editlab.icd.guidance import GuidancePolicy
+from editlab.icd.guidance_distillation import DistillSettings, GuidanceDistillationModule
+from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.training import ICDModule, OptimSettings, load_teacher
+from editlab.models.loading import _force_zeros_for_empty_prompt, load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}

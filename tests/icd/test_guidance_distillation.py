@@ -12,16 +12,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from diffusion.ddim import add_noise
-from icd.guidance import guidance_embedding
-from icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture, min_snr_weight
-from icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
-from icd.training import OptimSettings, load_teacher
-from models.loading import load_components
+from editlab.diffusion.ddim import add_noise
+from editlab.icd.guidance import guidance_embedding
+from editlab.icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture, min_snr_weight
+from editlab.icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
+from editlab.icd.training import OptimSettings, load_teacher
+from editlab.models.loading import load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf"
 CAPTIONS = ["a red circle on gray", "a blue square on white"]
 
 
@@ -214,7 +214,7 @@ def test_the_export_records_its_w_range_and_asking_beyond_it_warns(tmp_path, cap
     teacher = load_cfg_distilled(load_components(TINY, FP32, {"mode": "none"}, "cpu").unet,
                                  m.export_teacher(tmp_path / "teacher"))
     assert teacher.trained_w_range == (0.0, 2.0)
-    with caplog.at_level(logging.WARNING, logger="icd.teacher"):
+    with caplog.at_level(logging.WARNING, logger="editlab.icd.teacher"):
         warn_outside_w_range(teacher, [0.0, 2.0], "editor.code_guidance_scale")
         assert not caplog.records
         warn_outside_w_range(teacher, [19.0], "editor.code_guidance_scale")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from icd.data import (
+from editlab.icd.data import (
     CaptionedFiles,
     ICDDataModule,
     TarShards,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from icd.guidance import guidance_embedding
-from icd.lora import (
+from editlab.icd.guidance import guidance_embedding
+from editlab.icd.lora import (
     FORWARD,
     REVERSE,
     TARGET_MODULES,
@@ -22,9 +22,9 @@ from icd.lora import (
     read_adapter_file,
     save_adapter,
 )
-from icd.teacher import GuidedUNet, add_guidance_embedding, load_cfg_distilled
-from models.builders import build_tiny
-from models.loading import sd_scheduler
+from editlab.icd.teacher import GuidedUNet, add_guidance_embedding, load_cfg_distilled
+from editlab.models.builders import build_tiny
+from editlab.models.loading import sd_scheduler
 
 
 @pytest.fixture(scope="module")

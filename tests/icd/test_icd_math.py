@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from diffusion.ddim import add_noise, ddim_jump, jump
-from icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
-from icd.losses import (
+from editlab.diffusion.ddim import add_noise, ddim_jump, jump
+from editlab.icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
+from editlab.icd.losses import (
     forward_consistency,
     forward_preservation,
     pseudo_huber,
     reverse_consistency,
     reverse_preservation,
 )
-from icd.sampling import ddim_solve, inversion_start, run_pairs
-from icd.schedule import BoundarySchedule, ddim_grid, default_boundaries, forward_pairs, reverse_pairs
+from editlab.icd.sampling import ddim_solve, inversion_start, run_pairs
+from editlab.icd.schedule import BoundarySchedule, ddim_grid, default_boundaries, forward_pairs, reverse_pairs
 
 SD15_REVERSE, SD15_FORWARD = [259, 519, 779, 999], [19, 259, 519, 779]
 SDXL_REVERSE, SDXL_FORWARD = [249, 499, 699, 999], [19, 249, 499, 699]

@@ -12,13 +12,13 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from editors.base import EditRequest, build_editor
-from icd.data import collate
-from icd.guidance import GuidancePolicy
-from icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
-from icd.schedule import BoundarySchedule
-from icd.teacher import GuidedUNet
-from icd.training import (
+from editlab.editors.base import EditRequest, build_editor
+from editlab.icd.data import collate
+from editlab.icd.guidance import GuidancePolicy
+from editlab.icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
+from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.teacher import GuidedUNet
+from editlab.icd.training import (
     LOSSES,
     ICDModule,
     LoraSettings,
@@ -27,9 +27,9 @@ from icd.training import (
     labelled_grid,
     load_teacher,
 )
-from models.builders import build_tiny
-from models.components import Components
-from models.loading import load_components, sd_scheduler
+from editlab.models.builders import build_tiny
+from editlab.models.components import Components
+from editlab.models.loading import load_components, sd_scheduler
 
 CAPTIONS = ("a red circle", "a blue square", "a green star")
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.images import crop_geometry, fit, to_model_pixels, to_uint8, uint8_to_model_pixels
+from editlab.models.images import crop_geometry, fit, to_model_pixels, to_uint8, uint8_to_model_pixels
 
 
 def test_fit_resizes_the_short_side_and_crops_the_centre():

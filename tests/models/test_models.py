@@ -6,9 +6,9 @@ from conftest import FP32, NO_OFFLOAD, TINY
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from models.builders import build_tiny
-from models.components import ModelLoadError, PromptTooLongError
-from models.loading import load_components, sd_scheduler
+from editlab.models.builders import build_tiny
+from editlab.models.components import ModelLoadError, PromptTooLongError
+from editlab.models.loading import load_components, sd_scheduler
 
 
 def test_tiny_components(tiny_components):
@@ -66,7 +66,7 @@ def test_pretrained_loads_a_local_diffusers_folder(tmp_path, tiny_components):
 
 
 def test_relative_local_paths_fall_back_to_the_repository(tmp_path, monkeypatch):
-    from models.hub import REPO_ROOT, resolve_local
+    from editlab.models.hub import REPO_ROOT, resolve_local
 
     monkeypatch.chdir(tmp_path)
     assert resolve_local("./conf") == REPO_ROOT / "conf"  # shipped folders load from any working directory

@@ -12,10 +12,10 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from transformers import CLIPTextModelWithProjection
 
-import models.loading as loading
-from models.builders import build_sdxl_arch, build_tiny, build_tiny_sdxl
-from models.components import ModelLoadError
-from models.loading import load_components
+import editlab.models.loading as loading
+from editlab.models.builders import build_sdxl_arch, build_tiny, build_tiny_sdxl
+from editlab.models.components import ModelLoadError
+from editlab.models.loading import load_components
 
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}

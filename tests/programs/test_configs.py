@@ -5,10 +5,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from editors.base import editor_arguments
-from editors.p2p import P2PSettings
+from editlab.editors.base import editor_arguments
+from editlab.editors.p2p import P2PSettings
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf"
 GROUPS = ("model", "precision", "offload", "dataset", "editor", "settings", "metrics", "logger", "debug",
           "experiment")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]

@@ -18,10 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train
-from icd.lora import read_adapter_file
+from editlab.icd.lora import read_adapter_file
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = str(REPO / "conf")
+CONF = str(REPO / "editlab" / "conf")
 
 
 def config(*overrides: str):
@@ -125,7 +125,7 @@ def whole_and_killed_then_resumed(module_class, overrides: tuple[str, ...], tmp_
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch):
     """A run stopped in its third iteration and re-run into the same directory (no resume= given) continues from
     last.ckpt with the same data order and random draws: every exported tensor equals an unstopped run's."""
-    from icd.training import ICDModule
+    from editlab.icd.training import ICDModule
 
     whole_and_killed_then_resumed(ICDModule, RESUME_RUN, tmp_path, monkeypatch, "lora/forward.safetensors")
     for name in ("forward", "reverse"):
@@ -170,7 +170,7 @@ def test_a_truncated_last_checkpoint_is_named_with_the_intact_one_to_resume_from
 def test_endless_batches_resume_where_they_stopped_and_split_over_ranks(monkeypatch):
     from itertools import islice
 
-    from icd.data import EndlessBatches
+    from editlab.icd.data import EndlessBatches
 
     stream = list(islice(iter(EndlessBatches(7, 2, seed=3)), 9))  # 3 batches an epoch, 3 epochs
     assert all(len(b) == 2 for b in stream) and stream[:3] != stream[3:6]
@@ -196,7 +196,7 @@ def test_continuing_a_run_with_other_settings_stops_with_the_keys(tmp_path):
 def test_training_settings_are_the_config_groups_as_they_are():
     from omegaconf import OmegaConf
 
-    from icd.training import OptimSettings
+    from editlab.icd.training import OptimSettings
 
     optim = train.settings(OptimSettings, OmegaConf.create({"lr": 1e-3, "betas": [0.8, 0.9]}), "train.optim")
     assert optim == OptimSettings(lr=1e-3, betas=[0.8, 0.9])
@@ -212,7 +212,7 @@ def test_killed_and_resumed_guidance_distillation_ends_bit_identical(tmp_path, m
     an unstopped run's."""
     from safetensors.torch import load_file
 
-    from icd.guidance_distillation import GuidanceDistillationModule
+    from editlab.icd.guidance_distillation import GuidanceDistillationModule
 
     whole_and_killed_then_resumed(GuidanceDistillationModule, GUIDANCE_RUN, tmp_path, monkeypatch,
                                   "teacher/cfg_distill.safetensors")

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGE = "editlab"  # every module lives under editlab/: layers are its subpackages
 
 # Lowest first; each package may import any package listed under an earlier layer, and its own package.
 LAYERS = (
@@ -31,20 +32,28 @@ BOTTOM_THIRD_PARTY = {"diffusion": {"torch", "math", "typing", "dataclasses", "_
 LAYER_OF = {package: i for i, packages in enumerate(LAYERS) for package in packages}
 
 
+def _unit(module: str) -> str:
+    """The layer unit of a dotted module name: ``editlab.models.hub`` -> ``models``, ``torch.nn`` -> ``torch``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == PACKAGE and len(parts) > 1 else parts[0]
+
+
 def imports(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level module) of every import in ``path``, including those inside functions."""
+    """(line, layer unit) of every import in ``path``, including those inside functions."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, _unit(alias.name)) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == PACKAGE:
+            found += [(node.lineno, alias.name) for alias in node.names]  # from editlab import editors
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found.append((node.lineno, _unit(node.module)))
     return found
 
 
 def package_files() -> dict[str, list[Path]]:
-    return {package: sorted((REPO / package).rglob("*.py")) for package in LAYER_OF}
+    return {package: sorted((REPO / PACKAGE / package).rglob("*.py")) for package in LAYER_OF}
 
 
 def violations() -> list[str]:
@@ -77,7 +86,7 @@ def test_no_upward_imports():
 
 
 def test_every_project_package_has_a_layer():
-    packages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"conf", "weights", "tests"}
+    packages = {p.parent.name for p in (REPO / PACKAGE).glob("*/__init__.py")} - {"conf", "weights"}
     assert packages <= set(LAYER_OF), f"packages without a layer in LAYERS: {sorted(packages - set(LAYER_OF))}"
 
 
@@ -85,7 +94,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     """The check itself: a diffusion module that imports editors is reported."""
     bad = tmp_path / "diffusion" / "bad.py"
     bad.parent.mkdir()
-    bad.write_text("import torch\n\ndef f():\n    from editors.base import Editor\n")
+    bad.write_text("import torch\n\ndef f():\n    from editlab.editors.base import Editor\n")
     monkeypatch.setattr(sys.modules[__name__], "package_files", lambda: {"diffusion": [bad]})
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     assert violations() == ["diffusion/bad.py:4 imports editors: an upward import (diffusion is below editors)"]
@@ -96,5 +105,5 @@ if __name__ == "__main__":
     for i, packages in enumerate(LAYERS):
         for package in packages:
             print(f"layer {i}  {package:<12} -> {', '.join(sorted(edges[package])) or '(nothing of the project)'}")
-    print("programs     run.py, train.py, scripts/, benchmarks/ -> any layer")
+    print("programs     editlab.run, editlab.train, scripts/, benchmarks/ -> any layer")
     print("\n".join(violations()) or "no upward import")

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
 
-from editors.base import editor_arguments
-from experiments.harness import RunError, check_given
+from editlab.editors.base import editor_arguments
+from editlab.experiments.harness import RunError, check_given
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf"
 EXPERIMENTS = sorted("paper/" + str(p.relative_to(CONF / "experiment/paper").with_suffix(""))
                      for p in (CONF / "experiment/paper").rglob("*.yaml"))
 

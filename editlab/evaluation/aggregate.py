@@ -1,0 +1,372 @@
+"""Summarise every results.csv under a folder (a multirun sweep, sharded jobs, a benchmark) in one table.
+
+    python -m editlab.evaluation.aggregate multirun/2026-11-23/10-00-00 [--out summary.csv] [--data <benchmark root>]
+
+Jobs are told apart by the ``run`` column (their overrides, shard keys excluded, so the shards of one configuration
+summarise together); rows of the same item in the same run (overlapping shards, retried jobs) keep the latest.
+Prints the headline table (the unedited baseline first), the cost table (seconds per edit, UNet evaluations, peak
+memory) and the full summary, and redraws ``comparison.png``. Every ``run.py -m`` sweep ends with the same report
+(`SweepReport`, a Hydra callback, which also shows the sweep's progress): one line per run with the headline metrics
+and costs, the jobs that failed and why (the sweep then exits with status 1), and ``comparison.png``: source, ground
+truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics. A sweep
+whose jobs match a paper's table (`evaluation.tables`: published.yaml's layouts) also gets that table, our numbers
+beside the published ones, printed and written next to report.txt with its plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+from diffusers.utils import make_image_grid
+from hydra.experimental.callback import Callback
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
+from editlab.evaluation.piebench import EDIT_TYPES, strip_brackets
+from editlab.evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
+from editlab.evaluation.toyset import dataset_root
+
+log = logging.getLogger(__name__)
+
+COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "backward_passes", "peak_mem_mb")
+HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "struct_x1e3", "psnr", "lpips_x1e3",
+                 "mse_x1e4", "ssim_x1e2", *ICD_METRIC_KEYS, "gt_psnr", "gt_ssim", "seconds", "nfe")
+BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
+
+
+def _current(paths) -> list[Path]:
+    """Paths not inside a ``superseded_*`` folder (results that ``restart=true`` moved aside)."""
+    return sorted(p for p in paths if not any(part.startswith("superseded_") for part in p.parts))
+
+
+def collect(folder: Path) -> pd.DataFrame:
+    files = _current(folder.rglob("results.csv"))
+    if not files:
+        raise FileNotFoundError(f"no results.csv under {folder}")
+    results = pd.concat([read_results(f) for f in files], ignore_index=True)
+    keys = [c for c in RUN_COLUMNS if c in results]
+    return results.drop_duplicates([*keys, "image_id"], keep="last").reset_index(drop=True)
+
+
+def job_errors(folder: Path) -> dict[str, str]:
+    """{job folder name: its error} for the jobs of a sweep that failed as a whole (run.py writes job_error.txt)."""
+    return {f.parent.name: f.read_text().strip() for f in _current(folder.rglob("job_error.txt"))}
+
+
+def headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (the ``all`` rows), the unedited baseline first, with the CLIP gain over it."""
+    overall = summary[summary["edit_type"] == "all"].copy()
+    if "editor" in overall:
+        overall = overall.sort_values("editor", key=lambda e: e != BASELINE, kind="stable")
+        baseline = overall.loc[overall["editor"] == BASELINE, "clip_whole"] if "clip_whole" in overall else []
+        if len(baseline) == 1:
+            overall.insert(overall.columns.get_loc("clip_whole") + 1, "clip_gain",
+                           overall["clip_whole"] - baseline.iloc[0])
+    # no true edits: no gt_*; no source image (generation) or no backbone: no column of the iCD suite's
+    empty = [c for c in ("gt_psnr", "gt_ssim", *ICD_METRIC_KEYS) if c in overall and overall[c].isna().all()]
+    return overall[[c for c in HEADLINE_VIEW if c in overall and c not in empty]]
+
+
+# ------------------------------------------------------------------------------------------------ comparison grid
+TILE_MIN, TILE_MAX, CAPTION, HEADER, SIDEBAR = 128, 256, 30, 34, 230
+
+
+def _font(size: int = 11) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_cell(lines: list[str], width: int, height: int, size: int = 11) -> Image.Image:
+    cell = Image.new("RGB", (width, height), "white")
+    draw, font, chars = ImageDraw.Draw(cell), _font(size), max(8, int(width / (size * 0.58)))
+    wrapped = [part for line in lines for part in textwrap.wrap(line, chars) or [""]]
+    for k, line in enumerate(wrapped[: max(1, (height - 4) // (size + 3))]):
+        draw.text((3, 2 + k * (size + 3)), line, fill="black", font=font)
+    return cell
+
+
+def _tile(path: Path | None, side: int) -> Image.Image:
+    """The image at ``path`` as a ``side``² tile; gray for a failed, missing or unreadable one."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+    except (OSError, ValueError, TypeError):
+        return Image.new("RGB", (side, side), (128, 128, 128))
+
+
+def _image_side(paths) -> int:
+    """The width of the first readable image among ``paths`` (TILE_MIN when none is)."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                return image.width
+        except (OSError, ValueError):
+            continue
+    return TILE_MIN
+
+
+def _caption(row: dict | None) -> str:
+    if row is None:
+        return "not edited"
+    if row.get("error"):
+        return f"failed: {row['error']}"
+    shown = (("CLIP", "clip_similarity_target_image"), ("PSNR", "psnr_unedit_part"), ("GT", "gt_psnr"),
+             ("CLIP-T", "clip_t"), ("DINOv2", "dinov2"), ("PSNR", "psnr_uint8"))  # PIE-Bench's or the iCD paper's
+    return " · ".join(f"{label} {row[key]:.{2 if abs(row[key]) < 2 else 1}f}" for label, key in shown
+                      if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]))
+
+
+def _runs(folder: Path) -> dict[str, list[Path]]:
+    """{column label: the job folders of one run}: the shards of a configuration share a run label (one column);
+    the label is the editor, or the run's overrides where editors repeat (a precision sweep of one editor)."""
+    by_run: dict[str, list[Path]] = {}
+    editor_of: dict[str, str] = {}
+    for job in _current(p.parent for p in folder.rglob("results.csv")):
+        rows = read_results(job / "results.csv")
+        if rows.empty:
+            continue
+        run = str(rows["run"].iloc[0])
+        by_run.setdefault(run, []).append(job)
+        editor_of[run] = str(rows["editor"].iloc[0])
+    names = list(editor_of.values())
+    labels = {run: editor if names.count(editor) == 1 else run for run, editor in editor_of.items()}
+    order = sorted(by_run, key=lambda run: (editor_of[run] != BASELINE, labels[run]))
+    return {labels[run]: by_run[run] for run in order}
+
+
+def _tasks(jobs: list[Path]) -> set[str]:
+    """The tasks (edit, inversion, generation) the job folders ran, as their job.json records them."""
+    tasks = set()
+    for job in jobs:
+        try:
+            tasks.add(json.loads((job / "job.json").read_text())["config"].get("task.name", "edit"))
+        except (OSError, ValueError, KeyError, TypeError):
+            tasks.add("edit")
+    return tasks
+
+
+def find_dataset_root(folder: Path) -> Path | None:
+    """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
+    for job in _current(folder.rglob("job.json")):
+        try:
+            root = json.loads(job.read_text()).get("dataset_root")
+        except (OSError, ValueError):
+            continue
+        if root:
+            return Path(root)
+    return None
+
+
+def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: int = 10) -> Path | None:
+    """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first) with
+    its id, edit type and prompts; columns: source, ground truth (if the dataset has one), then each run's edit
+    (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and ground-truth PSNR
+    (or the iCD metrics). A sweep of reconstructions or generations shows the source prompt and no ground truth.
+    None when no job edited anything or the dataset's mapping file is unreadable."""
+    root = dataset_root or find_dataset_root(folder)
+    try:
+        mapping = json.loads((Path(root) / "mapping_file.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    runs = _runs(folder)
+    rows: dict[str, dict[str, dict]] = {label: {} for label in runs}
+    for label, jobs in runs.items():
+        for job in jobs:
+            for row in read_results(job / "results.csv").to_dict("records"):
+                rows[label][row["image_id"]] = {**row, "job": job}
+    edited = sorted({i for per_run in rows.values() for i in per_run} & set(mapping))
+    if not edited:
+        return None
+    by_type: dict[str, str] = {}
+    for image_id in edited:
+        by_type.setdefault(str(mapping[image_id]["editing_type_id"]), image_id)
+    ids = (sorted(by_type.values()) + [i for i in edited if i not in by_type.values()])[:max_items]
+
+    root = Path(root)
+    side = _image_side(root / "annotation_images" / mapping[i]["image_path"] for i in ids)
+    side = min(TILE_MAX, side * max(1, math.ceil(TILE_MIN / side)))
+    edits = _tasks([job for jobs in runs.values() for job in jobs]) <= {"edit"}  # else reconstructions, generations
+    has_truth = edits and (root / "ground_truth").is_dir()
+    columns = ["source", *(["ground truth"] if has_truth else []), *runs]
+    cells = []
+    for image_id in ids:
+        entry = mapping[image_id]
+        stem = Path(entry["image_path"]).with_suffix(".png")
+        tiles = [(_tile(root / "annotation_images" / entry["image_path"], side), "")]
+        if has_truth:
+            tiles.append((_tile(root / "ground_truth" / entry["image_path"], side), ""))
+        for label in runs:
+            row = rows[label].get(image_id)
+            edit = row["job"] / "annotation_images" / stem if row and not row["error"] else None
+            tiles.append((_tile(edit, side), _caption(row)))
+        for tile, caption in tiles:
+            cell = Image.new("RGB", (side, side + CAPTION), "white")
+            cell.paste(tile)
+            cell.paste(_text_cell([caption], side, CAPTION, 10), (0, side))
+            cells.append(cell)
+    grid = make_image_grid(cells, rows=len(ids), cols=len(columns))
+
+    canvas = Image.new("RGB", (SIDEBAR + grid.width, HEADER + grid.height), "white")
+    canvas.paste(grid, (SIDEBAR, HEADER))
+    for k, label in enumerate(columns):
+        canvas.paste(_text_cell([label], side, HEADER, 12), (SIDEBAR + k * side, 0))
+    for k, image_id in enumerate(ids):
+        entry = mapping[image_id]
+        type_id = str(entry["editing_type_id"])
+        lines = [f"{image_id} · type {type_id} {EDIT_TYPES.get(type_id, '')}".strip(),
+                 *([f"source: {entry['original_prompt']}", f"target: {entry['editing_prompt']}"] if edits else
+                   [f"prompt: {strip_brackets(entry['original_prompt'])}"])]
+        canvas.paste(_text_cell(lines, SIDEBAR, side + CAPTION), (0, HEADER + k * (side + CAPTION)))
+    out = folder / "comparison.png"
+    canvas.save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def paper_tables(folder: Path, wandb: dict | None = None) -> str:
+    """The papers' tables (`evaluation.tables`) that the sweep's jobs match, with the published numbers beside
+    ours, written next to report.txt with their plots; "" when none matches, or when laying them out failed
+    (logged: the report stands without them)."""
+    try:
+        from editlab.evaluation.tables import sweep_tables
+
+        return sweep_tables(folder, wandb)
+    except Exception:  # noqa: BLE001 - the headline table is already written; a layout problem must not lose it
+        log.exception("the paper tables of %s failed; the report is in %s", folder, folder / "report.txt")
+        return ""
+
+
+def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = (),
+           wandb: dict | None = None) -> pd.DataFrame | None:
+    """Print a sweep's headline table (one line per run), its failed jobs and ``notes`` (the sweep config's
+    ``sweep_notes``), and keep them in ``report.txt``; then the papers' tables its jobs match (`paper_tables`; with
+    ``wandb``, the sweep's logger settings, also logged to W&B);
+    write aggregate_summary.csv and comparison.png. Returns the summary (None when no job wrote results)."""
+    errors = job_errors(folder)
+    try:
+        results = collect(folder)
+    except FileNotFoundError:
+        results = None
+    summary, lines = None, []
+    if results is not None:
+        summary = summarize(results)
+        summary.to_csv(folder / "aggregate_summary.csv", index=False)
+        lines += [f"sweep {folder}: {len(results)} items ({int((results['error'] != '').sum())} failed)",
+                  format_summary(headline(summary))]
+    lines += [f"job {job} did not run: {error}" for job, error in errors.items()]
+    lines += list(notes)
+    text = "\n".join(lines)
+    (folder / "report.txt").write_text(text + "\n")  # before the grid: a grid that fails loses no table
+    print(f"\n{text}")
+    if paper := paper_tables(folder, wandb):
+        print(f"\n{paper}")
+        with (folder / "report.txt").open("a") as f:
+            f.write(f"\n{paper}\n")
+    grid = comparison_grid(folder, dataset_root)
+    if grid is not None:
+        print(f"comparison grid: {grid}")
+        with (folder / "report.txt").open("a") as f:
+            f.write(f"comparison grid: {grid}\n")
+    return summary
+
+
+def _count_jobs(config) -> int:
+    """How many jobs the sweep's overrides (command line and ``hydra.sweeper.params``) expand to."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    count = 1
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            count *= len(list(override.sweep_string_iterator()))
+    return count
+
+
+class SweepReport(Callback):
+    """Hydra callback: a progress bar over the sweep's jobs, then `report` on the sweep folder; a sweep in which
+    a job failed as a whole exits with status 1 after the report."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.total: int | None = None
+
+    def __getstate__(self) -> dict:
+        # launchers that run the jobs in processes of their own (submitit, joblib) pickle the callbacks with them;
+        # the bar stays with the sweep (a pickled tqdm recurses without end when loaded)
+        return {**self.__dict__, "bar": None}
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            total = _count_jobs(config)
+        except Exception:  # noqa: BLE001 - an unusual sweeper: no total, the bar still counts
+            total = None
+        self.total = total
+        self.bar = tqdm(total=total, desc="sweep", unit="job", file=sys.stdout, dynamic_ncols=True)
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        folder = Path(config.hydra.sweep.dir)
+        if not folder.is_dir():
+            return
+        try:
+            logger = config.get("logger") or {}
+            wandb = {k: logger.get(k) for k in ("mode", "project", "entity")} \
+                if logger.get("name") == "wandb" and logger.get("mode") != "disabled" else None
+            report(folder, dataset_root(config.dataset) if config.get("dataset") else None,
+                   list(config.get("sweep_notes") or []), wandb)
+        except Exception:  # noqa: BLE001 - the jobs' results are already on disk; a report failure must not hide them
+            log.exception("the sweep report failed; the results are in %s", folder)
+        problems = []
+        if failed := job_errors(folder):
+            problems.append(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)} (see above)")
+        reported = {p.parent for name in ("results.csv", "job_error.txt") for p in _current(folder.rglob(name))}
+        if self.total is not None and len(reported) < self.total:
+            problems.append(f"{self.total - len(reported)} of the sweep's {self.total} jobs left neither results nor "
+                            f"an error in {folder} (killed, or written elsewhere; see the jobs' logs)")
+        if problems:
+            sys.exit("; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.aggregate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--out", type=Path, help="summary CSV (default: <folder>/aggregate_summary.csv)")
+    parser.add_argument("--data", type=Path, help="benchmark root for comparison.png (default: as the jobs recorded)")
+    parser.add_argument("--max-items", type=int, default=10, help="rows of comparison.png")
+    args = parser.parse_args(argv)
+    results = collect(args.folder)
+    summary = summarize(results)
+    summary.to_csv(args.out or args.folder / "aggregate_summary.csv", index=False)
+    failed = int((results["error"] != "").sum())
+    print(f"{len(results)} items ({failed} failed) from {args.folder}\n")
+    print(format_summary(headline(summary)))
+    print()
+    overall = summary[summary["edit_type"] == "all"]
+    print(format_summary(overall[[c for c in COST_VIEW if c in overall]]))
+    print()
+    print(format_summary(summary))
+    grid = comparison_grid(args.folder, args.data, args.max_items)
+    print(f"\ncomparison grid: {grid}" if grid else "\nno comparison grid (no edits, or no readable mapping file)")
+    return summary
+
+
+def cli() -> None:
+    """The ``editlab-aggregate`` command (its exit status is 0 unless aggregating stopped)."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

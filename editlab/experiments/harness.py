@@ -1,0 +1,499 @@
+"""The harness behind ``run.py``: dataset -> editor -> metrics -> results.csv / summary.csv / W&B.
+
+``task`` says what is done to each item: ``edit`` (source image + prompts -> edit), ``inversion`` (source image ->
+the method's inversion -> decoded back with the source prompt: the reconstruction), ``generation`` (the item's
+caption -> a generated image). The metrics compare the source with the output (none for generation); metric sets
+with set-level scores (FID) score the job's saved outputs against the dataset's source images at the end
+(``set_metrics.json``, and the ``fid`` column of the summary's ``all`` row).
+
+Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
+on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
+output directory skips the items that already succeeded (a success row whose image is missing is done again),
+drops a row torn by a kill, and refuses when the configuration differs from the one the results were made with
+(``job.json``; ``restart=true`` moves the old results aside and starts over). A failing item (missing or corrupt
+image, over-long prompt, bad blend words, a mask that does not fit its image, NaN, out of memory) gets a row with
+its ``error`` and the run goes on; a job in which every item failed exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+from PIL import Image
+from tqdm import tqdm
+
+from editlab.editors.base import TASKS, EditRequest, build_editor
+from editlab.evaluation.files import FolderBusyError, FolderLock, atomic_write, remove_orphans
+from editlab.evaluation.ground_truth import ground_truth_scores
+from editlab.evaluation.icd_benchmark import IcdCsvDataset
+from editlab.evaluation.metrics import PieBenchMetrics, build_metrics, failure_notes
+from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
+from editlab.evaluation.summary import format_summary, metric_gaps, read_results, summarize
+from editlab.evaluation.toyset import dataset_root, write_piebench
+from editlab.experiments.console import details, quiet_libraries
+from editlab.experiments.job_folder import (  # noqa: F401 - RunError, ResultsFile, flatten, read_job ...: API
+    RESULT_COLUMNS,
+    ResultsFile,
+    RunError,
+    check_job,
+    check_output_folder,
+    check_writable,
+    flatten,
+    item_inputs,
+    read_job,
+    record_job,
+    record_stopped_job,
+    result_columns,
+    save_image_atomic,
+    supersede,
+    write_json,
+)
+from editlab.experiments.wandb_logger import RunLogger
+from editlab.models.components import ModelLoadError
+from editlab.models.hub import HubUnreachableError
+from editlab.models.images import fit
+from editlab.models.loading import load_components
+from editlab.models.safe_load import weights_only_loading
+
+log = logging.getLogger(__name__)
+
+
+def _check_counts(cfg: Mapping[str, Any]) -> None:
+    """``dataset.limit`` (null: every item) and the shard settings are whole numbers in range, or the key is named."""
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"dataset.limit={limit!r}: give a whole number of items >= 1, or dataset.limit=null for all")
+    for key in ("shard", "num_shards"):
+        value = cfg.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_shards" else 0):
+            raise ValueError(f"dataset.{key}={value!r}: give a whole number (shard: 0 <= shard < num_shards)")
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset | IcdCsvDataset:
+    _check_counts(cfg)
+    if cfg["kind"] == "icd_csv":
+        if not cfg.get("csv"):
+            raise ValueError(f"dataset={cfg['name']} needs dataset.csv=/path/to/<benchmark>.csv (and dataset.images=)")
+        return IcdCsvDataset(cfg["csv"], cfg.get("images"), limit=cfg.get("limit"), shard=cfg.get("shard", 0),
+                             num_shards=cfg.get("num_shards", 1))
+    root = dataset_root(cfg)
+    if root is None:
+        raise ValueError(f"dataset={cfg['name']} needs dataset.root=/path/to/the/benchmark (mapping_file.json)")
+    if cfg["kind"] == "toyset":
+        write_piebench(root, n_per_type=cfg["n_per_type"], size=cfg["size"], seed=cfg["seed"])
+    elif cfg["kind"] != "piebench":
+        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench, toyset or icd_csv")
+    edit_types = cfg.get("edit_types")
+    return PieBenchDataset(
+        root, edit_types=[str(t) for t in edit_types] if edit_types else None,
+        ids=[str(i) for i in cfg["ids"]] if cfg.get("ids") else None, limit=cfg.get("limit"),
+        shard=cfg.get("shard", 0), num_shards=cfg.get("num_shards", 1), mask_size=cfg.get("mask_size"),
+    )
+
+
+def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray, str]:
+    """Resize the short side to ``size`` and centre-crop (image: bicubic, mask: nearest). Note what was done."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image, mask, ""
+    mask_img = fit(Image.fromarray((mask * 255).astype(np.uint8)), (size, size), Image.NEAREST)
+    return fit(image, (size, size)), (np.asarray(mask_img) > 127).astype(np.float64), \
+        f"resized {width}x{height}->{size}x{size}"
+
+
+def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool,
+                   inputs: Mapping[str, str]) -> set[str]:
+    """Ids of the dataset's items whose latest row succeeded on the item's current inputs (``inputs``: id -> hash,
+    `item_inputs`) and, when images are saved, whose image exists."""
+    succeeded = dict(zip(frame.loc[frame["error"] == "", "image_id"], frame.loc[frame["error"] == "", "inputs"]))
+    return {item.image_id for item in dataset if succeeded.get(item.image_id) == inputs[item.image_id]
+            and (not images or edited_image_path(output_dir, item).is_file())}
+
+
+def changed_items(frame: pd.DataFrame, inputs: Mapping[str, str]) -> list[str]:
+    """Ids whose latest row was made from other inputs than the item has now (its prompts, mask or image changed)."""
+    return sorted(i for i, h in zip(frame["image_id"], frame["inputs"].fillna("")) if i in inputs and h != inputs[i])
+
+
+def inputs_of(dataset: PieBenchDataset, task: str) -> dict[str, str]:
+    def image_file(item: PieBenchItem) -> Path | None:
+        if task == "generation":
+            return None
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a missing or refused image fails its item
+            return dataset.image_file(item)
+        return None
+
+    return {item.image_id: item_inputs(item, image_file(item)) for item in dataset}
+
+
+_PROC = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on CPU the process's peak resident set (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        (_PROC / "clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: CUDA peak allocated, or the peak resident set on CPU (where the
+    kernel cannot reset it, the process's peak so far)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = (_PROC / "status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class Outcome:
+    row: dict[str, Any]
+    source: Image.Image | None = None
+    edited: Image.Image | None = None
+
+
+def item_seed(seed: int, image_id: str) -> int:
+    """A generation's seed: the run's seed mixed with the item's id, so every caption starts from its own noise
+    (one shared noise would shrink the set's diversity and bias FID), the same on every shard and rerun."""
+    return (seed ^ zlib.crc32(image_id.encode())) & 0x7FFFFFFF
+
+
+def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int,
+                 inputs: str = "") -> Outcome:
+    """Run ``task`` on one item and score it; any failure becomes the row's ``error``, a metric whose backbone
+    failed for this item a line of its ``note``. ``inputs``: the item's `item_inputs` hash, kept with its row."""
+    components = editor.components
+    row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": "",
+                           "inputs": inputs}
+    try:
+        prompts = (("source", item.source_prompt),) if task != "edit" else \
+            (("source", item.source_prompt), ("target", item.target_prompt))
+        notes = [f"empty {name} prompt" for name, prompt in prompts if not prompt.strip()]
+        image = mask = None
+        if task != "generation":
+            image, note = load_rgb_image(dataset.image_file(item))
+            mask = dataset.load_mask(item, image.height, image.width)
+            image, mask, resize_note = fit_to_resolution(image, mask, components.resolution)
+            notes = [note, resize_note, *notes]
+        row["note"] = "; ".join(n for n in notes if n)
+        target = item.target_prompt if task == "edit" else item.source_prompt
+        reset_peak_memory(components.device)
+        result = editor.run(task, EditRequest(image, item.source_prompt, target, item.instruction,
+                                              item.blend_words if task == "edit" else None,
+                                              item_seed(seed, item.image_id) if task == "generation" else seed))
+        row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
+                   peak_mem_mb=peak_memory_mb(components.device))
+        output = np.asarray(result.edited)
+        source = None if image is None else np.asarray(image)
+        failures: dict[str, str] = {}
+        row.update(metrics.compute(source, output, mask, item.source_prompt, target, failures=failures))
+        notes += failure_notes(failures)
+        row["note"] = "; ".join(n for n in notes if n)
+        if task == "edit":
+            row.update(ground_truth_scores(dataset.root, item.image_path, output))
+        return Outcome(row, image, result.edited)
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        row["error"] = f"out of GPU memory: {err}. Try precision=fp16, offload=model or offload=sequential"
+        log.warning("item %s failed: %s", item.image_id, row["error"])
+    except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep
+        row["error"] = f"{type(err).__name__}: {err}"
+        log.warning("item %s failed: %s", item.image_id, row["error"], exc_info=True)
+    return Outcome(row)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_dir: Path, images: bool,
+               reference: str | None = None) -> dict[str, float]:
+    """The metric set's set-level scores (FID) of the job's saved outputs against ``reference`` (a folder of
+    images) or else the items' source images: for edits and reconstructions the images they came from, for
+    generation the images whose captions they were made from. {} for metric sets without set-level scores, or when
+    images are not saved."""
+    if isinstance(metrics, PieBenchMetrics) or not images:
+        return {}
+    done = set(frame.loc[frame["error"] == "", "image_id"])
+    outputs = [edited_image_path(output_dir, item) for item in dataset if item.image_id in done]
+    if reference:
+        folder = Path(reference)  # checked in _setup
+        return metrics.set_scores(outputs, sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+    return metrics.set_scores(outputs, reference_images(dataset))
+
+
+def reference_images(dataset: PieBenchDataset) -> list[Path]:
+    """The items' own images that exist (captions without an image have none)."""
+    references = set()
+    for item in dataset:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if (path := dataset.image_file(item)).is_file():
+                references.add(path)
+    return sorted(references)
+
+
+def load_editor(cfg: DictConfig, device: str):
+    """The configured model and editor; the model's ``variants`` entry of the editor's name (e.g. the toy model's
+    InstructPix2Pix UNet for instruct_pix2pix) updates the model's keys."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.update((model.pop("variants", None) or {}).get(cfg.editor.name) or {})
+    return build_editor(OmegaConf.to_container(cfg.editor, resolve=True),
+                        load_components(model, cfg.precision, cfg.offload, device))
+
+
+def _check_output_dir(output_dir: Path, root: Path | None) -> None:
+    """Results never go into the benchmark's own folder (its images would be overwritten by the edits)."""
+    if root is None:
+        return
+    out, root_ = output_dir.resolve(), root.resolve()
+    if out == root_ or root_ in out.parents:
+        raise RunError(f"the output directory {output_dir} is inside dataset.root={root}: edits would be written "
+                       "into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
+
+
+def _setup_failure(err: Exception) -> RunError:
+    log.debug("job setup failed", exc_info=True)
+    return RunError(str(err).strip("'\""))
+
+
+SETUP_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadError, HubUnreachableError,
+                RuntimeError)  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
+
+
+def load_dataset(cfg: DictConfig) -> PieBenchDataset | IcdCsvDataset:
+    """The configured dataset; a configuration or data problem becomes a `RunError`."""
+    try:
+        return build_dataset(cfg.dataset)
+    except SETUP_ERRORS as err:
+        raise _setup_failure(err) from err
+
+
+def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
+    """Editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError` before the
+    first item is edited."""
+    try:
+        with weights_only_loading():  # no code runs from any weights file the model, editor or metrics name
+            editor = load_editor(cfg, job_device(cfg.device, job_num))
+            metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+        task = task_name(cfg)
+        if task not in editor.tasks:
+            raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
+                             f"editors that do: {', '.join(editors_for(task))}")
+        if (reference := cfg.get("task", {}).get("reference")) and not Path(reference).is_dir():
+            raise ValueError(f"task.reference={reference} is not a folder (of FID's reference images)")
+        if task == "generation" and not reference and not isinstance(metrics, PieBenchMetrics) and cfg.save_images \
+                and len(dataset) and not reference_images(dataset):
+            raise ValueError(f"none of the {len(dataset)} items has an image to score FID against (dataset.images="
+                             f"{cfg.dataset.get('images', cfg.dataset.get('root'))}): set the images' folder, or "
+                             "task.reference=<folder of reference images>")
+        if task == "generation" and isinstance(metrics, PieBenchMetrics):
+            raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
+                             "(metrics=icd_paper_toy on the toy world)")
+    except SETUP_ERRORS as err:
+        raise _setup_failure(err) from err
+    if editor.components.device.type == "cpu" and cfg.precision.name != "fp32":
+        log.warning("precision=%s on CPU: half-precision kernels are emulated there and run several times slower "
+                    "than fp32 (precision=fp32 is the CPU's setting)", cfg.precision.name)
+    return editor, metrics
+
+
+
+
+def task_name(cfg: DictConfig) -> str:
+    task = cfg.get("task", {}).get("name", "edit")
+    if task not in TASKS:
+        raise ValueError(f"unknown task.name={task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def editors_for(task: str) -> list[str]:
+    from editlab.editors.base import EDITORS, _import_editor_modules
+
+    _import_editor_modules()
+    return sorted(name for name, cls in EDITORS.items() if task in cls.tasks)
+
+
+def job_device(device: str, job_num: int | None = None) -> str:
+    """``device=auto`` with several visible GPUs: the launcher's local rank (``LOCAL_RANK``, ``SLURM_LOCALID``),
+    else the sweep job's number, modulo the GPU count, so parallel jobs of one machine spread over its GPUs
+    (``CUDA_VISIBLE_DEVICES`` decides which ones torch sees). Anything else is returned as given."""
+    count = torch.cuda.device_count() if device == "auto" and torch.cuda.is_available() else 0
+    if count < 2:
+        return device
+    slot = next((int(os.environ[k]) for k in ("LOCAL_RANK", "SLURM_LOCALID") if os.environ.get(k, "").isdigit()),
+                job_num or 0)
+    return f"cuda:{slot % count}"
+
+
+def check_given(cfg: DictConfig, output_dir: Path | None = None) -> None:
+    """Every setting the job reads is given: a `RunError` naming the first that is not (a key that refers to a
+    ``???``, e.g. an adapter file a paper experiment needs: ``paper.adapters.G.forward``). A new ``output_dir``
+    then gets a stub job.json (`record_stopped_job`)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # the "???" a job does not use stay unresolved
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+        key = str(err).split("Missing mandatory value: ", 1)[-1].splitlines()[0].strip()
+        if output_dir is not None:
+            record_stopped_job(cfg, output_dir)
+        raise RunError(f"{key} is not set: give it on the command line ({key}=...); the experiment's comment says "
+                       "what it is") from None
+
+
+def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default", job_name: str | None = None,
+        job_num: int | None = None) -> pd.DataFrame:
+    """Run the configured editor over the configured dataset; returns the summary table.
+
+    ``run_name`` labels the rows (the job's overrides), so the results of a sweep stay apart when concatenated;
+    ``job_name`` names the W&B run; ``job_num`` (a sweep's job number) spreads parallel jobs over the GPUs and
+    keeps the console short (the per-type table goes to the job's log file).
+    """
+    quiet_libraries(cfg.get("quiet", True))
+    _check_output_dir(output_dir, dataset_root(cfg.dataset))
+    check_output_folder(output_dir)
+    check_writable(output_dir)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(FolderLock(output_dir, what="a run's results"))
+        except FolderBusyError as err:
+            raise RunError(str(err)) from None
+        if orphans := remove_orphans(output_dir):
+            log.info("removed %d temporary file(s) a stopped run left in %s", len(orphans), output_dir)
+        return _run_locked(cfg, output_dir, group, run_name, job_name, job_num)
+
+
+def _check_inputs(cfg: DictConfig, output_dir: Path, inputs: Mapping[str, str]) -> None:
+    """Items whose inputs changed since their rows are edited again; when every item the folder's rows share with
+    the dataset changed, the benchmark is another one: a `RunError`, or with ``restart=true`` a fresh start."""
+    path = output_dir / "results.csv"
+    try:
+        previous = read_results(path).drop_duplicates("image_id", keep="last") if path.is_file() else None
+    except (ValueError, KeyError):  # empty or of another version: ResultsFile says so
+        return
+    if previous is None or "inputs" not in previous or not (shared := set(previous["image_id"]) & inputs.keys()):
+        return
+    changed = changed_items(previous, inputs)
+    if len(changed) < len(shared):
+        if changed:
+            log.warning("%d item(s) changed since they were edited (prompts, mask or image): editing them again: %s",
+                        len(changed), ", ".join(changed[:10]))
+        return
+    if not cfg.get("restart"):
+        raise RunError(f"{output_dir} holds results of another benchmark: all {len(shared)} of its items that share "
+                       "an id with this dataset have other prompts, masks or images now; choose another output "
+                       "directory (hydra.run.dir=...), or add restart=true to move those results aside")
+    supersede(output_dir, "from the benchmark's earlier inputs")
+
+
+def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, job_name: str | None,
+                job_num: int | None) -> pd.DataFrame:
+    check_given(cfg, output_dir)
+    dataset = load_dataset(cfg)
+    _check_output_dir(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
+    task = task_name(cfg)
+    inputs = inputs_of(dataset, task)
+    _check_inputs(cfg, output_dir, inputs)
+    previous_job = check_job(cfg, output_dir)
+    try:
+        editor, metrics = _setup(cfg, dataset, job_num)
+    except RunError:
+        record_stopped_job(cfg, output_dir)
+        raise
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(editor.close)  # the shared models as the editor found them
+        job = record_job(cfg, output_dir, previous_job, cfg.logger.get("group") or group)
+        logger = cleanup.enter_context(RunLogger(cfg, output_dir, group, job["wandb_id"], job_name))
+        results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
+        run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
+                    "precision": cfg.precision.name}
+        previous = results.read()
+        done = finished_items(previous, dataset, output_dir, cfg.save_images, inputs)
+        logger.log_history(previous[previous["image_id"].isin(done)])
+        todo = [item for item in dataset if item.image_id not in done]
+        if len(todo) < len(dataset):
+            log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
+        if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation
+            process_item(task, todo[0], dataset, editor, metrics, cfg.seed)
+        label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
+        unit = {"edit": "edit", "inversion": "inversion", "generation": "image"}[task]
+        for item in tqdm(todo, desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True):
+            outcome = process_item(task, item, dataset, editor, metrics, cfg.seed, inputs[item.image_id])
+            outcome.row.update(run_info)
+            with disk_errors(output_dir):
+                if outcome.edited is not None and cfg.save_images:
+                    save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
+                results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
+            logger.log_item(outcome.row)
+
+        frame = results.read()
+        summary = summarize(frame)
+        try:
+            scores = set_scores(metrics, dataset, frame, output_dir, cfg.save_images,
+                                cfg.get("task", {}).get("reference"))
+        except Exception as err:  # noqa: BLE001 - the rows are on disk; a set metric must not cost the summary
+            log.error("the set-level metrics failed (%s: %s); the per-item results are complete", type(err).__name__,
+                      err, exc_info=log.isEnabledFor(logging.DEBUG))
+            scores = {}
+        with disk_errors(output_dir):
+            if scores:
+                write_json(output_dir / "set_metrics.json", scores)
+                for key, value in scores.items():
+                    summary.loc[summary["edit_type"] == "all", key] = value
+            atomic_write(output_dir / "summary.csv", lambda f: summary.to_csv(f, index=False))
+        failed = int((frame["error"] != "").sum())
+        log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
+                 task, len(frame) - failed, failed, output_dir)
+        notes = []
+        if unavailable := [*metrics.unavailable, *getattr(metrics, "set_unavailable", [])]:
+            notes.append(f"unavailable metrics (no backbone): {', '.join(unavailable)}")
+        if gaps := metric_gaps(frame, tuple(metrics.keys)):
+            log.warning("a metric failed for some items and is left out of their means (the row's note says why): "
+                        "%s", ", ".join(f"{key} for {n}" for key, n in gaps.items()))
+        if cfg.metrics.get("label"):
+            notes.append(f"metric backbones: {cfg.metrics.label} (not comparable with the reference backbones' "
+                         "numbers)")
+        table = "\n".join([*notes, format_summary(summary)])
+        (details() if job_num is not None else log).info("%s", table)  # a sweep's report prints the headlines
+        logger.log_summary(frame, summary, output_dir, dataset)
+        if len(frame) and failed == len(frame):
+            raise RunError(f"every item failed ({failed} of {len(frame)}; the first: {frame['error'].iloc[0]}); "
+                           f"see {output_dir / 'results.csv'}")
+    return summary
+
+
+@contextlib.contextmanager
+def disk_errors(output_dir: Path):
+    """A write that fails (a full disk, a folder made read-only) stops the job with one line; what is on disk stays
+    consistent (every write is atomic), so the same command resumes once the disk is fixed."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise RunError(f"cannot write into {output_dir}: {err.strerror or err}{where}; free space or fix the folder, "
+                       "then re-run the same command to resume (the finished items are kept)") from None
+
+
+def objective(summary: pd.DataFrame) -> float:
+    """A scalar for Hydra sweepers: the overall CLIP-whole mean when available, else NaN."""
+    rows = summary[summary["edit_type"] == "all"]
+    if rows.empty or "clip_whole" not in rows:
+        return math.nan
+    return float(rows["clip_whole"].iloc[0])
