@@ -10,7 +10,8 @@ memory) and the full summary, and redraws ``comparison.png``. Every ``run.py -m`
 and costs, the jobs that failed and why (the sweep then exits with status 1), and ``comparison.png``: source, ground
 truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics. A sweep
 whose jobs match a paper's table (`evaluation.tables`: published.yaml's layouts) also gets that table, our numbers
-beside the published ones, printed and written next to report.txt with its plots.
+beside the published ones, printed and written next to report.txt with its plots. With W&B on, the sweep gets a run
+of its own in ``<sweep>/wandb`` holding the report's tables, the grid and the plots (`log_sweep_run`).
 """
 
 from __future__ import annotations
