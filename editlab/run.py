@@ -24,14 +24,14 @@ log = logging.getLogger("run")
 
 
 def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) -> tuple[str, str]:
-    """The W&B group (experiment + the sweep's date and time: ``toy_tour 2026-12-01 10-06-15``) and a short run
-    name (``3 ddim_p2p toy fp32``, the job number first in a sweep)."""
+    """The W&B group (the experiment and, in a sweep, its start time ``cfg.started``, wherever its folder is:
+    ``toy_tour 2026-12-01 10-06-15``; a single run: the date) and a short run name (``3 ddim_p2p toy fp32``, the
+    job number first in a sweep; a single run's ends with its folder's time)."""
     experiment = hydra_cfg.runtime.choices.get("experiment") or ("sweep" if multirun else "run")
-    folder = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    stamp = folder.name.split("_", 1)[0]
-    group = f"{experiment} {folder.parent.name} {stamp}" if multirun else f"{experiment} {folder.parent.name}"
     name = f"{cfg.editor.name} {cfg.model.name} {cfg.precision.name}"
-    return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
+    if multirun:
+        return f"{experiment} {cfg.started}", f"{hydra_cfg.job.num} {name}"
+    return f"{experiment} {output_dir.parent.name}", f"{name} {output_dir.name.split('_', 1)[0]}"
 
 
 def one_editor_is_one_run(argv: list[str]) -> list[str]:

@@ -10,7 +10,8 @@ memory) and the full summary, and redraws ``comparison.png``. Every ``run.py -m`
 and costs, the jobs that failed and why (the sweep then exits with status 1), and ``comparison.png``: source, ground
 truth where the dataset has one and each run's edit, labelled with the prompts, edit types and metrics. A sweep
 whose jobs match a paper's table (`evaluation.tables`: published.yaml's layouts) also gets that table, our numbers
-beside the published ones, printed and written next to report.txt with its plots.
+beside the published ones, printed and written next to report.txt with its plots. With W&B on, the sweep gets a run
+of its own in ``<sweep>/wandb`` holding the report's tables, the grid and the plots (`log_sweep_run`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ from hydra.experimental.callback import Callback
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from editlab.evaluation.files import atomic_write, atomic_write_text
 from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
 from editlab.evaluation.piebench import EDIT_TYPES, strip_brackets
 from editlab.evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
@@ -76,29 +78,58 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ comparison grid
-TILE_MIN, TILE_MAX, CAPTION, HEADER, SIDEBAR = 128, 256, 30, 34, 230
+TILE_MIN, TILE_MAX, CAPTION, HEADER, SIDEBAR, MIN_FONT = 128, 256, 44, 34, 230, 7
+GRID_METRICS = (  # caption label, results column, its legend: PIE-Bench's metrics, then the iCD paper's
+    ("CLIP", "clip_similarity_target_image", "CLIP score of the edit and the target prompt"),
+    ("bg PSNR", "psnr_unedit_part", "PSNR of the unedited part against the source (dB)"),
+    ("GT PSNR", "gt_psnr", "PSNR against the ground-truth edit (dB)"),
+    ("CLIP-T", "clip_t", "CLIP score of the image and its prompt"),
+    ("DINOv2", "dinov2", "DINOv2 similarity to the source"),
+    ("PSNR", "psnr_uint8", "PSNR against the source, 8-bit (dB)"),
+)
+BREAKS = " _/,="  # where a line of grid text may end: names never split mid-word
 
 
 def _font(size: int = 11) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` in lines at most ``width`` pixels wide, broken only after one of `BREAKS` (a word wider than
+    ``width`` stays whole on a line of its own)."""
+    lines = [""]
+    for piece in re.findall(f"[^{BREAKS}]*[{BREAKS}]*", text)[:-1] or [""]:
+        if lines[-1] and font.getlength((lines[-1] + piece).rstrip()) > width:
+            lines.append("")
+        lines[-1] += piece
+    return [line.rstrip() for line in lines]
+
+
 def _text_cell(lines: list[str], width: int, height: int, size: int = 11) -> Image.Image:
+    """``lines`` wrapped into a white ``width`` × ``height`` cell, the font shrunk (down to MIN_FONT) until every
+    line fits; what still does not fit is cut at the bottom."""
+    for size in range(size, MIN_FONT - 1, -1):
+        font = _font(size)
+        wrapped = [part for line in lines for part in wrap(line, font, width - 6)]
+        if len(wrapped) * (size + 3) <= height - 2 and max(map(font.getlength, wrapped), default=0) <= width - 6:
+            break
     cell = Image.new("RGB", (width, height), "white")
-    draw, font, chars = ImageDraw.Draw(cell), _font(size), max(8, int(width / (size * 0.58)))
-    wrapped = [part for line in lines for part in textwrap.wrap(line, chars) or [""]]
-    for k, line in enumerate(wrapped[: max(1, (height - 4) // (size + 3))]):
+    draw = ImageDraw.Draw(cell)
+    for k, line in enumerate(wrapped[: max(1, (height - 2) // (size + 3))]):
         draw.text((3, 2 + k * (size + 3)), line, fill="black", font=font)
     return cell
 
 
 def _tile(path: Path | None, side: int) -> Image.Image:
     """The image at ``path`` as a ``side``² tile; gray for a failed, missing or unreadable one."""
+    gray = Image.new("RGB", (side, side), (128, 128, 128))
+    if path is None:
+        return gray
     try:
         with Image.open(path) as image:
             return image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
-    except (OSError, ValueError, TypeError):
-        return Image.new("RGB", (side, side), (128, 128, 128))
+    except (OSError, ValueError):
+        return gray
 
 
 def _image_side(paths) -> int:
@@ -112,15 +143,28 @@ def _image_side(paths) -> int:
     return TILE_MIN
 
 
-def _caption(row: dict | None) -> str:
+def _shown(row: dict | None) -> list[tuple[str, float]]:
+    """(label, value) of each metric of `GRID_METRICS` that a successful row has."""
+    if row is None or row.get("error"):
+        return []
+    return [(label, row[key]) for label, key, _ in GRID_METRICS
+            if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+
+
+def caption(row: dict | None) -> list[str]:
+    """The lines under a run's tile: one per metric the row has (``CLIP: 90.6``), or why there is no edit."""
     if row is None:
-        return "not edited"
+        return ["not edited"]
     if row.get("error"):
-        return f"failed: {row['error']}"
-    shown = (("CLIP", "clip_similarity_target_image"), ("PSNR", "psnr_unedit_part"), ("GT", "gt_psnr"),
-             ("CLIP-T", "clip_t"), ("DINOv2", "dinov2"), ("PSNR", "psnr_uint8"))  # PIE-Bench's or the iCD paper's
-    return " · ".join(f"{label} {row[key]:.{2 if abs(row[key]) < 2 else 1}f}" for label, key in shown
-                      if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]))
+        return [f"failed: {row['error']}"]
+    return [f"{label}: {value:.{2 if abs(value) < 2 else 1}f}" for label, value in _shown(row)]
+
+
+def legend(rows: list[dict | None]) -> str:
+    """The line above the grid that explains its columns and the metric labels that ``rows``' captions use."""
+    used = {label for row in rows for label, _ in _shown(row)}
+    return "; ".join(["columns: source, ground truth, each run's edit (gray: failed or not edited)",
+                      *(f"{label}: {meaning}" for label, _, meaning in GRID_METRICS if label in used)])
 
 
 def _runs(folder: Path) -> dict[str, list[Path]]:
@@ -152,24 +196,30 @@ def _tasks(jobs: list[Path]) -> set[str]:
     return tasks
 
 
-def find_dataset_root(folder: Path) -> Path | None:
-    """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
+def _recorded(folder: Path, key: str):
+    """The first ``key`` that the job.json of a job under ``folder`` records (None when none does)."""
     for job in _current(folder.rglob("job.json")):
         try:
-            root = json.loads(job.read_text()).get("dataset_root")
-        except (OSError, ValueError):
+            if value := json.loads(job.read_text()).get(key):
+                return value
+        except (OSError, ValueError, AttributeError):
             continue
-        if root:
-            return Path(root)
     return None
 
 
+def find_dataset_root(folder: Path) -> Path | None:
+    """The benchmark a sweep edited, as its jobs recorded it (``job.json``)."""
+    root = _recorded(folder, "dataset_root")
+    return Path(root) if root else None
+
+
 def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: int = 10) -> Path | None:
-    """``<folder>/comparison.png``: one row per edited item (at most ``max_items``, one per edit type first) with
-    its id, edit type and prompts; columns: source, ground truth (if the dataset has one), then each run's edit
-    (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and ground-truth PSNR
-    (or the iCD metrics). A sweep of reconstructions or generations shows the source prompt and no ground truth.
-    None when no job edited anything or the dataset's mapping file is unreadable."""
+    """``<folder>/comparison.png``: a legend, then one row per edited item (at most ``max_items``, one per edit type
+    first) with its id, edit type and prompts; columns: source, ground truth (if the dataset has one), then each
+    run's edit (shards merged; gray where it failed), captioned with its CLIP score, unedited-part PSNR and
+    ground-truth PSNR (or the iCD metrics), which the legend explains. A sweep of reconstructions or generations
+    shows the source prompt and no ground truth. None when no job edited anything or the dataset's mapping file is
+    unreadable."""
     root = dataset_root or find_dataset_root(folder)
     try:
         mapping = json.loads((Path(root) / "mapping_file.json").read_text())
@@ -195,85 +245,117 @@ def comparison_grid(folder: Path, dataset_root: Path | None = None, max_items: i
     edits = _tasks([job for jobs in runs.values() for job in jobs]) <= {"edit"}  # else reconstructions, generations
     has_truth = edits and (root / "ground_truth").is_dir()
     columns = ["source", *(["ground truth"] if has_truth else []), *runs]
-    cells = []
+    cells, shown = [], []
     for image_id in ids:
         entry = mapping[image_id]
         stem = Path(entry["image_path"]).with_suffix(".png")
-        tiles = [(_tile(root / "annotation_images" / entry["image_path"], side), "")]
+        tiles = [(_tile(root / "annotation_images" / entry["image_path"], side), [])]
         if has_truth:
-            tiles.append((_tile(root / "ground_truth" / entry["image_path"], side), ""))
+            tiles.append((_tile(root / "ground_truth" / entry["image_path"], side), []))
         for label in runs:
             row = rows[label].get(image_id)
             edit = row["job"] / "annotation_images" / stem if row and not row["error"] else None
-            tiles.append((_tile(edit, side), _caption(row)))
-        for tile, caption in tiles:
+            tiles.append((_tile(edit, side), caption(row)))
+            shown.append(row)
+        for tile, lines in tiles:
             cell = Image.new("RGB", (side, side + CAPTION), "white")
             cell.paste(tile)
-            cell.paste(_text_cell([caption], side, CAPTION, 10), (0, side))
+            cell.paste(_text_cell(lines, side, CAPTION, 10), (0, side))
             cells.append(cell)
     grid = make_image_grid(cells, rows=len(ids), cols=len(columns))
 
-    canvas = Image.new("RGB", (SIDEBAR + grid.width, HEADER + grid.height), "white")
-    canvas.paste(grid, (SIDEBAR, HEADER))
+    width = SIDEBAR + grid.width
+    key = legend(shown)
+    top = len(wrap(key, _font(), width - 6)) * 14 + 6
+    canvas = Image.new("RGB", (width, top + HEADER + grid.height), "white")
+    canvas.paste(_text_cell([key], width, top), (0, 0))
+    canvas.paste(grid, (SIDEBAR, top + HEADER))
     for k, label in enumerate(columns):
-        canvas.paste(_text_cell([label], side, HEADER, 12), (SIDEBAR + k * side, 0))
+        canvas.paste(_text_cell([label], side, HEADER, 12), (SIDEBAR + k * side, top))
     for k, image_id in enumerate(ids):
         entry = mapping[image_id]
         type_id = str(entry["editing_type_id"])
         lines = [f"{image_id} · type {type_id} {EDIT_TYPES.get(type_id, '')}".strip(),
                  *([f"source: {entry['original_prompt']}", f"target: {entry['editing_prompt']}"] if edits else
                    [f"prompt: {strip_brackets(entry['original_prompt'])}"])]
-        canvas.paste(_text_cell(lines, SIDEBAR, side + CAPTION), (0, HEADER + k * (side + CAPTION)))
+        canvas.paste(_text_cell(lines, SIDEBAR, side + CAPTION), (0, top + HEADER + k * (side + CAPTION)))
     out = folder / "comparison.png"
-    canvas.save(out)
+    atomic_write(out, lambda f: canvas.save(f, format="PNG"), "wb")
     return out
 
 
 # ------------------------------------------------------------------------------------------------ report
-def paper_tables(folder: Path, wandb: dict | None = None) -> str:
-    """The papers' tables (`evaluation.tables`) that the sweep's jobs match, with the published numbers beside
-    ours, written next to report.txt with their plots; "" when none matches, or when laying them out failed
-    (logged: the report stands without them)."""
+def paper_tables(folder: Path) -> tuple[str, dict[str, pd.DataFrame], list[Path]]:
+    """The papers' tables (`evaluation.tables.sweep_tables`) that the sweep's jobs match, with the published numbers
+    beside ours, written next to report.txt with their plots: the printed text, the tables for W&B and the plots;
+    nothing when none matches, or when laying them out failed (logged: the report stands without them)."""
     try:
         from editlab.evaluation.tables import sweep_tables
 
-        return sweep_tables(folder, wandb)
+        return sweep_tables(folder)
     except Exception:  # noqa: BLE001 - the headline table is already written; a layout problem must not lose it
         log.exception("the paper tables of %s failed; the report is in %s", folder, folder / "report.txt")
+        return "", {}, []
+
+
+def sync_command(folder: Path) -> str:
+    """The ``wandb sync`` that uploads every run of a sweep: the sweep's own and its jobs' (not their superseded
+    attempts, which sit outside ``offline-run-*``)."""
+    return f"wandb sync {folder}/wandb/offline-run-* {folder}/*/wandb/offline-run-*"
+
+
+def log_sweep_run(folder: Path, wandb: dict, summary: pd.DataFrame | None, paper: dict[str, pd.DataFrame],
+                  images: list[Path]) -> str:
+    """The sweep's own W&B run, in ``<folder>/wandb`` and the jobs' group: the headline and summary tables, the
+    papers' tables, comparison.png and the plots. Returns the report's line about it ("" when logging failed,
+    logged: the report stands without it)."""
+    from editlab.evaluation.tables import log_to_wandb
+
+    group = _recorded(folder, "wandb_group") or folder.name
+    tables = {**({"report/headline": headline(summary), "report/summary": summary} if summary is not None else {}),
+              **{f"tables/{layout}": table for layout, table in paper.items()}}
+    try:
+        run = log_to_wandb(tables, {f"images/{image.stem}": image for image in images}, folder, group,
+                           f"sweep {group}", "sweep", **wandb)
+    except Exception:  # noqa: BLE001 - the report's files are written; W&B must not lose them
+        log.exception("the sweep's W&B run failed; the report is in %s", folder / "report.txt")
         return ""
+    return f"W&B: the sweep's run {run} (group {group!r}); upload every run of the sweep: {sync_command(folder)}"
 
 
 def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = (),
            wandb: dict | None = None) -> pd.DataFrame | None:
     """Print a sweep's headline table (one line per run), its failed jobs and ``notes`` (the sweep config's
-    ``sweep_notes``), and keep them in ``report.txt``; then the papers' tables its jobs match (`paper_tables`; with
-    ``wandb``, the sweep's logger settings, also logged to W&B);
-    write aggregate_summary.csv and comparison.png. Returns the summary (None when no job wrote results)."""
+    ``sweep_notes``), then the papers' tables its jobs match (`paper_tables`) and comparison.png, keeping it all in
+    ``report.txt``; write aggregate_summary.csv; with ``wandb`` (the sweep's logger settings) log the sweep's own
+    W&B run (`log_sweep_run`). Every file is replaced whole (a kill leaves the old one or the new one). Returns the
+    summary (None when no job wrote results)."""
     errors = job_errors(folder)
     try:
         results = collect(folder)
     except FileNotFoundError:
         results = None
     summary, lines = None, []
+
+    def say(*new: str) -> None:  # report.txt is rewritten at each step: a later step that fails loses no table
+        lines.extend(new)
+        print("\n" + "\n".join(new))
+        atomic_write_text(folder / "report.txt", "\n".join(lines) + "\n")
+
     if results is not None:
         summary = summarize(results)
-        summary.to_csv(folder / "aggregate_summary.csv", index=False)
-        lines += [f"sweep {folder}: {len(results)} items ({int((results['error'] != '').sum())} failed)",
-                  format_summary(headline(summary))]
-    lines += [f"job {job} did not run: {error}" for job, error in errors.items()]
-    lines += list(notes)
-    text = "\n".join(lines)
-    (folder / "report.txt").write_text(text + "\n")  # before the grid: a grid that fails loses no table
-    print(f"\n{text}")
-    if paper := paper_tables(folder, wandb):
-        print(f"\n{paper}")
-        with (folder / "report.txt").open("a") as f:
-            f.write(f"\n{paper}\n")
+        atomic_write(folder / "aggregate_summary.csv", lambda f: summary.to_csv(f, index=False))
+    say(*([f"sweep {folder}: {len(results)} items ({int((results['error'] != '').sum())} failed)",
+           format_summary(headline(summary))] if results is not None else []),
+        *(f"job {job} did not run: {error}" for job, error in errors.items()), *notes)
+    text, tables, plots = paper_tables(folder)
+    if text:
+        say("", text)
     grid = comparison_grid(folder, dataset_root)
     if grid is not None:
-        print(f"comparison grid: {grid}")
-        with (folder / "report.txt").open("a") as f:
-            f.write(f"comparison grid: {grid}\n")
+        say(f"comparison grid: {grid}")
+    if wandb and (line := log_sweep_run(folder, wandb, summary, tables, [*([grid] if grid else []), *plots])):
+        say(line)
     return summary
 
 
@@ -304,6 +386,9 @@ class SweepReport(Callback):
         return {**self.__dict__, "bar": None}
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        # resolved now, before the launcher makes the jobs' configs (which copy this config's resolver cache): every
+        # job's W&B group then carries the sweep's start, also where hydra.sweep.dir names no time
+        str(config.get("started"))
         try:
             total = _count_jobs(config)
         except Exception:  # noqa: BLE001 - an unusual sweeper: no total, the bar still counts
@@ -349,7 +434,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     results = collect(args.folder)
     summary = summarize(results)
-    summary.to_csv(args.out or args.folder / "aggregate_summary.csv", index=False)
+    atomic_write(args.out or args.folder / "aggregate_summary.csv", lambda f: summary.to_csv(f, index=False))
     failed = int((results["error"] != "").sum())
     print(f"{len(results)} items ({failed} failed) from {args.folder}\n")
     print(format_summary(headline(summary)))

@@ -30,6 +30,7 @@ from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_scores
 from editlab.evaluation.metrics import CLIP_PATH, METRIC_KEYS, PieBenchMetrics, build_metrics, failure_notes
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
 from editlab.evaluation.summary import format_summary, summarize
+from editlab.evaluation.toyset import sets_in_cache
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     try:
         dataset = PieBenchDataset(args.data, edit_types=args.edit_types, limit=args.limit, mask_size=args.mask_size)
     except FileNotFoundError as err:
+        if sets := sets_in_cache(args.data):  # the built-in set's cache: its sets are in subfolders
+            raise SystemExit(f"{args.data} is the built-in toy set's cache; pass one of its sets as --data: "
+                             f"{', '.join(map(str, sets))} (python -m editlab.evaluation.toyset [run.py overrides] prints "
+                             "the one a run reads)") from err
         raise SystemExit(f"{err} Here that is the --data flag.") from err
     except ValueError as err:  # a malformed mapping file: the message names it and the entry
         raise SystemExit(str(err)) from err

@@ -563,24 +563,23 @@ def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = No
     return written
 
 
-def log_to_wandb(tables: dict[str, pd.DataFrame], images: list[Path], outdir: Path, group: str,
-                 mode: str = "offline", project: str | None = None, entity: str | None = None) -> Path:
-    """A W&B run in ``outdir`` (job type ``tables``, offline unless ``mode`` says otherwise) with each table as a
-    ``wandb.Table`` and each plot as a ``wandb.Image``; W&B's console stays quiet and the run is always finished.
+def log_to_wandb(tables: dict[str, pd.DataFrame], images: dict[str, Path], outdir: Path, group: str,
+                 name: str | None = None, job_type: str = "tables", mode: str = "offline", project: str | None = None,
+                 entity: str | None = None) -> Path:
+    """A W&B run in ``outdir`` (offline unless ``mode`` says otherwise) holding each table as a ``wandb.Table`` and
+    each image as a ``wandb.Image``, under their keys; W&B's console stays quiet and the run is always finished.
     Returns the run's folder."""
     import wandb
 
     data_dir = os.environ.get("WANDB_DATA_DIR")
     os.environ["WANDB_DATA_DIR"] = str(outdir / "wandb" / "data")  # W&B's staging folder: with the run, not global
     try:
-        run = wandb.init(mode=mode, project=project, entity=entity, dir=str(outdir), group=group, job_type="tables",
-                         name=f"tables {group}", settings=wandb.Settings(silent=True, console="off"),
+        run = wandb.init(mode=mode, project=project, entity=entity, dir=str(outdir), group=group, job_type=job_type,
+                         name=name or f"{job_type} {group}", settings=wandb.Settings(silent=True, console="off"),
                          reinit="finish_previous")
         try:
-            for layout_id, table in tables.items():
-                run.log({f"tables/{layout_id}": wandb.Table(dataframe=table.astype({"n": int}))})
-            for image in images:
-                run.log({f"plots/{image.stem}": wandb.Image(str(image))})
+            run.log({**{key: wandb.Table(dataframe=table) for key, table in tables.items()},
+                     **{key: wandb.Image(str(image)) for key, image in images.items()}})
             folder = Path(run.dir).parent
         finally:
             run.finish()
@@ -592,23 +591,26 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], images: list[Path], outdir: Pa
     return folder
 
 
-def sweep_tables(folder: Path, wandb: dict[str, Any] | None = None) -> str:
-    """For the sweep report: the tables ``folder``'s jobs match, written next to its report.txt (with their plots),
-    as printed text ("" when none matches). ``wandb`` (the sweep's logger settings: mode, project, entity) also logs
-    them to a W&B run in the jobs' group."""
-    jobs = find_jobs([folder])
-    texts, tables, images = [], {}, []
-    for layout_id in matching_layouts(jobs):
+def lay_out(layouts: list[str], jobs: list[Job], outdir: Path, delta: bool = False
+            ) -> tuple[list[str], dict[str, pd.DataFrame], list[Path]]:
+    """Each layout's table for ``jobs``, written into ``outdir`` with its plots (`write_outputs`): the printed
+    tables with the files written, the tables for W&B (``tables/<layout>``) and the plots."""
+    texts, tables, plots = [], {}, []
+    for layout_id in layouts:
         table = build_table(layout_id, jobs)
-        files = write_outputs(table, folder, jobs)
-        tables[layout_id] = table
-        images += [f for f in files if f.suffix == ".png"]
-        texts.append(f"{render(table)}\nwritten: {', '.join(f.name for f in files)}")
-    if tables and wandb:
-        group = next((j.wandb_group for j in jobs if j.wandb_group), folder.name)
-        run = log_to_wandb(tables, images, folder, group, **wandb)
-        texts.append(f"W&B: the tables and plots are in run {run.name} (group {group!r})")
-    return "\n\n".join(texts)
+        files = write_outputs(table, outdir, jobs, delta=delta)
+        tables[f"tables/{layout_id}"] = table.astype({"n": int})
+        plots += [f for f in files if f.suffix == ".png"]
+        texts.append(f"{render(table, delta=delta)}\nwritten: {', '.join(str(f) for f in files)}")
+    return texts, tables, plots
+
+
+def sweep_tables(folder: Path) -> tuple[str, dict[str, pd.DataFrame], list[Path]]:
+    """For the sweep report: the tables ``folder``'s jobs match, written next to its report.txt (with their plots),
+    as printed text ("" when none matches), the tables for the sweep's W&B run and the plots."""
+    jobs = find_jobs([folder])
+    texts, tables, plots = lay_out(matching_layouts(jobs), jobs, folder)
+    return "\n\n".join(texts), tables, plots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,14 +633,10 @@ def main(argv: list[str] | None = None) -> int:
               f"--layout ({', '.join(layouts)})", file=sys.stderr)
         return 1
     outdir = args.out or args.folders[0]
-    tables, images = {}, []
-    for layout_id in chosen:
-        table = build_table(layout_id, jobs)
-        files = write_outputs(table, outdir, jobs, delta=args.delta)
-        tables[layout_id] = table
-        images += [f for f in files if f.suffix == ".png"]
-        print(f"{render(table, delta=args.delta)}\nwritten: {', '.join(str(f) for f in files)}\n")
+    texts, tables, plots = lay_out(chosen, jobs, outdir, args.delta)
+    print("\n\n".join(texts) + "\n")
     if args.wandb:
+        images = {f"plots/{plot.stem}": plot for plot in plots}
         print(f"W&B run (offline): {log_to_wandb(tables, images, outdir, args.folders[0].resolve().name)}")
     return 0
 

@@ -1,13 +1,21 @@
 """The toy world's edits (`toyworld.scenes`) written as a miniature PIE-Bench: `write_piebench` stores them in the
 PIE-Bench layout (`mapping_file.json` + `annotation_images/`, see `evaluation.piebench`), with the rendered targets
-under `ground_truth/`, so `python run.py` and the tests have data without a download."""
+under `ground_truth/`, so `python run.py` and the tests have data without a download.
+
+    python -m editlab.evaluation.toyset [run.py overrides ...] [--out DIR]
+
+writes the set a ``python run.py`` with the same overrides reads (default: the toy tour's) and prints its folder:
+the cache's own (``dataset.root``, a folder named by the set's parameters) or ``DIR``; that folder is what
+``python -m editlab.evaluation.score --data`` takes."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,6 +59,11 @@ def dataset_root(cfg: Mapping[str, Any]) -> Path | None:
     if cfg.get("kind") == "toyset":
         return builtin_folder(cfg["root"], cfg["n_per_type"], cfg["size"], cfg["seed"])
     return Path(cfg["root"])
+
+
+def sets_in_cache(folder: str | Path) -> list[Path]:
+    """The complete built-in sets in a cache folder (``dataset.root`` of ``dataset=builtin``)."""
+    return sorted(marker.parent for marker in Path(folder).glob("*/toyset.json"))
 
 
 SET_PARTS = ("annotation_images", "ground_truth", "mapping_file.json", "toyset.json")  # the marker last
@@ -132,3 +145,29 @@ def _publish(staging: Path, root: Path, params: dict) -> None:
         (staging / part).rename(old)
 
 
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.toyset", description=__doc__.split("\n\n")[1])
+    parser.add_argument("overrides", nargs="*", help="run.py's overrides, e.g. experiment=toy dataset.n_per_type=4")
+    parser.add_argument("--out", type=Path, help="write the set here (default: its folder in the cache)")
+    args = parser.parse_args(argv)
+    from hydra import compose, initialize_config_module  # Hydra composes the dataset exactly as run.py does
+
+    with initialize_config_module("conf", version_base="1.3"):
+        dataset = compose("run", overrides=args.overrides).dataset
+    if dataset.get("kind") != "toyset":
+        parser.error(f"dataset={dataset.name} is not the built-in toy set; its root is {dataset.get('root')}")
+    try:
+        root = write_piebench(args.out or dataset_root(dataset), dataset.n_per_type, dataset.size, dataset.seed)
+    except FileExistsError as err:
+        parser.error(str(err))
+    print(f"the toy PIE-Bench set ({dataset.n_per_type} per edit type, {dataset.size} px, seed {dataset.seed}); "
+          f"score edits with: python -m editlab.evaluation.score --data {root} --edits <job>/annotation_images "
+          "--backbones toy", file=sys.stderr)
+    print(root)
+    return root
+
+
+if __name__ == "__main__":
+    main()

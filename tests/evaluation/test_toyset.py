@@ -187,3 +187,29 @@ def test_written_set_loads_through_the_piebench_reader(toy):
 def test_unknown_edit_type_is_rejected():
     with pytest.raises(ValueError, match="edit type"):
         toy_edits(1, edit_types=("45",))
+
+
+# ------------------------------------------------------------------------------------------------ finding the set
+def test_the_toyset_command_writes_the_set_a_run_reads_and_prints_its_folder(tmp_path, monkeypatch, capsys):
+    from editlab.evaluation import toyset
+
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    root = toyset.main([])  # the toy tour's set (toy model: 32 px), in the cache
+    assert root == tmp_path / "cache" / "builtin_piebench" / f"v{toyset.TOYSET_VERSION}_n1_size32_seed0"
+    assert (root / "mapping_file.json").is_file() and capsys.readouterr().out == f"{root}\n"
+    out = toyset.main(["experiment=toy", "--out", str(tmp_path / "mine")])  # experiment=toy's set, where asked
+    assert out == tmp_path / "mine" and len(json.loads((out / "mapping_file.json").read_text())) == 2 * 10
+    assert capsys.readouterr().out == f"{out}\n"
+
+
+def test_scoring_against_the_cache_folder_names_the_sets_in_it(tmp_path, capsys):
+    from editlab.evaluation import score
+
+    cache = tmp_path / "builtin_piebench"
+    sets = [write_piebench(cache / name, n_per_type=1, size=32, edit_types=("1",)) for name in ("a", "b")]
+    (tmp_path / "edits").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        score.main(["--data", str(cache), "--edits", str(tmp_path / "edits")])
+    message = str(stop.value)
+    assert f"{cache} is the built-in toy set's cache; pass one of its sets as --data: {sets[0]}, {sets[1]}" in message
+    assert "python -m editlab.evaluation.toyset" in message

@@ -79,18 +79,37 @@ def test_a_job_that_fails_as_a_whole_still_gets_a_wandb_run_with_the_error(tmp_p
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
-def test_run_py_names_groups_by_experiment_and_time():
+def test_run_py_names_groups_by_experiment_and_the_sweeps_start_not_its_folder():
     from types import SimpleNamespace
 
     import run as run_py
 
-    cfg = config(*FAST)
-    sweep = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": "toy_tour"}), job=SimpleNamespace(num=3),
-                            sweep=SimpleNamespace(dir="multirun/2026-12-01/10-06-15_toy_tour"))
-    assert run_py.wandb_names(cfg, sweep, Path("x"), True) == ("toy_tour 2026-12-01 10-06-15", "3 ddim_p2p tiny fp32")
+    cfg = config(*FAST, "started=2026-12-01 10-06-15")
+    for folder in ("multirun/2026-12-01/10-06-15_toy_tour", "/tmp/x/t2"):
+        sweep = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": "paper/toy/icd_table2"}),
+                                job=SimpleNamespace(num=3), sweep=SimpleNamespace(dir=folder))
+        assert run_py.wandb_names(cfg, sweep, Path(folder) / "3_x", True) == (
+            "paper/toy/icd_table2 2026-12-01 10-06-15", "3 ddim_p2p tiny fp32")
     single = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": None}), job=SimpleNamespace(num=0))
     out = Path("outputs/2026-12-01/10-07-00_ddim_p2p_tiny_fp32")
     assert run_py.wandb_names(cfg, single, out, False) == ("run 2026-12-01", "ddim_p2p tiny fp32 10-07-00")
+
+
+def test_every_job_of_a_sweep_gets_the_sweeps_start_time():
+    """The sweep report resolves ``started`` when the sweep starts; Hydra copies that config's resolver cache into
+    every job's config (`load_sweep_config`), so jobs started later name the same time."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    sweep, callback = config(*FAST, "hydra.sweep.dir=/tmp/x/t2", hydra=True), aggregate.SweepReport()
+    callback.on_multirun_start(sweep)
+    callback.bar.close()
+    time.sleep(1.1)
+    later = time.strftime("%Y-%m-%d %H-%M-%S")
+    job = config(*FAST, "editor=npi", hydra=True)
+    OmegaConf.copy_cache(from_config=sweep, to_config=job)
+    assert job.started == sweep.started < later
 
 
 # ------------------------------------------------------------------------------------------------ sweep report
@@ -140,11 +159,13 @@ def test_comparison_grid_merges_shards_labels_items_and_is_redrawn_by_the_cli(tm
     assert "comparison grid" in capsys.readouterr().out
     with Image.open(sweep / "comparison.png") as grid:
         columns = 2 + 2  # source, ground truth, one column per run (the two shards are one)
-        assert grid.size == (aggregate.SIDEBAR + columns * 128, aggregate.HEADER + 2 * (128 + aggregate.CAPTION))
+        legend = grid.height - aggregate.HEADER - 2 * (128 + aggregate.CAPTION)
+        assert grid.width == aggregate.SIDEBAR + columns * 128 and legend > 0
         pixels = np.asarray(grid.convert("RGB"))
-    tile = pixels[aggregate.HEADER + 40, aggregate.SIDEBAR + 2 * 128 + 40]
+    top = legend + aggregate.HEADER
+    tile = pixels[top + 40, aggregate.SIDEBAR + 2 * 128 + 40]
     assert tuple(tile) == (200, 200, 200)  # the first shard's edit is drawn, not a gray gap
-    tile = pixels[aggregate.HEADER + 128 + aggregate.CAPTION + 40, aggregate.SIDEBAR + 2 * 128 + 40]
+    tile = pixels[top + 128 + aggregate.CAPTION + 40, aggregate.SIDEBAR + 2 * 128 + 40]
     assert tuple(tile) == (200, 200, 200)  # and so is the second shard's
 
 
