@@ -294,7 +294,9 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     assert {p.name for p in (site / "bin").iterdir()} >= {"editlab-run", "editlab-train", "editlab-score",
-                                                         "editlab-aggregate"}
+                                                         "editlab-aggregate", "editlab-tables"}
+    top_level = {p.name for p in site.iterdir() if p.name != "bin" and not p.name.endswith(".dist-info")}
+    assert top_level == {"editlab"}  # one namespace: nothing named models / conf / run ... beside other projects
     env = {**os.environ, "PYTHONPATH": str(site)}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -306,6 +308,6 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     summary = subprocess.run([sys.executable, str(site / "bin" / "editlab-aggregate"), "out"], cwd=elsewhere, env=env,
                              capture_output=True, text=True, timeout=300)
     assert summary.returncode == 0 and "identity" in summary.stdout, summary.stderr[-2000:]
-    found = subprocess.run([sys.executable, "-c", "import conf, editors; print(editors.__file__)"], cwd=elsewhere,
-                           env=env, capture_output=True, text=True, check=True).stdout
+    found = subprocess.run([sys.executable, "-c", "import editlab.conf, editlab.editors as e; print(e.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert found.startswith(str(site))  # the wheel's copy ran, not the repository's
