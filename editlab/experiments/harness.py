@@ -411,16 +411,10 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
     task = task_name(cfg)
     inputs = inputs_of(dataset, task)
     _check_inputs(cfg, output_dir, inputs)
-    previous_job = check_job(cfg, output_dir)
-    try:
-        editor, metrics = _setup(cfg, dataset, job_num)
-    except RunError:
-        record_stopped_job(cfg, output_dir)
-        raise
-    with contextlib.ExitStack() as cleanup:
+    job = record_job(cfg, output_dir, check_job(cfg, output_dir), cfg.logger.get("group") or group)
+    with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
+        editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
         cleanup.callback(editor.close)  # the shared models as the editor found them
-        job = record_job(cfg, output_dir, previous_job, cfg.logger.get("group") or group)
-        logger = cleanup.enter_context(RunLogger(cfg, output_dir, group, job["wandb_id"], job_name))
         results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}

@@ -224,7 +224,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def _changed_settings(current: dict[str, Any], job: dict[str, Any], output_dir: Path) -> list[str]:
     """``"key: old -> new"`` for each setting that differs from those the directory's results were made with."""
-    if "config" in job:
+    if "config" in job and "wandb_id" in job:
         before = job["config"]
         keys = before.keys() | current.keys()
     else:  # results written before job.json existed: their rows record the editor, model and precision
@@ -238,6 +238,15 @@ def _has_rows(results: Path) -> bool:
     return results.is_file() and results.read_bytes().count(b"\n") > 1
 
 
+def present_results(output_dir: Path) -> list[str]:
+    """The results a folder holds: rows, a summary, set metrics, edited images (a W&B run alone is none: a job that
+    stopped before its first item logs its error there)."""
+    held = ["results.csv"] if _has_rows(output_dir / "results.csv") else []
+    held += [name for name in ("summary.csv", "set_metrics.json") if (output_dir / name).is_file()]
+    images = output_dir / "annotation_images"
+    return held + (["annotation_images"] if images.is_dir() and any(images.rglob("*.png")) else [])
+
+
 def supersede(output_dir: Path, reason: str) -> Path:
     """Move the folder's results aside into ``superseded_<time>/`` (``restart=true``)."""
     aside = Path(tempfile.mkdtemp(prefix=time.strftime("superseded_%Y%m%d-%H%M%S_"), dir=output_dir))
@@ -249,20 +258,22 @@ def supersede(output_dir: Path, reason: str) -> Path:
 
 
 def check_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """The folder's job record (``job.json``) when its results are this run's: made with the same settings (its
-    ``job.json``, or for results older than job.json their rows); {} for a new folder. Otherwise a `RunError`
-    naming what differs, or with ``restart=true`` the old results move to ``superseded_<time>/`` and {}."""
+    """The folder's job record (``job.json``) when it is this run's; {} for a new folder, or one whose record holds
+    no results yet (a job stopped before its first item: its settings may be fixed). Results must have been made
+    with the same settings (their ``job.json``, or for results older than job.json their rows): otherwise a
+    `RunError` naming what differs, or with ``restart=true`` the old results move to ``superseded_<time>/``."""
     job = read_job(output_dir / "job.json")
-    proven = "config" in job and "wandb_id" in job  # a stub (a job stopped before it started) records no run
-    problem = None
-    if proven or _has_rows(output_dir / "results.csv"):
-        if changed := _changed_settings(fingerprint(cfg), job if proven else {}, output_dir):
-            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-            problem = f"holds results made with other settings ({'; '.join(changed[:6])}{more})"
-    elif present := [name for name in OUTPUTS if (output_dir / name).exists()]:
-        problem = f"holds results ({', '.join(present)}) without a job.json that says how they were made"
+    proven = "config" in job and "wandb_id" in job  # a stub (a job stopped by a missing key) records no run
+    held, problem = present_results(output_dir), None
+    legacy = not proven and "results.csv" in held  # rows older than job.json: they name editor, model, precision
+    changed = _changed_settings(fingerprint(cfg), job, output_dir) if proven or legacy else []
+    if held and not proven and not legacy:
+        problem = f"holds results ({', '.join(held)}) without a job.json that says how they were made"
+    elif held and changed:
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        problem = f"holds results made with other settings ({'; '.join(changed[:6])}{more})"
     if not problem:
-        return job if proven else {}
+        return job if proven and not changed else {}
     if not cfg.get("restart"):
         raise RunError(f"{output_dir} {problem}: choose another output directory (hydra.run.dir=...), or add "
                        "restart=true to move those results aside and start over")

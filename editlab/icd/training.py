@@ -541,6 +541,17 @@ class IterationProgressBar(TQDMProgressBar):
         bar.refresh()
 
 
+class OnTrainStart(pl.Callback):
+    """Calls ``action()`` on the global-zero process once training has started (after setup and any resume)."""
+
+    def __init__(self, action) -> None:
+        self.action = action
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.action()
+
+
 class PeriodicExport(pl.Callback):
     """Write what the module trains (its ``export(directory, dtype)``: iCD's adapters, a distilled teacher) every
     ``every_n_iterations`` (to ``<dir>/iteration_N``) and at the end (to ``<dir>``), in ``dtype``."""
