@@ -138,10 +138,10 @@ RESUMABLE = ("train.trainer.iterations", "train.trainer.progress_bar", "train.tr
 
 
 def job_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """What ``<run dir>/job.json`` holds once training starts (`OnTrainStart` in `fit`): the settings the run's checkpoints are
-    trained with and its W&B run id, which a resumed run logs on into. Continuing the directory's own run (resume
-    null or last) with other settings stops with the keys that differ (a new learning rate would be overridden by
-    the restored optimizer)."""
+    """What ``<run dir>/job.json`` holds once training starts (`OnTrainStart` in `fit`): the settings the run's
+    checkpoints are trained with and its W&B run id, which a resumed run logs on into. Continuing the directory's
+    own run (resume null or last) with other settings stops with the keys that differ (a new learning rate would be
+    overridden by the restored optimizer)."""
     from editlab.experiments.harness import flatten, read_job
 
     settings = {k: v for key in ("model", "precision", "train", "seed")

@@ -426,7 +426,8 @@ class SweepReport(Callback):
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.aggregate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.aggregate",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, help="summary CSV (default: <folder>/aggregate_summary.csv)")
     parser.add_argument("--data", type=Path, help="benchmark root for comparison.png (default: as the jobs recorded)")

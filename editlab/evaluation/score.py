@@ -142,8 +142,8 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
     except FileNotFoundError as err:
         if sets := sets_in_cache(args.data):  # the built-in set's cache: its sets are in subfolders
             raise SystemExit(f"{args.data} is the built-in toy set's cache; pass one of its sets as --data: "
-                             f"{', '.join(map(str, sets))} (python -m editlab.evaluation.toyset [run.py overrides] prints "
-                             "the one a run reads)") from err
+                             f"{', '.join(map(str, sets))} (python -m editlab.evaluation.toyset [run.py overrides] "
+                             "prints the one a run reads)") from err
         raise SystemExit(f"{err} Here that is the --data flag.") from err
     except ValueError as err:  # a malformed mapping file: the message names it and the entry
         raise SystemExit(str(err)) from err

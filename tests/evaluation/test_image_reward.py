@@ -1,6 +1,6 @@
-"""editlab.evaluation.image_reward on a tiny random checkpoint in the released ImageReward.pt layout (timm ViT keys under
-blip.visual_encoder, BERT keys under blip.text_encoder, the MLP as an nn.Sequential under mlp.layers), cross-checked
-against a from-scratch forward pass over the checkpoint's own tensors."""
+"""editlab.evaluation.image_reward on a tiny random checkpoint in the released ImageReward.pt layout (timm ViT keys
+under blip.visual_encoder, BERT keys under blip.text_encoder, the MLP as an nn.Sequential under mlp.layers),
+cross-checked against a from-scratch forward pass over the checkpoint's own tensors."""
 
 import json
 import math

@@ -370,7 +370,8 @@ def test_on_missing_error_names_the_config_key(tmp_path):
 
 def test_on_missing_warn_gives_nan_and_lists_the_key(tmp_path, caplog, monkeypatch):
     missing = str(tmp_path / "no_such_model")
-    monkeypatch.setitem(sys.modules, "editlab.evaluation.image_reward", types.SimpleNamespace())  # no scorer: import fails
+    # no scorer: the import fails
+    monkeypatch.setitem(sys.modules, "editlab.evaluation.image_reward", types.SimpleNamespace())
     cfg = {"clip": {"path": missing}, "dinov2": {"backbone": "dinov2", "path": missing},
            "image_reward": {"path": missing}, "lpips": {"net": None},
            "fid": {"backbone": "inception", "weights": missing}, "on_missing": "warn"}

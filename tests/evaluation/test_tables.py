@@ -1,5 +1,6 @@
-"""editlab.evaluation.tables / evaluation.plots: published.yaml, matching jobs to the papers' rows, the files, the plots,
-the sweep report. Synthetic job folders (job.json, results.csv, set_metrics.json) in tmp_path; offline and fast."""
+"""editlab.evaluation.tables / evaluation.plots: published.yaml, matching jobs to the papers' rows, the files, the
+plots, the sweep report. Synthetic job folders (job.json, results.csv, set_metrics.json) in tmp_path; offline and
+fast."""
 
 import io
 import json

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,12 +20,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from editlab.evaluation.files import FolderLock
 from editlab.evaluation.piebench import PieBenchDataset
 from editlab.evaluation.toyset import write_piebench
 from editlab.experiments import harness
-from editlab.experiments.job_folder import CHECKOUT, OutputGuard, check_output_folder, path_safe
 from editlab.experiments.harness import RunError, run
+from editlab.experiments.job_folder import CHECKOUT, OutputGuard, check_output_folder, path_safe
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=2"]
@@ -345,7 +343,8 @@ def test_two_processes_repairing_one_toy_set_both_succeed(tmp_path):
         for worker in workers:
             worker.join(120)
         assert [w.exitcode for w in workers] == [0, 0]
-        assert len(list((root / "ground_truth").rglob("*.png"))) == len(list((root / "annotation_images").rglob("*.png")))
+        truths, sources = ((root / part).rglob("*.png") for part in ("ground_truth", "annotation_images"))
+        assert len(list(truths)) == len(list(sources))
 
 
 # ---------------------------------------------------------------------------------------------------- 5. ids
@@ -508,7 +507,7 @@ def _tokenizer():
     return tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------- 10. atomic writes
+# ------------------------------------------------------------------------------------------------ 10. atomic writes
 
 
 class Killed(BaseException):

@@ -1,6 +1,6 @@
 """The toy variants of the PIE-Bench table, the inversion table (iCD Table 2) and the generation table (iCD Table 4)
-end to end: run.py's sweep, its report's paper table, and `python -m editlab.evaluation.tables` on the sweep folder, with
-every expected row run and finite numbers beside the published ones. Two items per job to stay quick."""
+end to end: run.py's sweep, its report's paper table, and `python -m editlab.evaluation.tables` on the sweep folder,
+with every expected row run and finite numbers beside the published ones. Two items per job to stay quick."""
 
 from __future__ import annotations
 
