@@ -283,7 +283,7 @@ def fit(cfg: DictConfig, module: pl.LightningModule, components, export_dir: Pat
         limit_val_batches=0, use_distributed_sampler=False,  # the data module splits its batches over the ranks
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no code from a file
     except SIGTERMException:  # Lightning's stop on SIGTERM, or on Ctrl-C passed on as one: between iterations
         stopped_by = checkpoints.stopped_by or "SIGTERM"
         saved = checkpoints.best_model_path or checkpoints.last_model_path or "nothing (checkpoint_every=0)"

@@ -73,6 +73,7 @@ from editlab.models.components import Components, vae_decode, vae_encode
 from editlab.models.conditioning import Conditioning, encode_conditioning, unconditional
 from editlab.models.images import to_unit_range
 from editlab.models.loading import load_components
+from editlab.models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class SettingError(ValueError):
     """A setting that cannot work; the message names the key and what to do (train.py prints it as one line)."""
 
 
+@safe_loading
 def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher: Mapping[str, Any]) -> Components:
     """The base model (frozen parts in the compute dtype, VAE in its own) with the teacher's UNet:
     ``guidance: embedded`` loads ``checkpoint`` (a CFG-distilled state dict) into a w-embedded UNet, or adds a

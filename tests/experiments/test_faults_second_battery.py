@@ -135,6 +135,32 @@ def test_no_code_runs_from_a_file_planted_at_any_path_valued_key(tmp_path, monke
     assert len(tried) >= 20, tried
 
 
+def test_no_code_runs_from_a_teacher_checkpoint_or_a_resumed_training_checkpoint(tmp_path):
+    """train.py's path-valued keys: ``train.teacher.checkpoint`` (every train/teacher option that takes one) and
+    ``resume=`` (a Lightning checkpoint)."""
+    from editlab.icd.training import load_teacher
+
+    marker = tmp_path / "PWNED"
+    evil = plant(tmp_path / "teacher.pt", marker)
+    options = [p.stem for p in (ROOT / "editlab" / "conf" / "train" / "teacher").glob("*.yaml")
+               if "checkpoint" in OmegaConf.to_container(OmegaConf.load(p))]
+    assert {"distilled", "sd15_cfg_distill"} <= set(options)
+    model = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
+    for option in options:
+        teacher = {**OmegaConf.to_container(OmegaConf.load(ROOT / "editlab" / "conf" / "train" / "teacher" /
+                                                           f"{option}.yaml")), "checkpoint": str(evil)}
+        with pytest.raises(Exception, match="refused to load|Weights only load failed|weights_only"):
+            load_teacher(model, {"dtype": "float32", "vae_dtype": "float32"}, {**teacher, "guidance": "embedded"})
+    assert not marker.exists()
+
+    from lightning_fabric.utilities.cloud_io import _load as lightning_load
+
+    ckpt = plant(tmp_path / "run" / "checkpoints" / "last.ckpt", marker)
+    with pytest.raises(Exception):
+        lightning_load(ckpt, map_location="cpu")  # Lightning's default (train.py passes weights_only=True too)
+    assert not marker.exists()
+
+
 def test_files_in_the_torch_hub_cache_and_fid_weights_are_refused_with_a_message(tmp_path, monkeypatch):
     """torch.hub's cache (piq's VGG and LPIPS heads, lpips' SqueezeNet, torch-fidelity's Inception) and a user's
     Inception file are loaded by libraries with weights_only=False: refused, named, nothing runs."""
