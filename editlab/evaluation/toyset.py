@@ -148,13 +148,14 @@ def _publish(staging: Path, root: Path, params: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.toyset", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.toyset",
+                                     description=__doc__.split("\n\n")[1])
     parser.add_argument("overrides", nargs="*", help="run.py's overrides, e.g. experiment=toy dataset.n_per_type=4")
     parser.add_argument("--out", type=Path, help="write the set here (default: its folder in the cache)")
     args = parser.parse_args(argv)
     from hydra import compose, initialize_config_module  # Hydra composes the dataset exactly as run.py does
 
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("editlab.conf", version_base="1.3"):
         dataset = compose("run", overrides=args.overrides).dataset
     if dataset.get("kind") != "toyset":
         parser.error(f"dataset={dataset.name} is not the built-in toy set; its root is {dataset.get('root')}")

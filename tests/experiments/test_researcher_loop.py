@@ -228,7 +228,7 @@ def test_icd_editor_takes_the_trained_schedule_from_the_export_folder(tmp_path):
 def test_training_logs_train_and_validation_on_one_axis_with_an_iteration_bar(tmp_path, monkeypatch, capsys):
     from pytorch_lightning.loggers import WandbLogger
 
-    import train
+    import editlab.train as train
 
     steps: list[tuple[int, set]] = []
     log_metrics = WandbLogger.log_metrics

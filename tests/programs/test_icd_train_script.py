@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import train
+import editlab.train as train
 from editlab.icd.lora import read_adapter_file
 
 REPO = Path(__file__).resolve().parents[2]
