@@ -82,7 +82,7 @@ def test_a_job_that_fails_as_a_whole_still_gets_a_wandb_run_with_the_error(tmp_p
 def test_run_py_names_groups_by_experiment_and_the_sweeps_start_not_its_folder():
     from types import SimpleNamespace
 
-    import run as run_py
+    import editlab.run as run_py
 
     cfg = config(*FAST, "started=2026-12-01 10-06-15")
     for folder in ("multirun/2026-12-01/10-06-15_toy_tour", "/tmp/x/t2"):
