@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from editlab.experiments.cli import needs_launcher  # also the resolver of --help's config groups
+from editlab.experiments.cli import needs_launcher, run_names  # also the resolver of --help's config groups
 
 log = logging.getLogger("run")
 
@@ -28,10 +28,8 @@ def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) ->
     ``toy_tour 2026-12-01 10-06-15``; a single run: the date) and a short run name (``3 ddim_p2p toy fp32``, the
     job number first in a sweep; a single run's ends with its folder's time)."""
     experiment = hydra_cfg.runtime.choices.get("experiment") or ("sweep" if multirun else "run")
-    name = f"{cfg.editor.name} {cfg.model.name} {cfg.precision.name}"
-    if multirun:
-        return f"{experiment} {cfg.started}", f"{hydra_cfg.job.num} {name}"
-    return f"{experiment} {output_dir.parent.name}", f"{name} {output_dir.name.split('_', 1)[0]}"
+    return run_names(experiment, f"{cfg.editor.name} {cfg.model.name} {cfg.precision.name}", output_dir,
+                     hydra_cfg.job.num if multirun else None, cfg.started if multirun else None)
 
 
 def one_editor_is_one_run(argv: list[str]) -> list[str]:

@@ -39,7 +39,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editlab.experiments.cli import needs_launcher  # also the resolver of --help's config groups
+from editlab.experiments.cli import needs_launcher, run_names  # also the resolver of --help's config groups
 
 if TYPE_CHECKING:  # torch, Lightning and the models load inside the functions: --help returns without them
     import pytorch_lightning as pl
@@ -76,11 +76,10 @@ def wandb_names(cfg: DictConfig, hydra_cfg, output_dir: Path, multirun: bool) ->
     """Named as run.py names editing runs: the group is the preset and the run's date (a sweep's: and time), the
     name what trains and the run's time (``icd toy fp32 10-06-15``; a sweep's job number first)."""
     experiment = hydra_cfg.runtime.choices.get("train/experiment") or ("sweep" if multirun else "run")
-    folder = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    stamp = folder.name.split("_", 1)[0]
-    group = f"{experiment} {folder.parent.name} {stamp}" if multirun else f"{experiment} {folder.parent.name}"
-    name = f"{cfg.train.method} {cfg.model.name} {cfg.precision.name}"
-    return group, f"{hydra_cfg.job.num} {name}" if multirun else f"{name} {stamp}"
+    sweep = Path(hydra_cfg.sweep.dir) if multirun else None  # its folder is named by its start: <date>/<time>
+    return run_names(experiment, f"{cfg.train.method} {cfg.model.name} {cfg.precision.name}", output_dir,
+                     hydra_cfg.job.num if multirun else None,
+                     f"{sweep.parent.name} {sweep.name.split('_', 1)[0]}" if sweep else None)
 
 
 def build_logger(logger: DictConfig, cfg: DictConfig, output_dir: Path, group: str, name: str, run_id: str):

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
@@ -52,6 +53,16 @@ def path_safe(value: Any) -> str:
 
 
 OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
+
+
+def run_names(experiment: str, what: str, output_dir: Path, job_num: int | None = None,
+              started: str | None = None) -> tuple[str, str]:
+    """The W&B group and run name of an editing or a training run, one convention for both: in a sweep, the
+    experiment and the sweep's start (``toy_tour 2026-12-01 10-06-15``) and the job number and what runs
+    (``3 ddim_p2p toy fp32``); a single run: the experiment and its folder's date, what runs and its folder's time."""
+    if job_num is not None:
+        return f"{experiment} {started}", f"{job_num} {what}"
+    return f"{experiment} {output_dir.parent.name}", f"{what} {output_dir.name.split('_', 1)[0]}"
 
 
 # hydra/launcher=<name>: (the plugin's module, the extra of pyproject.toml that installs it)

@@ -66,7 +66,6 @@ from editlab.models.components import ModelLoadError
 from editlab.models.hub import HubUnreachableError
 from editlab.models.images import fit
 from editlab.models.loading import load_components
-from editlab.models.safe_load import weights_only_loading
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +290,9 @@ def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
     """Editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError` before the
     first item is edited."""
     try:
-        with weights_only_loading():  # no code runs from any weights file the model, editor or metrics name
-            editor = load_editor(cfg, job_device(cfg.device, job_num))
-            metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+        # no code runs from a weights file: load_components, build_editor and build_metrics load safely themselves
+        editor = load_editor(cfg, job_device(cfg.device, job_num))
+        metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
         task = task_name(cfg)
         if task not in editor.tasks:
             raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
