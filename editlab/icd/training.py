@@ -598,8 +598,10 @@ class IterationCheckpoint(ModelCheckpoint):
         self.stopped_by: str | None = None
         self._sigint = None
 
-    def on_train_start(self, trainer, module) -> None:
-        super().on_train_start(trainer, module)
+    def setup(self, trainer, module, stage: str) -> None:
+        # at setup, before any callback's on_train_start: Lightning runs checkpoint callbacks last, and a Ctrl-C
+        # after another callback announced the start (job.json) must already find this handler
+        super().setup(trainer, module, stage)
         self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
     def _on_ctrl_c(self, signum, frame) -> None:
