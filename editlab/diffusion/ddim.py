@@ -32,11 +32,6 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, offset: int 
     return [i * stride + offset for i in reversed(range(num_steps))]
 
 
-def abar_at(alphas_cumprod: torch.Tensor, t: int, final: float | torch.Tensor) -> torch.Tensor:
-    """``abar_t``, or ``final`` for t < 0 (DDIM's value one stride before the first train step)."""
-    return alphas_cumprod[t] if t >= 0 else torch.as_tensor(final, dtype=alphas_cumprod.dtype)
-
-
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance in the classic scale: scale 1 is the plain conditional prediction."""
     return eps_uncond + scale * (eps_cond - eps_uncond)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from editlab.diffusion.ddim import cfg
-from editlab.diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 
 
@@ -42,8 +42,8 @@ class DDIMEditor(Editor):
         self.num_steps = num_steps
         self.guidance_scale, self.tau = guidance_scale, tau
         self.inversion_guidance_scale, self.inversion_tau = inversion_guidance_scale, inversion_tau
-        self.pairs = ddim_pairs(num_steps, components.num_train_timesteps)
-        self.inversion_pairs = ddim_pairs(num_steps, components.num_train_timesteps, inverse=True)
+        self.pairs = components.schedule.pairs(num_steps)
+        self.inversion_pairs = components.schedule.pairs(num_steps, inverse=True)
 
     def _eps_fn(self, text: torch.Tensor, uncond: torch.Tensor, scale: float, tau: float):
         """eps(i, z, t) with classic CFG ``scale`` where t <= tau T, the conditional prediction elsewhere."""
@@ -62,13 +62,13 @@ class DDIMEditor(Editor):
     def invert(self, z0: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """z_0 [1, 4, h, w] -> z_T with the encoder's guidance."""
         eps = self._eps_fn(text, uncond, self.inversion_guidance_scale, self.inversion_tau)
-        return ddim_loop(z0, self.inversion_pairs, eps, self.components.abar, skip_identity=True)[-1]
+        return solve(z0, self.inversion_pairs, eps, self.components.schedule, at=noisier_end, skip_identity=True)[-1]
 
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """z_T [1, 4, h, w] -> z_0 with the decoder's guidance."""
         eps = self._eps_fn(text, uncond, self.guidance_scale, self.tau)
-        return ddim_loop(z_T, self.pairs, eps, self.components.abar)[-1]
+        return solve(z_T, self.pairs, eps, self.components.schedule)[-1]
 
     def _invert_denoise(self, image, source: str, target: str) -> EditResult:
         c = self.components

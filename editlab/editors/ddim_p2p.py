@@ -12,7 +12,7 @@ The inversion task (`_reconstruct`) runs steps 1-3 with the source prompt alone 
 reconstruction at the editor's guidance, which is what the method's edits start from.
 
 Subclasses change one step: `null_embeddings` (Null-Text / Negative-Prompt Inversion) or `source_correction`
-(Direct Inversion). Every pass runs the shared `diffusion.sampling.ddim_loop`.
+(Direct Inversion). Every pass runs the shared `diffusion.solver.solve`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from editlab.diffusion.ddim import cfg
-from editlab.diffusion.sampling import StepHook, ddim_loop, ddim_pairs
+from editlab.diffusion.solver import StepHook, noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.editors.p2p import P2PSettings, controlled_attention, make_controller
 
@@ -42,15 +42,16 @@ class DDIMP2PEditor(Editor):
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.p2p = p2p
-        self.pairs = ddim_pairs(num_steps, components.num_train_timesteps)  # 980 -> 960, ..., 0 -> -20
-        self.inversion_pairs = ddim_pairs(num_steps, components.num_train_timesteps, inverse=True)
+        self.pairs = components.schedule.pairs(num_steps)  # 980 -> 960, ..., 0 -> -20
+        self.inversion_pairs = components.schedule.pairs(num_steps, inverse=True)
 
     # -- 2. inversion ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def invert(self, z0: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
         """Conditional DDIM inversion: [z*_0, ..., z*_N], each [1, 4, h, w] in fp32."""
         c = self.components
-        return ddim_loop(z0, self.inversion_pairs, lambda i, z, t: c.predict(z, t, cond), c.abar, skip_identity=True)
+        return solve(z0, self.inversion_pairs, lambda i, z, t: c.predict(z, t, cond), c.schedule, at=noisier_end,
+                     skip_identity=True)
 
     def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor
                         ) -> tuple[list[torch.Tensor], dict]:
@@ -80,7 +81,7 @@ class DDIMP2PEditor(Editor):
             return cfg(eps_uncond, eps_cond, self.guidance_scale)
 
         with controlled_attention(c.unet, controller) if controller is not None else contextlib.nullcontext():
-            return ddim_loop(x_t, self.pairs, eps, c.abar, after=after)[-1]
+            return solve(x_t, self.pairs, eps, c.schedule, after=after)[-1]
 
     def denoise(self, x_t: torch.Tensor, text: torch.Tensor, uncond_steps: list[torch.Tensor], controller,
                 correction: StepHook | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from editlab.diffusion.sampling import StepHook
+from editlab.diffusion.solver import StepHook
 from editlab.editors.base import EditRequest, register
 from editlab.editors.ddim_p2p import DDIMP2PEditor
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.optim import Adam
 
 from editlab.diffusion.ddim import cfg, ddim_jump
-from editlab.diffusion.sampling import ddim_loop
+from editlab.diffusion.solver import solve
 from editlab.editors.base import register
 from editlab.editors.ddim_p2p import DDIMP2PEditor
 
@@ -112,7 +112,7 @@ class NullTextEditor(DDIMP2PEditor):
         def optimise(i: int, latent: torch.Tensor) -> torch.Tensor:
             """a-b, before the step from z̄_i: ε_c, then Adam on ∅ warm-started from ∅_{i-1} ("" for i = 0)."""
             t, s = self.pairs[i]
-            abar_t, abar_s = c.abar(t), c.abar(s)  # once per step, not per Adam step
+            abar_t, abar_s = c.schedule.abar(t), c.schedule.abar(s)  # once per step, not per Adam step
             with torch.no_grad():  # a. the conditional prediction does not depend on ∅
                 eps_conds.append(self._eps32(latent, t, cond))
             target = trajectory[steps - 1 - i]  # z*_{N-1-i}
@@ -144,7 +144,7 @@ class NullTextEditor(DDIMP2PEditor):
             return latent
 
         with unet_in_fp32(c.unet):  # the identity step (zero gradient, Adam would not move ∅) is skipped
-            ddim_loop(trajectory[-1], self.pairs, advance, c.abar, before=optimise, after=check, skip_identity=True)
+            solve(trajectory[-1], self.pairs, advance, c.schedule, before=optimise, after=check, skip_identity=True)
         embeddings += (embeddings[-1:] or [uncond.float()]) * (steps - len(embeddings))  # identity step: ∅_{N-2}
         extras["backward_passes"] = sum(inner_steps)
         return [e.to(c.dtype) for e in embeddings], extras

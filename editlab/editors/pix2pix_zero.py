@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from editlab.diffusion.ddim import cfg
-from editlab.diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.editors.p2p import controlled_attention
 
@@ -147,8 +147,8 @@ class Pix2PixZeroEditor(Editor):
         self.regularizer = dict(lambda_ac=lambda_ac, lambda_kl=lambda_kl, num_reg_steps=num_reg_steps,
                                 num_ac_rolls=num_ac_rolls)
         self.offload_maps = offload_maps
-        self.pairs = ddim_pairs(num_steps, components.num_train_timesteps)
-        self.inversion_pairs = ddim_pairs(num_steps, components.num_train_timesteps, inverse=True)
+        self.pairs = components.schedule.pairs(num_steps)
+        self.inversion_pairs = components.schedule.pairs(num_steps, inverse=True)
 
     # -- 3. regularised inversion -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,7 +159,7 @@ class Pix2PixZeroEditor(Editor):
         def eps(i: int, z: torch.Tensor, t: int) -> torch.Tensor:
             return regularize_noise(c.predict(z, t, caption), generator=generator, **self.regularizer)
 
-        return ddim_loop(z0, self.inversion_pairs, eps, c.abar, skip_identity=True)
+        return solve(z0, self.inversion_pairs, eps, c.schedule, at=noisier_end, skip_identity=True)
 
     # -- 4. reference pass --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +173,7 @@ class Pix2PixZeroEditor(Editor):
 
         controller.mode = "store"
         with controlled_attention(c.unet, controller):
-            return ddim_loop(x_t, self.pairs, eps, c.abar)[-1]
+            return solve(x_t, self.pairs, eps, c.schedule)[-1]
 
     # -- 5. guided edit pass ------------------------------------------------------------------------------------------
     def guide(self, x_in: torch.Tensor, t: int, context: torch.Tensor,
@@ -205,7 +205,7 @@ class Pix2PixZeroEditor(Editor):
             return x_in[:1]
 
         with controlled_attention(c.unet, controller):
-            return ddim_loop(x_t, self.pairs, eps, c.abar, before=copies, after=negative_copy)[-1]
+            return solve(x_t, self.pairs, eps, c.schedule, before=copies, after=negative_copy)[-1]
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

@@ -63,7 +63,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from editlab.diffusion.ddim import cfg
-from editlab.diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.solver import solve
 from editlab.evaluation.metrics import CLIP_MEAN, CLIP_STD
 from editlab.models.components import vae_decode, vae_encode
 from editlab.models.images import to_uint8, uint8_to_model_pixels
@@ -687,7 +687,7 @@ def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[
         eps_u, eps_c = c.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
         return cfg(eps_u, eps_c, scale)
 
-    return ddim_loop(x_t, ddim_pairs(num_steps, c.num_train_timesteps), eps, c.abar)[-1]
+    return solve(x_t, c.schedule.pairs(num_steps), eps, c.schedule)[-1]
 
 
 def decode(c, latents: torch.Tensor) -> np.ndarray:

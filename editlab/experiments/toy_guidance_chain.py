@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editlab.diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import build_editor
 from editlab.experiments.console import quiet_libraries
 from editlab.experiments.toy_build import ToyClip, accuracy, psnr
@@ -68,9 +68,8 @@ def ddim_round_trip(c: Components, model: GuidedUNet, z0: torch.Tensor, text, st
     def eps(i, x, t):
         return model(x, t, text.text, w, text.added)
 
-    pairs = ddim_pairs(steps, c.num_train_timesteps)
-    noised = ddim_loop(z0, ddim_pairs(steps, c.num_train_timesteps, inverse=True), eps, c.abar, skip_identity=True)
-    return ddim_loop(noised[-1], pairs, eps, c.abar)[-1]
+    noised = solve(z0, c.schedule.pairs(steps, inverse=True), eps, c.schedule, at=noisier_end, skip_identity=True)
+    return solve(noised[-1], c.schedule.pairs(steps), eps, c.schedule)[-1]
 
 
 def icd_round_trip(images: list[np.ndarray], captions: list[str], adapters: Path | None,

@@ -4,6 +4,6 @@
 - `icd.guidance`: guidance units, the w-embedding, dynamic CFG.
 - `icd.teacher`: eps(x, t, c, w) for w-embedded (CFG-distilled) and plain two-pass-CFG UNets.
 - `icd.lora`: the forward / reverse students as two LoRA adapters on one UNet; their files.
-- `icd.losses`: the four objectives; `icd.sampling`: the inference loops.
+- `icd.losses`: the four objectives; inference runs `diffusion.solver.solve` with `consistency_step`.
 - `icd.data`, `icd.training`: Lightning data and module behind ``train.py``.
 """

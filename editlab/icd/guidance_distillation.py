@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from editlab.diffusion.ddim import add_noise, ddim_jump
-from editlab.diffusion.sampling import ddim_loop, ddim_pairs
+from editlab.diffusion.schedules import VPSchedule
+from editlab.diffusion.solver import solve
 from editlab.icd.lora import lora_config
 from editlab.icd.teacher import GuidedUNet, add_guidance_embedding
 from editlab.icd.training import FrozenPartsModule, OptimSettings, labelled_grid, rng_states
@@ -151,9 +152,8 @@ def sample_latents(model: GuidedUNet, text: Conditioning, w: float, shape: Seque
     device = alphas_cumprod.device
     x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
     ws = torch.full((shape[0],), float(w), device=device)
-    return ddim_loop(x, ddim_pairs(num_steps, len(alphas_cumprod)),
-                     lambda i, x, t: model(x, t, text.text, ws, text.added),
-                     lambda t: alphas_cumprod[t] if t >= 0 else alphas_cumprod[0])[-1]
+    schedule = VPSchedule(alphas_cumprod)
+    return solve(x, schedule.pairs(num_steps), lambda i, x, t: model(x, t, text.text, ws, text.added), schedule)[-1]
 
 
 class GuidanceDistillationModule(FrozenPartsModule):
@@ -238,18 +238,20 @@ class GuidanceDistillationModule(FrozenPartsModule):
         of the frozen base's own CFG sampling trajectory (``trajectory_steps`` DDIM steps from noise, each sample
         at its w). The sampler computes the target at each state anyway, so it costs no extra call; the batch
         runs only as far as its deepest drawn step."""
-        teacher = self.guided[0]
-        pairs = ddim_pairs(self.settings.trajectory_steps, len(self.alphas_cumprod))
+        schedule = VPSchedule(self.alphas_cumprod)
+        pairs = schedule.pairs(self.settings.trajectory_steps)
         step = torch.randint(0, len(pairs), (shape[0],), generator=generator).to(self.device)
         x = torch.randn(tuple(shape), generator=generator).to(self.device)
         x_t, target = torch.empty_like(x), torch.empty_like(x)
         t = torch.empty(shape[0], dtype=torch.long, device=self.device)
-        abar = self.alphas_cumprod
-        for i, (t_i, s_i) in enumerate(pairs[: int(step.max()) + 1]):
-            eps = teacher(x, t_i, text.text, w, text.added)
+
+        def record(i: int, x: torch.Tensor, t_i: int) -> torch.Tensor:
+            eps = self.guided[0](x, t_i, text.text, w, text.added)
             here = step == i
             x_t[here], target[here], t[here] = x[here], eps[here], t_i
-            x = ddim_jump(x, eps, abar[t_i], abar[s_i] if s_i >= 0 else abar[0])
+            return eps
+
+        solve(x, pairs[: int(step.max()) + 1], record, schedule)
         return x_t, t, target
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

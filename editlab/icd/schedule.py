@@ -36,6 +36,14 @@ def default_boundaries(num_segments: int, num_train_timesteps: int = 1000,
     return [0, *inner], [*inner, num_train_timesteps - 1]
 
 
+def substep_pairs(t: int, s: int, num_substeps: int) -> list[tuple[int, int]]:
+    """The teacher's multi-step DDIM from t to s (either direction) in ``num_substeps`` near-equal integer steps,
+    the reference point the distilled jumps approximate (solved with the model at each step's start: explicit Euler
+    in DDIM coordinates, like the reference solver)."""
+    times = torch.linspace(t, s, num_substeps + 1).round().long().tolist()
+    return [(a, b) for a, b in zip(times[:-1], times[1:]) if a != b]
+
+
 def reverse_pairs(steps: Sequence[int]) -> list[tuple[int, int]]:
     """Generation pairs from an inference list R (any order): (R_m -> R_{m-1}), ..., (R_1 -> 0).
 

@@ -42,6 +42,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from editlab.icd.guidance import GuidancePolicy
+from editlab.diffusion.ddim import add_noise
+from editlab.diffusion.schedules import VPSchedule
+from editlab.diffusion.solver import consistency_step, solve
 from editlab.icd.lora import (
     ADAPTERS,
     FORWARD,
@@ -61,7 +64,6 @@ from editlab.icd.losses import (
     reverse_consistency,
     reverse_preservation,
 )
-from editlab.icd.sampling import inversion_start, run_pairs
 from editlab.icd.schedule import BoundarySchedule
 from editlab.icd.teacher import (
     GuidedUNet,
@@ -465,12 +467,16 @@ class ICDModule(FrozenPartsModule):
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         noise_T = torch.randn(x0.shape, generator=generator).to(self.device)
         zeros = torch.zeros(x0.shape[0], device=self.device)
-        fwd, rev, abar = self.eps_fn(FORWARD), self.eps_fn(REVERSE), self.alphas_cumprod
-        x = inversion_start(x0, noise, self.schedule.start, abar)
-        x_T = run_pairs(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), abar)
-        reconstruction = run_pairs(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros), abar)
-        generation = run_pairs(noise_T, self.schedule.reverse_pairs(),
-                               lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)), abar)
+        fwd, rev, vp = self.eps_fn(FORWARD), self.eps_fn(REVERSE), VPSchedule(self.alphas_cumprod)
+
+        def jumps(x: torch.Tensor, pairs, eps_fn) -> torch.Tensor:
+            return solve(x, pairs, eps_fn, vp, step=consistency_step)[-1]
+
+        x = add_noise(x0, noise, self.schedule.start, self.alphas_cumprod)
+        x_T = jumps(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros))
+        reconstruction = jumps(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros))
+        generation = jumps(noise_T, self.schedule.reverse_pairs(),
+                           lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)))
         self.switch.activate(REVERSE)
         return {"reconstruction": reconstruction, "generation": generation,
                 "latent_mse": (reconstruction - x0).pow(2).mean()}

@@ -10,6 +10,7 @@ need their internals (Prompt-to-Prompt's attention processors, LoRA adapters).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,7 +19,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DiffusionPi
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from editlab.diffusion.ddim import abar_at
+from editlab.diffusion.schedules import VPSchedule
 from editlab.models.conditioning import Conditioning, encode_conditioning, unconditional
 from editlab.models.images import to_model_pixels, to_uint8
 
@@ -80,9 +81,10 @@ class Components:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def abar(self, t: int) -> torch.Tensor:
-        """abar_t on the device, fp32; t < 0 is the schedule's final value (one DDIM stride before step 0)."""
-        return abar_at(self.alphas_cumprod, t, self.scheduler.final_alpha_cumprod).to(self.device)
+    @functools.cached_property
+    def schedule(self) -> VPSchedule:
+        """The noise schedule the samplers walk, on the device."""
+        return VPSchedule(self.alphas_cumprod.to(self.device))
 
     def check_prompt(self, prompt: str) -> None:
         n = len(self.tokenizer(prompt).input_ids)

@@ -1,8 +1,8 @@
-"""DDIM math: grids, jumps, the final abar, CFG."""
+"""DDIM math: grids, jumps, CFG."""
 
 import torch
 
-from editlab.diffusion.ddim import abar_at, cfg, ddim_jump, ddim_timesteps
+from editlab.diffusion.ddim import cfg, ddim_jump, ddim_timesteps
 
 
 def test_reference_grid():
@@ -21,8 +21,6 @@ def test_jump_round_trip_and_identity():
     assert torch.allclose(x0, (x - (1 - a).sqrt() * eps) / a.sqrt())
 
 
-def test_abar_final_and_cfg():
-    alphas = torch.linspace(0.99, 0.01, 1000)
-    assert abar_at(alphas, -20, alphas[0]) == alphas[0]
+def test_cfg():
     u, c = torch.zeros(3), torch.ones(3)
     assert torch.equal(cfg(u, c, 1.0), c) and torch.equal(cfg(u, c, 7.5), 7.5 * c)

@@ -19,7 +19,7 @@ def _round_trip_error(components, steps: int, z0, cond) -> float:
     z = editor.invert(z0, cond)[-1]
     with torch.no_grad():
         for t, s in editor.pairs:  # unguided (conditional) denoising, the exact reverse of the inversion
-            z = ddim_jump(z, components.predict(z, t, cond), components.abar(t), components.abar(s))
+            z = ddim_jump(z, components.predict(z, t, cond), components.schedule.abar(t), components.schedule.abar(s))
     return (z - z0).pow(2).mean().item()
 
 

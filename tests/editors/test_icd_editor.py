@@ -94,7 +94,7 @@ def test_inversion_start_determinism_and_exact_round_trip(editor):
     assert torch.equal(first, editor.invert(x_star, text, noise))
     assert first.shape == (1, 4, 16, 16)
 
-    abar = editor.abar
+    abar = editor.components.schedule.alphas_cumprod
     seen = []
 
     def delta(x, t, text, w, added=None):  # analytic teacher of the single point x*: the loops must then be exact

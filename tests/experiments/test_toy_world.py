@@ -90,7 +90,7 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     z0, cond = toy.encode_image(Image.fromarray(image)), toy.encode_prompts([caption])
     latents = editor.invert(z0, cond)[-1]
     for t, s in editor.pairs:  # 980 -> 960, ..., 0 -> -20
-        latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.abar(t), toy.abar(s))
+        latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.schedule.abar(t), toy.schedule.abar(s))
     return toy_build.psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 

@@ -16,8 +16,16 @@ from editlab.icd.losses import (
     reverse_consistency,
     reverse_preservation,
 )
-from editlab.icd.sampling import ddim_solve, inversion_start, run_pairs
-from editlab.icd.schedule import BoundarySchedule, ddim_grid, default_boundaries, forward_pairs, reverse_pairs
+from editlab.diffusion.schedules import VPSchedule
+from editlab.diffusion.solver import consistency_step, solve
+from editlab.icd.schedule import (
+    BoundarySchedule,
+    ddim_grid,
+    default_boundaries,
+    forward_pairs,
+    reverse_pairs,
+    substep_pairs,
+)
 
 SD15_REVERSE, SD15_FORWARD = [259, 519, 779, 999], [19, 259, 519, 779]
 SDXL_REVERSE, SDXL_FORWARD = [249, 499, 699, 999], [19, 249, 499, 699]
@@ -169,10 +177,11 @@ def test_delta_teacher_encode_decode_is_exact(m):
     g = torch.Generator().manual_seed(3)
     x_star, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     eps = delta_teacher(x_star, abar)
-    x = inversion_start(x_star, noise, schedule.start, abar)
-    x_T = run_pairs(x, schedule.forward_pairs(), lambda i, x, t: eps(x, t), abar)
+    x = add_noise(x_star, noise, schedule.start, abar)
+    x_T = solve(x, schedule.forward_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar), step=consistency_step)[-1]
     assert torch.allclose(x_T, add_noise(x_star, noise, 999, abar), atol=1e-5)
-    assert (run_pairs(x_T, schedule.reverse_pairs(), lambda i, x, t: eps(x, t), abar) - x_star).abs().max() <= 1e-5
+    x_0 = solve(x_T, schedule.reverse_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar), step=consistency_step)[-1]
+    assert (x_0 - x_star).abs().max() <= 1e-5
 
 
 # -- 7. convergence to exact inversion with sub-steps ----------------------------------------------------------------
@@ -187,6 +196,10 @@ def smooth_teacher(seed: int = 0):
         return (0.5 * x.flatten(1) + h @ b).view_as(x)
 
     return eps
+
+
+def ddim_solve(x, eps, t, s, substeps, abar):
+    return solve(x, substep_pairs(t, s, substeps), lambda i, x, t: eps(x, t), VPSchedule(abar))[-1]
 
 
 def _round_trip(x, eps, schedule, substeps, abar):

@@ -1,0 +1,108 @@
+"""Noise schedules: where a sampler is at a time ``t`` as the signal and noise scales of x_t = alpha x0 + sigma eps.
+
+Two families of schedule, one face (``scales(t) -> (alpha, sigma)`` and ``pairs(num_steps) -> [(t, s)]``), so the
+solver and the step rules never ask which kind of model they run:
+
+- `VPSchedule` (variance preserving, the UNet families): integer train timesteps, alpha = sqrt(abar_t),
+  sigma = sqrt(1 - abar_t). A time below 0 (one DDIM stride before step 0, the end of the last denoising pair and
+  the start of the first inversion pair) is abar_0: the reference DDIM's ``set_alpha_to_one=False``, which every
+  P2P-family method and iCD's teacher use, so the first inversion step is exactly the identity.
+- `FlowSchedule` (rectified flow, the flow-matching transformers): the time is sigma itself, alpha = 1 - sigma, and
+  the grid is diffusers' ``FlowMatchEulerDiscreteScheduler``'s (a linear grid, shifted, then 0 appended).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from editlab.diffusion.ddim import ddim_timesteps
+
+Pairs = list[tuple[int, int]] | list[tuple[float, float]]  # (t -> s) per step, in the schedule's time
+
+
+@dataclass(frozen=True, eq=False)
+class VPSchedule:
+    """``alphas_cumprod`` [T], fp32 on the device the latents live on."""
+
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def abar(self, t: int) -> torch.Tensor:
+        """abar_t; t < 0 is abar_0 (the module docstring says why)."""
+        return self.alphas_cumprod[max(t, 0)]
+
+    def scales(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.abar(t)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def pairs(self, num_steps: int, inverse: bool = False) -> list[tuple[int, int]]:
+        """The (t -> s) pairs of ``num_steps`` DDIM steps on the `ddim_timesteps` grid: denoising 980 -> 960, ...,
+        0 -> -20; ``inverse`` walks them backwards, -20 -> 0 first."""
+        stride = self.num_train_timesteps // num_steps
+        pairs = [(t, t - stride) for t in ddim_timesteps(num_steps, self.num_train_timesteps)]
+        return [(s, t) for t, s in reversed(pairs)] if inverse else pairs
+
+    def flow_time(self, t: int) -> torch.Tensor:
+        """The rectified-flow time of ``t``: x_t / (alpha + sigma) = (1 - r) x0 + r eps with r = sigma / (alpha +
+        sigma), the coordinates in which a DDIM step is an Euler step."""
+        alpha, sigma = self.scales(t)
+        return sigma / (alpha + sigma)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow, x_sigma = (1 - sigma) x0 + sigma eps, on diffusers' flow-matching grid.
+
+    ``shift`` bends the grid towards noise (sigma -> shift sigma / (1 + (shift - 1) sigma)); with ``dynamic`` the
+    shift is exp(mu), mu linear in the image's token count between (``base_seq_len``, ``base_shift``) and
+    (``max_seq_len``, ``max_shift``) (FLUX). ``shift_terminal`` is left out: no supported family sets it.
+    """
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+    dynamic: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+    def shift_for(self, seq_len: int | None = None) -> float:
+        """The shift in effect for an image of ``seq_len`` latent tokens (needed when ``dynamic``)."""
+        if not self.dynamic:
+            return self.shift
+        if seq_len is None:
+            raise ValueError("this flow schedule shifts by resolution: pass the image's token count (seq_len)")
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return math.exp(self.base_shift + slope * (seq_len - self.base_seq_len))
+
+    def _shifted(self, sigmas: np.ndarray, shift: float) -> np.ndarray:
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def sigmas(self, num_steps: int, seq_len: int | None = None) -> list[float]:
+        """``num_steps`` + 1 descending sigmas ending at 0, as ``FlowMatchEulerDiscreteScheduler.set_timesteps``
+        makes them: a static shift spans the train grid's shifted extremes and shifts again (SD3's double shift); a
+        dynamic one shifts linspace(1, 1/N, N) once (FLUX's pipelines pass that grid)."""
+        if self.dynamic:
+            grid = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        else:
+            train = self._shifted(np.linspace(1.0, self.num_train_timesteps, self.num_train_timesteps)[::-1]
+                                  / self.num_train_timesteps, self.shift)
+            grid = np.linspace(train[0], train[-1], num_steps)  # sigma_max .. sigma_min, already shifted once
+        shifted = self._shifted(grid.astype(np.float32), self.shift_for(seq_len)).astype(np.float32)
+        return [*map(float, shifted), 0.0]
+
+    def scales(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)  # cast to the latents' dtype where used
+        return 1 - sigma, sigma
+
+    def pairs(self, num_steps: int, inverse: bool = False, seq_len: int | None = None) -> list[tuple[float, float]]:
+        sigmas = self.sigmas(num_steps, seq_len)
+        pairs = list(zip(sigmas[:-1], sigmas[1:]))
+        return [(s, t) for t, s in reversed(pairs)] if inverse else pairs
