@@ -49,6 +49,10 @@ class VPSchedule:
         pairs = [(t, t - stride) for t in ddim_timesteps(num_steps, self.num_train_timesteps)]
         return [(s, t) for t, s in reversed(pairs)] if inverse else pairs
 
+    def noisier_than(self, t: int, fraction: float) -> bool:
+        """Whether ``t`` lies above ``fraction`` of the way from data to noise (dynamic CFG's tau)."""
+        return t > fraction * self.num_train_timesteps
+
     def flow_time(self, t: int) -> torch.Tensor:
         """The rectified-flow time of ``t``: x_t / (alpha + sigma) = (1 - r) x0 + r eps with r = sigma / (alpha +
         sigma), the coordinates in which a DDIM step is an Euler step."""
@@ -97,6 +101,9 @@ class FlowSchedule:
             grid = np.linspace(train[0], train[-1], num_steps)  # sigma_max .. sigma_min, already shifted once
         shifted = self._shifted(grid.astype(np.float32), self.shift_for(seq_len)).astype(np.float32)
         return [*map(float, shifted), 0.0]
+
+    def noisier_than(self, sigma: float, fraction: float) -> bool:
+        return sigma > fraction
 
     def scales(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)  # cast to the latents' dtype where used

@@ -58,6 +58,7 @@ class Editor:
 
     name: str = ""
     tasks: tuple[str, ...] = ("edit",)  # of TASKS: what the method does
+    families: tuple[str, ...] | None = None  # the model families it runs on (`models.families`); None: any
     parameter_choices: dict[str, tuple[str, ...]] = {}  # the allowed string values of parameters, by name
 
     def __init__(self, components: Components):
@@ -248,4 +249,13 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
     """The editor the ``editor`` config describes (`editor_arguments`), on ``components``; bad values raise before
     it is built."""
     cls, params = editor_arguments(cfg)
+    check_family(cls, components.family.name)
     return cls(components, **params)
+
+
+def check_family(cls: type[Editor], family: str) -> None:
+    """Stop before building an editor on a model family it does not support, naming the editors that fit."""
+    if cls.families is not None and family not in cls.families:
+        fit = sorted(name for name, other in EDITORS.items() if other.families is None or family in other.families)
+        raise EditorConfigError(f"editor {cls.name} runs on the {', '.join(cls.families)} model families, not on "
+                                f"{family}; editors for {family} models: {', '.join(fit)}")

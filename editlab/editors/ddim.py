@@ -23,6 +23,7 @@ import torch
 from editlab.diffusion.ddim import cfg
 from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
+from editlab.models.conditioning import Conditioning
 
 
 @register("ddim")
@@ -45,35 +46,38 @@ class DDIMEditor(Editor):
         self.pairs = components.schedule.pairs(num_steps)
         self.inversion_pairs = components.schedule.pairs(num_steps, inverse=True)
 
-    def _eps_fn(self, text: torch.Tensor, uncond: torch.Tensor, scale: float, tau: float):
-        """eps(i, z, t) with classic CFG ``scale`` where t <= tau T, the conditional prediction elsewhere."""
+    def _prediction_fn(self, text: Conditioning, uncond: Conditioning, scale: float, tau: float):
+        """The model's prediction (i, z, t) with classic CFG ``scale`` where t is at most tau of the way to noise,
+        the conditional prediction elsewhere."""
         c = self.components
-        threshold = tau * c.num_train_timesteps
 
-        def eps(i: int, z: torch.Tensor, t: int) -> torch.Tensor:
-            if scale == 1.0 or t > threshold:
+        def predict(i: int, z: torch.Tensor, t) -> torch.Tensor:
+            if scale == 1.0 or c.schedule.noisier_than(t, tau):
                 return c.predict(z, t, text)
-            eps_uncond, eps_cond = c.predict(torch.cat([z, z]), t, torch.cat([uncond, text])).chunk(2)
-            return cfg(eps_uncond, eps_cond, scale)
+            uncond_pred, cond_pred = c.predict(torch.cat([z, z]), t, Conditioning.cat([uncond, text])).chunk(2)
+            return cfg(uncond_pred, cond_pred, scale)
 
-        return eps
+        return predict
 
-    @torch.no_grad()
-    def invert(self, z0: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """z_0 [1, 4, h, w] -> z_T with the encoder's guidance."""
-        eps = self._eps_fn(text, uncond, self.inversion_guidance_scale, self.inversion_tau)
-        return solve(z0, self.inversion_pairs, eps, self.components.schedule, at=noisier_end, skip_identity=True)[-1]
+    def _solve(self, z: torch.Tensor, pairs, predict, **options) -> torch.Tensor:
+        c = self.components
+        return solve(z, pairs, predict, c.schedule, predicts=c.prediction_type, **options)[-1]
 
     @torch.no_grad()
-    def denoise(self, z_T: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """z_T [1, 4, h, w] -> z_0 with the decoder's guidance."""
-        eps = self._eps_fn(text, uncond, self.guidance_scale, self.tau)
-        return solve(z_T, self.pairs, eps, self.components.schedule)[-1]
+    def invert(self, z0: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
+        """z_0 [1, C, h, w] -> z_T with the encoder's guidance."""
+        predict = self._prediction_fn(text, uncond, self.inversion_guidance_scale, self.inversion_tau)
+        return self._solve(z0, self.inversion_pairs, predict, at=noisier_end, skip_identity=True)
+
+    @torch.no_grad()
+    def denoise(self, z_T: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
+        """z_T [1, C, h, w] -> z_0 with the decoder's guidance."""
+        return self._solve(z_T, self.pairs, self._prediction_fn(text, uncond, self.guidance_scale, self.tau))
 
     def _invert_denoise(self, image, source: str, target: str) -> EditResult:
         c = self.components
-        text = c.encode_prompts([source] if source == target else [source, target])  # [1 or 2, 77, D]
-        uncond = c.encode_prompts([""])  # [1, 77, D]
+        text = c.conditioning([source] if source == target else [source, target])  # 1 or 2 rows
+        uncond = c.unconditional()  # 1 row
         z_T = self.invert(c.encode_image(image), text[:1], uncond)
         (image,) = c.decode_latents(self.denoise(z_T, text[-1:], uncond))
         return EditResult(edited=image, extras={"backward_passes": 0})
@@ -88,8 +92,8 @@ class DDIMEditor(Editor):
 
     def _generate(self, request: EditRequest) -> EditResult:
         c = self.components
-        text, uncond = c.encode_prompts([request.source_prompt]), c.encode_prompts([""])
-        shape = (1, c.unet.config.in_channels, c.latent_size, c.latent_size)
+        text, uncond = c.conditioning([request.source_prompt]), c.unconditional()
+        shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         z_T = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device, torch.float32)
         (image,) = c.decode_latents(self.denoise(z_T, text, uncond))
         return EditResult(edited=image, extras={"backward_passes": 0})

@@ -30,6 +30,7 @@ from editlab.editors.p2p import P2PSettings, controlled_attention, make_controll
 @register("ddim_p2p")
 class DDIMP2PEditor(Editor):
     tasks = ("edit", "inversion")
+    families = ("sd",)
 
     def __init__(
         self,

@@ -64,6 +64,7 @@ def trained_schedule(adapter: str | Path | None) -> dict:
 @register("icd")
 class ICDEditor(Editor):
     tasks = ("edit", "inversion", "generation")
+    families = ("sd", "sdxl")
     parameter_choices = {"method": ("p2p", "prompt_switch"), "guidance": ("auto", "embedded", "cfg")}
 
     def __init__(
@@ -89,12 +90,13 @@ class ICDEditor(Editor):
         c = components
         if getattr(c, "offload", "none") == "sequential":  # its per-module hooks would not cover the new LoRA layers
             raise ValueError("iCD adds LoRA adapters to the UNet: use offload=none or offload=model")
-        self._shared_unet = c.unet  # what close() gives back
-        self._had_peft = bool(getattr(c.unet, "peft_config", None))
         if teacher_checkpoint:
-            if c.pipeline is not None:
+            if c.offload != "none":
                 raise ValueError("editor.teacher_checkpoint replaces the UNet: use offload=none with it")
-            c.unet = load_cfg_distilled(c.unet, teacher_checkpoint)
+            # a derived model around a UNet of our own: the shared model is untouched and close() just drops it
+            c = self.components = c.derive(unet=load_cfg_distilled(c.unet, teacher_checkpoint))
+        self._owns_unet = bool(teacher_checkpoint)
+        self._had_peft = bool(getattr(c.unet, "peft_config", None))
         forward_lora, reverse_lora = (resolve_local(p) if p else None for p in (forward_lora, reverse_lora))
         untrained = attach_adapters(c.unet, forward_lora, reverse_lora, lora_rank, lora_alpha)
         if untrained:
@@ -184,11 +186,10 @@ class ICDEditor(Editor):
 
     def close(self) -> None:
         """The shared UNet as it was: the teacher's weights back in place (fused switch), both adapters removed (with
-        their LoRA layers, when the UNet had no adapters before), and the model's own UNet back if a teacher
-        checkpoint had replaced it."""
+        their LoRA layers, when the UNet had no adapters before); nothing to undo when a teacher checkpoint gave the
+        editor a derived model of its own."""
         c = self.components
-        if c.unet is not self._shared_unet:  # the teacher was loaded into a UNet of our own: drop it whole
-            c.unet = self._shared_unet
+        if self._owns_unet:  # the teacher was loaded into a UNet of our own: nothing shared was touched
             return
         self.switch.activate(None)
         if self._had_peft:

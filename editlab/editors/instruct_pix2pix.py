@@ -32,12 +32,13 @@ from editlab.models.loading import attach_pipeline
 
 @register("instruct_pix2pix")
 class InstructPix2PixEditor(Editor):
+    families = ("sd",)
     def __init__(self, components: Components, num_steps: int = 50, guidance_scale: float = 7.5,
                  image_guidance_scale: float = 1.5):
         super().__init__(components)
         c = components
         channels = 2 * c.vae.config.latent_channels  # noisy latent + image latent
-        if c.unet.config.in_channels != channels or c.text_encoder_2 is not None:
+        if c.unet.config.in_channels != channels:
             raise ValueError(
                 f"instruct_pix2pix needs an SD-family InstructPix2Pix UNet ({channels} input channels); "
                 f"model={c.name} has {c.unet.config.in_channels}. Use model=ip2p (or model=tiny_ip2p for tests)"

@@ -55,6 +55,7 @@ def load_controlnet(path: str, dtype: torch.dtype) -> ControlNetModel:
 
 @register("lcm_controlnet")
 class LCMControlNetEditor(Editor):
+    families = ("sdxl",)
     def __init__(
         self,
         components: Components,
@@ -69,7 +70,7 @@ class LCMControlNetEditor(Editor):
     ):
         super().__init__(components)
         c = components
-        if c.text_encoder_2 is None or c.unet.config.addition_embed_type != "text_time":
+        if c.unet.config.addition_embed_type != "text_time":
             raise ValueError(
                 f"lcm_controlnet needs an SDXL-family model (two text encoders, text_time conditioning); "
                 f"model={c.name} is not one. Use model=sdxl, ssd1b, sdxl_arch or tiny_sdxl"

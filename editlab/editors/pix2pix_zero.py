@@ -124,6 +124,7 @@ class CrossAttentionGuidance:
 
 @register("pix2pix_zero")
 class Pix2PixZeroEditor(Editor):
+    families = ("sd",)
     def __init__(
         self,
         components,

@@ -98,12 +98,13 @@ def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher
     components = load_components(model, precision, {"mode": "none"}, "cpu")
     mode = teacher.get("guidance", "embedded")
     if mode == "embedded" and teacher.get("checkpoint"):
-        components.unet = load_cfg_distilled(components.unet, teacher["checkpoint"], teacher.get("embed_dim", 512))
+        unet = load_cfg_distilled(components.unet, teacher["checkpoint"], teacher.get("embed_dim", 512))
+        return components.derive(unet=unet)
     elif mode == "embedded" and guidance_mode(components.unet) != "embedded":
         if model.get("kind") != "tiny":
             raise ValueError("teacher.guidance=embedded needs teacher.checkpoint (sd15_cfg_distill.pt / "
                              "sdxl_cfg_distill.pt) for a real model; use teacher=cfg for a plain SD UNet")
-        components.unet = add_guidance_embedding(components.unet, teacher.get("embed_dim", 512))
+        return components.derive(unet=add_guidance_embedding(components.unet, teacher.get("embed_dim", 512)))
     elif mode not in ("embedded", "cfg"):
         raise ValueError(f"unknown teacher.guidance={mode!r}; expected embedded or cfg")
     return components
@@ -190,7 +191,7 @@ class FrozenPartsModule(pl.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen parts
         self.vae, self.text_encoder = components.vae, components.text_encoder
-        self.text_encoder_2 = components.text_encoder_2  # SDXL family; None for SD
+        self.text_encoder_2 = components.modules.get("text_encoder_2")  # SDXL family; None for SD
         self.tokenizers = [components.tokenizer] + ([components.tokenizer_2] if self.text_encoder_2 else [])
         self.resolution = components.resolution
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt

@@ -3,7 +3,6 @@ full-size SD 1.5 / SDXL architectures for speed and memory benchmarks (random we
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -130,5 +129,7 @@ def build_sdxl_arch(seed: int = 0) -> dict[str, Any]:
             "text_encoder_2": text_encoder_2, "tokenizer_2": char_tokenizer(), "controlnet": controlnet}
 
 
-TINY_ARCHS = {"sd": build_tiny, "ip2p": partial(build_tiny, in_channels=8), "sdxl": build_tiny_sdxl}
-RANDOM_ARCHS = {"sd15": build_sd15_arch, "sdxl": build_sdxl_arch}
+
+def named(modules: tuple) -> dict[str, Any]:
+    """An SD-family builder's tuple as the family's module dict."""
+    return dict(zip(SD_MODULES, modules))

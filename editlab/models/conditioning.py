@@ -10,9 +10,9 @@ import torch
 
 @dataclass
 class Conditioning:
-    """Text conditioning of B rows: token embeddings ``text`` [B, L, D] and, for SDXL, the per-row micro-conditioning
-    ``added`` (``text_embeds`` [B, P], ``time_ids`` [B, 6]). Indexing selects rows, as the losses do for the rows
-    they jump."""
+    """Text conditioning of B rows: token embeddings ``text`` [B, L, D] and the family's other per-row inputs in
+    ``added``, open by name (SDXL: ``text_embeds`` [B, P], ``time_ids`` [B, 6]; a T5 / pooled / ids family puts its
+    own there). Indexing selects rows, as the losses do for the rows they jump."""
 
     text: torch.Tensor | None
     added: dict[str, torch.Tensor] | None = None
@@ -23,6 +23,12 @@ class Conditioning:
 
     def __len__(self) -> int:
         return len(self.text)
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """The rows of ``parts`` in order (e.g. CFG's [uncond, cond] batch)."""
+        added = None if parts[0].added is None else {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
+        return Conditioning(torch.cat([p.text for p in parts]), added)
 
 
 @torch.no_grad()

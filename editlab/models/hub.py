@@ -8,6 +8,8 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from editlab.models.errors import ModelLoadError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,16 @@ def resolve_local(path: str) -> Path:
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).exists():
         return REPO_ROOT / local
     return local
+
+
+def local_or_hub(path: str, key: str) -> str:
+    """An absolute or ./relative path must be a directory (a clear error now beats a hub lookup); else a hub id."""
+    if is_local(path):
+        local = resolve_local(path)
+        if not local.is_dir():
+            raise ModelLoadError(f"{key}={path!r} is not a directory; point {key} at a diffusers model folder")
+        return str(local)
+    return path
 
 
 class HubUnreachableError(OSError):

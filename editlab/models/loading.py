@@ -1,14 +1,14 @@
 """Model loading: the one place that turns ``model`` / ``precision`` / ``offload`` configs into diffusers components.
 
 Three kinds of model config:
-- ``pretrained``: a hub id or a local directory in the diffusers layout (``unet/``, ``vae/``, ``text_encoder/``,
-  ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/``, ``tokenizer_2/``). ``family: sd | sdxl`` (default
-  sd). Optional ``unet_path`` / ``vae_path`` replace the UNet / VAE with a standalone model (e.g. an LCM-distilled
-  UNet, the fp16-fix SDXL VAE). ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself.
-- ``tiny``: a tiny random model built locally (no network), for tests and the offline default run. ``arch: sd``
-  (default), ``ip2p`` (8 input channels, InstructPix2Pix-shaped) or ``sdxl`` (two text encoders, ``text_time``
-  conditioning, plus a matching random ControlNet).
-- ``random_arch``: a full-size architecture (``sd15`` or ``sdxl``, the latter with a random ControlNet mirroring its
+- ``pretrained``: a hub id or a local directory in the diffusers layout of ``model.family`` (`models.families`; sd
+  by default: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; sdxl adds ``text_encoder_2/``,
+  ``tokenizer_2/``). Optional ``unet_path`` / ``vae_path`` (the family's standalone keys) replace a module with a
+  model of its own folder (e.g. an LCM-distilled UNet, the fp16-fix SDXL VAE). ``HF_HUB_OFFLINE=1`` is honoured by
+  huggingface_hub itself.
+- ``tiny``: a tiny random model built locally (no network), for tests and the offline default run; ``arch`` names a
+  family's tiny build (sd: ``sd`` (default), ``ip2p`` (8 input channels); sdxl: ``sdxl``, with a random ControlNet).
+- ``random_arch``: a full-size architecture (sd: ``sd15``; sdxl: ``sdxl``, with a random ControlNet mirroring its
   encoder) with random weights, for speed and memory benchmarks.
 
 Any kind takes an optional ``lora`` (hub id, directory or file in the diffusers LoRA format; ``lora_weight_name``
@@ -27,23 +27,15 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Mapping
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import DDIMScheduler, DiffusionPipeline
 
-from editlab.models.builders import RANDOM_ARCHS, SD_MODULES, TINY_ARCHS
 from editlab.models.components import DTYPES, Components, ModelLoadError, resolve_device
-from editlab.models.hub import hub_kwargs, is_local, resolve_local
+from editlab.models.families import Family, family_of
+from editlab.models.hub import hub_kwargs, local_or_hub
 from editlab.models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
@@ -60,27 +52,17 @@ def sd_scheduler(**overrides: Any) -> DDIMScheduler:
     return DDIMScheduler(**{**config, **overrides})
 
 
-def _build_local(archs: Mapping[str, Callable], model: Mapping[str, Any], default_arch: str | None = None
-                 ) -> dict[str, Any]:
-    arch = model.get("arch") or default_arch
+def _build_local(family: Family, model: Mapping[str, Any]) -> dict[str, Any]:
+    archs = family.tiny_archs if model["kind"] == "tiny" else family.random_archs
+    arch = model.get("arch") or ("sd" if model["kind"] == "tiny" else None)
     if arch not in archs:
-        raise ModelLoadError(f"unknown model.arch={arch!r} for model.kind={model['kind']}; known: {sorted(archs)}")
-    built = archs[arch](model.get("seed", 0))
-    return built if isinstance(built, dict) else dict(zip(SD_MODULES, built))
+        raise ModelLoadError(f"unknown model.arch={arch!r} for model.kind={model['kind']} of family "
+                             f"{family.name}; known: {sorted(archs)}")
+    return archs[arch](model.get("seed", 0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Pretrained weights
-
-
-def _local_or_hub(path: str, key: str) -> str:
-    """An absolute or ./relative path must be a directory (a clear error now beats a hub lookup); else a hub id."""
-    if is_local(path):
-        local = resolve_local(path)
-        if not local.is_dir():
-            raise ModelLoadError(f"{key}={path!r} is not a directory; point {key} at a diffusers model folder")
-        return str(local)
-    return path
 
 
 @contextlib.contextmanager
@@ -97,60 +79,32 @@ def _load_errors(key: str, path: str):
         ) from err
 
 
-# The model-family seam: each family's modules in the diffusers layout (module name = subfolder) and their classes.
-# A model.family names one; a new family adds its entry here (and, where its denoiser predicts something else than
-# noise, its own `Components.predict`).
-FAMILIES: dict[str, dict[str, type]] = {
-    "sd": {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-           "tokenizer": CLIPTokenizer},
-    "sdxl": {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-             "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection, "tokenizer_2": CLIPTokenizer},
-}
-STANDALONE = {"unet": "unet_path", "vae": "vae_path"}  # modules a model config may take from a folder of their own
-
-
-def _load_pretrained(model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: torch.dtype
+def _load_pretrained(family: Family, model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: torch.dtype
                      ) -> tuple[dict[str, Any], DDIMScheduler]:
-    family = model.get("family") or "sd"
-    if family not in FAMILIES:
-        raise ModelLoadError(f"unknown model.family={family!r}; expected one of {', '.join(FAMILIES)}")
-    path = _local_or_hub(model["path"], "model.path")
+    path = local_or_hub(model["path"], "model.path")
     variant = {"variant": model["variant"]} if model.get("variant") else {}
 
     def load(name: str, cls: type, source: str, key: str, subfolder: str | None) -> Any:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if issubclass(cls, torch.nn.Module):
             kwargs["dtype"] = vae_dtype if name == "vae" else dtype
-        if name == "unet":
+        if name == family.denoiser:
             kwargs.update(variant)
         kwargs.update(hub_kwargs(source, key))  # outside _load_errors: an unreachable hub is its own clear error
         with _load_errors(key, source):
             return cls.from_pretrained(source, **kwargs)
 
     modules: dict[str, Any] = {}
-    for name, cls in FAMILIES[family].items():
-        key = STANDALONE.get(name)
+    for name, cls in family.modules.items():
+        key = family.standalone.get(name)
         if key and model.get(key):  # e.g. latent-consistency/lcm-ssd-1b, madebyollin/sdxl-vae-fp16-fix
-            modules[name] = load(name, cls, _local_or_hub(model[key], f"model.{key}"), f"model.{key}", None)
+            modules[name] = load(name, cls, local_or_hub(model[key], f"model.{key}"), f"model.{key}", None)
         else:
             modules[name] = load(name, cls, path, "model.path", name)
     hub = hub_kwargs(path, "model.path")
     with _load_errors("model.path", path):
         config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
     return modules, sd_scheduler(**_beta_overrides(config))
-
-
-def _force_zeros_for_empty_prompt(model: Mapping[str, Any], sdxl: bool) -> bool:
-    """The pipeline's ``force_zeros_for_empty_prompt`` (its model_index.json), else diffusers' default for the
-    family: zeros for SDXL pipelines; SD pipelines have no such setting (the encoded empty prompt)."""
-    if not sdxl:
-        return False
-    if model["kind"] == "pretrained":
-        path = _local_or_hub(model["path"], "model.path")
-        with contextlib.suppress(OSError):  # a folder without model_index.json keeps the default
-            index = DiffusionPipeline.load_config(path, **hub_kwargs(path, "model.path"))
-            return bool(index.get("force_zeros_for_empty_prompt", True))
-    return True
 
 
 def _beta_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,24 +133,19 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
     dtype = DTYPES[precision["dtype"]]
     vae_dtype = DTYPES[model.get("vae_dtype") or precision["vae_dtype"]]
     kind = model["kind"]
-    if kind == "pretrained":
-        modules, scheduler = _load_pretrained(model, dtype, vae_dtype)
-    elif kind == "tiny":
-        modules, scheduler = _build_local(TINY_ARCHS, model, default_arch="sd"), sd_scheduler()
-    elif kind == "random_arch":
-        modules, scheduler = _build_local(RANDOM_ARCHS, model), sd_scheduler()
-    else:
+    if kind not in ("pretrained", "tiny", "random_arch"):
         raise ModelLoadError(f"unknown model.kind={kind!r}; expected pretrained, tiny or random_arch")
-    unet, vae = modules["unet"], modules["vae"]
-    if unet.config.get("prediction_type", "epsilon") not in (None, "epsilon") or \
-            scheduler.config.prediction_type != "epsilon":
-        raise ModelLoadError(f"{model['name']}: only epsilon-prediction models are supported")
-    if "text_encoder_2" in modules and vae_dtype == torch.float16 and vae.config.get("force_upcast", True):
-        raise ModelLoadError(
-            f"{model['name']}: SDXL's VAE overflows in float16 (NaN latents, black images); set "
-            "model.vae_path=madebyollin/sdxl-vae-fp16-fix, or model.vae_dtype=float32"
-        )
-
+    family = family_of(model)
+    if kind == "pretrained":
+        modules, scheduler = _load_pretrained(family, model, dtype, vae_dtype)
+    else:
+        modules, scheduler = _build_local(family, model), sd_scheduler()
+    if scheduler.config.prediction_type != family.prediction_type:
+        raise ModelLoadError(f"{model['name']}: its scheduler says prediction_type="
+                             f"{scheduler.config.prediction_type}; family {family.name} runs "
+                             f"{family.prediction_type} only")
+    family.check(model, modules, vae_dtype)
+    vae = modules["vae"]
     for module in modules.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
@@ -204,36 +153,19 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
             if any(p.dtype != target for p in module.parameters()):  # loaded in it already: no cast (and no warning)
                 module.to(dtype=target)
     if precision.get("channels_last"):
-        to_channels_last(unet, vae, modules.get("controlnet"))
-    unet.set_attn_processor(AttnProcessor2_0())  # fused SDPA everywhere; editors install their own where needed
+        to_channels_last(modules[family.denoiser], vae, modules.get("controlnet"))
+    family.prepare(modules)
 
     components = Components(
-        name=model["name"], scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype,
-        resolution=int(model["resolution"]), offload=_offload_mode(offload.get("mode", "none"), device_),
-        force_zeros_for_empty_prompt=_force_zeros_for_empty_prompt(model, "text_encoder_2" in modules), **modules,
+        name=model["name"], family=family, modules=modules, scheduler=scheduler, device=device_, dtype=dtype,
+        vae_dtype=vae_dtype, resolution=int(model["resolution"]),
+        offload=_offload_mode(offload.get("mode", "none"), device_),
+        force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt(model),
     )
-    pipe = _base_pipeline(components)
+    pipe = family.pipeline(components)
     _load_lora(pipe, model)  # before any offload hook exists (diffusers #10914: LoRA loading misreads the hooks)
-    attach_pipeline(components, pipe)  # the ControlNet of random-weight SDXL models is placed by the editor using it
-    return components
-
-
-def _base_pipeline(components: Components) -> DiffusionPipeline:
-    """A text-to-image pipeline over the loaded modules (no copies): the LoRA loader and offload hooks live on it."""
-    c = components
-    # It never samples. Its own scheduler copy keeps StableDiffusionPipeline from rewriting the shared scheduler's
-    # reference steps_offset 0 to 1 (and warning about it).
-    scheduler = DDIMScheduler.from_config(c.scheduler.config, steps_offset=1)
-    if c.text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, add_watermarker=False,
-            force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt,
-        )
-    return StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    # the ControlNet of random-weight SDXL models is placed by the editor using it
+    return components if attach_pipeline(components, pipe) is None else replace(components, pipeline=pipe)
 
 
 def _load_lora(pipe: DiffusionPipeline, model: Mapping[str, Any]) -> None:
@@ -258,8 +190,9 @@ def _offload_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-def attach_pipeline(components: Components, pipe: DiffusionPipeline) -> None:
-    """Run ``pipe`` (a pipeline over the loaded modules, plus any an editor adds, e.g. a ControlNet) on the device.
+def attach_pipeline(components: Components, pipe: DiffusionPipeline) -> DiffusionPipeline | None:
+    """Run ``pipe`` (a pipeline over the loaded modules, plus any an editor adds, e.g. a ControlNet) on the device;
+    returns ``pipe`` when it now owns offload hooks (keep it alive as long as the modules are used), else None.
 
     Without offload its modules are moved there. With offload, diffusers' hooks are re-installed on ``pipe``: that
     offloads the modules only it holds too, and lets its ``__call__`` put every model back when it ends. The hooks also
@@ -269,11 +202,9 @@ def attach_pipeline(components: Components, pipe: DiffusionPipeline) -> None:
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.to(components.device)
-        return
+        return None
     if components.offload == "model":
         pipe.enable_model_cpu_offload(device=components.device)
     else:
         pipe.enable_sequential_cpu_offload(device=components.device)
-    components.pipeline = pipe
-
-
+    return pipe

@@ -72,8 +72,7 @@ def test_w_embedding_unet_runs_unbatched(components):
     """A full LCM UNet (time_cond_proj_dim) takes the guidance scale as an embedding: still 4 calls, batch 1."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(components.unet.config, time_cond_proj_dim=16).eval()
-    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
-    c.unet = unet
+    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu").derive(unet=unet)
     editor = build_editor({"name": "lcm_controlnet"}, c)
     results = []
     batches = unet_batches(unet, lambda: results.append(editor.edit(request(square()))))
@@ -105,8 +104,7 @@ def test_half_precision(dtype):
 
 def test_pretrained_controlnet_is_loaded_from_the_editor_config(components, tmp_path):
     components.controlnet.save_pretrained(tmp_path / "controlnet")
-    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
-    c.controlnet = None  # as for a pretrained model: the ControlNet is the editor's choice
+    c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu").derive(controlnet=None)  # as for a pretrained model
     editor = build_editor({"name": "lcm_controlnet", "controlnet": str(tmp_path / "controlnet")}, c)
     assert editor.controlnet is not components.controlnet
     loaded, built = editor.controlnet.controlnet_mid_block.weight, components.controlnet.controlnet_mid_block.weight
@@ -118,7 +116,7 @@ def test_pretrained_controlnet_is_loaded_from_the_editor_config(components, tmp_
 
 
 def test_refusals_and_attention_slicing(tiny_components):
-    with pytest.raises(ValueError, match="SDXL-family"):
+    with pytest.raises(ValueError, match="runs on the sdxl model families, not on sd; editors for sd models: ddim, "):
         build_editor({"name": "lcm_controlnet"}, tiny_components)
     c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
     c.unet.set_attn_processor(AttnProcessor())  # stock: slicing may replace it

@@ -15,7 +15,8 @@ from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.guidance_distillation import DistillSettings, GuidanceDistillationModule
 from editlab.icd.schedule import BoundarySchedule
 from editlab.icd.training import ICDModule, OptimSettings, load_teacher
-from editlab.models.loading import _force_zeros_for_empty_prompt, load_components
+from editlab.models.families import family_of
+from editlab.models.loading import load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
@@ -56,8 +57,8 @@ def test_the_unconditional_branch_is_zeros_for_sdxl_and_the_empty_prompt_for_sd(
 
 def test_a_pretrained_sdxl_pipeline_says_which_in_its_model_index(tmp_path):
     sdxl = {"name": "sdxl", "kind": "pretrained", "family": "sdxl", "path": str(tmp_path)}
-    assert _force_zeros_for_empty_prompt(sdxl, sdxl=True)  # no model_index.json: diffusers' SDXL default
+    assert family_of(sdxl).force_zeros_for_empty_prompt(sdxl)  # no model_index.json: diffusers' SDXL default
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
                                                            "force_zeros_for_empty_prompt": False}))
-    assert not _force_zeros_for_empty_prompt(sdxl, sdxl=True)  # e.g. the SDXL refiner
-    assert not _force_zeros_for_empty_prompt(TINY, sdxl=False)
+    assert not family_of(sdxl).force_zeros_for_empty_prompt(sdxl)  # e.g. the SDXL refiner
+    assert not family_of(TINY).force_zeros_for_empty_prompt(TINY)

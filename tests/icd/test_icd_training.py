@@ -29,6 +29,7 @@ from editlab.icd.training import (
 )
 from editlab.models.builders import build_tiny
 from editlab.models.components import Components
+from editlab.models.families import FAMILIES
 from editlab.models.loading import load_components, sd_scheduler
 
 CAPTIONS = ("a red circle", "a blue square", "a green star")
@@ -45,8 +46,8 @@ def micro_components(seed: int = 0) -> Components:
     )
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
-    return Components(name="micro", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                      scheduler=sd_scheduler(), device=torch.device("cpu"), dtype=torch.float32,
+    return Components(name="micro", family=FAMILIES["sd"], scheduler=sd_scheduler(),
+                      modules=dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer), device=torch.device("cpu"), dtype=torch.float32,
                       vae_dtype=torch.float32, resolution=32)
 
 
