@@ -31,25 +31,17 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import ConfigMixin, DiffusionPipeline
 
 from editlab.models.components import DTYPES, Components, ModelLoadError, resolve_device
 from editlab.models.families import Family, family_of
+from editlab.models.families.sd import sd_scheduler  # noqa: F401 - the SD schedule, imported from here by callers
 from editlab.models.hub import hub_kwargs, local_or_hub
 from editlab.models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
 LORA_ADAPTER = "lora"  # adapter name of ``model.lora``
-
-
-def sd_scheduler(**overrides: Any) -> DDIMScheduler:
-    """SD 1.x noise schedule as the P2P / PIE-Bench reference runs it (steps_offset 0, abar_final = abar_0)."""
-    config = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=0,
-    )
-    return DDIMScheduler(**{**config, **overrides})
 
 
 def _build_local(family: Family, model: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,7 +72,7 @@ def _load_errors(key: str, path: str):
 
 
 def _load_pretrained(family: Family, model: Mapping[str, Any], dtype: torch.dtype, vae_dtype: torch.dtype
-                     ) -> tuple[dict[str, Any], DDIMScheduler]:
+                     ) -> tuple[dict[str, Any], Any]:
     path = local_or_hub(model["path"], "model.path")
     variant = {"variant": model["variant"]} if model.get("variant") else {}
 
@@ -103,14 +95,8 @@ def _load_pretrained(family: Family, model: Mapping[str, Any], dtype: torch.dtyp
             modules[name] = load(name, cls, path, "model.path", name)
     hub = hub_kwargs(path, "model.path")
     with _load_errors("model.path", path):
-        config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
-    return modules, sd_scheduler(**_beta_overrides(config))
-
-
-def _beta_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep the checkpoint's beta schedule but the reference DDIM conventions (offset 0, no clipping)."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-    return {k: config[k] for k in keys if k in config}
+        config = ConfigMixin.load_config(path, subfolder="scheduler", **hub)
+    return modules, family.scheduler(config)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,12 +125,8 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
     if kind == "pretrained":
         modules, scheduler = _load_pretrained(family, model, dtype, vae_dtype)
     else:
-        modules, scheduler = _build_local(family, model), sd_scheduler()
-    if scheduler.config.prediction_type != family.prediction_type:
-        raise ModelLoadError(f"{model['name']}: its scheduler says prediction_type="
-                             f"{scheduler.config.prediction_type}; family {family.name} runs "
-                             f"{family.prediction_type} only")
-    family.check(model, modules, vae_dtype)
+        modules, scheduler = _build_local(family, model), family.scheduler()
+    family.check(model, modules, scheduler, vae_dtype)
     vae = modules["vae"]
     for module in modules.values():
         if isinstance(module, torch.nn.Module):
@@ -163,6 +145,14 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
         force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt(model),
     )
     pipe = family.pipeline(components)
+    if pipe is None:  # a family without a diffusers pipeline: no LoRA loader, no offload hooks
+        if model.get("lora") or components.offload != "none":
+            raise ModelLoadError(f"model.family={family.name} has no diffusers pipeline: model.lora and offload "
+                                 "need one")
+        for module in modules.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device_)
+        return components
     _load_lora(pipe, model)  # before any offload hook exists (diffusers #10914: LoRA loading misreads the hooks)
     # the ControlNet of random-weight SDXL models is placed by the editor using it
     return components if attach_pipeline(components, pipe) is None else replace(components, pipeline=pipe)

@@ -159,7 +159,7 @@ def test_sdxl_prompt_switch_recipe(guidance, image):
     """The iCD-XL recipe on the tiny SDXL-shaped model: two text encoders, pooled + size conditioning."""
     components = load_components(TINY_SDXL, FP32, {"mode": "none"}, "cpu")
     if guidance == "embedded":
-        components.unet = add_guidance_embedding(components.unet)
+        components = components.derive(unet=add_guidance_embedding(components.unet))
     editor = build_editor({"name": "icd", "method": "prompt_switch", "reverse_steps": [249, 499, 699, 999],
                            "forward_steps": [19, 249, 499, 699], "tau": 0.7}, components)
     assert editor.eps.mode == guidance

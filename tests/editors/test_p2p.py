@@ -164,10 +164,20 @@ def test_edit_reports_calls_and_returns_both_images(tiny_components):
     (16, ("DownBlock2D", "CrossAttnDownBlock2D"), 8),
 ])
 def test_blend_resolution_is_latent_over_4_or_the_nearest_cross_attention_size(latent_size, blocks, expected):
+    """Read from the SD family's attention sites of a UNet with these encoder blocks."""
     from types import SimpleNamespace
 
-    from editlab.models.components import Components
+    from diffusers import UNet2DConditionModel
 
-    unet = SimpleNamespace(config=SimpleNamespace(down_block_types=blocks))
+    from editlab.models.components import Components
+    from editlab.models.families import FAMILIES
+
+    up = tuple(b.replace("Down", "Up") for b in reversed(blocks))
+    unet = UNet2DConditionModel(sample_size=latent_size, block_out_channels=(8,) * len(blocks), layers_per_block=1,
+                                down_block_types=blocks, up_block_types=up, cross_attention_dim=8,
+                                attention_head_dim=2, norm_num_groups=4)
     fake = SimpleNamespace(latent_size=latent_size, unet=unet)
+    fake.attention_sites = lambda: FAMILIES["sd"].attention_sites(fake)
     assert Components.blend_resolution.fget(fake) == expected
+    sides = {site.side for site in fake.attention_sites() if site.cross}
+    assert latent_size // 2 ** (len(blocks) - 1) in sides  # the mid block's cross-attention, at the coarsest side

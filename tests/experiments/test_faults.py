@@ -4,6 +4,8 @@ paths, bad parameters, offline hub ids, a toy set rewritten under a running job.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -248,12 +250,8 @@ def test_nan_latents_blame_half_precision_only_in_half_precision(tiny_components
     latents = torch.full((1, 4, 8, 8), float("nan"))
     with pytest.raises(FloatingPointError, match="float32, so this is no precision overflow"):
         tiny_components.decode_latents(latents)
-    tiny_components.dtype = torch.float16
-    try:
-        with pytest.raises(FloatingPointError, match="float16, whose range overflowed"):
-            tiny_components.decode_latents(latents)
-    finally:
-        tiny_components.dtype = torch.float32
+    with pytest.raises(FloatingPointError, match="float16, whose range overflowed"):
+        dataclasses.replace(tiny_components, dtype=torch.float16).decode_latents(latents)
 
 
 def test_a_malformed_mask_is_an_error_row_and_the_wandb_table_still_builds(tmp_path):

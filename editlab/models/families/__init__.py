@@ -49,7 +49,13 @@ class Family:
     random_archs: dict[str, Callable[[int], dict[str, Any]]] = {}  # model.arch of kind random_arch -> builder(seed)
     prediction_type: str = "epsilon"
 
-    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], vae_dtype: torch.dtype) -> None:
+    def scheduler(self, config: Mapping[str, Any] | None = None) -> Any:
+        """The family's diffusers scheduler (its schedule's source), from a checkpoint's scheduler config or, for
+        local builds (None), the family's default."""
+        raise NotImplementedError
+
+    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], scheduler: Any,
+              vae_dtype: torch.dtype) -> None:
         """Refuse a loaded set of modules this family's code would run wrongly (raise `ModelLoadError`)."""
 
     def prepare(self, modules: Mapping[str, Any]) -> None:
@@ -59,7 +65,8 @@ class Family:
         """Whether CFG's unconditional branch is zeros rather than the encoded empty prompt."""
         return False
 
-    def schedule(self, m: Components) -> VPSchedule:
+    def schedule(self, m: Components) -> Any:
+        """The noise schedule the samplers walk (`diffusion.schedules`), on the device."""
         return VPSchedule(m.scheduler.alphas_cumprod.to(torch.float32).to(m.device))
 
     def check_prompt(self, m: Components, prompt: str) -> None:
@@ -75,8 +82,9 @@ class Family:
     def latent_channels(self, m: Components) -> int:
         return m.vae.config.latent_channels
 
-    def pipeline(self, m: Components) -> DiffusionPipeline:
-        raise NotImplementedError
+    def pipeline(self, m: Components) -> DiffusionPipeline | None:
+        """A diffusers pipeline over the loaded modules (LoRA loading, offload hooks); None: the family has none."""
+        return None
 
     def attention_sites(self, m: Components) -> list[AttentionSite]:
         return []

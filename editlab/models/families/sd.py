@@ -16,6 +16,15 @@ from editlab.models.errors import ModelLoadError, PromptTooLongError
 from editlab.models.families import AttentionSite, Family, register
 
 
+def sd_scheduler(**overrides: Any) -> DDIMScheduler:
+    """SD 1.x noise schedule as the P2P / PIE-Bench reference runs it (steps_offset 0, abar_final = abar_0)."""
+    config = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+    )
+    return DDIMScheduler(**{**config, **overrides})
+
+
 @register
 class SD(Family):
     name = "sd"
@@ -25,8 +34,15 @@ class SD(Family):
                   "ip2p": lambda seed: named(build_tiny(seed, in_channels=8))}  # InstructPix2Pix-shaped
     random_archs = {"sd15": lambda seed: named(build_sd15_arch(seed))}
 
-    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], vae_dtype: torch.dtype) -> None:
-        if modules["unet"].config.get("prediction_type", "epsilon") not in (None, "epsilon"):
+    def scheduler(self, config: Mapping[str, Any] | None = None) -> DDIMScheduler:
+        """The checkpoint's beta schedule with the reference DDIM conventions (offset 0, no clipping)."""
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        return sd_scheduler(**{k: config[k] for k in keys if k in config} if config else {})
+
+    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], scheduler: Any,
+              vae_dtype: torch.dtype) -> None:
+        if modules["unet"].config.get("prediction_type", "epsilon") not in (None, "epsilon") or \
+                scheduler.config.prediction_type != "epsilon":
             raise ModelLoadError(f"{model['name']}: only epsilon-prediction models are supported")
 
     def prepare(self, modules: Mapping[str, Any]) -> None:

@@ -26,8 +26,9 @@ class SDXL(SD):
     tiny_archs = {"sdxl": build_tiny_sdxl}
     random_archs = {"sdxl": build_sdxl_arch}
 
-    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], vae_dtype: torch.dtype) -> None:
-        super().check(model, modules, vae_dtype)
+    def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], scheduler: Any,
+              vae_dtype: torch.dtype) -> None:
+        super().check(model, modules, scheduler, vae_dtype)
         if vae_dtype == torch.float16 and modules["vae"].config.get("force_upcast", True):
             raise ModelLoadError(
                 f"{model['name']}: SDXL's VAE overflows in float16 (NaN latents, black images); set "
