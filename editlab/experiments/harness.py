@@ -12,7 +12,8 @@ output directory skips the items that already succeeded (a success row whose ima
 drops a row torn by a kill, and refuses when the configuration differs from the one the results were made with
 (``job.json``; ``restart=true`` moves the old results aside and starts over). A failing item (missing or corrupt
 image, over-long prompt, bad blend words, a mask that does not fit its image, NaN, out of memory) gets a row with
-its ``error`` and the run goes on; a job in which every item failed exits non-zero.
+its ``error`` and the run goes on; a job in which every item failed exits non-zero. The folder's bookkeeping (its
+lock, ``results.csv``, ``job.json``, which items are done) is `job_folder`'s; this module runs the loop.
 """
 
 from __future__ import annotations
@@ -36,23 +37,28 @@ from PIL import Image
 from tqdm import tqdm
 
 from editlab.editors.base import TASKS, EditRequest, build_editor
-from editlab.evaluation.files import FolderBusyError, FolderLock, atomic_write, remove_orphans
+from editlab.evaluation.files import atomic_write
 from editlab.evaluation.ground_truth import ground_truth_scores
 from editlab.evaluation.icd_benchmark import IcdCsvDataset
 from editlab.evaluation.metrics import PieBenchMetrics, build_metrics, failure_notes
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
-from editlab.evaluation.summary import format_summary, metric_gaps, read_results, summarize
+from editlab.evaluation.summary import format_summary, metric_gaps, summarize
 from editlab.evaluation.toyset import dataset_root, write_piebench
 from editlab.experiments.console import details, quiet_libraries
 from editlab.experiments.job_folder import (  # noqa: F401 - RunError, ResultsFile, flatten, read_job ...: API
     RESULT_COLUMNS,
     ResultsFile,
     RunError,
+    check_inputs,
     check_job,
     check_output_folder,
+    check_outside_dataset,
     check_writable,
+    disk_errors,
+    finished_items,
     flatten,
-    item_inputs,
+    hold_folder,
+    inputs_of,
     read_job,
     record_job,
     record_stopped_job,
@@ -111,31 +117,6 @@ def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[
     mask_img = fit(Image.fromarray((mask * 255).astype(np.uint8)), (size, size), Image.NEAREST)
     return fit(image, (size, size)), (np.asarray(mask_img) > 127).astype(np.float64), \
         f"resized {width}x{height}->{size}x{size}"
-
-
-def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool,
-                   inputs: Mapping[str, str]) -> set[str]:
-    """Ids of the dataset's items whose latest row succeeded on the item's current inputs (``inputs``: id -> hash,
-    `item_inputs`) and, when images are saved, whose image exists."""
-    succeeded = dict(zip(frame.loc[frame["error"] == "", "image_id"], frame.loc[frame["error"] == "", "inputs"]))
-    return {item.image_id for item in dataset if succeeded.get(item.image_id) == inputs[item.image_id]
-            and (not images or edited_image_path(output_dir, item).is_file())}
-
-
-def changed_items(frame: pd.DataFrame, inputs: Mapping[str, str]) -> list[str]:
-    """Ids whose latest row was made from other inputs than the item has now (its prompts, mask or image changed)."""
-    return sorted(i for i, h in zip(frame["image_id"], frame["inputs"].fillna("")) if i in inputs and h != inputs[i])
-
-
-def inputs_of(dataset: PieBenchDataset, task: str) -> dict[str, str]:
-    def image_file(item: PieBenchItem) -> Path | None:
-        if task == "generation":
-            return None
-        with contextlib.suppress(FileNotFoundError, ValueError):  # a missing or refused image fails its item
-            return dataset.image_file(item)
-        return None
-
-    return {item.image_id: item_inputs(item, image_file(item)) for item in dataset}
 
 
 _PROC = Path("/proc/self")
@@ -259,16 +240,6 @@ def load_editor(cfg: DictConfig, device: str):
                         load_components(model, cfg.precision, cfg.offload, device))
 
 
-def _check_output_dir(output_dir: Path, root: Path | None) -> None:
-    """Results never go into the benchmark's own folder (its images would be overwritten by the edits)."""
-    if root is None:
-        return
-    out, root_ = output_dir.resolve(), root.resolve()
-    if out == root_ or root_ in out.parents:
-        raise RunError(f"the output directory {output_dir} is inside dataset.root={root}: edits would be written "
-                       "into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
-
-
 def _setup_failure(err: Exception) -> RunError:
     log.debug("job setup failed", exc_info=True)
     return RunError(str(err).strip("'\""))
@@ -366,50 +337,21 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
     keeps the console short (the per-type table goes to the job's log file).
     """
     quiet_libraries(cfg.get("quiet", True))
-    _check_output_dir(output_dir, dataset_root(cfg.dataset))
+    check_outside_dataset(output_dir, dataset_root(cfg.dataset))
     check_output_folder(output_dir)
     check_writable(output_dir)
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(FolderLock(output_dir, what="a run's results"))
-        except FolderBusyError as err:
-            raise RunError(str(err)) from None
-        if orphans := remove_orphans(output_dir):
-            log.info("removed %d temporary file(s) a stopped run left in %s", len(orphans), output_dir)
+    with hold_folder(output_dir):
         return _run_locked(cfg, output_dir, group, run_name, job_name, job_num)
-
-
-def _check_inputs(cfg: DictConfig, output_dir: Path, inputs: Mapping[str, str]) -> None:
-    """Items whose inputs changed since their rows are edited again; when every item the folder's rows share with
-    the dataset changed, the benchmark is another one: a `RunError`, or with ``restart=true`` a fresh start."""
-    path = output_dir / "results.csv"
-    try:
-        previous = read_results(path).drop_duplicates("image_id", keep="last") if path.is_file() else None
-    except (ValueError, KeyError):  # empty or of another version: ResultsFile says so
-        return
-    if previous is None or "inputs" not in previous or not (shared := set(previous["image_id"]) & inputs.keys()):
-        return
-    changed = changed_items(previous, inputs)
-    if len(changed) < len(shared):
-        if changed:
-            log.warning("%d item(s) changed since they were edited (prompts, mask or image): editing them again: %s",
-                        len(changed), ", ".join(changed[:10]))
-        return
-    if not cfg.get("restart"):
-        raise RunError(f"{output_dir} holds results of another benchmark: all {len(shared)} of its items that share "
-                       "an id with this dataset have other prompts, masks or images now; choose another output "
-                       "directory (hydra.run.dir=...), or add restart=true to move those results aside")
-    supersede(output_dir, "from the benchmark's earlier inputs")
 
 
 def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, job_name: str | None,
                 job_num: int | None) -> pd.DataFrame:
     check_given(cfg, output_dir)
     dataset = load_dataset(cfg)
-    _check_output_dir(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
+    check_outside_dataset(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
     task = task_name(cfg)
     inputs = inputs_of(dataset, task)
-    _check_inputs(cfg, output_dir, inputs)
+    check_inputs(cfg, output_dir, inputs)
     job = record_job(cfg, output_dir, check_job(cfg, output_dir), cfg.logger.get("group") or group)
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
@@ -470,18 +412,6 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
             raise RunError(f"every item failed ({failed} of {len(frame)}; the first: {frame['error'].iloc[0]}); "
                            f"see {output_dir / 'results.csv'}")
     return summary
-
-
-@contextlib.contextmanager
-def disk_errors(output_dir: Path):
-    """A write that fails (a full disk, a folder made read-only) stops the job with one line; what is on disk stays
-    consistent (every write is atomic), so the same command resumes once the disk is fixed."""
-    try:
-        yield
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        raise RunError(f"cannot write into {output_dir}: {err.strerror or err}{where}; free space or fix the folder, "
-                       "then re-run the same command to resume (the finished items are kept)") from None
 
 
 def objective(summary: pd.DataFrame) -> float:

@@ -2,14 +2,15 @@
 fingerprints that decide whether the results in a folder belong to this run.
 
 A run writes only into a folder that is new or empty, or that its ``job.json`` proves was made by the same
-settings; it never writes into the file-system root, the home folder, the checkout, or a folder holding files
-editlab did not write. One process at a time holds a job folder (`FolderLock`). Each row of ``results.csv``
-records a hash of its item's inputs (`item_inputs`), so an item whose prompts, mask or image changed since it was
-edited is edited again.
+settings; it never writes into the file-system root, the home folder, the checkout, the benchmark's own folder,
+or a folder holding files editlab did not write. One process at a time holds a job folder (`hold_folder`). Each
+row of ``results.csv`` records a hash of its item's inputs (`item_inputs`), so an item whose prompts, mask or image
+changed since it was edited is edited again (`finished_items`, `check_inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import hashlib
@@ -28,10 +29,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from editlab.evaluation.files import TMP_PATTERN, atomic_write, atomic_write_json
+from editlab.evaluation.files import (
+    TMP_PATTERN,
+    FolderBusyError,
+    FolderLock,
+    atomic_write,
+    atomic_write_json,
+    remove_orphans,
+)
 from editlab.evaluation.ground_truth import GT_KEYS
 from editlab.evaluation.metrics import METRIC_KEYS
-from editlab.evaluation.piebench import PieBenchItem
+from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path
 from editlab.evaluation.summary import read_results
 from editlab.evaluation.toyset import dataset_root
 from editlab.experiments.cli import path_safe  # noqa: F401 - registers the job folders' resolver
@@ -110,6 +118,40 @@ def check_writable(folder: Path, key: str = "hydra.run.dir") -> None:
         probe.unlink(missing_ok=True)
 
 
+def check_outside_dataset(output_dir: Path, root: Path | None) -> None:
+    """Results never go into the benchmark's own folder (its images would be overwritten by the edits)."""
+    if root is None:
+        return
+    out, root_ = output_dir.resolve(), root.resolve()
+    if out == root_ or root_ in out.parents:
+        raise RunError(f"the output directory {output_dir} is inside dataset.root={root}: edits would be written "
+                       "into the benchmark; choose an output directory outside it (hydra.run.dir=...)")
+
+
+@contextlib.contextmanager
+def hold_folder(output_dir: Path):
+    """Hold the job folder's lock (a second run into it is a `RunError`) and clean up the temporary files a killed
+    run left there."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(FolderLock(output_dir, what="a run's results"))
+        except FolderBusyError as err:
+            raise RunError(str(err)) from None
+        if orphans := remove_orphans(output_dir):
+            log.info("removed %d temporary file(s) a stopped run left in %s", len(orphans), output_dir)
+        yield
+
+
+@contextlib.contextmanager
+def disk_errors(output_dir: Path):
+    """A write that fails (a full disk, a folder made read-only) stops the job with one line; what is on disk stays
+    consistent (every write is atomic), so the same command resumes once the disk is fixed."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise RunError(f"cannot write into {output_dir}: {err.strerror or err}{where}; free space or fix the folder, "
+                       "then re-run the same command to resume (the finished items are kept)") from None
 
 
 class OutputGuard(Callback):
@@ -193,6 +235,54 @@ def item_inputs(item: PieBenchItem, image_file: Path | None) -> str:
     if image_file is not None and image_file.is_file():
         digest.update(hashlib.sha256(image_file.read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+def finished_items(frame: pd.DataFrame, dataset: PieBenchDataset, output_dir: Path, images: bool,
+                   inputs: Mapping[str, str]) -> set[str]:
+    """Ids of the dataset's items whose latest row succeeded on the item's current inputs (``inputs``: id -> hash,
+    `item_inputs`) and, when images are saved, whose image exists."""
+    succeeded = dict(zip(frame.loc[frame["error"] == "", "image_id"], frame.loc[frame["error"] == "", "inputs"]))
+    return {item.image_id for item in dataset if succeeded.get(item.image_id) == inputs[item.image_id]
+            and (not images or edited_image_path(output_dir, item).is_file())}
+
+
+def changed_items(frame: pd.DataFrame, inputs: Mapping[str, str]) -> list[str]:
+    """Ids whose latest row was made from other inputs than the item has now (its prompts, mask or image changed)."""
+    return sorted(i for i, h in zip(frame["image_id"], frame["inputs"].fillna("")) if i in inputs and h != inputs[i])
+
+
+def inputs_of(dataset: PieBenchDataset, task: str) -> dict[str, str]:
+    def image_file(item: PieBenchItem) -> Path | None:
+        if task == "generation":
+            return None
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a missing or refused image fails its item
+            return dataset.image_file(item)
+        return None
+
+    return {item.image_id: item_inputs(item, image_file(item)) for item in dataset}
+
+
+def check_inputs(cfg: DictConfig, output_dir: Path, inputs: Mapping[str, str]) -> None:
+    """Items whose inputs changed since their rows are edited again; when every item the folder's rows share with
+    the dataset changed, the benchmark is another one: a `RunError`, or with ``restart=true`` a fresh start."""
+    path = output_dir / "results.csv"
+    try:
+        previous = read_results(path).drop_duplicates("image_id", keep="last") if path.is_file() else None
+    except (ValueError, KeyError):  # empty or of another version: ResultsFile says so
+        return
+    if previous is None or "inputs" not in previous or not (shared := set(previous["image_id"]) & inputs.keys()):
+        return
+    changed = changed_items(previous, inputs)
+    if len(changed) < len(shared):
+        if changed:
+            log.warning("%d item(s) changed since they were edited (prompts, mask or image): editing them again: %s",
+                        len(changed), ", ".join(changed[:10]))
+        return
+    if not cfg.get("restart"):
+        raise RunError(f"{output_dir} holds results of another benchmark: all {len(shared)} of its items that share "
+                       "an id with this dataset have other prompts, masks or images now; choose another output "
+                       "directory (hydra.run.dir=...), or add restart=true to move those results aside")
+    supersede(output_dir, "from the benchmark's earlier inputs")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ prints, on toy scenes that no training run saw (own seed stream):
 1. the distilled teacher's single-pass relative error against the plain teacher's two-pass CFG per w, beside the
    error of the plain teacher with w ignored (`icd.guidance_distillation.guidance_errors`);
 2. samples (50-step DDIM) at w = 2 code units (classic 3, the toy's best guidance) from the single pass and from the
-   two passes, judged by the toy CLIP (`experiments.toy_build.ToyClip`: shape, colour and background right);
+   two passes, judged by the toy CLIP (`experiments.toy_build.judge.ToyClip`: shape, colour and background right);
 3. round trips: the plain and the distilled teacher's 50 + 50-step DDIM (unguided inversion and decoding; the
    distilled one at w = 0), and iCD's 4 + 4 steps
    with the ``--adapters`` trained on the distilled teacher (and, for reference, the shipped ones on the plain one).
@@ -32,7 +32,7 @@ from PIL import Image
 from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import build_editor
 from editlab.experiments.console import quiet_libraries
-from editlab.experiments.toy_build import ToyClip, accuracy, psnr
+from editlab.experiments.toy_build.judge import ToyClip, accuracy, psnr
 from editlab.icd.guidance_distillation import guidance_errors, sample_latents
 from editlab.icd.teacher import GuidedUNet, load_cfg_distilled
 from editlab.models.components import Components, vae_decode

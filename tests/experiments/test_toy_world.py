@@ -21,8 +21,11 @@ from editlab.editors.base import EditRequest, build_editor
 from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
 from editlab.evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
 from editlab.evaluation.toyset import write_piebench
-from editlab.experiments import toy_build
 from editlab.experiments.harness import load_editor
+from editlab.experiments.toy_build.judge import psnr
+from editlab.experiments.toy_build.teacher import build_unet, denoising_loss
+from editlab.experiments.toy_build.training import ema_of, fit, save_ema
+from editlab.experiments.toy_build.world import Log
 from editlab.experiments.toy_guidance_chain import icd_round_trip
 from editlab.models.loading import load_components
 from editlab.toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene, vocabulary
@@ -91,13 +94,13 @@ def _ddim_round_trip_psnr(toy, image: np.ndarray, caption: str) -> float:
     latents = editor.invert(z0, cond)[-1]
     for t, s in editor.pairs:  # 980 -> 960, ..., 0 -> -20
         latents = ddim_jump(latents, toy.predict(latents, t, cond), toy.schedule.abar(t), toy.schedule.abar(s))
-    return toy_build.psnr(np.asarray(toy.decode_latents(latents)[0]), image)
+    return psnr(np.asarray(toy.decode_latents(latents)[0]), image)
 
 
 def test_unguided_ddim_round_trip_is_as_good_as_the_vae(toy):
     scene = Scene((Obj("circle", "red", size="large"),), "gray")
     image = scene.render(32)
-    vae_psnr = toy_build.psnr(np.asarray(toy.decode_latents(toy.encode_image(Image.fromarray(image)))[0]), image)
+    vae_psnr = psnr(np.asarray(toy.decode_latents(toy.encode_image(Image.fromarray(image)))[0]), image)
     round_trip = _ddim_round_trip_psnr(toy, image, scene.caption())
     assert vae_psnr > 30 and round_trip > vae_psnr - 1.0, (vae_psnr, round_trip)  # measured 34.9 and 34.2 dB
 
@@ -157,7 +160,7 @@ def test_instruct_pix2pix_raises_the_target_score_on_unseen_edits(toy_clip):
                                                     instruction=edit.instruction, seed=i)).edited)
         score_gains.append(clip_score(toy_clip, edited, edit.target_prompt)
                            - clip_score(toy_clip, source, edit.target_prompt))
-        psnr_gains.append(toy_build.psnr(edited, target) - toy_build.psnr(source, target))
+        psnr_gains.append(psnr(edited, target) - psnr(source, target))
     assert np.mean(score_gains) > 8, score_gains  # measured 19.2 (the UNet before its last 6,000 steps: 0.4)
     assert np.mean(psnr_gains) > 4, psnr_gains  # measured 6.5 dB (before: 1.6)
 
@@ -221,9 +224,9 @@ def test_fit_gives_each_parameter_group_its_own_learning_rate(tmp_path):
     """The IP2P stage trains conv_in at ten times the rest's rate: Adam's first step moves a weight by its group's
     rate, whatever the gradient's size."""
     slow, fast = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    steps = toy_build.fit("groups", [{"params": [slow]}, {"params": [fast], "lr": 1e-2}],
-                          lambda step: (slow * torch.tensor([1.0, 5.0, 0.1])).sum() + 3 * fast.sum(), steps=1,
-                          lr=1e-3, log=toy_build.Log(tmp_path / "log.jsonl"), weight_decay=0.0)
+    steps = fit("groups", [{"params": [slow]}, {"params": [fast], "lr": 1e-2}],
+                lambda step: (slow * torch.tensor([1.0, 5.0, 0.1])).sum() + 3 * fast.sum(), steps=1,
+                lr=1e-3, log=Log(tmp_path / "log.jsonl"), weight_decay=0.0)
     assert steps == 1
     torch.testing.assert_close(slow.detach(), torch.full((3,), -1e-3), rtol=1e-3, atol=0)
     torch.testing.assert_close(fast.detach(), torch.full((3,), -1e-2), rtol=1e-3, atol=0)
@@ -232,16 +235,16 @@ def test_fit_gives_each_parameter_group_its_own_learning_rate(tmp_path):
 def test_save_ema_writes_the_average_without_this_machines_path(tmp_path):
     """A resumed diffusers model's config records where it was loaded from; the saved one must not (the weights
     are shipped)."""
-    toy_build.build_unet(cross_attention_dim=8).save_pretrained(tmp_path / "start")
+    build_unet(cross_attention_dim=8).save_pretrained(tmp_path / "start")
     model = UNet2DConditionModel.from_pretrained(tmp_path / "start")
-    ema = toy_build.ema_of(model, decay=0.5)
+    ema = ema_of(model, decay=0.5)
     for _ in range(2):  # diffusers' warm-up decay: 0 on the first update, (1 + 1) / (10 + 1) on the second
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
         ema[0].step(model.parameters())
     expected = [(p.detach() - 2 / 11).half() for p in model.parameters()]  # 2/11 (p - 1) + 9/11 p
-    toy_build.save_ema(ema, tmp_path / "saved")
+    save_ema(ema, tmp_path / "saved")
     assert "_name_or_path" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "saved", dtype=torch.float16)
     for got, want in zip(saved.parameters(), expected):
@@ -259,8 +262,8 @@ def test_denoising_loss_draws_its_high_t_fraction_from_the_upper_half():
     latents, ids = torch.zeros(64, 4, 2, 2), torch.zeros(64, 3, dtype=torch.long)
     abar = torch.linspace(0.999, 0.001, 1000)
     for fraction in (0.0, 0.5):
-        toy_build.denoising_loss(unet, lambda ids: (torch.zeros(len(ids), 3, 8),), latents, ids, abar,
-                                 torch.Generator().manual_seed(0), extra=latents, high_t_fraction=fraction)
+        denoising_loss(unet, lambda ids: (torch.zeros(len(ids), 3, 8),), latents, ids, abar,
+                       torch.Generator().manual_seed(0), extra=latents, high_t_fraction=fraction)
     uniform, mixed = seen
     assert (mixed[:32] >= 500).all() and (mixed[32:] < 500).any() and (uniform < 500).any()
     assert torch.equal(mixed[32:], uniform[32:])  # the rest keeps the uniform draw
