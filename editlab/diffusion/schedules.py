@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from editlab.diffusion.ddim import ddim_timesteps
@@ -86,7 +85,7 @@ class FlowSchedule:
         slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
         return math.exp(self.base_shift + slope * (seq_len - self.base_seq_len))
 
-    def _shifted(self, sigmas: np.ndarray, shift: float) -> np.ndarray:
+    def _shifted(self, sigmas: torch.Tensor, shift: float) -> torch.Tensor:
         return shift * sigmas / (1 + (shift - 1) * sigmas)
 
     def sigmas(self, num_steps: int, seq_len: int | None = None) -> list[float]:
@@ -94,12 +93,12 @@ class FlowSchedule:
         makes them: a static shift spans the train grid's shifted extremes and shifts again (SD3's double shift); a
         dynamic one shifts linspace(1, 1/N, N) once (FLUX's pipelines pass that grid)."""
         if self.dynamic:
-            grid = np.linspace(1.0, 1.0 / num_steps, num_steps)
+            grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
         else:
-            train = self._shifted(np.linspace(1.0, self.num_train_timesteps, self.num_train_timesteps)[::-1]
-                                  / self.num_train_timesteps, self.shift)
-            grid = np.linspace(train[0], train[-1], num_steps)  # sigma_max .. sigma_min, already shifted once
-        shifted = self._shifted(grid.astype(np.float32), self.shift_for(seq_len)).astype(np.float32)
+            steps = self.num_train_timesteps
+            train = self._shifted(torch.linspace(1.0, steps, steps, dtype=torch.float64).flip(0) / steps, self.shift)
+            grid = torch.linspace(float(train[0]), float(train[-1]), num_steps, dtype=torch.float64)  # shifted once
+        shifted = self._shifted(grid.float(), self.shift_for(seq_len))
         return [*map(float, shifted), 0.0]
 
     def noisier_than(self, sigma: float, fraction: float) -> bool:
