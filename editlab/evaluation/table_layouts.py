@@ -107,8 +107,11 @@ class Job:
         return str(self.config.get("task.name") or "edit")
 
     @property
-    def metrics_kind(self) -> str:
-        return str(self.config.get("metrics.kind") or "piebench")
+    def metrics_kinds(self) -> set[str]:
+        """The kinds of its metric set, or of each of its ``metrics.sets`` (`evaluation.protocol`)."""
+        sets = {key.split(".")[2] for key in self.config if key.startswith("metrics.sets.")}
+        kinds = [self.config.get(f"metrics.sets.{name}.kind") for name in sets] or [self.config.get("metrics.kind")]
+        return {str(kind or "piebench") for kind in kinds}
 
     @property
     def metrics_label(self) -> str:
@@ -194,7 +197,8 @@ def row_matches(row: dict, job: Job, aliases: bool = True) -> bool:
 
 def _eligible(layout: dict, job: Job) -> bool:
     """A job of the layout's task and (where the layout names one) metric set, whose configuration is known."""
-    return bool(job.config) and job.task == layout["task"] and layout.get("metrics") in (None, job.metrics_kind)
+    wanted = layout.get("metrics")
+    return bool(job.config) and job.task == layout["task"] and (wanted is None or wanted in job.metrics_kinds)
 
 
 def sweep_of(job: Job) -> Path:
