@@ -20,7 +20,7 @@ text is truncated to CLIP's 77 tokens (the iCD code pads and truncates to 77). B
 iCD code used CUDA autocast. Without a source image (text-to-image generation) the paired metrics (CLIP-I, DINOv2,
 LPIPS, PSNR) are NaN; a metric whose backbone is off or missing is NaN (``unavailable``), never faked.
 
-Per set (``ICDPaperMetrics.set_scores``): FID between two lists of image files, each image Lanczos-resized to short
+Per set (``ICDPaperMetrics.finish``): FID between two lists of image files, each image Lanczos-resized to short
 side 256 and centre-cropped to 256 (uint8), as the iCD code; features from torchmetrics' FrechetInceptionDistance
 with the 2048-d pool features of torch-fidelity's InceptionV3 (the same TF-ported pt_inception-2015-12-05 weights
 pytorch-fid uses; its bilinear upsampling to 299 is torch's, as pytorch-fid's), with its input scaling changed from
