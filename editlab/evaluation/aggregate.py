@@ -30,10 +30,11 @@ from hydra.experimental.callback import Callback
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from editlab.evaluation.files import atomic_write, atomic_write_text
+from editlab.evaluation.files import atomic_write, atomic_write_text, current
 from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
 from editlab.evaluation.piebench import EDIT_TYPES, strip_brackets
 from editlab.evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
+from editlab.evaluation.table_plots import log_to_wandb
 from editlab.evaluation.toyset import dataset_root
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,8 @@ HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "s
 BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
 
 
-def _current(paths) -> list[Path]:
-    """Paths not inside a ``superseded_*`` folder (results that ``restart=true`` moved aside)."""
-    return sorted(p for p in paths if not any(part.startswith("superseded_") for part in p.parts))
-
-
 def collect(folder: Path) -> pd.DataFrame:
-    files = _current(folder.rglob("results.csv"))
+    files = current(folder.rglob("results.csv"))
     if not files:
         raise FileNotFoundError(f"no results.csv under {folder}")
     results = pd.concat([read_results(f) for f in files], ignore_index=True)
@@ -60,7 +56,7 @@ def collect(folder: Path) -> pd.DataFrame:
 
 def job_errors(folder: Path) -> dict[str, str]:
     """{job folder name: its error} for the jobs of a sweep that failed as a whole (run.py writes job_error.txt)."""
-    return {f.parent.name: f.read_text().strip() for f in _current(folder.rglob("job_error.txt"))}
+    return {f.parent.name: f.read_text().strip() for f in current(folder.rglob("job_error.txt"))}
 
 
 def headline(summary: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +168,7 @@ def _runs(folder: Path) -> dict[str, list[Path]]:
     the label is the editor, or the run's overrides where editors repeat (a precision sweep of one editor)."""
     by_run: dict[str, list[Path]] = {}
     editor_of: dict[str, str] = {}
-    for job in _current(p.parent for p in folder.rglob("results.csv")):
+    for job in current(p.parent for p in folder.rglob("results.csv")):
         rows = read_results(job / "results.csv")
         if rows.empty:
             continue
@@ -198,7 +194,7 @@ def _tasks(jobs: list[Path]) -> set[str]:
 
 def _recorded(folder: Path, key: str):
     """The first ``key`` that the job.json of a job under ``folder`` records (None when none does)."""
-    for job in _current(folder.rglob("job.json")):
+    for job in current(folder.rglob("job.json")):
         try:
             if value := json.loads(job.read_text()).get(key):
                 return value
@@ -309,8 +305,6 @@ def log_sweep_run(folder: Path, wandb: dict, summary: pd.DataFrame | None, paper
     """The sweep's own W&B run, in ``<folder>/wandb`` and the jobs' group: the headline and summary tables, the
     papers' tables, comparison.png and the plots. Returns the report's line about it ("" when logging failed,
     logged: the report stands without it)."""
-    from editlab.evaluation.tables import log_to_wandb
-
     group = _recorded(folder, "wandb_group") or folder.name
     tables = {**({"report/headline": headline(summary), "report/summary": summary} if summary is not None else {}),
               **{f"tables/{layout}": table for layout, table in paper.items()}}
@@ -417,7 +411,7 @@ class SweepReport(Callback):
         problems = []
         if failed := job_errors(folder):
             problems.append(f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)} (see above)")
-        reported = {p.parent for name in ("results.csv", "job_error.txt") for p in _current(folder.rglob(name))}
+        reported = {p.parent for name in ("results.csv", "job_error.txt") for p in current(folder.rglob(name))}
         if self.total is not None and len(reported) < self.total:
             problems.append(f"{self.total - len(reported)} of the sweep's {self.total} jobs left neither results nor "
                             f"an error in {folder} (killed, or written elsewhere; see the jobs' logs)")

@@ -22,6 +22,11 @@ from typing import IO, Any
 TMP_PATTERN = re.compile(r"^\..+\.\d+\.tmp$")
 
 
+def current(paths) -> list[Path]:
+    """Paths not inside a ``superseded_*`` folder (results that ``restart=true`` moved aside)."""
+    return sorted(p for p in paths if not any(part.startswith("superseded_") for part in p.parts))
+
+
 def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 

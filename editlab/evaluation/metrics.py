@@ -11,29 +11,26 @@ Images are uint8 HWC numpy arrays, masks (H, W) arrays of 0/1 with 1 = edited.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.transforms import Resize
 
+from editlab.evaluation import backbones
+from editlab.evaluation.backbones import CLIP_MEAN, CLIP_PATH, CLIP_STD, ClipScorer
 from editlab.evaluation.piebench import strip_brackets
-from editlab.models.hub import hub_kwargs, is_local, resolve_local
-from editlab.models.safe_load import UnsafeWeightsError, safe_loading
-
-log = logging.getLogger(__name__)
+from editlab.evaluation.protocol import Metric, Sample
+from editlab.models.hub import hub_kwargs
+from editlab.models.safe_load import safe_loading
 
 DINO_PATH = "facebook/dino-vitb8"
-CLIP_PATH = "openai/clip-vit-large-patch14"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 METRIC_KEYS = (
     "structure_distance",
@@ -186,46 +183,6 @@ def structure_distance(backbone: StructureBackbone, source: np.ndarray, edited: 
 # CLIP
 
 
-def _embedding(out: Any) -> torch.Tensor:
-    # transformers 5 returns a BaseModelOutputWithPooling from get_{image,text}_features, with the projected
-    # embedding in `pooler_output`; 4.x returned the tensor itself
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-class ClipScorer:
-    """CLIPModel + tokenizer + image processor, computing what torchmetrics' CLIPScore computes for one image."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, processor: Callable) -> None:
-        self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
-        # The reference (torchmetrics CLIPScore) refused or truncated prompts over 77 tokens depending on the
-        # version; we always truncate to the text encoder's length so long prompts score instead of failing.
-        self.max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
-
-    @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", key: str = "clip.path") -> ClipScorer:
-        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
-
-        # the PIL backend, not transformers 5's default torchvision one: the reference's (4.x) processor resized
-        # with PIL bicubic
-        hub = hub_kwargs(path, key)
-        processor = CLIPImageProcessorPil.from_pretrained(path, **hub)
-        # float32 whatever the stored dtype (the toy CLIP ships in float16): scores must not depend on storage
-        model = CLIPModel.from_pretrained(path, dtype=torch.float32, **hub)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(path, **hub), processor)
-
-    @torch.no_grad()
-    def image_embeds(self, image: np.ndarray) -> torch.Tensor:
-        param = next(self.model.parameters())
-        pixels = self.processor(images=[Image.fromarray(np.asarray(image))], return_tensors="pt")["pixel_values"]
-        return _embedding(self.model.get_image_features(pixel_values=pixels.to(param.device, param.dtype)))[0]
-
-    @torch.no_grad()
-    def text_embeds(self, prompt: str) -> torch.Tensor:
-        tokens = self.tokenizer([prompt], truncation=True, max_length=self.max_length, return_tensors="pt")
-        device = next(self.model.parameters()).device
-        return _embedding(self.model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))[0]
-
-
 def clip_score(clip: ClipScorer, image: np.ndarray, prompt: str) -> float:
     """max(100 cos(E_image, E_text), 0) with the prompt's brackets removed."""
     image_emb, text_emb = clip.image_embeds(image).float(), clip.text_embeds(strip_brackets(prompt)).float()
@@ -245,30 +202,11 @@ def clip_edit_part(clip: ClipScorer, image: np.ndarray, mask: np.ndarray, prompt
 # all metrics of one edit
 
 
-class BackboneScores:
-    """Calls a backbone-based metric; a NaN or inf score (a network that overflowed, say) becomes NaN and is recorded
-    in ``failures`` as ``{metric: why}``, so the row can say which metric failed rather than leave a silent gap."""
-
-    def __init__(self, failures: dict[str, str] | None) -> None:
-        self.failures = {} if failures is None else failures
-
-    def __call__(self, key: str, score: Callable[[], float]) -> float:
-        value = float(score())
-        if math.isfinite(value):
-            return value
-        self.failures[key] = f"its backbone gave {value}"
-        return math.nan
-
-
-def failure_notes(failures: Mapping[str, str]) -> list[str]:
-    """A row's note for each metric that `BackboneScores` recorded as failed (`evaluation.summary` counts them)."""
-    return [f"{key} failed ({why}): left out of its mean" for key, why in failures.items()]
-
-
-class PieBenchMetrics:
+class PieBenchMetrics(Metric):
     """The reference metric set; a backbone left as None makes its metrics NaN (listed in `unavailable`)."""
 
-    keys = METRIC_KEYS
+    columns = METRIC_KEYS
+    needs = frozenset({"source", "edited", "prompts", "mask"})
 
     def __init__(
         self,
@@ -291,7 +229,7 @@ class PieBenchMetrics:
     ) -> dict[str, float]:
         """The eight PIE-Bench metrics; a backbone's non-finite score is NaN and recorded in ``failures``."""
         nan, structure = math.nan, self.structure
-        checked = BackboneScores(failures)
+        checked = backbones.BackboneScores(failures)
         out = {
             "structure_distance": nan if structure is None else checked(
                 "structure_distance", lambda: structure_distance(structure, source, edited)),
@@ -307,27 +245,17 @@ class PieBenchMetrics:
                   lambda: clip_edit_part(clip, edited, mask, target_prompt))
         return out | {key: checked(key, score) for key, score in zip(METRIC_KEYS[5:], scores)}
 
-
-def _weights(path: str) -> str:
-    """Hub ids pass through; local paths may be relative to the repository (shipped toy backbones)."""
-    return str(resolve_local(path)) if is_local(path) else path
-
-
-def load_clip_vision(path: str, key: str) -> torch.nn.Module:
-    """The float32 vision tower of a whole (CLIPModel) or vision-only (CLIPVisionModel) CLIP checkpoint. Loading the
-    model the weights hold and keeping its tower leaves transformers no unexpected keys (the text tower) to report."""
-    from transformers import AutoModel
-
-    path = _weights(path)
-    return AutoModel.from_pretrained(path, dtype=torch.float32, **hub_kwargs(path, key)).vision_model
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        return [self.compute(s.source, s.edited, s.mask, s.source_prompt, s.target_prompt, s.failures)
+                for s in samples]
 
 
 def _load_structure(kind: str, path: str, device: str | torch.device, key: str) -> KeyBackbone:
     if kind == "clip_vision":
-        return KeyBackbone.from_clip_vision(load_clip_vision(path, key).to(device))
+        return KeyBackbone.from_clip_vision(backbones.load_clip_vision(path, key).to(device))
     from transformers import ViTModel
 
-    path = _weights(path)
+    path = backbones.weights_path(path)
     vit = ViTModel.from_pretrained(path, add_pooling_layer=False, **hub_kwargs(path, key))
     return KeyBackbone.from_vit(vit.to(device))
 
@@ -339,52 +267,21 @@ def _load_lpips(net: str, device: str | torch.device) -> torch.nn.Module:
     return lpips.LPIPS(net=net, verbose=False).to(device).eval()
 
 
-def _try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on_missing: str,
-              on_missing_name: str) -> Any:
-    try:
-        return loader()
-    except UnsafeWeightsError as err:  # never a missing backbone: a file was refused, whatever on_missing says
-        raise RuntimeError(f"cannot load the backbone of {metric} from {source}: {err}") from None
-    except Exception as err:  # offline hub/torchvision downloads fail with many exception types
-        message = f"cannot load the backbone of {metric} from {source}: {type(err).__name__}: {err}. To fix: {hint}"
-        if on_missing == "error":
-            raise RuntimeError(f"{message}, or set {on_missing_name}=warn to score without it (NaN).") from err
-        log.warning("%s is unavailable, its values will be NaN. %s.", metric, message)
-        return None
-
-
-# What run.py users set; the scoring CLI names its flags instead.
-METRIC_SETTINGS = {"structure.path": "metrics.structure.path", "clip.path": "metrics.clip.path",
-                   "on_missing": "metrics.on_missing"}
+SETTINGS = ("structure.path", "clip.path", "on_missing")  # what run.py users set; the scoring CLI names flags
 
 
 @safe_loading
-def build_metrics(cfg: Mapping, device: str | torch.device = "cpu",
-                  names: Mapping[str, str] | None = None):
-    """The metric set of ``cfg["kind"]``: ``piebench`` (the default) or ``icd_paper`` (the iCD paper's suite,
-    `evaluation.paper_metrics`). For PIE-Bench, load the backbones named in a plain config mapping:
-    ``{"structure": {"backbone": "dino"|"clip_vision"|None, "path": ...}, "clip": {"path": ...|None},
-    "lpips": {"net": "squeeze"|None}, "on_missing": "error"|"warn"}``. Missing sections take the reference
-    defaults (DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet); an explicit None switches a metric off. ``names``:
-    what the user sets for each path and for on_missing (config keys for run.py, flags for the scoring CLI), so
-    the messages name what to change."""
-    kind = cfg.get("kind", "piebench")
-    if kind == "icd_paper":
-        from editlab.evaluation.paper_metrics import ICD_METRIC_SETTINGS, build_icd_metrics
-
-        return build_icd_metrics(cfg, device, names or ICD_METRIC_SETTINGS)
-    if kind != "piebench":
-        raise ValueError(f"unknown metrics.kind={kind!r}; expected piebench or icd_paper")
-    names = names or METRIC_SETTINGS
-    on_missing = cfg.get("on_missing", "error")
-    if on_missing not in ("error", "warn"):
-        raise ValueError(f"on_missing must be 'error' or 'warn', got {on_missing!r}")
+def build_piebench_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] | None = None,
+                           prefix: str = "metrics") -> PieBenchMetrics:
+    """Load the backbones named in a plain config mapping: ``{"structure": {"backbone": "dino"|"clip_vision"|None,
+    "path": ...}, "clip": {"path": ...|None}, "lpips": {"net": "squeeze"|None}, "on_missing": "error"|"warn"}``.
+    Missing sections take the reference defaults (DINO ViT-B/8, CLIP ViT-L/14, LPIPS SqueezeNet); an explicit None
+    switches a metric off. ``names``: what the user sets for each path and for on_missing (default: the config keys
+    under ``prefix``, for run.py; flags for the scoring CLI), so the messages name what to change."""
+    names = names or {key: f"{prefix}.{key}" for key in SETTINGS}
+    on_missing = backbones.check_on_missing(cfg)
     structure_cfg, clip_cfg, lpips_cfg = (cfg.get(key) or {} for key in ("structure", "clip", "lpips"))
     off = (None, "none")
-    hf_hint = (
-        "pre-populate HF_HOME on a machine with network access (offline, HF_HUB_OFFLINE=1 skips the slow retries), "
-        "or set {} to a local model directory"
-    ).format
 
     structure = None
     kind = structure_cfg.get("backbone", "dino")
@@ -392,21 +289,21 @@ def build_metrics(cfg: Mapping, device: str | torch.device = "cpu",
         raise ValueError(f"unknown structure backbone {kind!r}; use 'dino', 'clip_vision' or None")
     if kind not in off:
         path = structure_cfg.get("path") or (DINO_PATH if kind == "dino" else CLIP_PATH)
-        structure = _try_load(
-            "structure_distance", repr(path), hf_hint(names["structure.path"]),
+        structure = backbones.try_load(
+            "structure_distance", repr(path), backbones.HF_HINT(names["structure.path"]),
             lambda: _load_structure(kind, path, device, names["structure.path"]), on_missing, names["on_missing"],
         )
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in off:
-        clip = _try_load(
-            "clip_similarity_*", repr(clip_path), hf_hint(names["clip.path"]),
-            lambda: ClipScorer.from_pretrained(_weights(clip_path), device, names["clip.path"]), on_missing,
-            names["on_missing"],
+        clip = backbones.try_load(
+            "clip_similarity_*", repr(clip_path), backbones.HF_HINT(names["clip.path"]),
+            lambda: ClipScorer.from_pretrained(backbones.weights_path(clip_path), device, names["clip.path"]),
+            on_missing, names["on_missing"],
         )
     lpips_model = None
     if (net := lpips_cfg.get("net", "squeeze")) not in off:
         cache = f"{torch.hub.get_dir()}/checkpoints"
-        lpips_model = _try_load(
+        lpips_model = backbones.try_load(
             "lpips_unedit_part", f"torchvision's {net} ImageNet weights in {cache}",
             "pre-populate TORCH_HOME on a machine with network access (lpips downloads them on first use)",
             lambda: _load_lpips(net, device), on_missing, names["on_missing"],

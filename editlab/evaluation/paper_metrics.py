@@ -20,7 +20,7 @@ text is truncated to CLIP's 77 tokens (the iCD code pads and truncates to 77). B
 iCD code used CUDA autocast. Without a source image (text-to-image generation) the paired metrics (CLIP-I, DINOv2,
 LPIPS, PSNR) are NaN; a metric whose backbone is off or missing is NaN (``unavailable``), never faked.
 
-Per set (``ICDPaperMetrics.set_scores``): FID between two lists of image files, each image Lanczos-resized to short
+Per set (``ICDPaperMetrics.finish``): FID between two lists of image files, each image Lanczos-resized to short
 side 256 and centre-cropped to 256 (uint8), as the iCD code; features from torchmetrics' FrechetInceptionDistance
 with the 2048-d pool features of torch-fidelity's InceptionV3 (the same TF-ported pt_inception-2015-12-05 weights
 pytorch-fid uses; its bilinear upsampling to 299 is torch's, as pytorch-fid's), with its input scaling changed from
@@ -42,17 +42,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editlab.evaluation.metrics import (
+from editlab.evaluation.backbones import (
     CLIP_MEAN,
     CLIP_PATH,
     CLIP_STD,
+    HF_HINT,
+    OFF,
     BackboneScores,
     ClipScorer,
-    _try_load,
-    _weights,
+    check_on_missing,
     load_clip_vision,
+    try_load,
+    weights_path,
 )
 from editlab.evaluation.piebench import strip_brackets
+from editlab.evaluation.protocol import Metric, Sample
 from editlab.models.hub import hub_kwargs
 from editlab.models.safe_load import safe_loading
 
@@ -73,18 +77,8 @@ VGG16_FILE = "vgg16-397923af.pth"
 PIQ_LPIPS_FILE = "lpips_weights.pt"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
-# What run.py users set; a caller may map some keys to its own flags, the rest keep these names.
-ICD_METRIC_SETTINGS = {
-    "clip.path": "metrics.clip.path",
-    "dinov2.path": "metrics.dinov2.path",
-    "image_reward.path": "metrics.image_reward.path",
-    "lpips.net": "metrics.lpips.net",
-    "fid.weights": "metrics.fid.weights",
-    "fid.path": "metrics.fid.path",
-    "on_missing": "metrics.on_missing",
-}
-
-_OFF = (None, "none", "null")
+# What run.py users set; a caller may map some keys to its own flags, the rest keep their config keys.
+ICD_SETTINGS = ("clip.path", "dinov2.path", "image_reward.path", "lpips.net", "fid.weights", "fid.path", "on_missing")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +102,7 @@ class PooledImageEncoder:
 def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: str) -> PooledImageEncoder:
     from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessorPil
 
-    path = _weights(path)
+    path = weights_path(path)
     hub = hub_kwargs(path, key)
     if kind == "dinov2":
         # the PIL backend, as transformers 4.x's processor the iCD code used (resize 256 bicubic, crop 224)
@@ -123,7 +117,7 @@ def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: 
 def _load_image_reward(path: str, device: str | torch.device, key: str) -> Any:
     from editlab.evaluation.image_reward import ImageRewardScorer  # written separately; imported only when asked for
 
-    return ImageRewardScorer.from_pretrained(_weights(path), device, key)
+    return ImageRewardScorer.from_pretrained(weights_path(path), device, key)
 
 
 def _load_piq_lpips(device: str | torch.device) -> torch.nn.Module:
@@ -183,7 +177,7 @@ def scale_inputs_as_the_icd_code(inception: torch.nn.Module) -> None:
 def _load_fid(kind: str, weights: str | None, path: str | None, device: str | torch.device, key: str) -> Any:
     if kind == "inception":
         if weights is not None:
-            weights = _weights(weights)
+            weights = weights_path(weights)
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"no InceptionV3 weights file at {weights}")
         fid = _fid_metric(FID_FEATURES, weights, device)
@@ -238,11 +232,13 @@ def lpips_vgg(model: torch.nn.Module, source: np.ndarray, edited: np.ndarray) ->
 # the metric set
 
 
-class ICDPaperMetrics:
-    """The iCD metric set; a backbone left as None makes its metrics NaN (listed in ``unavailable``)."""
+class ICDPaperMetrics(Metric):
+    """The iCD metric set; a backbone left as None makes its metrics NaN (listed in ``unavailable``). The source
+    image is used where there is one (generation has none)."""
 
-    keys = ICD_METRIC_KEYS
-    set_keys = SET_METRIC_KEYS
+    columns = ICD_METRIC_KEYS
+    needs = frozenset({"edited", "prompts", "references"})
+    set_columns = SET_METRIC_KEYS
 
     def __init__(
         self,
@@ -267,11 +263,11 @@ class ICDPaperMetrics:
     def unavailable(self) -> list[str]:
         """Per-image keys whose backbone is off or missing (PSNR needs none)."""
         backbones = self._backbone_of()
-        return [key for key in self.keys if key in backbones and backbones[key] is None]
+        return [key for key in self.columns if key in backbones and backbones[key] is None]
 
     @property
     def set_unavailable(self) -> list[str]:
-        return [] if self.fid is not None else list(self.set_keys)
+        return [] if self.fid is not None else list(self.set_columns)
 
     def compute(
         self,
@@ -285,7 +281,7 @@ class ICDPaperMetrics:
         """The six per-image metrics of uint8 HWC images; ``mask`` and ``source_prompt`` are not used (whole-image
         metrics), ``source`` None (generation) makes the paired metrics NaN. A backbone's non-finite score is NaN
         and recorded in ``failures``."""
-        out = dict.fromkeys(self.keys, math.nan)
+        out = dict.fromkeys(self.columns, math.nan)
         checked = BackboneScores(failures)
         prompt = strip_brackets(target_prompt)
         edited_emb = None
@@ -305,8 +301,12 @@ class ICDPaperMetrics:
             out["lpips_vgg"] = checked("lpips_vgg", lambda: lpips_vgg(self.lpips, source, edited))
         return out
 
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        return [self.compute(s.source, s.edited, s.mask, s.source_prompt, s.target_prompt, s.failures)
+                for s in samples]
+
     @torch.no_grad()
-    def set_scores(self, outputs: Sequence[Path], references: Sequence[Path]) -> dict[str, float]:
+    def finish(self, outputs: Sequence[Path], references: Sequence[Path]) -> dict[str, float]:
         """``{"fid": FID(outputs, references)}``; NaN without the FID backbone or with fewer than 2 images a side."""
         if self.fid is None or len(outputs) < 2 or len(references) < 2:
             return {"fid": math.nan}
@@ -331,9 +331,8 @@ def _section(cfg: Mapping, key: str) -> Mapping:
 
 
 @safe_loading
-def build_icd_metrics(
-    cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] = ICD_METRIC_SETTINGS
-) -> ICDPaperMetrics:
+def build_icd_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] | None = None,
+                      prefix: str = "metrics") -> ICDPaperMetrics:
     """Load the backbones named in a plain config mapping::
 
         {"kind": "icd_paper", "clip": {"path": ...|None}, "dinov2": {"backbone": "dinov2"|"clip_vision"|None,
@@ -343,48 +342,42 @@ def build_icd_metrics(
 
     Missing sections take the paper's backbones (CLIP ViT-L/14, DINOv2-base, ImageReward, piq's VGG LPIPS,
     InceptionV3 from the torch hub cache); an explicit None switches a metric off. ``names``: what the user sets for
-    each key (config keys for run.py by default), so the messages name what to change."""
-    names = {**ICD_METRIC_SETTINGS, **names}
-    on_missing = cfg.get("on_missing", "error")
-    if on_missing not in ("error", "warn"):
-        raise ValueError(f"on_missing must be 'error' or 'warn', got {on_missing!r}")
+    each key (by default the config keys under ``prefix``, for run.py), so the messages name what to change."""
+    names = {**{key: f"{prefix}.{key}" for key in ICD_SETTINGS}, **(names or {})}
+    on_missing = check_on_missing(cfg)
     clip_cfg, dino_cfg, ir_cfg, lpips_cfg, fid_cfg = (
         _section(cfg, key) for key in ("clip", "dinov2", "image_reward", "lpips", "fid")
     )
-    hf_hint = (
-        "pre-populate HF_HOME on a machine with network access (offline, HF_HUB_OFFLINE=1 skips the slow retries), "
-        "or set {} to a local model directory"
-    ).format
     cache = f"{torch.hub.get_dir()}/checkpoints"
 
     def load(metric: str, source: str, hint: str, loader: Callable[[], Any]) -> Any:
-        return _try_load(metric, source, hint, loader, on_missing, names["on_missing"])
+        return try_load(metric, source, hint, loader, on_missing, names["on_missing"])
 
     backbones: dict[str, str | None] = dict.fromkeys((*ICD_METRIC_KEYS, *SET_METRIC_KEYS))
     backbones["psnr_uint8"] = "pixels (uint8)"
 
     clip = None
-    if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in _OFF:
+    if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in OFF:
         key = names["clip.path"]
-        clip = load("clip_t/clip_i", repr(clip_path), hf_hint(key),
-                    lambda: ClipScorer.from_pretrained(_weights(clip_path), device, key))
+        clip = load("clip_t/clip_i", repr(clip_path), HF_HINT(key),
+                    lambda: ClipScorer.from_pretrained(weights_path(clip_path), device, key))
         if clip is not None:
             backbones["clip_t"] = backbones["clip_i"] = f"clip:{clip_path}"
 
     dinov2 = None
     kind = dino_cfg.get("backbone", "dinov2")
-    if kind not in (*_OFF, "dinov2", "clip_vision"):
+    if kind not in (*OFF, "dinov2", "clip_vision"):
         raise ValueError(f"unknown dinov2 backbone {kind!r}; use 'dinov2', 'clip_vision' or None")
-    if kind not in _OFF:
+    if kind not in OFF:
         dino_path = dino_cfg.get("path") or (DINOV2_PATH if kind == "dinov2" else CLIP_PATH)
         key = names["dinov2.path"]
-        dinov2 = load("dinov2", repr(dino_path), hf_hint(key),
+        dinov2 = load("dinov2", repr(dino_path), HF_HINT(key),
                       lambda: _load_pooled_encoder(kind, dino_path, device, key))
         if dinov2 is not None:
             backbones["dinov2"] = f"{kind}:{dino_path}"
 
     image_reward = None
-    if (ir_path := ir_cfg.get("path", IMAGE_REWARD_PATH)) not in _OFF:
+    if (ir_path := ir_cfg.get("path", IMAGE_REWARD_PATH)) not in OFF:
         key = names["image_reward.path"]
         image_reward = load(
             "image_reward", repr(ir_path),
@@ -396,9 +389,9 @@ def build_icd_metrics(
 
     lpips_model = None
     net = lpips_cfg.get("net", "vgg")
-    if net not in (*_OFF, "vgg"):
+    if net not in (*OFF, "vgg"):
         raise ValueError(f"unknown LPIPS net {net!r}: piq's LPIPS has only 'vgg' (or None to switch it off)")
-    if net not in _OFF:
+    if net not in OFF:
         lpips_model = load(
             "lpips_vgg", f"torchvision's {VGG16_FILE} and piq's {PIQ_LPIPS_FILE} in {cache}",
             f"pre-populate TORCH_HOME on a machine with network access (piq downloads both on first use), or set "
@@ -410,7 +403,7 @@ def build_icd_metrics(
 
     fid = None
     fid_kind = fid_cfg.get("backbone", "inception")
-    if fid_kind not in (*_OFF, "inception", "clip_vision"):
+    if fid_kind not in (*OFF, "inception", "clip_vision"):
         raise ValueError(f"unknown FID backbone {fid_kind!r}; use 'inception', 'clip_vision' or None")
     if fid_kind == "inception":
         weights = fid_cfg.get("weights")
@@ -428,7 +421,7 @@ def build_icd_metrics(
         if not fid_path:
             raise ValueError(f"the clip_vision FID backbone needs a path: set {names['fid.path']}")
         key = names["fid.path"]
-        fid = load("fid", repr(fid_path), hf_hint(key), lambda: _load_fid("clip_vision", None, fid_path, device, key))
+        fid = load("fid", repr(fid_path), HF_HINT(key), lambda: _load_fid("clip_vision", None, fid_path, device, key))
         if fid is not None:
             backbones["fid"] = f"clip_vision:{fid_path}"
 

@@ -25,10 +25,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from editlab.evaluation.backbones import CLIP_PATH, failure_notes
 from editlab.evaluation.files import atomic_write
 from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_scores
-from editlab.evaluation.metrics import CLIP_PATH, METRIC_KEYS, PieBenchMetrics, build_metrics, failure_notes
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
+from editlab.evaluation.protocol import Metric, Sample, build_metrics
 from editlab.evaluation.summary import format_summary, summarize
 from editlab.evaluation.toyset import sets_in_cache
 
@@ -42,7 +43,6 @@ BACKBONE_PRESETS = {
             "clip_path": "./weights/toy/clip", "lpips_net": "none", "on_missing": "warn"},
 }
 FLAGS = {"structure.path": "--structure-path", "clip.path": "--clip-path", "on_missing": "--on-missing"}
-COLUMNS = ["image_id", "edit_type", *METRIC_KEYS, *GT_KEYS, "error", "note"]
 
 
 def find_edit(edits: Path, image_path: str) -> Path | None:
@@ -69,9 +69,14 @@ def fit_to_source(edit: Image.Image, size: tuple[int, int]) -> tuple[Image.Image
     return edit.resize(size, Image.Resampling.BICUBIC), f"resized {width}x{height} to {src_w}x{src_h}"
 
 
-def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metrics: PieBenchMetrics) -> dict[str, Any]:
+def columns(metrics: Metric) -> list[str]:
+    """The scores CSV's columns: the metrics' own, then the ground-truth ones."""
+    return ["image_id", "edit_type", *metrics.columns, *GT_KEYS, "error", "note"]
+
+
+def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metrics: Metric) -> dict[str, Any]:
     row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type}
-    row |= {key: float("nan") for key in (*METRIC_KEYS, *GT_KEYS)}
+    row |= {key: float("nan") for key in (*metrics.columns, *GT_KEYS)}
     notes = []
     try:
         source, note = load_rgb_image(dataset.image_file(item))
@@ -84,10 +89,10 @@ def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metric
         edit, note = fit_to_source(edit, source.size)
         notes.append(note)
         mask = dataset.load_mask(item, source.height, source.width)
-        failures: dict[str, str] = {}
-        row |= metrics.compute(np.asarray(source), np.asarray(edit), mask, item.source_prompt, item.target_prompt,
-                               failures=failures)
-        notes += failure_notes(failures)
+        sample = Sample(np.asarray(edit), np.asarray(source), mask, item.source_prompt, item.target_prompt,
+                        item.instruction)
+        row |= metrics.score([sample])[0]
+        notes += failure_notes(sample.failures)
         row |= ground_truth_scores(dataset.root, item.image_path, np.asarray(edit))  # NaN without ground_truth/
         row["error"] = ""
     except Exception as err:  # one bad item must not end a 700-item run; it is reported in the CSV instead
@@ -131,7 +136,7 @@ def default_name(edits: Path) -> str:
     return edits.parent.name if edits.name == "annotation_images" else edits.name
 
 
-def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = None) -> pd.DataFrame:
+def main(argv: Sequence[str] | None = None, metrics: Metric | None = None) -> pd.DataFrame:
     """Run the CLI; `metrics` replaces the backbones built from the flags (tests inject tiny ones)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -161,7 +166,7 @@ def main(argv: Sequence[str] | None = None, metrics: PieBenchMetrics | None = No
         except RuntimeError as err:  # a backbone that cannot be loaded: the message names the flag to set
             raise SystemExit(f"error: {err}") from err
     rows = [score_item(item, dataset, args.edits, metrics) for item in tqdm(dataset, desc="scoring", unit="edit")]
-    results = pd.DataFrame(rows, columns=COLUMNS)
+    results = pd.DataFrame(rows, columns=columns(metrics))
 
     out = args.out or args.edits.resolve().parent / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

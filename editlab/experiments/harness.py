@@ -37,11 +37,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from editlab.editors.base import TASKS, EditRequest, build_editor
+from editlab.evaluation.backbones import failure_notes
 from editlab.evaluation.files import atomic_write
 from editlab.evaluation.ground_truth import ground_truth_scores
 from editlab.evaluation.icd_benchmark import IcdCsvDataset
-from editlab.evaluation.metrics import PieBenchMetrics, build_metrics, failure_notes
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
+from editlab.evaluation.protocol import Sample, build_metrics
 from editlab.evaluation.summary import format_summary, metric_gaps, summarize
 from editlab.evaluation.toyset import dataset_root, write_piebench
 from editlab.experiments.console import details, quiet_libraries
@@ -185,9 +186,9 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
                    peak_mem_mb=peak_memory_mb(components.device))
         output = np.asarray(result.edited)
         source = None if image is None else np.asarray(image)
-        failures: dict[str, str] = {}
-        row.update(metrics.compute(source, output, mask, item.source_prompt, target, failures=failures))
-        notes += failure_notes(failures)
+        sample = Sample(output, source, mask, item.source_prompt, target, item.instruction)
+        row.update(metrics.score([sample])[0])
+        notes += failure_notes(sample.failures)
         row["note"] = "; ".join(n for n in notes if n)
         if task == "edit":
             row.update(ground_truth_scores(dataset.root, item.image_path, output))
@@ -211,14 +212,14 @@ def set_scores(metrics, dataset: PieBenchDataset, frame: pd.DataFrame, output_di
     images) or else the items' source images: for edits and reconstructions the images they came from, for
     generation the images whose captions they were made from. {} for metric sets without set-level scores, or when
     images are not saved."""
-    if isinstance(metrics, PieBenchMetrics) or not images:
+    if not metrics.set_columns or not images:
         return {}
     done = set(frame.loc[frame["error"] == "", "image_id"])
     outputs = [edited_image_path(output_dir, item) for item in dataset if item.image_id in done]
     if reference:
         folder = Path(reference)  # checked in _setup
-        return metrics.set_scores(outputs, sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-    return metrics.set_scores(outputs, reference_images(dataset))
+        return metrics.finish(outputs, sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+    return metrics.finish(outputs, reference_images(dataset))
 
 
 def reference_images(dataset: PieBenchDataset) -> list[Path]:
@@ -270,12 +271,12 @@ def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
                              f"editors that do: {', '.join(editors_for(task))}")
         if (reference := cfg.get("task", {}).get("reference")) and not Path(reference).is_dir():
             raise ValueError(f"task.reference={reference} is not a folder (of FID's reference images)")
-        if task == "generation" and not reference and not isinstance(metrics, PieBenchMetrics) and cfg.save_images \
+        if task == "generation" and not reference and metrics.set_columns and cfg.save_images \
                 and len(dataset) and not reference_images(dataset):
             raise ValueError(f"none of the {len(dataset)} items has an image to score FID against (dataset.images="
                              f"{cfg.dataset.get('images', cfg.dataset.get('root'))}): set the images' folder, or "
                              "task.reference=<folder of reference images>")
-        if task == "generation" and isinstance(metrics, PieBenchMetrics):
+        if task == "generation" and "source" in metrics.needs:
             raise ValueError("task=generation has no source image for the PIE-Bench metrics: use metrics=icd_paper "
                              "(metrics=icd_paper_toy on the toy world)")
     except SETUP_ERRORS as err:
@@ -356,7 +357,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
         cleanup.callback(editor.close)  # the shared models as the editor found them
-        results = ResultsFile(output_dir / "results.csv", result_columns(tuple(metrics.keys)))
+        results = ResultsFile(output_dir / "results.csv", result_columns(metrics.columns))
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
                     "precision": cfg.precision.name}
         previous = results.read()
@@ -397,9 +398,9 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
         log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
                  task, len(frame) - failed, failed, output_dir)
         notes = []
-        if unavailable := [*metrics.unavailable, *getattr(metrics, "set_unavailable", [])]:
+        if unavailable := [*metrics.unavailable, *metrics.set_unavailable]:
             notes.append(f"unavailable metrics (no backbone): {', '.join(unavailable)}")
-        if gaps := metric_gaps(frame, tuple(metrics.keys)):
+        if gaps := metric_gaps(frame, metrics.columns):
             log.warning("a metric failed for some items and is left out of their means (the row's note says why): "
                         "%s", ", ".join(f"{key} for {n}" for key, n in gaps.items()))
         if cfg.metrics.get("label"):

@@ -25,16 +25,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_file
-from editlab.evaluation.metrics import METRIC_KEYS
-from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
+from editlab.evaluation.ground_truth import ground_truth_file
 from editlab.evaluation.piebench import EDIT_TYPES, edited_image_path
+from editlab.evaluation.summary import ID_COLUMNS
 
 log = logging.getLogger(__name__)
 
 TABLE_IMAGES = ("source", "edited", "ground_truth", "mask")
 TABLE_LABELS = ("image_id", "edit_type", "edit_type_name", "source_prompt", "target_prompt", "instruction", "error")
-TABLE_VALUES = (*METRIC_KEYS, *ICD_METRIC_KEYS, *GT_KEYS, "seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 
 class RunLogger:
@@ -105,7 +103,7 @@ class RunLogger:
         rows = results[results["image_id"].isin(items)]
         by_type = [group.to_dict("records") for _, group in rows.groupby("edit_type", sort=True)]
         picked = [group[k] for k in range(max(map(len, by_type), default=0)) for group in by_type if k < len(group)]
-        values = [key for key in TABLE_VALUES if key in results]  # the job's metric set
+        values = [key for key in results if key not in ID_COLUMNS]  # the columns its metrics declared, the costs
         table = wandb.Table(columns=[*TABLE_LABELS[:3], *TABLE_IMAGES, *TABLE_LABELS[3:], *values])
         for row in picked[: self.cfg.logger.table_rows]:
             item = items[row["image_id"]]

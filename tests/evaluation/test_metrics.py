@@ -25,7 +25,6 @@ from editlab.evaluation.metrics import (
     ClipScorer,
     KeyBackbone,
     PieBenchMetrics,
-    build_metrics,
     clip_edit_part,
     clip_score,
     key_self_similarity,
@@ -35,6 +34,7 @@ from editlab.evaluation.metrics import (
     ssim_unedit_part,
     structure_distance,
 )
+from editlab.evaluation.protocol import build_metrics
 from editlab.models.tokenizers import char_tokenizer
 
 

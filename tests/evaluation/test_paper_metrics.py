@@ -26,7 +26,6 @@ from transformers import (
     Dinov2Model,
 )
 
-from editlab.evaluation.metrics import build_metrics
 from editlab.evaluation.paper_metrics import (
     ICD_METRIC_KEYS,
     INCEPTION_FILE,
@@ -38,6 +37,7 @@ from editlab.evaluation.paper_metrics import (
     lpips_input,
     psnr_uint8,
 )
+from editlab.evaluation.protocol import build_metrics
 from editlab.models.hub import REPO_ROOT
 from editlab.toyworld.scenes import random_scene
 
@@ -278,18 +278,18 @@ def fid_folders(tmp_path, n=5):
 def test_fid_with_toy_clip_features(toy, tmp_path):
     scenes, noise = fid_folders(tmp_path)
     assert toy.backbones["fid"] == "clip_vision:./weights/toy/clip"
-    same = toy.set_scores(scenes, scenes)["fid"]
-    different = toy.set_scores(scenes, noise)["fid"]
+    same = toy.finish(scenes, scenes)["fid"]
+    different = toy.finish(scenes, noise)["fid"]
     assert abs(same) < 1e-3 and different > 1
-    assert toy.set_scores(list(reversed(scenes)), scenes)["fid"] == pytest.approx(same, abs=1e-3)  # order-free
-    assert math.isnan(toy.set_scores(scenes[:1], noise)["fid"]) and math.isnan(toy.set_scores(scenes, [])["fid"])
+    assert toy.finish(list(reversed(scenes)), scenes)["fid"] == pytest.approx(same, abs=1e-3)  # order-free
+    assert math.isnan(toy.finish(scenes[:1], noise)["fid"]) and math.isnan(toy.finish(scenes, [])["fid"])
 
 
 def test_fid_with_torch_fidelity_inception(paper, tmp_path):
     scenes, noise = fid_folders(tmp_path, n=3)
     assert paper.backbones["fid"] == "inception:torch-hub" and paper.fid.inception.features_list == ["2048"]
-    same = paper.set_scores(scenes, scenes)["fid"]
-    different = paper.set_scores(scenes, noise)["fid"]
+    same = paper.finish(scenes, scenes)["fid"]
+    different = paper.finish(scenes, noise)["fid"]
     assert abs(same) < 1e-3 and different > 1
 
 
@@ -383,7 +383,7 @@ def test_on_missing_warn_gives_nan_and_lists_the_key(tmp_path, caplog, monkeypat
     source, edited, _, _ = pair()
     values = metrics.compute(source, edited, None, "", "a cat")
     assert all(math.isnan(values[k]) for k in metrics.unavailable) and math.isfinite(values["psnr_uint8"])
-    assert math.isnan(metrics.set_scores([tmp_path] * 3, [tmp_path] * 3)["fid"])
+    assert math.isnan(metrics.finish([tmp_path] * 3, [tmp_path] * 3)["fid"])
 
 
 def test_lpips_without_cached_weights(tmp_path, monkeypatch):
@@ -410,7 +410,7 @@ def test_bad_settings_raise():
 def test_toy_yaml_builds_offline_and_scores(toy):
     source, edited, prompt, target = pair()
     values = toy.compute(source, edited, None, prompt, target)
-    assert list(values) == list(ICD_METRIC_KEYS) and toy.keys == ICD_METRIC_KEYS
+    assert list(values) == list(ICD_METRIC_KEYS) and toy.columns == ICD_METRIC_KEYS
     assert all(math.isfinite(values[k]) for k in ("clip_t", "clip_i", "dinov2", "psnr_uint8"))
     assert math.isnan(values["image_reward"]) and math.isnan(values["lpips_vgg"])
     assert toy.unavailable == ["image_reward", "lpips_vgg"] and toy.set_unavailable == []

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from editlab.evaluation import aggregate, plots, table_render, tables
+from editlab.evaluation import aggregate, plots, table_layouts, table_render, tables
 from editlab.evaluation.metrics import METRIC_KEYS
 from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
-LAYOUTS = yaml.safe_load(tables.LAYOUTS_FILE.read_text())
+LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
 ROW_COUNTS = {"piebench": 6, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
               "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
 PIE_EDITORS = ("ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix")
@@ -340,7 +340,7 @@ def test_auto_picks_the_layouts_the_jobs_were_run_for(tmp_path):
     assert tables.matching_layouts(tables.find_jobs([tmp_path / "fast"])) == ["fast_editing"]
     (tmp_path / "multirun.yaml").write_text("{}\n")  # above the folders given: never looked at
     separate = tables.find_jobs([tmp_path / "fast" / "ref", tmp_path / "fast" / "0", tmp_path / "fast" / "1"])
-    assert [tables.sweep_of(job) for job in separate] == [tmp_path / "fast"] * 3
+    assert [table_layouts.sweep_of(job) for job in separate] == [tmp_path / "fast"] * 3
     poster = [make_job(tmp_path / "poster" / e, e, paper_row=e) for e in ("ddim_p2p", "null_text", "icd")]
     assert tables.matching_layouts(poster_jobs := tables.find_jobs([tmp_path / "poster"])) == ["course_poster"]
     assert len(poster) == 3 and tables.matching_layouts([*poster_jobs, *tables.find_jobs([tmp_path / "pie"])]) == [
@@ -472,7 +472,7 @@ def test_rows_are_labelled_by_method_and_cite_the_papers_label(tmp_path):
 
 
 def test_every_published_number_has_a_source_a_reader_can_open():
-    text = tables.LAYOUTS_FILE.read_text()
+    text = table_layouts.LAYOUTS_FILE.read_text()
     assert not re.search(r"\w+\.md\b|shared/design|from memory", text)
     for layout_id, layout in LAYOUTS.items():
         rows = layout["rows"]

@@ -165,7 +165,7 @@ def test_files_in_the_torch_hub_cache_and_fid_weights_are_refused_with_a_message
     """torch.hub's cache (piq's VGG and LPIPS heads, lpips' SqueezeNet, torch-fidelity's Inception) and a user's
     Inception file are loaded by libraries with weights_only=False: refused, named, nothing runs."""
     from editlab.evaluation import paper_metrics
-    from editlab.evaluation.metrics import build_metrics
+    from editlab.evaluation.protocol import build_metrics
 
     marker = tmp_path / "PWNED"
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"

@@ -85,6 +85,36 @@ def test_no_upward_imports():
     assert violations() == []
 
 
+def module_circles(package: str) -> list[list[str]]:
+    """Import circles between the modules of ``package`` (imports inside functions included), each as a path."""
+    modules = {f"{PACKAGE}.{package}.{path.stem}": path for path in (REPO / PACKAGE / package).glob("*.py")}
+    edges = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                edges[name].add(node.module)
+            elif isinstance(node, ast.ImportFrom) and node.module == f"{PACKAGE}.{package}":
+                edges[name] |= {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
+    circles, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            circles.append(path[path.index(name):] + [name])
+        elif name not in done:
+            for target in sorted(edges[name]):
+                visit(target, [*path, name])
+            done.add(name)
+
+    for name in sorted(modules):
+        visit(name, [])
+    return circles
+
+
+def test_no_import_circle_in_evaluation():
+    """aggregate <-> tables and metrics <-> paper_metrics were circles (issue 27); none may come back."""
+    assert module_circles("evaluation") == []
+
+
 def test_every_project_package_has_a_layer():
     packages = {p.parent.name for p in (REPO / PACKAGE).glob("*/__init__.py")} - {"conf", "weights"}
     assert packages <= set(LAYER_OF), f"packages without a layer in LAYERS: {sorted(packages - set(LAYER_OF))}"

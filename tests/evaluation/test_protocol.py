@@ -1,0 +1,107 @@
+"""The metric protocol (`evaluation.protocol`): a metric declared in this file, by its builder's path, scores beside
+PIE-Bench's in one list config, and its columns reach results.csv and summary.csv in the declared order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from editlab.evaluation.metrics import METRIC_KEYS
+from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS, SET_METRIC_KEYS
+from editlab.evaluation.protocol import Metric, MetricSets, Sample, build_metrics
+from editlab.experiments.harness import run
+
+CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf"
+OFFLINE = {"structure": {"backbone": None}, "clip": {"path": None}, "lpips": {"net": None}, "on_missing": "warn"}
+BRIGHTNESS = {"kind": "test_protocol:build_brightness", "scale": 100}
+
+
+class Brightness(Metric):
+    """A metric in one file: the edit's mean brightness, and its brightness change where there is a source."""
+
+    columns = ("brightness", "brightness_change")
+    needs = frozenset({"edited"})
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def score(self, samples):
+        def mean(image):
+            return float(np.asarray(image, dtype=np.float64).mean()) / 255 * self.scale
+
+        return [{"brightness": mean(s.edited),
+                 "brightness_change": math.nan if s.source is None else mean(s.edited) - mean(s.source)}
+                for s in samples]
+
+
+def build_brightness(cfg, device="cpu", names=None, prefix="metrics") -> Brightness:
+    return Brightness(cfg["scale"])
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("run", overrides=list(overrides))
+
+
+def test_a_metric_in_a_test_file_combines_with_piebench():
+    metrics = build_metrics({"sets": {"piebench": OFFLINE, "brightness": BRIGHTNESS}})
+    assert isinstance(metrics, MetricSets) and metrics.columns == (*METRIC_KEYS, "brightness", "brightness_change")
+    assert metrics.needs == {"source", "edited", "prompts", "mask"} and metrics.set_columns == ()
+    source = np.zeros((8, 8, 3), np.uint8)
+    edited = np.full((8, 8, 3), 51, np.uint8)
+    mask = np.zeros((8, 8))
+    mask[:4] = 1
+    sample = Sample(edited, source, mask, "a cat", "a dog", "make it a dog")
+    (row,) = metrics.score([sample])
+    assert list(row) == list(metrics.columns) and row["brightness"] == pytest.approx(20)
+    assert row["brightness_change"] == pytest.approx(20) and math.isfinite(row["psnr_unedit_part"])
+    assert metrics.unavailable == [k for k in METRIC_KEYS if k.startswith(("structure", "lpips", "clip"))]
+
+
+def test_metric_sets_keep_their_set_level_columns_and_refuse_shared_columns():
+    icd = {"kind": "icd_paper", "clip": {"path": None}, "dinov2": {"backbone": None}, "image_reward": {"path": None},
+           "lpips": {"net": None}, "fid": {"backbone": None}}
+    metrics = build_metrics({"sets": {"icd": icd, "brightness": BRIGHTNESS}})
+    assert metrics.columns == (*ICD_METRIC_KEYS, "brightness", "brightness_change")
+    assert metrics.set_columns == SET_METRIC_KEYS and metrics.set_unavailable == ["fid"]
+    assert math.isnan(metrics.finish([], [])["fid"]) and "source" not in metrics.needs
+    with pytest.raises(ValueError, match="column in common"):
+        build_metrics({"sets": {"a": BRIGHTNESS, "b": BRIGHTNESS}})
+    with pytest.raises(ValueError, match="unknown metrics.kind='fancy'; expected piebench or icd_paper"):
+        build_metrics({"kind": "fancy"})
+
+
+@pytest.mark.parametrize("name", ["piebench", "icd_paper", "icd_paper_toy", "offline", "toy"])
+def test_every_metric_config_still_composes_flat(name):
+    metrics = compose_run(f"metrics={name}").metrics
+    assert "sets" not in metrics and metrics.on_missing in ("error", "warn")
+
+
+def test_the_combined_config_lists_both_sets_and_names_their_keys(tmp_path):
+    metrics = OmegaConf.to_container(compose_run("metrics=piebench_icd_paper").metrics)
+    assert list(metrics["sets"]) == ["piebench", "icd_paper"] and metrics["sets"]["icd_paper"]["kind"] == "icd_paper"
+    missing = {"clip": {"path": str(tmp_path / "nowhere")}, "on_missing": "error"}
+    with pytest.raises(RuntimeError, match="metrics.sets.second.clip.path"):
+        build_metrics({"sets": {"first": OFFLINE, "second": {**OFFLINE, **missing}}})
+
+
+def test_the_harness_writes_the_declared_columns_of_a_metric_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    cfg = compose_run("~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none",
+                      "dataset.limit=2", "metrics=offline")
+    cfg.metrics = {"sets": {"offline": OmegaConf.to_container(cfg.metrics), "brightness": BRIGHTNESS}}
+    summary = run(cfg, tmp_path / "run", "g")
+    header = (tmp_path / "run" / "results.csv").read_text().splitlines()[0].split(",")
+    start = header.index(METRIC_KEYS[0])
+    assert header[start: start + len(METRIC_KEYS) + 2] == [*METRIC_KEYS, "brightness", "brightness_change"]
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert (results["error"].isna()).all() and results["brightness"].between(0, 100).all()
+    overall = summary[summary["edit_type"] == "all"].iloc[0]
+    assert overall["brightness"] == pytest.approx(results["brightness"].mean())
+    assert list(pd.read_csv(tmp_path / "run" / "summary.csv").columns) == list(summary.columns)
