@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from editlab.diffusion.ddim import add_noise, ddim_jump
+from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.schedules import VPSchedule
 from editlab.diffusion.solver import solve
 from editlab.icd.lora import lora_config

@@ -41,10 +41,10 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from editlab.icd.guidance import GuidancePolicy
 from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.schedules import VPSchedule
 from editlab.diffusion.solver import consistency_step, solve
+from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import (
     ADAPTERS,
     FORWARD,

@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from editlab.models.components import DTYPES, Components, ModelLoadError, resolve_device
 from editlab.models.families import Family, family_of
@@ -95,7 +95,8 @@ def _load_pretrained(family: Family, model: Mapping[str, Any], dtype: torch.dtyp
             modules[name] = load(name, cls, path, "model.path", name)
     hub = hub_kwargs(path, "model.path")
     with _load_errors("model.path", path):
-        config = ConfigMixin.load_config(path, subfolder="scheduler", **hub)
+        config = DDIMScheduler.load_config(  # any scheduler class reads scheduler_config.json
+            path, subfolder="scheduler", **hub)
     return modules, family.scheduler(config)
 
 

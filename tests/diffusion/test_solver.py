@@ -3,9 +3,8 @@ rectified-flow coordinates."""
 
 import math
 
-import torch
-
 import pytest
+import torch
 
 from editlab.diffusion.ddim import ddim_jump, ddim_timesteps
 from editlab.diffusion.predictions import to_prediction

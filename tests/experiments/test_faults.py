@@ -5,7 +5,6 @@ paths, bad parameters, offline hub ids, a toy set rewritten under a running job.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import subprocess

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from editlab.diffusion.ddim import add_noise, ddim_jump, jump
+from editlab.diffusion.schedules import VPSchedule
+from editlab.diffusion.solver import consistency_step, solve
 from editlab.icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
 from editlab.icd.losses import (
     forward_consistency,
@@ -16,8 +18,6 @@ from editlab.icd.losses import (
     reverse_consistency,
     reverse_preservation,
 )
-from editlab.diffusion.schedules import VPSchedule
-from editlab.diffusion.solver import consistency_step, solve
 from editlab.icd.schedule import (
     BoundarySchedule,
     ddim_grid,

@@ -47,8 +47,8 @@ def micro_components(seed: int = 0) -> Components:
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return Components(name="micro", family=FAMILIES["sd"], scheduler=sd_scheduler(),
-                      modules=dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer), device=torch.device("cpu"), dtype=torch.float32,
-                      vae_dtype=torch.float32, resolution=32)
+                      modules=dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer),
+                      device=torch.device("cpu"), dtype=torch.float32, vae_dtype=torch.float32, resolution=32)
 
 
 class MixtureLatents(Dataset):
