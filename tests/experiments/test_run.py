@@ -235,7 +235,7 @@ def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path, run_py)
     proc = run_py("-m", *FAST, "editor=ddim_p2p,lcm_controlnet", "dataset.limit=1", "logger=none",
                   f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache", check=False)
     (error,) = sweep.rglob("job_error.txt")
-    assert "SDXL-family" in error.read_text() and "did not run" in proc.stdout
+    assert "runs on the sdxl model families, not on sd" in error.read_text() and "did not run" in proc.stdout
     assert proc.returncode == 1 and "1 job(s) of the sweep failed" in proc.stderr
     (first,) = sweep.glob("0_*")
     assert len(read_results(first)) == 1  # the other job's results stand
