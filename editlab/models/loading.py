@@ -34,7 +34,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from editlab.models.components import DTYPES, Components, ModelLoadError, resolve_device
-from editlab.models.families import Family, family_of
+from editlab.models.families import Family, family_of, local_arch
 from editlab.models.families.sd import sd_scheduler  # noqa: F401 - the SD schedule, imported from here by callers
 from editlab.models.hub import hub_kwargs, local_or_hub
 from editlab.models.safe_load import safe_loading
@@ -45,8 +45,7 @@ LORA_ADAPTER = "lora"  # adapter name of ``model.lora``
 
 
 def _build_local(family: Family, model: Mapping[str, Any]) -> dict[str, Any]:
-    archs = family.tiny_archs if model["kind"] == "tiny" else family.random_archs
-    arch = model.get("arch") or ("sd" if model["kind"] == "tiny" else None)
+    archs, arch = family.local_builds(model["kind"]), local_arch(model)
     if arch not in archs:
         raise ModelLoadError(f"unknown model.arch={arch!r} for model.kind={model['kind']} of family "
                              f"{family.name}; known: {sorted(archs)}")

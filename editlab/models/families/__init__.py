@@ -67,7 +67,11 @@ class Family:
 
     def schedule(self, m: Components) -> Any:
         """The noise schedule the samplers walk (`diffusion.schedules`), on the device."""
-        return VPSchedule(m.scheduler.alphas_cumprod.to(torch.float32).to(m.device))
+        return VPSchedule(m.alphas_cumprod.to(m.device))
+
+    def local_builds(self, kind: str) -> dict[str, Callable[[int], dict[str, Any]]]:
+        """The builders of a ``tiny`` or ``random_arch`` model, by ``model.arch``."""
+        return self.tiny_archs if kind == "tiny" else self.random_archs
 
     def check_prompt(self, m: Components, prompt: str) -> None:
         raise NotImplementedError
@@ -103,16 +107,20 @@ def _import_family_modules() -> None:
         importlib.import_module(f"{__name__}.{module.name}")
 
 
+def local_arch(model: Mapping[str, Any]) -> str | None:
+    """The ``arch`` of a tiny or random model (a tiny one's default: sd)."""
+    return model.get("arch") or ("sd" if model["kind"] == "tiny" else None)
+
+
 def family_of(model: Mapping[str, Any]) -> Family:
     """``model.family``; for a tiny or random model without one, the family that builds its ``arch``; else sd."""
     _import_family_modules()
     name = model.get("family")
     if not name and model.get("kind") in ("tiny", "random_arch"):
-        key = "tiny_archs" if model["kind"] == "tiny" else "random_archs"
-        arch = model.get("arch") or ("sd" if model["kind"] == "tiny" else None)
-        name = next((f.name for f in FAMILIES.values() if arch in getattr(f, key)), None)
+        arch = local_arch(model)
+        name = next((f.name for f in FAMILIES.values() if arch in f.local_builds(model["kind"])), None)
         if name is None:
-            known = sorted(a for f in FAMILIES.values() for a in getattr(f, key))
+            known = sorted(a for f in FAMILIES.values() for a in f.local_builds(model["kind"]))
             raise ModelLoadError(f"unknown model.arch={arch!r} for model.kind={model['kind']}; known: {known}")
     name = name or "sd"
     if name not in FAMILIES:

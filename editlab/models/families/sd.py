@@ -75,13 +75,16 @@ class SD(Family):
         timestep = torch.tensor(t, device=m.device)
         return m.unet(x.to(m.dtype), timestep, encoder_hidden_states=cond, **kwargs).sample.float()
 
+    def pipeline_scheduler(self, m) -> DDIMScheduler:
+        """The pipeline never samples. Its own scheduler copy keeps it from rewriting the shared scheduler's
+        reference steps_offset 0 to 1 (and warning about it)."""
+        return DDIMScheduler.from_config(m.scheduler.config, steps_offset=1)
+
     def pipeline(self, m) -> DiffusionPipeline:
-        # It never samples. Its own scheduler copy keeps the pipeline from rewriting the shared scheduler's
-        # reference steps_offset 0 to 1 (and warning about it).
         return StableDiffusionPipeline(
             vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-            scheduler=DDIMScheduler.from_config(m.scheduler.config, steps_offset=1), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            scheduler=self.pipeline_scheduler(m), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
 
     def attention_sites(self, m) -> list[AttentionSite]:

@@ -8,7 +8,7 @@ import contextlib
 from typing import Any, Mapping
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from editlab.models.builders import build_sdxl_arch, build_tiny_sdxl
@@ -50,7 +50,6 @@ class SDXL(SD):
     def pipeline(self, m) -> DiffusionPipeline:
         return StableDiffusionXLPipeline(
             vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
-            tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler.config,
-                                                                                       steps_offset=1),
+            tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=self.pipeline_scheduler(m),
             add_watermarker=False, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
         )
