@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from PIL import Image
 
-from editlab.models.components import Components
+from editlab.models.components import Components, count_forward_calls
 from editlab.models.safe_load import safe_loading
 
 TASKS = ("edit", "inversion", "generation")
@@ -75,9 +75,14 @@ class Editor:
         """Text-to-image from ``request.source_prompt``, seeded by ``request.seed``."""
         raise NotImplementedError
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The networks whose forward calls are an edit's NFE: the denoiser, plus any an editor owns (its derived
+        model's copy, a ControlNet counts separately)."""
+        return [self.components.denoiser]
+
     def close(self) -> None:
-        """Undo what building the editor changed on the shared components (adapters, weights, processors); an edit
-        itself leaves them as it found them. Editors that change nothing keep this no-op."""
+        """Release what the editor holds beyond the shared model (a pipeline, hooks); it never changes the shared
+        model, whose modules an editor does not assign, cast or patch (it derives a model of its own instead)."""
 
     def __enter__(self) -> "Editor":
         return self
@@ -97,7 +102,7 @@ class Editor:
         device = self.components.device
         _sync(device)
         start = time.perf_counter()
-        with self.components.count_calls() as calls:
+        with count_forward_calls(*self.networks()) as calls:
             result = method(request)
         _sync(device)
         result.seconds = time.perf_counter() - start

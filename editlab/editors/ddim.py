@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from editlab.diffusion.ddim import cfg
 from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.models.conditioning import Conditioning
+from editlab.models.guidance import Guidance
 
 
 @register("ddim")
@@ -50,12 +50,10 @@ class DDIMEditor(Editor):
         """The model's prediction (i, z, t) with classic CFG ``scale`` where t is at most tau of the way to noise,
         the conditional prediction elsewhere."""
         c = self.components
+        guidance = Guidance(c.predict)
 
         def predict(i: int, z: torch.Tensor, t) -> torch.Tensor:
-            if scale == 1.0 or c.schedule.noisier_than(t, tau):
-                return c.predict(z, t, text)
-            uncond_pred, cond_pred = c.predict(torch.cat([z, z]), t, Conditioning.cat([uncond, text])).chunk(2)
-            return cfg(uncond_pred, cond_pred, scale)
+            return guidance(z, t, text, 1.0 if c.schedule.noisier_than(t, tau) else scale, uncond)
 
         return predict
 

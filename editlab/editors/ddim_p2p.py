@@ -21,10 +21,10 @@ import contextlib
 
 import torch
 
-from editlab.diffusion.ddim import cfg
 from editlab.diffusion.solver import StepHook, noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.editors.p2p import P2PSettings, controlled_attention, make_controller
+from editlab.models.guidance import Guidance
 
 
 @register("ddim_p2p")
@@ -72,14 +72,14 @@ class DDIMP2PEditor(Editor):
         """CFG DDIM of the batch x_t [P, 4, h, w] with text [P, 77, D] under ``controller`` (None: plain attention)
         -> [P, 4, h, w]."""
         c = self.components
-        prompts = text.shape[0]
+        guidance = Guidance(c.predict)  # the batch [uncond x P, cond x P] when guided, else [cond x P]
+        if controller is not None:
+            controller.has_uncond = guidance.needs_uncond(self.guidance_scale)
 
         def eps(i: int, latents: torch.Tensor, t: int) -> torch.Tensor:
             if controller is not None:
                 controller.step = i
-            context = torch.cat([uncond_steps[i].expand(prompts, -1, -1), text])  # [uncond x P, cond x P]
-            eps_uncond, eps_cond = c.predict(torch.cat([latents] * 2), t, context).chunk(2)
-            return cfg(eps_uncond, eps_cond, self.guidance_scale)
+            return guidance(latents, t, text, self.guidance_scale, uncond_steps[i])
 
         with controlled_attention(c.unet, controller) if controller is not None else contextlib.nullcontext():
             return solve(x_t, self.pairs, eps, c.schedule, after=after)[-1]

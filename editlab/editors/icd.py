@@ -41,8 +41,10 @@ from editlab.editors.p2p import P2PController, P2PSettings, controlled_attention
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from editlab.icd.schedule import BoundarySchedule
-from editlab.icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
+from editlab.icd.teacher import load_cfg_distilled, warn_outside_w_range
 from editlab.models.conditioning import Conditioning
+from editlab.models.copies import own_copy
+from editlab.models.guidance import embedded_kind, unet_guidance
 from editlab.models.hub import resolve_local
 
 log = logging.getLogger(__name__)
@@ -88,41 +90,37 @@ class ICDEditor(Editor):
         if method not in ("p2p", "prompt_switch"):
             raise ValueError(f"unknown editor.method={method!r}; expected p2p or prompt_switch")
         c = components
-        if getattr(c, "offload", "none") == "sequential":  # its per-module hooks would not cover the new LoRA layers
-            raise ValueError("iCD adds LoRA adapters to the UNet: use offload=none or offload=model")
-        if teacher_checkpoint:
-            if c.offload != "none":
-                raise ValueError("editor.teacher_checkpoint replaces the UNet: use offload=none with it")
-            # a derived model around a UNet of our own: the shared model is untouched and close() just drops it
-            c = self.components = c.derive(unet=load_cfg_distilled(c.unet, teacher_checkpoint))
-        self._owns_unet = bool(teacher_checkpoint)
-        self._had_peft = bool(getattr(c.unet, "peft_config", None))
+        if c.offload == "sequential":  # its weights live in per-module hooks, which a copy cannot share
+            raise ValueError("iCD adds LoRA adapters to a UNet of its own: use offload=none or offload=model")
+        if teacher_checkpoint and c.offload != "none":
+            raise ValueError("editor.teacher_checkpoint loads a UNet of its own: use offload=none with it")
+        # the adapters go on a UNet of the editor's own (the teacher, or the shared weights under new modules), so
+        # the shared model is never patched; under offload=model the copy lives on the device
+        teacher = load_cfg_distilled(c.unet, teacher_checkpoint) if teacher_checkpoint else c.unet
+        warn_outside_w_range(teacher, [code_guidance_scale], "editor.code_guidance_scale")
+        unet = teacher if teacher_checkpoint else own_copy(c.unet, device=c.device)
+        c = self.components = c.derive(unet=unet)
         forward_lora, reverse_lora = (resolve_local(p) if p else None for p in (forward_lora, reverse_lora))
-        untrained = attach_adapters(c.unet, forward_lora, reverse_lora, lora_rank, lora_alpha)
+        untrained = attach_adapters(unet, forward_lora, reverse_lora, lora_rank, lora_alpha)
         if untrained:
             log.warning("iCD runs UNTRAINED adapters %s (equal to the teacher): set editor.forward_lora / "
                         "editor.reverse_lora to trained .safetensors files for real edits", untrained)
         for name in (FORWARD, REVERSE):  # peft keeps new adapters in fp32; at inference they join the UNet's dtype
-            for p in lora_parameters(c.unet, name):
+            for p in lora_parameters(unet, name):
                 p.data = p.data.to(c.dtype)
         # fused: each student as merged weights, swapped per phase (faster calls, two more weight copies)
-        self.switch = FusedAdapterSwitch(c.unet) if fuse_adapters else AdapterSwitch(c.unet)
-        mode_ = guidance_mode(c.unet) if guidance == "auto" else guidance
-        uncond = self.components.unconditional() if mode_ == "cfg" else Conditioning(None)
-        self.eps = GuidedUNet(c.unet, mode_, uncond.text, dtype=c.dtype, uncond_added=uncond.added)
+        self.switch = FusedAdapterSwitch(unet) if fuse_adapters else AdapterSwitch(unet)
+        mode_ = embedded_kind(unet) if guidance == "auto" else guidance
+        self.eps = unet_guidance(unet, mode_, c.unconditional() if mode_ == "cfg" else None, dtype=c.dtype)
         trained = trained_schedule(reverse_lora or forward_lora)
         reverse_steps = reverse_steps or trained.get("reverse_steps") or REFERENCE_REVERSE_STEPS
         forward_steps = forward_steps or trained.get("forward_steps") or REFERENCE_FORWARD_STEPS
         self.schedule = BoundarySchedule.from_inference_steps(reverse_steps, forward_steps)
         self.policy = GuidancePolicy(scale=code_guidance_scale, tau=tau)
-        warn_outside_w_range(c.unet, [code_guidance_scale], "editor.code_guidance_scale")
         self.method = method
         self.p2p = p2p
         log.info("iCD: %s, guidance %s (w=%g code units, tau=%g), reverse %s, forward %s", method, mode_,
                  code_guidance_scale, tau, self.schedule.reverse_pairs(), self.schedule.forward_pairs())
-
-    def _eps(self, x: torch.Tensor, t: int, prompts: Conditioning, w: torch.Tensor) -> torch.Tensor:
-        return self.eps(x, t, prompts.text, w, prompts.added)
 
     def _solve(self, x: torch.Tensor, pairs, eps_fn, after=None) -> torch.Tensor:
         """One consistency jump per pair (the jump to 0 lands on the clean latent)."""
@@ -135,7 +133,7 @@ class ICDEditor(Editor):
         self.switch.activate(FORWARD)
         w = torch.zeros(x0.shape[0])
         x = add_noise(x0, noise, self.schedule.start, self.components.schedule.alphas_cumprod)
-        return self._solve(x, self.schedule.forward_pairs(), lambda i, x, t: self._eps(x, t, source, w))
+        return self._solve(x, self.schedule.forward_pairs(), lambda i, x, t: self.eps(x, t, source, w))
 
     # -- 3. decoding (reverse model) ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -144,7 +142,7 @@ class ICDEditor(Editor):
         self.switch.activate(REVERSE)
         rows = x_T.shape[0]
         return self._solve(x_T, self.schedule.reverse_pairs(),
-                           lambda i, x, t: self._eps(x, t, prompts, self.policy.rows(t, rows)))
+                           lambda i, x, t: self.eps(x, t, prompts, self.policy.rows(t, rows)))
 
     @torch.no_grad()
     def decode_p2p(self, x_T: torch.Tensor, prompts: Conditioning, controller: P2PController) -> torch.Tensor:
@@ -156,7 +154,7 @@ class ICDEditor(Editor):
             controller.step = i
             w = self.policy.rows(t, rows, unguided_rows=[0])
             controller.has_uncond = self.eps.needs_uncond(w)  # batch [uncond x P, cond x P] or [cond x P]
-            return self._eps(x, t, prompts, w)
+            return self.eps(x, t, prompts, w)
 
         latents = x_T.expand(rows, -1, -1, -1).clone()
         with controlled_attention(self.components.unet, controller):
@@ -174,7 +172,7 @@ class ICDEditor(Editor):
         source = Conditioning(prompts.text[:1], target.added)
 
         def eps(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
-            return self._eps(x, t, source if t > threshold else target, self.policy.rows(t, 1))
+            return self.eps(x, t, source if t > threshold else target, self.policy.rows(t, 1))
 
         return self._solve(x_T, self.schedule.reverse_pairs(), eps)
 
@@ -183,19 +181,6 @@ class ICDEditor(Editor):
         c = self.components
         return make_controller(prompts, c.tokenizer, self.schedule.num_segments, c.latent_size, c.blend_resolution,
                                blend_words, self.p2p)
-
-    def close(self) -> None:
-        """The shared UNet as it was: the teacher's weights back in place (fused switch), both adapters removed (with
-        their LoRA layers, when the UNet had no adapters before); nothing to undo when a teacher checkpoint gave the
-        editor a derived model of its own."""
-        c = self.components
-        if self._owns_unet:  # the teacher was loaded into a UNet of our own: nothing shared was touched
-            return
-        self.switch.activate(None)
-        if self._had_peft:
-            c.unet.delete_adapters([FORWARD, REVERSE])
-        else:
-            c.unet.unload_lora()
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

@@ -29,6 +29,7 @@ from PIL import Image
 
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.models.components import Components, ModelLoadError, count_forward_calls
+from editlab.models.copies import own_copy
 from editlab.models.loading import attach_pipeline
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ class LCMControlNetEditor(Editor):
             self.controlnet = c.controlnet
         else:
             self.controlnet = load_controlnet(controlnet, c.dtype)
+        if attention_slicing:  # slicing replaces every attention processor: on networks of the editor's own
+            self._check_stock_processors()
+            c = self.components = c.derive(unet=own_copy(c.unet))
+            if self.controlnet is components.controlnet:
+                self.controlnet = own_copy(self.controlnet)
         # The checkpoint's beta schedule (kept by the loaded DDIM scheduler) with LCM's few-step sampler.
         scheduler = LCMScheduler.from_config(c.scheduler.config)
         self.pipe = StableDiffusionXLControlNetPipeline(
@@ -93,25 +99,18 @@ class LCMControlNetEditor(Editor):
             add_watermarker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        self._processors = [(net, net.attn_processors) for net in (c.unet, self.controlnet)]  # what close() restores
         if attention_slicing:
-            self._enable_attention_slicing()
+            self.pipe.enable_attention_slicing()
         attach_pipeline(c, self.pipe)
 
-    def _enable_attention_slicing(self) -> None:
-        """Sliced attention saves memory but replaces *every* attention processor (UNet and ControlNet): refuse when
-        any is not a stock one, since that would silently drop someone's attention control."""
+    def _check_stock_processors(self) -> None:
+        """Sliced attention replaces *every* attention processor (UNet and ControlNet): refuse when any is not a stock
+        one, since that would silently drop someone's attention control."""
         stock = (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor)  # exact types: subclasses may do more
         custom = sorted({type(p).__name__ for net in (self.components.unet, self.controlnet)
                          for p in net.attn_processors.values() if type(p) not in stock})
         if custom:
             raise ValueError(f"attention_slicing=true would replace the custom attention processors {custom}")
-        self.pipe.enable_attention_slicing()
-
-    def close(self) -> None:
-        """The UNet's and ControlNet's attention processors as they were (attention slicing replaces them all)."""
-        for net, processors in self._processors:
-            net.set_attn_processor(processors)
 
     @torch.no_grad()
     def sample(self, prompt: str, control: Image.Image, generator: torch.Generator) -> torch.Tensor:

@@ -16,11 +16,10 @@
 The last denoising step (t = 0, ᾱ_final = ᾱ_0) is the identity: L does not depend on ∅ there, the gradient is zero
 and the reference's Adam makes no update, so it is skipped and ∅_{N-1} = ∅_{N-2} exactly.
 
-Precision: the optimisation always runs in fp32. In half precision the UNet is cast to fp32 in place for step 2 and
-cast back afterwards (fp16/bf16 -> fp32 -> fp16/bf16 is exact, so the weights come back bit-identical). That costs
-the fp32 weights for the duration (SD1.5: 3.4 GB instead of 1.7 GB) but no second copy, and avoids the NaNs and the
-below-resolution early-stop threshold (1e-5 on a latent MSE) of fp16 NTI. A non-finite loss or latent raises
-`FloatingPointError` instead of producing a result.
+Precision: the optimisation always runs in fp32. In half precision the editor keeps an fp32 copy of the UNet of its
+own for step 2 (SD1.5: 3.4 GB beside the shared 1.7 GB, for the editor's lifetime; the shared model is never cast),
+which avoids the NaNs and the below-resolution early-stop threshold (1e-5 on a latent MSE) of fp16 NTI. A
+non-finite loss or latent raises `FloatingPointError` instead of producing a result.
 
 Cost, in UNet forward calls (one call = one network evaluation, whatever its batch; backward passes are not forward
 calls and are reported separately in ``extras["backward_passes"]``):
@@ -32,17 +31,16 @@ with k_i ≤ ``num_inner_steps`` the Adam steps taken at step i (each one forwar
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch.optim import Adam
 
-from editlab.diffusion.ddim import cfg, ddim_jump
+from editlab.diffusion.ddim import ddim_jump
 from editlab.diffusion.solver import solve
 from editlab.editors.base import register
 from editlab.editors.ddim_p2p import DDIMP2PEditor
+from editlab.models.copies import own_copy
+from editlab.models.guidance import combine
 
 
 def nti_learning_rate(step: int, base: float = 1e-2) -> float:
@@ -53,26 +51,6 @@ def nti_learning_rate(step: int, base: float = 1e-2) -> float:
 def nti_early_stop(step: int, epsilon: float = 1e-5) -> float:
     """Loss below which the inner loop of step ``step`` stops: epsilon + 2e-5·step."""
     return epsilon + 2e-5 * step
-
-
-@contextlib.contextmanager
-def unet_in_fp32(unet: torch.nn.Module) -> Iterator[None]:
-    """Run ``unet`` in fp32 inside the block; its own dtype is restored (bit-exactly) on exit."""
-    dtype = unet.dtype
-    if dtype == torch.float32:
-        yield
-        return
-    if any(p.device.type == "meta" for p in unet.parameters()):
-        # Sequential offload keeps the weights in the offload hooks, which a cast of the module does not reach.
-        raise ValueError(
-            "null_text optimises in fp32, which needs the UNet cast to fp32; that is impossible with "
-            "offload=sequential. Use offload=model (or none), or precision=fp32."
-        )
-    unet.to(torch.float32)
-    try:
-        yield
-    finally:
-        unet.to(dtype)
 
 
 @register("null_text")
@@ -89,11 +67,17 @@ class NullTextEditor(DDIMP2PEditor):
         self.num_inner_steps = num_inner_steps
         self.learning_rate = learning_rate
         self.early_stop_epsilon = early_stop_epsilon
+        c = self.components
+        # the optimisation's network: the shared UNet in fp32 runs, else an fp32 copy of the editor's own
+        self.unet32 = c.unet if c.dtype == torch.float32 or num_inner_steps == 0 else own_copy(
+            c.unet, torch.float32, c.device)
+
+    def networks(self) -> list[torch.nn.Module]:
+        return list({id(m): m for m in (*super().networks(), self.unet32)}.values())
 
     def _eps32(self, latents: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
-        """ε in fp32 from the (fp32-cast) UNet: latents [1, 4, h, w] fp32, text [1, 77, D] fp32."""
-        timestep = torch.tensor(t, device=self.components.device)
-        return self.components.unet(latents, timestep, encoder_hidden_states=text).sample
+        """ε in fp32: latents [1, 4, h, w] fp32, text [1, 77, D] fp32."""
+        return self.unet32(latents, torch.tensor(t, device=latents.device), encoder_hidden_states=text).sample
 
     def null_embeddings(self, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor
                         ) -> tuple[list[torch.Tensor], dict]:
@@ -121,7 +105,7 @@ class NullTextEditor(DDIMP2PEditor):
             threshold = nti_early_stop(i, self.early_stop_epsilon)
             with torch.enable_grad():
                 for _ in range(self.num_inner_steps):
-                    eps = cfg(self._eps32(latent, t, null), eps_conds[-1], self.guidance_scale)
+                    eps = combine(self._eps32(latent, t, null), eps_conds[-1], self.guidance_scale)
                     loss = F.mse_loss(ddim_jump(latent, eps, abar_t, abar_s), target)
                     _check_finite(loss, i, t, "loss")
                     optimizer.zero_grad(set_to_none=True)
@@ -137,14 +121,14 @@ class NullTextEditor(DDIMP2PEditor):
         @torch.no_grad()
         def advance(i: int, latent: torch.Tensor, t: int) -> torch.Tensor:
             """c. the guided step with the optimised ∅_i."""
-            return cfg(self._eps32(latent, t, embeddings[-1]), eps_conds[-1], self.guidance_scale)
+            return combine(self._eps32(latent, t, embeddings[-1]), eps_conds[-1], self.guidance_scale)
 
         def check(i: int, latent: torch.Tensor) -> torch.Tensor:
             _check_finite(latent, i, self.pairs[i][0], "latent")
             return latent
 
-        with unet_in_fp32(c.unet):  # the identity step (zero gradient, Adam would not move ∅) is skipped
-            solve(trajectory[-1], self.pairs, advance, c.schedule, before=optimise, after=check, skip_identity=True)
+        # the identity step (zero gradient, Adam would not move ∅) is skipped
+        solve(trajectory[-1], self.pairs, advance, c.schedule, before=optimise, after=check, skip_identity=True)
         embeddings += (embeddings[-1:] or [uncond.float()]) * (steps - len(embeddings))  # identity step: ∅_{N-2}
         extras["backward_passes"] = sum(inner_steps)
         return [e.to(c.dtype) for e in embeddings], extras

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from editlab.diffusion.ddim import cfg
 from editlab.diffusion.solver import noisier_end, solve
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.editors.p2p import controlled_attention
+from editlab.models.guidance import combine
 
 # -- 3. noise regularisation ------------------------------------------------------------------------------------------
 
@@ -199,8 +199,8 @@ class Pix2PixZeroEditor(Editor):
 
         @torch.no_grad()
         def eps(i: int, x_in: torch.Tensor, t: int) -> torch.Tensor:  # 5c
-            eps_uncond, eps_cond = c.predict(x_in, t, context).chunk(2)
-            return cfg(eps_uncond, eps_cond, self.guidance_scale)
+            eps_uncond, eps_cond = c.predict(x_in, t, context).chunk(2)  # each branch from its own copy
+            return combine(eps_uncond, eps_cond, self.guidance_scale)
 
         def negative_copy(i: int, x_in: torch.Tensor) -> torch.Tensor:  # 5d: the step from x_in[0]
             return x_in[:1]

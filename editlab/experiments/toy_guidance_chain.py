@@ -34,8 +34,9 @@ from editlab.editors.base import build_editor
 from editlab.experiments.console import quiet_libraries
 from editlab.experiments.toy_build.judge import ToyClip, accuracy, psnr
 from editlab.icd.guidance_distillation import guidance_errors, sample_latents
-from editlab.icd.teacher import GuidedUNet, load_cfg_distilled
+from editlab.icd.teacher import load_cfg_distilled
 from editlab.models.components import Components, vae_decode
+from editlab.models.guidance import Guidance, unet_guidance
 from editlab.models.images import to_uint8
 from editlab.models.loading import load_components
 from editlab.toyworld.scenes import random_scene
@@ -61,12 +62,12 @@ def decode(c: Components, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(vae_decode(c.vae, latents))
 
 
-def ddim_round_trip(c: Components, model: GuidedUNet, z0: torch.Tensor, text, steps: int = 50) -> torch.Tensor:
+def ddim_round_trip(c: Components, model: Guidance, z0: torch.Tensor, text, steps: int = 50) -> torch.Tensor:
     """Unguided DDIM inversion of ``z0`` and unguided DDIM back down, ``steps`` each."""
     w = torch.zeros(z0.shape[0])
 
     def eps(i, x, t):
-        return model(x, t, text.text, w, text.added)
+        return model(x, t, text, w)
 
     noised = solve(z0, c.schedule.pairs(steps, inverse=True), eps, c.schedule, at=noisier_end, skip_identity=True)
     return solve(noised[-1], c.schedule.pairs(steps), eps, c.schedule)[-1]
@@ -75,8 +76,7 @@ def ddim_round_trip(c: Components, model: GuidedUNet, z0: torch.Tensor, text, st
 def icd_round_trip(images: list[np.ndarray], captions: list[str], adapters: Path | None,
                    teacher: Path | None = None) -> float:
     """Mean PSNR of iCD's 4-step forward then 4-step unguided reverse pass with the adapters in folder ``adapters``
-    (None: untrained ones, i.e. the teacher at 4 steps) on ``teacher`` (None: the plain toy teacher); fresh
-    components, since the adapters attach in place."""
+    (None: untrained ones, i.e. the teacher at 4 steps) on ``teacher`` (None: the plain toy teacher)."""
     c = toy_components()
     options = {"name": "icd", "code_guidance_scale": 0.0}
     if adapters is not None:
@@ -99,8 +99,8 @@ def icd_round_trip(images: list[np.ndarray], captions: list[str], adapters: Path
 def measure(teacher: Path, adapters: Path | None, n_images: int = 64, n_round_trip: int = 16) -> dict:
     start = time.perf_counter()
     c = toy_components()
-    plain = GuidedUNet(c.unet, "cfg", c.conditioning([""]).text)
-    distilled = GuidedUNet(load_cfg_distilled(toy_components().unet, teacher), "embedded")
+    plain = unet_guidance(c.unet, "cfg", c.conditioning([""]))
+    distilled = unet_guidance(load_cfg_distilled(c.unet, teacher), "embedded")
     judge = ToyClip(WEIGHTS / "clip", c.device)
     scenes = held_out_scenes(n_images)
     images = [s.render(c.resolution) for s in scenes]

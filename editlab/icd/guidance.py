@@ -1,4 +1,4 @@
-"""Guidance for iCD: units, the w-embedding, the training set of scales and the dynamic-CFG step function.
+"""Guidance for iCD: units, the training set of scales and the dynamic-CFG step function.
 
 Units. The paper writes CFG as eps_u + w (eps_c - eps_u), so w = 1 is unguided. The reference code (and every
 ``guidance_scale`` passed to the distilled models: 7, 19, ...) uses the LCM offset w_code = w_paper - 1, i.e.
@@ -7,13 +7,11 @@ Units. The paper writes CFG as eps_u + w (eps_c - eps_u), so w = 1 is unguided. 
 
 Everything in ``icd/`` and ``editors/icd.py`` is in code units; `classic_to_code` converts a classic scale.
 
-A CFG-distilled UNet takes w through `guidance_embedding` (``time_cond_proj_dim = 512``); at w = 0 the embedding is
-[0]*256 + [1]*256, not the zero vector, so "no embedding" and "w = 0" are different inputs.
+A CFG-distilled UNet takes w through `models.guidance.guidance_embedding` (``time_cond_proj_dim = 512``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,14 +25,6 @@ def classic_to_code(scale: float) -> float:
 
 def code_to_classic(w: float) -> float:
     return w + 1.0
-
-
-def guidance_embedding(w: torch.Tensor, dim: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of 1000 w, frequencies exp(-j ln(1e4) / (dim/2 - 1)): [B] -> [B, dim], sin half first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=w.device) / (half - 1))
-    angles = 1000.0 * w.to(torch.float64)[:, None] * freqs[None]  # [B, half]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype)
 
 
 def dynamic_scale(w: float, t: int, tau: float, num_train_timesteps: int = 1000) -> float:

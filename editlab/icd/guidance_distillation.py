@@ -11,9 +11,9 @@ two-pass classifier-free guidance at any strength w. Per batch (clean latents x0
    caption at its w, at a random step of ``trajectory_steps`` DDIM steps (`trajectory_points`); the images are
    then unused.
 3. Target (no gradient): the frozen base UNet's two-pass CFG, eps_c + w (eps_c - eps_u), with the empty prompt as
-   the null prompt (`icd.teacher.GuidedUNet` in ``cfg`` mode: one call of batch 2B, or B when every w is 0).
+   the null prompt (`models.guidance.unet_guidance`, ``cfg``: one call of batch 2B, or B when every w is 0).
 4. Student: the base UNet with a w-embedding (diffusers' ``time_cond_proj_dim``, the sinusoidal embedding of 1000 w
-   that the released teachers use, `icd.guidance.guidance_embedding`) and a zero-initialised projection, so that
+   that the released teachers use, `models.guidance.guidance_embedding`) and a zero-initialised projection, so that
    at step 0 it equals the conditional teacher at every w. ``full``: every weight trains (as the released
    teachers); ``lora``: a LoRA adapter plus the projection train, the base weights stay shared and frozen.
 5. Loss: MSE on eps per sample, optionally min-SNR-gamma weighted, averaged; logged per w bucket.
@@ -44,10 +44,11 @@ from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.schedules import VPSchedule
 from editlab.diffusion.solver import solve
 from editlab.icd.lora import lora_config
-from editlab.icd.teacher import GuidedUNet, add_guidance_embedding
+from editlab.icd.teacher import add_guidance_embedding
 from editlab.icd.training import FrozenPartsModule, OptimSettings, labelled_grid, rng_states
 from editlab.models.components import Components, vae_decode
 from editlab.models.conditioning import Conditioning
+from editlab.models.guidance import Guidance, unet_guidance
 from editlab.models.images import to_unit_range
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def relative_error(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def guidance_errors(target: GuidedUNet, single_pass: GuidedUNet, x0: torch.Tensor, text: Conditioning,
+def guidance_errors(target: Guidance, single_pass: Guidance, x0: torch.Tensor, text: Conditioning,
                     alphas_cumprod: torch.Tensor, scales: Sequence[float], timesteps: Sequence[int] = (259, 519, 779),
                     seed: int = 0) -> dict[float, tuple[float, float]]:
     """{w: (relative error of ``single_pass`` at w, that of ``target`` at w = 0, i.e. the undistilled model with w
@@ -138,22 +139,22 @@ def guidance_errors(target: GuidedUNet, single_pass: GuidedUNet, x0: torch.Tenso
         errors, ignored = [], []
         for t, noise in zip(timesteps, noises):
             x_t = add_noise(x0, noise, t, alphas_cumprod)
-            reference = target(x_t, t, text.text, ws, text.added)
-            errors.append(relative_error(single_pass(x_t, t, text.text, ws, text.added), reference))
-            ignored.append(relative_error(target(x_t, t, text.text, torch.zeros_like(ws), text.added), reference))
+            reference = target(x_t, t, text, ws)
+            errors.append(relative_error(single_pass(x_t, t, text, ws), reference))
+            ignored.append(relative_error(target(x_t, t, text, torch.zeros_like(ws)), reference))
         out[float(w)] = (float(np.mean(errors)), float(np.mean(ignored)))
     return out
 
 
 @torch.no_grad()
-def sample_latents(model: GuidedUNet, text: Conditioning, w: float, shape: Sequence[int],
+def sample_latents(model: Guidance, text: Conditioning, w: float, shape: Sequence[int],
                    alphas_cumprod: torch.Tensor, num_steps: int = 10, seed: int = 0) -> torch.Tensor:
     """DDIM (eta = 0) samples [B, C, h, w] of ``model`` at guidance ``w`` from seeded noise of ``shape``."""
     device = alphas_cumprod.device
     x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
     ws = torch.full((shape[0],), float(w), device=device)
     schedule = VPSchedule(alphas_cumprod)
-    return solve(x, schedule.pairs(num_steps), lambda i, x, t: model(x, t, text.text, ws, text.added), schedule)[-1]
+    return solve(x, schedule.pairs(num_steps), lambda i, x, t: model(x, t, text, ws), schedule)[-1]
 
 
 class GuidanceDistillationModule(FrozenPartsModule):
@@ -189,7 +190,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
         self.ema: dict[str, torch.Tensor] = {}
         if settings.ema_decay > 0:
             self.ema = {n: p.detach().clone() for n, p in self.trainable().items()}
-        self._guided: tuple[GuidedUNet, GuidedUNet] | None = None
+        self._guided: tuple[Guidance, Guidance] | None = None
         self.iteration, self.skipped, self.batches_seen = 0, 0, 0
         self.validation_history: list[dict[str, float]] = []
 
@@ -204,12 +205,11 @@ class GuidanceDistillationModule(FrozenPartsModule):
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
-    def guided(self) -> tuple[GuidedUNet, GuidedUNet]:
+    def guided(self) -> tuple[Guidance, Guidance]:
         """(two-pass CFG of the frozen base, the single-pass student)."""
         if self._guided is None:
-            uncond = self.unconditional()
-            self._guided = (GuidedUNet(self.teacher_unet, "cfg", uncond.text, uncond_added=uncond.added),
-                            GuidedUNet(self.student, "embedded"))
+            self._guided = (unet_guidance(self.teacher_unet, "cfg", self.unconditional()),
+                            unet_guidance(self.student, "embedded"))
         return self._guided
 
     def draw_timesteps(self, batch: int) -> torch.Tensor:
@@ -222,12 +222,12 @@ class GuidanceDistillationModule(FrozenPartsModule):
         """Per-sample weighted MSE between the student and the two-pass target on ``x0`` noised to t [B]."""
         x_t = add_noise(x0, noise, t, self.alphas_cumprod)
         with torch.no_grad():
-            target = self.guided[0](x_t, t, text.text, w, text.added)
+            target = self.guided[0](x_t, t, text, w)
         return self.student_losses(x_t, t, text, w, target)
 
     def student_losses(self, x_t: torch.Tensor, t: torch.Tensor, text: Conditioning, w: torch.Tensor,
                        target: torch.Tensor) -> torch.Tensor:
-        prediction = self.guided[1](x_t, t, text.text, w, text.added)
+        prediction = self.guided[1](x_t, t, text, w)
         per_sample = (prediction.float() - target).pow(2).flatten(1).mean(1)
         return per_sample * min_snr_weight(self.alphas_cumprod[t], self.settings.snr_gamma)
 
@@ -246,7 +246,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
         t = torch.empty(shape[0], dtype=torch.long, device=self.device)
 
         def record(i: int, x: torch.Tensor, t_i: int) -> torch.Tensor:
-            eps = self.guided[0](x, t_i, text.text, w, text.added)
+            eps = self.guided[0](x, t_i, text, w)
             here = step == i
             x_t[here], target[here], t[here] = x[here], eps[here], t_i
             return eps

@@ -1,12 +1,9 @@
-"""The teacher interface eps(x, t, c, w) (w in code units), with two backends, and the CFG-distilled UNet.
+"""The CFG-distilled teacher: a UNet with a w input (``time_cond_proj_dim = 512``, the released
+``sd15_cfg_distill.pt`` / ``sdxl_cfg_distill.pt``), its checkpoint files and its trained w range.
 
-- ``embedded``: a CFG-distilled UNet that takes w through ``time_cond_proj_dim = 512`` (the released
-  ``sd15_cfg_distill.pt`` / ``sdxl_cfg_distill.pt``). One UNet pass per evaluation, any mix of w per row.
-- ``cfg``: any plain SD UNet with two-pass classifier-free guidance, eps_c + w (eps_c - eps_u). Rows with w = 0
-  need no unconditional pass, and a batch that is unguided throughout costs a single pass.
-
-`GuidedUNet` evaluates whatever adapter state the UNet is in, so the same object serves the teacher (adapters
-disabled) and both LoRA students (one adapter active): the students see w exactly as the teacher does.
+Its guided prediction is `models.guidance.unet_guidance` (``embedded``: one pass for any mix of w per row; a plain
+UNet gets two-pass ``cfg``). That object evaluates whatever adapter state the UNet is in, so the same object serves
+the teacher (adapters disabled) and both LoRA students (one adapter active): the students see w as the teacher does.
 """
 
 from __future__ import annotations
@@ -15,71 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
-from editlab.icd.guidance import guidance_embedding
+from editlab.models.copies import rebuilt
 
 log = logging.getLogger(__name__)
-
-GUIDANCE_MODES = ("embedded", "cfg")
-
-
-def guidance_mode(unet: UNet2DConditionModel) -> str:
-    """``embedded`` when the UNet has a w-embedding (time_cond_proj_dim), else ``cfg``."""
-    return "embedded" if unet.config.get("time_cond_proj_dim") else "cfg"
-
-
-class GuidedUNet:
-    """eps(x, t, text, w) for fp32 latents; returns fp32.
-
-    ``uncond`` [1, 77, D] is the empty-prompt embedding (needed by the ``cfg`` backend only), ``uncond_added`` its
-    SDXL micro-conditioning (``text_embeds`` [1, P], ``time_ids`` [1, 6]). ``dtype`` is the dtype the UNet inputs
-    are cast to (None: leave them, e.g. under autocast).
-    """
-
-    def __init__(self, unet: UNet2DConditionModel, mode: str | None = None, uncond: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, uncond_added: dict[str, torch.Tensor] | None = None):
-        self.unet = unet
-        self.mode = mode or guidance_mode(unet)
-        if self.mode not in GUIDANCE_MODES:
-            raise ValueError(f"unknown guidance mode {self.mode!r}; expected one of {GUIDANCE_MODES}")
-        if self.mode == "embedded" and not unet.config.get("time_cond_proj_dim"):
-            raise ValueError("guidance mode 'embedded' needs a UNet with time_cond_proj_dim (a CFG-distilled teacher)")
-        if self.mode == "cfg" and uncond is None:
-            raise ValueError("guidance mode 'cfg' needs the empty-prompt embedding (uncond)")
-        self.uncond, self.uncond_added = uncond, uncond_added
-        self.dtype = dtype
-
-    def needs_uncond(self, w: torch.Tensor) -> bool:
-        """Whether a call with these w runs the unconditional rows too (cfg backend, some row guided)."""
-        return self.mode == "cfg" and bool((w != 0).any())
-
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.dtype is not None:
-            x, text = x.to(self.dtype), text.to(self.dtype)
-        return self.unet(x, t, encoder_hidden_states=text, **kwargs).sample.float()
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor, w: torch.Tensor,
-                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [B, C, h, w], t int or [B], text [B, 77, D], w [B], added (SDXL) per-row tensors -> eps [B, C, h, w]."""
-        t = torch.as_tensor(t, device=x.device)
-        kwargs = {} if added is None else {"added_cond_kwargs": added}
-        if self.mode == "embedded":
-            proj = self.unet.time_embedding.cond_proj
-            emb = guidance_embedding(w.to(x.device), proj.in_features, self.dtype or proj.weight.dtype)
-            return self._unet(x, t, text, timestep_cond=emb, **kwargs)
-        if not self.needs_uncond(w):
-            return self._unet(x, t, text, **kwargs)
-        t2 = t.repeat(2) if t.ndim else t
-        rows = x.shape[0]
-        uncond = self.uncond.to(text.dtype).expand(rows, -1, -1)
-        if added is not None:  # rows [uncond x B, cond x B], as the text
-            kwargs = {"added_cond_kwargs": {k: torch.cat([self.uncond_added[k].expand(rows, *v.shape[1:]).to(v), v])
-                                            for k, v in added.items()}}
-        eps_u, eps_c = self._unet(torch.cat([x, x]), t2, torch.cat([uncond, text]), **kwargs).chunk(2)
-        w = w.to(x.device, eps_c.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return eps_c + w * (eps_c - eps_u)
 
 
 def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 512,
@@ -93,15 +30,12 @@ def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 512,
     """
     if init not in ("random", "zeros"):
         raise ValueError(f"unknown w-embedding init {init!r}; expected random or zeros")
-    # private keys (e.g. _use_default_values) would make from_config ignore the new value
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")} | {"time_cond_proj_dim": dim}
-    with init_empty_weights():  # no second full-size copy: weights are assigned, not allocated
-        embedded = UNet2DConditionModel.from_config(config)
     param = next(unet.parameters())
+    embedded, result = rebuilt(unet, state_dict, time_cond_proj_dim=dim)
     if state_dict is None:
-        missing, unexpected = embedded.load_state_dict(unet.state_dict(), strict=False, assign=True)
-        if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-            raise RuntimeError(f"unexpected UNet layout: missing {missing}, unexpected {unexpected}")
+        if result.unexpected_keys or set(result.missing_keys) != {"time_embedding.cond_proj.weight"}:
+            raise RuntimeError(f"unexpected UNet layout: missing {result.missing_keys}, unexpected "
+                               f"{result.unexpected_keys}")
         proj = embedded.time_embedding.cond_proj
         embedded.time_embedding.cond_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=False)
         if init == "zeros":
@@ -109,15 +43,12 @@ def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 512,
         else:
             log.warning("w-embedding (cond_proj %d->%d) initialised randomly: a test teacher, not a CFG-distilled "
                         "one", proj.in_features, proj.out_features)
-    else:
-        result = embedded.load_state_dict(state_dict, strict=False, assign=True)
-        if result.missing_keys or result.unexpected_keys:
-            raise RuntimeError(
-                f"the CFG-distilled state dict does not fit this UNet (time_cond_proj_dim={dim}): "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
-            )
-    embedded.set_attn_processor(unet.attn_processors)
+    elif result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"the CFG-distilled state dict does not fit this UNet (time_cond_proj_dim={dim}): "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
     embedded.to(param.device)
     if param.dtype != torch.float32:
         embedded.to(param.dtype)

@@ -65,14 +65,10 @@ from editlab.icd.losses import (
     reverse_preservation,
 )
 from editlab.icd.schedule import BoundarySchedule
-from editlab.icd.teacher import (
-    GuidedUNet,
-    add_guidance_embedding,
-    guidance_mode,
-    load_cfg_distilled,
-)
+from editlab.icd.teacher import add_guidance_embedding, load_cfg_distilled
 from editlab.models.components import Components, vae_decode, vae_encode
 from editlab.models.conditioning import Conditioning, encode_conditioning, unconditional
+from editlab.models.guidance import Guidance, embedded_kind, unet_guidance
 from editlab.models.images import to_unit_range
 from editlab.models.loading import load_components
 from editlab.models.safe_load import safe_loading
@@ -100,7 +96,7 @@ def load_teacher(model: Mapping[str, Any], precision: Mapping[str, Any], teacher
     if mode == "embedded" and teacher.get("checkpoint"):
         unet = load_cfg_distilled(components.unet, teacher["checkpoint"], teacher.get("embed_dim", 512))
         return components.derive(unet=unet)
-    elif mode == "embedded" and guidance_mode(components.unet) != "embedded":
+    elif mode == "embedded" and embedded_kind(components.unet) != "embedded":
         if model.get("kind") != "tiny":
             raise ValueError("teacher.guidance=embedded needs teacher.checkpoint (sd15_cfg_distill.pt / "
                              "sdxl_cfg_distill.pt) for a real model; use teacher=cfg for a plain SD UNet")
@@ -288,7 +284,7 @@ class ICDModule(FrozenPartsModule):
         super().__init__(components, optim)
         self.unet = components.unet
         self.schedule, self.policy = schedule, policy
-        self.guidance = guidance_mode(self.unet) if guidance == "auto" else guidance
+        self.guidance = embedded_kind(self.unet) if guidance == "auto" else guidance
         self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": loss.lambda_f,
                              "reverse_preservation": loss.lambda_r}
         self.huber_c, self.topology, self.ema_decay = loss.huber_c, optim.topology, loss.ema_decay
@@ -310,17 +306,17 @@ class ICDModule(FrozenPartsModule):
             self.switch = AdapterSwitch(self.unet, trainable=True)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self._guided: GuidedUNet | None = None
+        self._guided: Guidance | None = None
         self.iteration, self.skipped, self.batches_seen = 0, 0, 0
         self.current_loss: str | None = None
         self.validation_history: list[dict[str, float]] = []
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
-    def guided(self) -> GuidedUNet:
+    def guided(self) -> Guidance:
         if self._guided is None:
-            uncond = self.unconditional() if self.guidance == "cfg" else Conditioning(None)
-            self._guided = GuidedUNet(self.unet, self.guidance, uncond.text, uncond_added=uncond.added)
+            uncond = self.unconditional() if self.guidance == "cfg" else None
+            self._guided = unet_guidance(self.unet, self.guidance, uncond)
         return self._guided
 
     def eps_fn(self, adapter: str | None):
@@ -328,7 +324,7 @@ class ICDModule(FrozenPartsModule):
 
         def eps(x: torch.Tensor, t: torch.Tensor, cond: Conditioning, w: torch.Tensor) -> torch.Tensor:
             self.switch.activate(adapter)
-            return self.guided(x, t, cond.text, w, cond.added)
+            return self.guided(x, t, cond, w)
 
         return eps
 

@@ -155,10 +155,6 @@ class Components:
         conditioning; the network runs in the compute dtype, the result is fp32."""
         return self.family.predict(self, latents, t, cond, **kwargs)
 
-    def count_calls(self) -> contextlib.AbstractContextManager[dict[str, int]]:
-        """Count the denoiser's forward calls inside the block (`count_forward_calls`)."""
-        return count_forward_calls(self.denoiser)
-
 
 def vae_encode(vae, pixels: torch.Tensor, sample: bool = False) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [-1, 1] -> fp32 latents, (z - shift) x scale: the posterior mean, or a sample of it.
@@ -205,16 +201,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def count_forward_calls(module: torch.nn.Module) -> Iterator[dict[str, int]]:
-    """Count ``module``'s forward calls inside the block (one call = one network evaluation, whatever its batch
-    size); ``counter["n"]`` holds the count."""
+def count_forward_calls(*modules: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Count the forward calls of ``modules`` together inside the block (one call = one network evaluation, whatever
+    its batch size); ``counter["n"]`` holds the count."""
     counter = {"n": 0}
 
     def hook(*_):
         counter["n"] += 1
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
     try:
         yield counter
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

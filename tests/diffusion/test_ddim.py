@@ -2,7 +2,7 @@
 
 import torch
 
-from editlab.diffusion.ddim import cfg, ddim_jump, ddim_timesteps
+from editlab.diffusion.ddim import ddim_jump, ddim_timesteps
 
 
 def test_reference_grid():
@@ -21,6 +21,3 @@ def test_jump_round_trip_and_identity():
     assert torch.allclose(x0, (x - (1 - a).sqrt() * eps) / a.sqrt())
 
 
-def test_cfg():
-    u, c = torch.zeros(3), torch.ones(3)
-    assert torch.equal(cfg(u, c, 1.0), c) and torch.equal(cfg(u, c, 7.5), 7.5 * c)

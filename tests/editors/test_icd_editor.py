@@ -60,9 +60,21 @@ def image():
 
 
 def test_edit_makes_m_plus_m_unet_calls(editor, image):
-    assert editor.eps.mode == "embedded" and editor.schedule.reverse_steps == [259, 519, 779, 999]
+    assert editor.eps.kind == "embedded" and editor.schedule.reverse_steps == [259, 519, 779, 999]
     result = editor.edit(EditRequest(image, SOURCE, TARGET, blend_words=("red", "blue"), seed=3))
     assert result.nfe == 8 and result.edited.size == (64, 64) and result.reconstruction is not None
+
+
+def test_adapters_go_on_a_unet_of_its_own_over_the_shared_weights(image):
+    components = load_components(TINY, FP32, {"mode": "none"}, "cpu")
+    editor = build_editor({"name": "icd", "fuse_adapters": True}, components)
+    own, shared = editor.components.unet, components.unet
+    assert own is not shared and not getattr(shared, "peft_config", None)
+    assert own.conv_in.weight.data_ptr() == shared.conv_in.weight.data_ptr()  # no second copy of the weights
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    result = editor.edit(EditRequest(image, SOURCE, TARGET, seed=3))
+    assert result.nfe == 8  # the own UNet's calls count
+    assert all(torch.equal(v, before[k]) for k, v in shared.state_dict().items())
 
 
 def test_fused_adapters_give_the_same_edit(files, editor, image):
@@ -162,7 +174,7 @@ def test_sdxl_prompt_switch_recipe(guidance, image):
         components = components.derive(unet=add_guidance_embedding(components.unet))
     editor = build_editor({"name": "icd", "method": "prompt_switch", "reverse_steps": [249, 499, 699, 999],
                            "forward_steps": [19, 249, 499, 699], "tau": 0.7}, components)
-    assert editor.eps.mode == guidance
+    assert editor.eps.kind == guidance
     prompts = editor.components.conditioning([SOURCE, TARGET])
     assert prompts.text.shape[-1] == 64 and set(prompts.added) == {"text_embeds", "time_ids"}
     result = editor.edit(EditRequest(image, SOURCE, TARGET, seed=1))

@@ -120,8 +120,10 @@ def test_refusals_and_attention_slicing(tiny_components):
         build_editor({"name": "lcm_controlnet"}, tiny_components)
     c = load_components(TINY_SDXL, FP32, NO_OFFLOAD, "cpu")
     c.unet.set_attn_processor(AttnProcessor())  # stock: slicing may replace it
-    build_editor({"name": "lcm_controlnet", "attention_slicing": True}, c)
-    assert all(isinstance(p, SlicedAttnProcessor) for p in c.unet.attn_processors.values())
+    editor = build_editor({"name": "lcm_controlnet", "attention_slicing": True}, c)
+    assert all(isinstance(p, SlicedAttnProcessor) for p in editor.components.unet.attn_processors.values())
+    assert all(type(p) is AttnProcessor for p in c.unet.attn_processors.values())  # the shared model untouched
+    assert editor.components.unet.conv_in.weight.data_ptr() == c.unet.conv_in.weight.data_ptr()  # no second copy
 
     class Custom(AttnProcessor):
         pass

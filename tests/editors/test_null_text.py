@@ -9,7 +9,7 @@ from PIL import Image
 import editlab.editors.null_text as null_text
 from editlab.editors.base import EditRequest
 from editlab.editors.ddim_p2p import DDIMP2PEditor
-from editlab.editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate, unet_in_fp32
+from editlab.editors.null_text import NullTextEditor, nti_early_stop, nti_learning_rate
 from editlab.editors.p2p import make_controller
 from editlab.models.loading import load_components
 
@@ -104,18 +104,17 @@ def test_nan_raises(tiny_components):
         editor.null_embeddings(trajectory, text, uncond)
 
 
-def test_half_precision_optimises_in_fp32_and_restores_the_weights():
+def test_half_precision_optimises_in_an_fp32_copy_and_never_casts_the_shared_unet():
     c = load_components({"name": "tiny", "kind": "tiny", "resolution": 64},
                         {"dtype": "bfloat16", "vae_dtype": "float32"}, {"mode": "none"}, "cpu")
     before = {k: v.clone() for k, v in c.unet.state_dict().items()}
-    with unet_in_fp32(c.unet):
-        assert c.unet.dtype == torch.float32
-    assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in c.unet.state_dict().items())
-
     editor = NullTextEditor(c, num_steps=3, num_inner_steps=2)
+    assert editor.unet32 is not c.unet and editor.unet32.dtype == torch.float32
     seen = []
-    c.unet.register_forward_pre_hook(lambda module, args: seen.append(module.dtype))
+    for unet in (c.unet, editor.unet32):
+        unet.register_forward_pre_hook(lambda module, args: seen.append(module.dtype))
     result = editor.edit(_request())
     assert torch.float32 in seen and torch.bfloat16 in seen  # optimisation in fp32, inversion and edit in bf16
-    assert c.unet.dtype == torch.bfloat16
+    assert result.nfe == len(seen)  # the copy's calls count
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in c.unet.state_dict().items())
     assert result.extras["backward_passes"] > 0 and all(np.isfinite(result.extras["nti_final_losses"][:-1]))

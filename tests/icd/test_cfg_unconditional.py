@@ -28,7 +28,7 @@ def unconditional_rows(guided, unet, text) -> tuple[torch.Tensor, dict | None]:
     seen = []
     handle = unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
     try:
-        guided(torch.randn(1, 4, 8, 8), torch.tensor([500]), text.text, torch.tensor([7.0]), text.added)
+        guided(torch.randn(1, 4, 8, 8), torch.tensor([500]), text, torch.tensor([7.0]))
     finally:
         handle.remove()
     added = seen[0].get("added_cond_kwargs")
@@ -42,10 +42,9 @@ def test_the_unconditional_branch_is_zeros_for_sdxl_and_the_empty_prompt_for_sd(
     distill = GuidanceDistillationModule(components, DistillSettings(), OptimSettings(lr=1e-3))
     icd = ICDModule(load_teacher(model, FP32, {"guidance": "cfg"}), BoundarySchedule(4), GuidancePolicy(scale=7.0),
                     guidance="cfg")
-    editing = load_components(model, FP32, {"mode": "none"}, "cpu")  # the editor adds its adapters to the UNet
-    editor = build_editor({"name": "icd", "method": "prompt_switch", "guidance": "cfg"}, editing)
+    editor = build_editor({"name": "icd", "method": "prompt_switch", "guidance": "cfg"}, components)
     text = components.conditioning(["a red circle"])
-    teachers = (distill.guided[0], distill.teacher_unet), (icd.guided, icd.unet), (editor.eps, editing.unet)
+    teachers = (distill.guided[0], distill.teacher_unet), (icd.guided, icd.unet), (editor.eps, editor.components.unet)
     for guided, unet in teachers:
         uncond, added = unconditional_rows(guided, unet, text)
         assert torch.equal(uncond, torch.zeros_like(empty.text) if zeros else empty.text)

@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from editlab.diffusion.ddim import add_noise
-from editlab.icd.guidance import guidance_embedding
 from editlab.icd.guidance_distillation import DistillSettings, GuidanceDistillationModule, WMixture, min_snr_weight
-from editlab.icd.teacher import GuidedUNet, guidance_mode, load_cfg_distilled, warn_outside_w_range
+from editlab.icd.teacher import load_cfg_distilled, warn_outside_w_range
 from editlab.icd.training import OptimSettings, load_teacher
+from editlab.models.guidance import embedded_kind, guidance_embedding, unet_guidance
 from editlab.models.loading import load_components
 
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
@@ -50,15 +50,15 @@ def test_the_w_mixture_draws_its_shares_and_reports_its_scales():
 def test_the_zero_initialised_student_is_the_conditional_teacher_bit_for_bit(variant):
     m = module(variant)
     proj = m.student.time_embedding.cond_proj
-    assert proj.in_features == 512 and guidance_mode(m.student) == "embedded"
+    assert proj.in_features == 512 and embedded_kind(m.student) == "embedded"
     emb = guidance_embedding(torch.zeros(1))  # the released teachers' embedding at w = 0: [0]*256 + [1]*256
     assert torch.equal(emb, torch.cat([torch.zeros(1, 256), torch.ones(1, 256)], dim=1))
     teacher, student = m.guided
     text = m.encode_text(CAPTIONS)
     x, t = latents(), torch.tensor([500, 100])
-    conditional = teacher(x, t, text.text, torch.zeros(2))
+    conditional = teacher(x, t, text, torch.zeros(2))
     for w in (0.0, 3.0, 19.0):
-        assert torch.equal(student(x, t, text.text, torch.full((2,), w)), conditional), w
+        assert torch.equal(student(x, t, text, torch.full((2,), w)), conditional), w
 
 
 def test_the_loss_is_the_guidance_gap_and_zero_where_guidance_adds_nothing():
@@ -71,7 +71,7 @@ def test_the_loss_is_the_guidance_gap_and_zero_where_guidance_adds_nothing():
     # at step 0 the loss is w^2 ||eps_c - eps_u||^2 (mean over elements), the analytic value
     teacher, _ = m.guided
     x_t = add_noise(x0, noise, t, m.alphas_cumprod)
-    gap = teacher(x_t, t, text.text, torch.ones(2)) - teacher(x_t, t, text.text, torch.zeros(2))
+    gap = teacher(x_t, t, text, torch.ones(2)) - teacher(x_t, t, text, torch.zeros(2))
     expected = (4.0 * gap).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(m.losses(x0, text, noise, t, torch.full((2,), 4.0)), expected, rtol=1e-5, atol=1e-7)
 
@@ -108,14 +108,14 @@ def test_a_short_run_lowers_the_error_at_every_guided_w_and_the_export_loads_as_
     loaded = load_cfg_distilled(base, path)  # the released teachers' loader, strictly
     calls = []
     loaded.register_forward_pre_hook(lambda *args: calls.append(1))
-    guided = GuidedUNet(loaded, "embedded")
+    guided = unet_guidance(loaded, "embedded")
     x_t, t = latents(4), torch.tensor([400, 400])
-    out = guided(x_t, t, text.text, torch.full((2,), 4.0))
+    out = guided(x_t, t, text, torch.full((2,), 4.0))
     assert len(calls) == 1  # one UNet call per guided step
     _, student = m.guided
-    torch.testing.assert_close(out, student(x_t, t, text.text, torch.full((2,), 4.0)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, student(x_t, t, text, torch.full((2,), 4.0)), rtol=1e-4, atol=1e-5)
     teacher = load_teacher(TINY, FP32, {"guidance": "embedded", "checkpoint": str(path), "embed_dim": 512})
-    assert guidance_mode(teacher.unet) == "embedded"
+    assert embedded_kind(teacher.unet) == "embedded"
 
 
 def test_the_chain_composes():
@@ -179,8 +179,8 @@ def test_an_sdxl_family_base_distils_with_its_pooled_and_size_conditioning():
     assert set(text.added) == {"text_embeds", "time_ids"}
     teacher, student = m.guided
     x, t = latents(), torch.tensor([500, 100])
-    assert torch.equal(student(x, t, text.text, torch.full((2,), 7.0), text.added),
-                       teacher(x, t, text.text, torch.zeros(2), text.added))
+    assert torch.equal(student(x, t, text, torch.full((2,), 7.0)),
+                       teacher(x, t, text, torch.zeros(2)))
     losses = m.losses(latents(1), text, latents(2), t, torch.tensor([0.0, 7.0]))
     assert losses[0] < 1e-10 and losses[1] > 1e-6  # w = 0: the conditional prediction (up to batched rounding)
     losses.mean().backward()
@@ -194,7 +194,7 @@ def test_trajectory_inputs_are_the_base_samplers_states_with_its_own_guided_pred
     x_t, t, target = m.trajectory_points(text, w, (2, 4, 8, 8), torch.Generator().manual_seed(3))
     assert set(t.tolist()) <= {800, 600, 400, 200, 0}  # on the 5-step DDIM grid the editors sample
     teacher, _ = m.guided
-    torch.testing.assert_close(target, teacher(x_t, t, text.text, w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(target, teacher(x_t, t, text, w), rtol=1e-5, atol=1e-6)
     losses = m.student_losses(x_t, t, text, w, target)
     assert losses[0] < 1e-10 and losses[1] > 1e-6  # the zero-initialised student is the w = 0 sampler
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from editlab.icd.guidance import guidance_embedding
 from editlab.icd.lora import (
     FORWARD,
     REVERSE,
@@ -22,8 +21,9 @@ from editlab.icd.lora import (
     read_adapter_file,
     save_adapter,
 )
-from editlab.icd.teacher import GuidedUNet, add_guidance_embedding, load_cfg_distilled
+from editlab.icd.teacher import add_guidance_embedding, load_cfg_distilled
 from editlab.models.builders import build_tiny
+from editlab.models.guidance import guidance_embedding, unet_guidance
 from editlab.models.loading import sd_scheduler
 
 
@@ -53,7 +53,7 @@ def with_adapters(unet, rank=4, alpha=8, randomise=False):
 def eps(unet, inputs, w=(0.0, 7.0)):
     x, t, text = inputs
     with torch.no_grad():
-        return GuidedUNet(unet)(x, t, text, torch.tensor(w))
+        return unet_guidance(unet)(x, t, text, torch.tensor(w))
 
 
 def test_students_start_equal_to_the_teacher(tiny, inputs):
@@ -119,7 +119,7 @@ def test_both_adapters_get_gradients_across_switches(tiny, inputs):
     unet = with_adapters(tiny[0], randomise=True)
     switch = AdapterSwitch(unet, trainable=True)
     x, t, text = inputs
-    guided = GuidedUNet(unet)
+    guided = unet_guidance(unet)
     switch.activate(FORWARD)
     loss = guided(x, t, text, torch.zeros(2)).square().mean()
     switch.activate(REVERSE)
@@ -135,7 +135,7 @@ def test_guidance_backends(tiny, inputs):
     unet, _, _, _ = tiny
     x, t, text = inputs
     with torch.no_grad():
-        zero = GuidedUNet(unet)(x, t, text, torch.zeros(2))
+        zero = unet_guidance(unet)(x, t, text, torch.zeros(2))
         no_embedding = unet(x, t, encoder_hidden_states=text).sample
         assert not torch.allclose(zero, no_embedding)  # w = 0 is an input, not "no guidance input"
         explicit = unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.zeros(2))).sample
@@ -143,8 +143,8 @@ def test_guidance_backends(tiny, inputs):
 
         plain = build_tiny(seed=0)[0]
         uncond = torch.randn(1, 77, 32)
-        guided = GuidedUNet(plain, uncond=uncond)
-        assert guided.mode == "cfg" and not guided.needs_uncond(torch.zeros(2))
+        guided = unet_guidance(plain, uncond=uncond)
+        assert guided.kind == "cfg" and not guided.needs_uncond(torch.zeros(2))
         w = torch.tensor([0.0, 7.0])
         eps_c = plain(x, t, encoder_hidden_states=text).sample
         eps_u = plain(x, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample

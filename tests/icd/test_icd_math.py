@@ -10,7 +10,7 @@ import torch
 from editlab.diffusion.ddim import add_noise, ddim_jump, jump
 from editlab.diffusion.schedules import VPSchedule
 from editlab.diffusion.solver import consistency_step, solve
-from editlab.icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale, guidance_embedding
+from editlab.icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale
 from editlab.icd.losses import (
     forward_consistency,
     forward_preservation,
@@ -26,6 +26,7 @@ from editlab.icd.schedule import (
     reverse_pairs,
     substep_pairs,
 )
+from editlab.models.guidance import guidance_embedding
 
 SD15_REVERSE, SD15_FORWARD = [259, 519, 779, 999], [19, 259, 519, 779]
 SDXL_REVERSE, SDXL_FORWARD = [249, 499, 699, 999], [19, 249, 499, 699]

@@ -17,7 +17,6 @@ from editlab.icd.data import collate
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import FORWARD, REVERSE, AdapterSwitch, load_adapter
 from editlab.icd.schedule import BoundarySchedule
-from editlab.icd.teacher import GuidedUNet
 from editlab.icd.training import (
     LOSSES,
     ICDModule,
@@ -30,6 +29,7 @@ from editlab.icd.training import (
 from editlab.models.builders import build_tiny
 from editlab.models.components import Components
 from editlab.models.families import FAMILIES
+from editlab.models.guidance import unet_guidance
 from editlab.models.loading import load_components, sd_scheduler
 
 CAPTIONS = ("a red circle", "a blue square", "a green star")
@@ -219,7 +219,7 @@ def test_export_is_what_the_editor_loads(tmp_path):
         switch.activate(adapter)
         with torch.no_grad():
             expected = module.eps_fn(adapter)(x, t, text, w)
-            assert torch.allclose(GuidedUNet(fresh)(x, t, text.text, w), expected, atol=1e-5)
+            assert torch.allclose(unet_guidance(fresh)(x, t, text, w), expected, atol=1e-5)
 
 
 def test_sdxl_family_trains_with_pooled_and_size_conditioning(tmp_path):

@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from editlab.diffusion.ddim import cfg
 from editlab.diffusion.solver import solve
 from editlab.experiments.toy_build.data import EVAL_EDIT_STREAM, item_rng
 from editlab.experiments.toy_build.judge import ToyClip, accuracy, psnr
@@ -22,6 +21,7 @@ from editlab.experiments.toy_build.options import LATENT_SIZE, SIZE
 from editlab.experiments.toy_build.vae import encode_latents
 from editlab.experiments.toy_build.world import World
 from editlab.models.components import vae_decode
+from editlab.models.guidance import Guidance
 from editlab.models.images import to_uint8
 from editlab.models.loading import load_components
 from editlab.toyworld.scenes import make_edit
@@ -37,13 +37,10 @@ def guided_denoise(c, x_t: torch.Tensor, cond: torch.Tensor, uncond_steps: list[
                    num_steps: int) -> torch.Tensor:
     """Plain DDIM sampling from x_t [B, 4, h, w] with CFG `scale` (1 = conditional only, no unconditional pass);
     `uncond_steps[i]` is the unconditional embedding of step i ([1 or B, L, D])."""
+    guidance = Guidance(c.predict)
 
     def eps(i: int, latents: torch.Tensor, t: int) -> torch.Tensor:
-        if scale == 1.0:
-            return c.predict(latents, t, cond)
-        uncond = uncond_steps[i].expand(len(latents), -1, -1)
-        eps_u, eps_c = c.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
-        return cfg(eps_u, eps_c, scale)
+        return guidance(latents, t, cond, scale, uncond_steps[i] if guidance.needs_uncond(scale) else None)
 
     return solve(x_t, c.schedule.pairs(num_steps), eps, c.schedule)[-1]
 
