@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from editlab.editors.attention import controlled_attention
 from editlab.editors.ddim_p2p import DDIMP2PEditor
-from editlab.editors.p2p import LocalBlend, P2PController, P2PSettings, controlled_attention, make_controller
+from editlab.editors.p2p import LocalBlend, P2PController, P2PSettings, make_controller
 
 SRC, TGT = "a red circle on a gray background", "a blue circle on a gray background"
 
