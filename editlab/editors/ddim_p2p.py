@@ -22,8 +22,9 @@ import contextlib
 import torch
 
 from editlab.diffusion.solver import StepHook, noisier_end, solve
+from editlab.editors.attention import controlled_attention
 from editlab.editors.base import Editor, EditRequest, EditResult, register
-from editlab.editors.p2p import P2PSettings, controlled_attention, make_controller
+from editlab.editors.p2p import P2PSettings, make_controller
 from editlab.models.guidance import Guidance
 
 

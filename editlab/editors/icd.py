@@ -36,8 +36,9 @@ from PIL import Image
 
 from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.solver import consistency_step, solve
+from editlab.editors.attention import controlled_attention
 from editlab.editors.base import Editor, EditRequest, EditResult, register
-from editlab.editors.p2p import P2PController, P2PSettings, controlled_attention, make_controller
+from editlab.editors.p2p import P2PController, P2PSettings, make_controller
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
 from editlab.icd.schedule import BoundarySchedule

@@ -1,40 +1,44 @@
-"""Prompt-to-Prompt (Hertz et al. 2022) on diffusers attention processors, shared by every P2P-family editor.
+"""Prompt-to-Prompt (Hertz et al. 2022) on attention control (`editors.attention`), shared by every P2P-family editor.
 
-The UNet runs on the batch ``[uncond x P, cond x P]`` where prompt 0 is the source and prompts 1.. are targets.
-A `P2PController` sees the attention probabilities of the conditional half and
+A batch holds K items of P prompts each, prompt 0 of an item its source and 1.. its targets; the denoiser runs on
+``[uncond x K*P, cond x K*P]``, item-major (rows k*P .. k*P + P-1 of each half are item k's), or on the conditional
+rows alone (guidance-embedded models, unguided steps). A `P2PController` holds one `PromptEdit` per item and edits
+each item's conditional rows with the item's own state:
 - cross-attention: blends the targets' maps with the source's, mapped through the word alignment
   (AttentionRefine / AttentionReplace), optionally re-weighted per token (AttentionReweight), for the first
   ``cross_replace_steps`` fraction of the steps;
 - self-attention: replaces the targets' maps with the source's for the first ``self_replace_steps`` fraction of
   the steps, on layers with at most (latent/2)² queries (32² for SD's 64² latents);
 - stores the cross-attention maps at the blend resolution (latent/4: SD's five 16² layers) for `LocalBlend`, which
-  after each denoising step keeps the target latent equal to the source outside the blend words' attention mask.
+  after each denoising step keeps each target latent equal to its item's source outside the attention mask of the
+  item's blend words.
 
 Only layers whose maps the controller needs at the current step materialise probabilities; every other call goes
-through the fused scaled-dot-product kernel. The source branch is never modified, so it equals a plain
-reconstruction. The editor sets the step explicitly (`controller.step = i`) instead of counting layer calls.
+through the fused scaled-dot-product kernel. A source row is never modified, so it equals a plain reconstruction.
+The editor sets the step explicitly (`controller.step = i`) instead of counting layer calls.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
 
 from editlab.editors import seq_aligner
 
 
-class P2PController:
+class PromptEdit:
+    """One item's edit: its P prompts (source first), their word alignment and replacement schedules, the re-weight
+    and the item's LocalBlend. Maps are [P, h, Q, L]: the item's prompts, heads, queries, keys (text tokens in
+    cross-attention)."""
+
     def __init__(
         self,
         prompts: list[str],
         tokenizer,
         num_steps: int,
-        latent_size: int,
         cross_replace_steps: float | tuple[float, float] | dict = 0.4,
         self_replace_steps: float | tuple[float, float] = 0.6,
         mode: str = "refine",
@@ -44,39 +48,27 @@ class P2PController:
         if len(prompts) < 2:
             raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
         self.num_prompts = len(prompts)
-        self.step = 0
-        # False when the UNet batch holds only the P conditional rows (guidance-embedded models, unguided steps)
-        self.has_uncond = True
         self.cross_alpha = seq_aligner.cross_replace_alpha(prompts, num_steps, cross_replace_steps, tokenizer)
         self.self_window = seq_aligner.self_replace_window(num_steps, self_replace_steps)
-        self.self_max_queries = (latent_size // 2) ** 2
         if mode == "refine":
             self.mapper, alphas = seq_aligner.get_refinement_mapper(prompts, tokenizer)
-            self.refine_alphas = alphas[:, None, None, :]  # [P-1, 1, 1, K]
+            self.refine_alphas = alphas[:, None, None, :]  # [P-1, 1, 1, L]
         elif mode == "replace":
             self.mapper, self.refine_alphas = seq_aligner.get_replacement_mapper(prompts, tokenizer), None
         else:
             raise ValueError(f"unknown P2P mode {mode!r}; expected refine or replace")
-        self.equalizer = None if equalizer is None else equalizer[:, None, None, :]  # [P-1 or 1, 1, 1, K]
+        self.equalizer = None if equalizer is None else equalizer[:, None, None, :]  # [P-1 or 1, 1, 1, L]
         self.local_blend = local_blend
-        self.store = AttentionStore(local_blend.resolution if local_blend else None)
 
-    # -- what needs materialised probabilities -------------------------------------------------------------------
-    def _cross_active(self) -> bool:
-        return bool(self.cross_alpha[self.step].any())
+    def cross_active(self, step: int) -> bool:
+        return bool(self.cross_alpha[step].any())
 
-    def _self_active(self, queries: int) -> bool:
+    def self_active(self, step: int) -> bool:
         start, end = self.self_window
-        return start <= self.step < end and queries <= self.self_max_queries
+        return start <= step < end
 
-    def needs_probs(self, is_cross: bool, queries: int) -> bool:
-        if is_cross:
-            return self._cross_active() or self.store.wants(queries)
-        return self._self_active(queries)
-
-    # -- the edit -------------------------------------------------------------------------------------------------
     def _replace_cross(self, base: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # base [h, Q, K] (source), targets [P-1, h, Q, K]
+        # base [h, Q, L] (source), targets [P-1, h, Q, L]
         mapper = self.mapper.to(base.device)
         if self.refine_alphas is None:  # word swap: A_tgt[..., n] = sum_w A_src[..., w] M[w, n]
             new = torch.einsum("hqw,pwn->phqn", base, mapper.to(base.dtype))
@@ -87,28 +79,65 @@ class P2PController:
             new = new * self.equalizer.to(base.device, base.dtype)
         return new
 
+    def edit_cross(self, maps: torch.Tensor, step: int) -> torch.Tensor:
+        """maps [P, h, Q, L] -> the targets' maps blended with the source's by this step's alpha."""
+        base, targets = maps[0], maps[1:]
+        alpha = self.cross_alpha[step].to(maps.device, maps.dtype)  # [P-1, 1, 1, L]
+        targets = alpha * self._replace_cross(base, targets) + (1 - alpha) * targets
+        return torch.cat([base[None], targets])
+
+
+class P2PController:
+    """Prompt-to-Prompt on a batch of items (one `PromptEdit` each, all with P prompts); see the module docstring."""
+
+    def __init__(self, items: list[PromptEdit], latent_size: int):
+        if len({item.num_prompts for item in items}) != 1:
+            raise ValueError("a Prompt-to-Prompt batch needs at least one item, all with the same number of prompts")
+        resolutions = {item.local_blend.resolution for item in items if item.local_blend is not None}
+        if len(resolutions) > 1:
+            raise ValueError(f"the items of a Prompt-to-Prompt batch blend at different resolutions {resolutions}")
+        self.items = items
+        self.num_prompts = items[0].num_prompts
+        self.step = 0
+        # False when the denoiser batch holds only the K*P conditional rows (guidance-embedded models, unguided steps)
+        self.has_uncond = True
+        self.self_max_queries = (latent_size // 2) ** 2
+        self.store = AttentionStore(resolutions.pop() if resolutions else None)
+
+    def needs_probs(self, is_cross: bool, queries: int) -> bool:
+        if is_cross:
+            return any(item.cross_active(self.step) for item in self.items) or self.store.wants(queries)
+        return queries <= self.self_max_queries and any(item.self_active(self.step) for item in self.items)
+
     def __call__(self, probs: torch.Tensor, is_cross: bool, layer: str) -> torch.Tensor:
-        """probs [2 * P * heads, Q, K], uncond half first (or [P * heads, Q, K] without it); returns the (possibly
+        """probs [2 * K*P * heads, Q, L], uncond half first (or [K*P * heads, Q, L] without it); returns the (possibly
         edited) probabilities."""
         half = probs.shape[0] // 2 if self.has_uncond else 0
-        cond = probs[half:].unflatten(0, (self.num_prompts, -1))  # [P, h, Q, K]
-        base, targets = cond[0], cond[1:]
         queries = probs.shape[1]
-        if is_cross and self._cross_active():
-            alpha = self.cross_alpha[self.step].to(probs.device, probs.dtype)  # [P-1, 1, 1, K]
-            targets = alpha * self._replace_cross(base, targets) + (1 - alpha) * targets
-        elif not is_cross and self._self_active(queries):
-            targets = base.expand_as(targets)
-        cond = torch.cat([base[None], targets])
+        injects_self = not is_cross and queries <= self.self_max_queries
+        edited = []
+        for item, maps in zip(self.items, probs[half:].unflatten(0, (len(self.items), self.num_prompts, -1))):
+            # maps [P, h, Q, L], the item's source first
+            if is_cross and item.cross_active(self.step):
+                maps = item.edit_cross(maps, self.step)
+            elif injects_self and item.self_active(self.step):
+                maps = maps[:1].expand_as(maps)
+            edited.append(maps)
+        cond = torch.stack(edited).flatten(0, 1)  # [K*P, h, Q, L]
         if is_cross:
             self.store.add(layer, cond, queries)  # the reference stores the post-edit maps
         return torch.cat([probs[:half], cond.flatten(0, 1)])
 
     def step_callback(self, latents: torch.Tensor) -> torch.Tensor:
-        """After each denoising step: LocalBlend on latents [P, C, h, w] (the source row is never changed)."""
-        if self.local_blend is None:
+        """After each denoising step: each item's LocalBlend on its rows of latents [K*P, C, h, w] (a source row is
+        never changed)."""
+        if self.store.resolution is None:  # no item blends
             return latents
-        return self.local_blend(latents, self.store.maps(), self.step)
+        items = len(self.items)
+        maps = self.store.maps().unflatten(0, (items, -1))  # [K, P, layers * heads, Q, L]
+        blended = [x if item.local_blend is None else item.local_blend(x, m, self.step)
+                   for item, x, m in zip(self.items, latents.unflatten(0, (items, -1)), maps)]
+        return torch.cat(blended)
 
 
 class AttentionStore:
@@ -127,30 +156,31 @@ class AttentionStore:
             self.summed[layer] = self.summed[layer] + maps if layer in self.summed else maps
 
     def maps(self) -> torch.Tensor:
-        """[P, layers * heads, Q, K]"""
+        """[K*P, layers * heads, Q, L]"""
         return torch.cat(list(self.summed.values()), dim=1)
 
 
 class LocalBlend:
-    """Keep the target latent equal to the source outside the attention mask of the blend words."""
+    """Keep an item's target latents equal to its source outside the attention mask of its blend words."""
 
     def __init__(self, word_alphas: torch.Tensor, resolution: int, start_step: int, threshold: float = 0.3):
-        self.word_alphas = word_alphas  # [P, K]: 1 on the blend word's tokens of each prompt
+        self.word_alphas = word_alphas  # [P, L]: 1 on the blend word's tokens of each prompt
         self.resolution = resolution
         self.start_step = start_step
         self.threshold = threshold
 
     def mask(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """maps [P, n, Q, K] -> boolean mask [P, 1, h, w], each target's mask united with the source's."""
+        """maps [P, n, Q, L] -> boolean mask [P, 1, h, w], each target's mask united with the source's."""
         r = self.resolution
         m = (maps * self.word_alphas.to(maps)[:, None, None, :]).sum(-1).mean(1)  # [P, Q]
         m = F.max_pool2d(m.view(-1, 1, r, r), 3, stride=1, padding=1)
         m = F.interpolate(m, size=size)  # nearest, as the reference
         m = m / m.amax(dim=(2, 3), keepdim=True)
         mask = m > self.threshold
-        return mask[:1] | mask
+        return mask[:1] | mask  # row 0: the item's source
 
     def __call__(self, latents: torch.Tensor, maps: torch.Tensor, step: int) -> torch.Tensor:
+        """latents [P, C, h, w] and maps [P, n, Q, L] of one item, its source first."""
         if step < self.start_step:
             return latents
         mask = self.mask(maps, latents.shape[2:]).to(latents.dtype)
@@ -202,10 +232,10 @@ class P2PSettings:
                                                       "amplify_words": ("blend_word", "new_words")}
 
 
-def make_controller(prompts: list[str], tokenizer, num_steps: int, latent_size: int, blend_resolution: int,
-                    blend_words: tuple[str, str] | None, settings: P2PSettings = P2PSettings()) -> P2PController:
-    """The controller every P2P-family editor runs (``num_steps`` = its denoising steps): Refine or Replace, the
-    re-weight of ``settings.amplify_words`` and, when blend words are given, LocalBlend on the maps of side
+def make_edit(prompts: list[str], tokenizer, num_steps: int, blend_resolution: int,
+              blend_words: tuple[str, str] | None, settings: P2PSettings = P2PSettings()) -> PromptEdit:
+    """One item's edit as every P2P-family editor makes it (``num_steps`` = its denoising steps): Refine or Replace,
+    the re-weight of ``settings.amplify_words`` and, when blend words are given, LocalBlend on the maps of side
     ``blend_resolution`` (`Components.blend_resolution`). With the defaults it is exactly what the PIE-Bench
     reference builds for every image."""
     s = settings
@@ -222,73 +252,13 @@ def make_controller(prompts: list[str], tokenizer, num_steps: int, latent_size: 
         alphas = word_token_alphas(prompts[:2], list(blend_words), tokenizer)
         blend = LocalBlend(alphas, resolution=blend_resolution, start_step=int(s.blend_start * num_steps),
                            threshold=s.blend_threshold)
-    return P2PController(prompts, tokenizer, num_steps, latent_size, s.cross_replace_steps, s.self_replace_steps,
-                         mode, equalizer, blend)
+    return PromptEdit(prompts, tokenizer, num_steps, s.cross_replace_steps, s.self_replace_steps, mode, equalizer,
+                      blend)
 
 
-class ControlledAttnProcessor:
-    """Stock attention whose probabilities the controller may read and replace; fused SDPA when it needs none."""
-
-    def __init__(self, controller, layer: str, is_cross: bool):
-        self.controller = controller
-        self.layer = layer
-        self.is_cross = is_cross
-
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch_size, kv_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)  # [B, Q, h*d]
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-
-        if self.controller.needs_probs(self.is_cross, query.shape[1]):
-            query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B*h, L, d]
-            probs = attn.get_attention_scores(query, key, attention_mask)  # [B*h, Q, K]
-            probs = self.controller(probs, self.is_cross, self.layer)
-            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        else:
-            heads = attn.heads
-            query, key, value = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (query, key, value))
-            if attention_mask is not None:
-                attention_mask = attention_mask.view(batch_size, heads, -1, attention_mask.shape[-1])
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           scale=attn.scale)
-            hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-@contextlib.contextmanager
-def controlled_attention(unet, controller) -> Iterator[None]:
-    """Install `ControlledAttnProcessor` on every attention layer of ``unet``; restore the previous ones on exit."""
-    previous = unet.attn_processors
-    modules = dict(unet.named_modules())  # processor "<layer>.processor" belongs to the Attention module "<layer>"
-    processors = {name: ControlledAttnProcessor(controller, name,
-                                                modules[name.removesuffix(".processor")].is_cross_attention)
-                  for name in previous}
-    if not processors or not any(p.is_cross for p in processors.values()):
-        raise RuntimeError("Prompt-to-Prompt found no cross-attention layers in the UNet")
-    unet.set_attn_processor(processors)
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(previous)
+def make_controller(prompts: list[str], tokenizer, num_steps: int, latent_size: int, blend_resolution: int,
+                    blend_words: tuple[str, str] | None, settings: P2PSettings = P2PSettings()) -> P2PController:
+    """The controller of one item (`make_edit`); a batch of K items is ``P2PController([make_edit(...) for each
+    item], latent_size)``."""
+    return P2PController([make_edit(prompts, tokenizer, num_steps, blend_resolution, blend_words, settings)],
+                         latent_size)

@@ -21,7 +21,7 @@ Differences from the reference harness, all kept so the editor matches the rest 
 mean (not a sample) is the latent, the inversion uses the framework's DDIM grid (t = 0, 20, ..., 980, first step the
 identity) instead of the reference's off-by-one inverse scheduler, and the forward passes use the same grid (not
 diffusers' ``steps_offset=1``). diffusers' own pipeline is in its ``deprecated`` package; this file depends only on
-`editors.p2p.controlled_attention`.
+`editors.attention.controlled_attention`.
 
 Cost, in UNet forward calls (one call = one network evaluation, whatever its batch): inversion N-1 (batch 1) +
 reference pass N (batch 1) + edit pass 2N (a guided forward + backward at batch 2, then the recomputation at batch 2)
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from editlab.diffusion.solver import noisier_end, solve
+from editlab.editors.attention import controlled_attention
 from editlab.editors.base import Editor, EditRequest, EditResult, register
-from editlab.editors.p2p import controlled_attention
 from editlab.models.guidance import combine
 
 # -- 3. noise regularisation ------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from editlab.editors.attention import controlled_attention
 from editlab.editors.ddim_p2p import DDIMP2PEditor
-from editlab.editors.p2p import LocalBlend, P2PController, P2PSettings, controlled_attention, make_controller
+from editlab.editors.p2p import LocalBlend, P2PController, P2PSettings, make_controller, make_edit
 
 SRC, TGT = "a red circle on a gray background", "a blue circle on a gray background"
 
@@ -116,6 +117,85 @@ def test_only_needed_layers_materialise_probabilities(tiny_components):
     assert all(is_cross and q == 16 for is_cross, q in calls[step0:])
     assert controller.store.maps().shape[:2] == (2, n_blend * 8)  # [P, layers * heads]; 64 channels / head dim 8
     assert c.unet.attn_processors.keys() == layers.keys()  # processors restored
+
+
+# Two items with their own prompts, alignment (refine / replace), schedules, re-weight, blend words and threshold.
+ITEMS = [
+    ([SRC, TGT], ("red", "blue"), P2PSettings(amplify=2.0, blend_start=0.0)),
+    (["a green square on a gray background", "a green triangle on a gray background"], ("square", "triangle"),
+     P2PSettings(cross_replace_steps=0.8, self_replace_steps=0.3, mode="replace", amplify=4.0,
+                 amplify_words="new_words", blend_start=0.25, blend_threshold=0.5)),
+]
+
+
+def _edits(c, steps):
+    return [make_edit(prompts, c.tokenizer, steps, c.blend_resolution, blend, s) for prompts, blend, s in ITEMS]
+
+
+@pytest.mark.parametrize("has_uncond", [True, False])
+def test_item_axis_edits_each_item_like_its_own_controller(tiny_components, has_uncond):
+    """A K=2 controller on [uncond x 2P, cond x 2P] (or the conditional rows alone) gives each item's rows exactly
+    what a K=1 controller gives the item alone: its attention maps and its LocalBlend."""
+    c = tiny_components
+    batch = P2PController(_edits(c, 10), c.latent_size)
+    singles = [P2PController([edit], c.latent_size) for edit in _edits(c, 10)]
+    heads, layer = 4, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    halves = 2 if has_uncond else 1
+    for controller in (batch, *singles):
+        controller.has_uncond = has_uncond
+    torch.manual_seed(0)
+    for step, is_cross, queries in ((0, True, 16), (0, False, 64), (5, True, 16), (5, False, 16), (9, False, 16)):
+        probs = torch.rand(halves, 2, 2, heads, queries, 77).softmax(-1)  # [uncond / cond, item, prompt, h, Q, L]
+        for controller in (batch, *singles):
+            controller.step = step
+        out = batch(probs.flatten(0, 3), is_cross, layer).view_as(probs)
+        for k, single in enumerate(singles):
+            alone = single(probs[:, k].flatten(0, 2), is_cross, layer).view_as(probs[:, k])
+            assert torch.equal(out[:, k], alone), (step, is_cross, k)
+    for k, single in enumerate(singles):  # the stored maps are the items' own, item-major
+        assert torch.equal(batch.store.maps()[2 * k:2 * k + 2], single.store.maps())
+    # LocalBlend on the stored (random, so not uniform) maps: each item's blend words, threshold and start step
+    latents = torch.randn(2, 2, 4, 16, 16)  # [item, prompt, C, h, w]
+    for step in (1, 5):  # item 1 blends from step int(0.25 * 10) = 2
+        for controller in (batch, *singles):
+            controller.step = step
+        blended = batch.step_callback(latents.flatten(0, 1)).view_as(latents)
+        for k, single in enumerate(singles):
+            assert torch.equal(blended[k], single.step_callback(latents[k]))
+        assert torch.equal(blended[:, 0], latents[:, 0])  # the sources
+        assert [torch.equal(blended[k, 1], latents[k, 1]) for k in range(2)] == [False, step < 2]
+
+
+def test_item_axis_denoises_stacked_items_like_separate_runs(tiny_components):
+    """The whole P2P loop (controlled UNet, CFG, the LocalBlend hook) on two stacked items equals two K=1 runs, to
+    float tolerance (the tiny UNet's near-uniform maps give full LocalBlend masks: the test above checks masks)."""
+    c = tiny_components
+    steps = 6
+    editor, _, _ = _setup(c, steps)
+    torch.manual_seed(1)
+    x_t = torch.randn(2, 1, 4, 16, 16)  # one start latent per item
+    uncond = [c.encode_prompts([""])] * steps
+
+    def run(x, prompts, controller):
+        text = c.encode_prompts(prompts)
+        return editor.guided_loop(x.expand(len(prompts), -1, -1, -1).clone(), text, uncond, controller,
+                                  lambda i, latents: controller.step_callback(latents))
+
+    prompts = [p for item_prompts, _, _ in ITEMS for p in item_prompts]
+    stacked = run(x_t.repeat_interleave(2, dim=0).flatten(0, 1), prompts, P2PController(_edits(c, steps),
+                                                                                           c.latent_size))
+    for k, edit in enumerate(_edits(c, steps)):
+        alone = run(x_t[k], ITEMS[k][0], P2PController([edit], c.latent_size))
+        rows = stacked[2 * k:2 * k + 2]
+        assert torch.allclose(rows, alone, atol=1e-4), (rows - alone).abs().max()
+    assert not torch.allclose(stacked[1], stacked[0], atol=1e-3)  # the edits did something
+
+
+def test_items_must_share_the_number_of_prompts(tiny_components):
+    c = tiny_components
+    three = make_edit([SRC, TGT, TGT], c.tokenizer, 10, c.blend_resolution, None)
+    with pytest.raises(ValueError, match="same number of prompts"):
+        P2PController([_edits(c, 10)[0], three], c.latent_size)
 
 
 def test_local_blend_mask_and_noop():

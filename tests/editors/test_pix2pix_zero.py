@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from editlab.editors.attention import controlled_attention
 from editlab.editors.base import EditRequest, build_editor
-from editlab.editors.p2p import controlled_attention
 from editlab.editors.pix2pix_zero import (
     CrossAttentionGuidance,
     Pix2PixZeroEditor,
