@@ -48,3 +48,11 @@ def from_prediction(pred: Prediction, kind: str, alpha: torch.Tensor, sigma: tor
     if kind == "flow":
         return pred.velocity
     raise ValueError(f"unknown prediction type {kind!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+
+
+def flow_velocity(out: torch.Tensor, kind: str, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+                  ) -> torch.Tensor:
+    """The rectified-flow velocity dz/dr of any model: with z = x / (alpha + sigma) and r = sigma / (alpha + sigma),
+    z = (1 - r) x0 + r eps for every schedule, so dz/dr = eps-hat - x0-hat of its prediction ``out`` at x. For a flow
+    model (alpha + sigma = 1) that is its output; for an epsilon model it is (eps-hat - z) / (1 - r)."""
+    return to_prediction(out, kind, x, alpha, sigma).velocity

@@ -104,6 +104,10 @@ class FlowSchedule:
     def noisier_than(self, sigma: float, fraction: float) -> bool:
         return sigma > fraction
 
+    def flow_time(self, sigma: float) -> torch.Tensor:
+        """Its own time: a flow model's coordinates already are the rectified-flow ones."""
+        return torch.as_tensor(sigma, dtype=torch.float64)
+
     def scales(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)  # cast to the latents' dtype where used
         return 1 - sigma, sigma

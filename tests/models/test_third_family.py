@@ -106,5 +106,12 @@ def test_ddim_editor_runs_on_it_and_is_euler_in_flow_coordinates(velocity_model)
 
 
 def test_editors_that_need_a_unet_refuse_it_naming_those_that_fit(velocity_model):
-    with pytest.raises(EditorConfigError, match="editors for velocity_test models: ddim, identity"):
+    with pytest.raises(EditorConfigError, match="editors for velocity_test models: ddim, flowedit, identity"):
         build_editor({"name": "ddim_p2p"}, velocity_model)
+
+
+def test_flowedit_runs_on_it_natively(velocity_model):
+    editor = build_editor({"name": "flowedit", "num_steps": 6, "n_max": 4}, velocity_model)
+    result = editor.edit(EditRequest(_image(), "a red square", "a blue square", seed=0))
+    assert result.edited.size == (64, 64) and result.nfe == 4
+    assert editor.flow_pairs[0][0] == pytest.approx(velocity_model.schedule.pairs(6)[2][0])  # r is sigma itself
