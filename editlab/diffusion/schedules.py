@@ -65,7 +65,11 @@ class FlowSchedule:
 
     ``shift`` bends the grid towards noise (sigma -> shift sigma / (1 + (shift - 1) sigma)); with ``dynamic`` the
     shift is exp(mu), mu linear in the image's token count between (``base_seq_len``, ``base_shift``) and
-    (``max_seq_len``, ``max_shift``) (FLUX). ``shift_terminal`` is left out: no supported family sets it.
+    (``max_seq_len``, ``max_shift``) (FLUX). ``seq_len`` is that count for the model's own resolution (a family's
+    schedule sets it; a call may pass another). ``grid`` is the unshifted grid: ``train``, the scheduler's own
+    (SD3's pipeline passes none), or ``uniform``, linspace(1, 1/N, N), which FLUX's pipelines pass whatever the
+    shift (schnell's is static); None: uniform when dynamic, else train. ``shift_terminal`` is left out: no
+    supported family sets it.
     """
 
     shift: float = 1.0
@@ -75,11 +79,19 @@ class FlowSchedule:
     max_shift: float = 1.15
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    seq_len: int | None = None
+    grid: str | None = None
+
+    def __post_init__(self):
+        if self.grid not in (None, "train", "uniform"):
+            raise ValueError(f"unknown flow grid {self.grid!r}; expected train or uniform")
 
     def shift_for(self, seq_len: int | None = None) -> float:
-        """The shift in effect for an image of ``seq_len`` latent tokens (needed when ``dynamic``)."""
+        """The shift in effect for an image of ``seq_len`` latent tokens (default: the schedule's own ``seq_len``;
+        needed when ``dynamic``)."""
         if not self.dynamic:
             return self.shift
+        seq_len = self.seq_len if seq_len is None else seq_len
         if seq_len is None:
             raise ValueError("this flow schedule shifts by resolution: pass the image's token count (seq_len)")
         slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
@@ -90,14 +102,15 @@ class FlowSchedule:
 
     def sigmas(self, num_steps: int, seq_len: int | None = None) -> list[float]:
         """``num_steps`` + 1 descending sigmas ending at 0, as ``FlowMatchEulerDiscreteScheduler.set_timesteps``
-        makes them: a static shift spans the train grid's shifted extremes and shifts again (SD3's double shift); a
-        dynamic one shifts linspace(1, 1/N, N) once (FLUX's pipelines pass that grid)."""
-        if self.dynamic:
+        makes them: the train grid spans the scheduler's train sigmas, which a static shift has shifted already, and
+        is shifted again (SD3's double shift); the uniform grid is shifted once."""
+        if (self.grid or ("uniform" if self.dynamic else "train")) == "uniform":
             grid = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
         else:
             steps = self.num_train_timesteps
-            train = self._shifted(torch.linspace(1.0, steps, steps, dtype=torch.float64).flip(0) / steps, self.shift)
-            grid = torch.linspace(float(train[0]), float(train[-1]), num_steps, dtype=torch.float64)  # shifted once
+            train = torch.linspace(1.0, steps, steps, dtype=torch.float64).flip(0) / steps
+            train = train if self.dynamic else self._shifted(train, self.shift)  # the scheduler shifts these if static
+            grid = torch.linspace(float(train[0]), float(train[-1]), num_steps, dtype=torch.float64)
         shifted = self._shifted(grid.float(), self.shift_for(seq_len))
         return [*map(float, shifted), 0.0]
 

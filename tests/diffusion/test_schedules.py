@@ -52,6 +52,22 @@ def test_dynamic_shift_grid_is_diffusers(seq_len):
         schedule.sigmas(28)
 
 
+def test_the_grid_is_chosen_apart_from_the_shift():
+    """The unshifted grid is the pipeline's choice: FLUX's pipelines pass linspace(1, 1/N, N) also to a static shift
+    (schnell), and a dynamic shift without it steps on the scheduler's own grid; a schedule's ``seq_len`` is the
+    default token count."""
+    reference = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    reference.set_timesteps(sigmas=[1.0 - k / 4 for k in range(4)])
+    torch.testing.assert_close(torch.tensor(FlowSchedule(grid="uniform").sigmas(4)), reference.sigmas, rtol=0, atol=0)
+    schedule = FlowSchedule(dynamic=True, grid="train", seq_len=1024)
+    reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    reference.set_timesteps(10, mu=math.log(schedule.shift_for()))
+    torch.testing.assert_close(torch.tensor(schedule.sigmas(10)), reference.sigmas, rtol=0, atol=1e-6)
+    assert schedule.sigmas(10) != schedule.sigmas(10, seq_len=4096)
+    with pytest.raises(ValueError, match="grid"):
+        FlowSchedule(grid="karras")
+
+
 def test_flow_scales_and_pairs():
     flow = FlowSchedule()
     alpha, sigma = flow.scales(0.25)
