@@ -2,11 +2,12 @@
 
 Whatever its family (`models.families`), a loaded model offers the same helpers: prompt conditioning
 (`conditioning`), image <-> latent (`encode_image` / `decode_latents`), the denoiser's native prediction in fp32
-(`predict`, of type `prediction_type`), its noise `schedule`, its resolution and device, and a call counter on the
-denoiser (`count_calls`). Samplers and editors work through these. The networks stay readable by name
-(``components.unet``, ``.vae``, ...) for the methods that need their internals (Prompt-to-Prompt's attention
-processors), but the object is frozen: an editor that needs another denoiser (iCD's teacher and adapters, NTI's fp32
-UNet) makes a derived model (`derive`) whose lifetime it owns, and the shared one is never reassigned.
+(`predict`, of type `prediction_type`), its default `guidance` (CFG, or FLUX-dev's embedded scale), its noise
+`schedule`, its resolution and device, and a call counter on the denoiser (`count_calls`). Samplers and editors
+work through these. The networks stay readable by name (``components.unet``, ``.vae``, ...) for the methods that
+need their internals (Prompt-to-Prompt's attention processors), but the object is frozen: an editor that needs
+another denoiser (iCD's teacher and adapters, NTI's fp32 UNet) makes a derived model (`derive`) whose lifetime it
+owns, and the shared one is never reassigned.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from editlab.diffusion.schedules import VPSchedule
 from editlab.models.conditioning import Conditioning, unconditional
 from editlab.models.errors import ModelLoadError, PromptTooLongError  # noqa: F401 - raised to callers from here
 from editlab.models.families import AttentionSite, Family
+from editlab.models.guidance import Guidance
 from editlab.models.images import to_model_pixels, to_uint8
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,6 +46,7 @@ class Components:
     resolution: int
     offload: str = "none"  # the offload mode in effect ("none" on CPU)
     force_zeros_for_empty_prompt: bool = False  # CFG's unconditional branch is zeros (the family's pipeline rule)
+    options: Mapping[str, Any] = field(default_factory=dict)  # the model config's settings its family reads
     pipeline: DiffusionPipeline | None = field(default=None, repr=False)  # owner of the offload hooks, if any
 
     def __post_init__(self) -> None:
@@ -123,6 +126,10 @@ class Components:
     def unconditional(self) -> Conditioning:
         """CFG's unconditional branch (`models.conditioning.unconditional`)."""
         return unconditional(self.conditioning, self.force_zeros_for_empty_prompt)
+
+    def guidance(self, uncond: Conditioning | None = None) -> Guidance:
+        """The family's default guided prediction (`Family.guidance`: CFG; FLUX-dev's embedded scale)."""
+        return self.family.guidance(self, uncond)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Token embeddings [B, L, D] of a family conditioned on them alone (`conditioning` otherwise)."""

@@ -1,4 +1,4 @@
-"""Prompt conditioning of the SD families, one shape for SD and SDXL, for editing and training alike."""
+"""Prompt conditioning of the model families, one shape for all, for editing and training alike."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ class Conditioning:
         return Conditioning(torch.cat([p.text for p in parts]), added)
 
 
+def token_ids(tokenizer, prompts: list[str], length: int, device: torch.device) -> torch.Tensor:
+    """The prompts' token ids [B, length], padded / truncated to ``length`` as diffusers' pipelines do (callers
+    check the length first)."""
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
 @torch.no_grad()
 def encode_conditioning(prompts: list[str], encoders: Sequence[tuple], resolution: int, device: torch.device,
                         dtype: torch.dtype) -> Conditioning:
@@ -40,9 +47,8 @@ def encode_conditioning(prompts: list[str], encoders: Sequence[tuple], resolutio
     tokenizer's length (editors check the length first)."""
     hidden, out = [], None
     for tokenizer, encoder in encoders:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        out = encoder(ids, output_hidden_states=len(encoders) > 1)
+        out = encoder(token_ids(tokenizer, prompts, tokenizer.model_max_length, device),
+                      output_hidden_states=len(encoders) > 1)
         hidden.append(out.hidden_states[-2] if len(encoders) > 1 else out[0])
     if len(encoders) == 1:
         return Conditioning(hidden[0].to(dtype))

@@ -49,7 +49,8 @@ def _build_local(family: Family, model: Mapping[str, Any]) -> dict[str, Any]:
     if arch not in archs:
         raise ModelLoadError(f"unknown model.arch={arch!r} for model.kind={model['kind']} of family "
                              f"{family.name}; known: {sorted(archs)}")
-    return archs[arch](model.get("seed", 0))
+    off = family.modules.keys() - family.modules_of(model).keys()  # built, then switched off by the config
+    return {name: module for name, module in archs[arch](model.get("seed", 0)).items() if name not in off}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def _load_pretrained(family: Family, model: Mapping[str, Any], dtype: torch.dtyp
             return cls.from_pretrained(source, **kwargs)
 
     modules: dict[str, Any] = {}
-    for name, cls in family.modules.items():
+    for name, cls in family.modules_of(model).items():
         key = family.standalone.get(name)
         if key and model.get(key):  # e.g. latent-consistency/lcm-ssd-1b, madebyollin/sdxl-vae-fp16-fix
             modules[name] = load(name, cls, local_or_hub(model[key], f"model.{key}"), f"model.{key}", None)
@@ -142,7 +143,7 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
         name=model["name"], family=family, modules=modules, scheduler=scheduler, device=device_, dtype=dtype,
         vae_dtype=vae_dtype, resolution=int(model["resolution"]),
         offload=_offload_mode(offload.get("mode", "none"), device_),
-        force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt(model),
+        force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt(model), options=family.options(model),
     )
     pipe = family.pipeline(components)
     if pipe is None:  # a family without a diffusers pipeline: no LoRA loader, no offload hooks

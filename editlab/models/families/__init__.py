@@ -20,6 +20,7 @@ import torch
 from editlab.diffusion.schedules import VPSchedule
 from editlab.models.conditioning import Conditioning
 from editlab.models.errors import ModelLoadError
+from editlab.models.guidance import Guidance
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -54,6 +55,15 @@ class Family:
         local builds (None), the family's default."""
         raise NotImplementedError
 
+    def modules_of(self, model: Mapping[str, Any]) -> dict[str, type]:
+        """The modules ``model`` loads: all of ``modules`` unless its config switches some off (SD3's ``t5``); the
+        others are None on the loaded model."""
+        return self.modules
+
+    def options(self, model: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings of ``model``'s config the family reads at run time (`Components.options`)."""
+        return {}
+
     def check(self, model: Mapping[str, Any], modules: Mapping[str, Any], scheduler: Any,
               vae_dtype: torch.dtype) -> None:
         """Refuse a loaded set of modules this family's code would run wrongly (raise `ModelLoadError`)."""
@@ -82,6 +92,18 @@ class Family:
     def predict(self, m: Components, x: torch.Tensor, t: Any, cond: torch.Tensor | Conditioning,
                 **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def guidance_kind(self, m: Components) -> str:
+        """How the family's models are guided by default (`models.guidance.KINDS`): two-pass CFG."""
+        return "cfg"
+
+    def guidance(self, m: Components, uncond: Conditioning | None = None) -> Guidance:
+        """The model's default guided prediction, classic units; ``cfg`` against ``uncond`` (default: the model's
+        unconditional branch)."""
+        kind = self.guidance_kind(m)
+        if kind == "cfg" and uncond is None:
+            uncond = m.unconditional()
+        return Guidance(m.predict, kind, "classic", uncond)
 
     def latent_channels(self, m: Components) -> int:
         return m.vae.config.latent_channels

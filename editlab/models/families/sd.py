@@ -25,6 +25,15 @@ def sd_scheduler(**overrides: Any) -> DDIMScheduler:
     return DDIMScheduler(**{**config, **overrides})
 
 
+def check_tokens(prompt: str, tokenizer, limit: int, encoder: str = "the text encoder") -> None:
+    """Raise `PromptTooLongError` for a prompt of more than ``limit`` tokens of ``tokenizer`` (which ``encoder``
+    would have to cut)."""
+    n = len(tokenizer(prompt).input_ids)
+    if n > limit:
+        raise PromptTooLongError(f"prompt has {n} tokens (with start/end tokens); {encoder} takes at most {limit}: "
+                                 f"{prompt!r}")
+
+
 @register
 class SD(Family):
     name = "sd"
@@ -53,12 +62,7 @@ class SD(Family):
 
     def check_prompt(self, m, prompt: str) -> None:
         for tokenizer, _ in self._encoders(m):
-            n, limit = len(tokenizer(prompt).input_ids), tokenizer.model_max_length
-            if n > limit:
-                raise PromptTooLongError(
-                    f"prompt has {n} tokens (with start/end tokens); the text encoder takes at most {limit}: "
-                    f"{prompt!r}"
-                )
+            check_tokens(prompt, tokenizer, tokenizer.model_max_length)
 
     @torch.no_grad()
     def encode(self, m, prompts: list[str]) -> Conditioning:
