@@ -1,5 +1,6 @@
 """Architectures built locally, with random weights: tiny ones for tests and the offline default run, and the
-full-size SD 1.5 / SDXL architectures for speed and memory benchmarks (random weights have the real cost)."""
+full-size SD 1.5 / SDXL architectures for speed and memory benchmarks (random weights have the real cost); and the
+parts the other families' builders share (CLIP and T5 text towers, the VAEs)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
 
 from editlab.models.tokenizers import CLIP_MAX_LENGTH, char_tokenizer
 
 SD_MODULES = ("unet", "vae", "text_encoder", "tokenizer")  # the order the SD-family builders return them in
 
 
-def _tiny_text_config(vocab_size: int, hidden: int, layers: int, heads: int, mlp: int, **extra: Any) -> CLIPTextConfig:
+def clip_text_config(vocab_size: int, hidden: int, layers: int, heads: int, mlp: int, **extra: Any) -> CLIPTextConfig:
+    """A CLIP text tower for `tokenizers.char_tokenizer` ids (start 0, end and padding 1)."""
     return CLIPTextConfig(**{
         "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers,
         "num_attention_heads": heads, "max_position_embeddings": CLIP_MAX_LENGTH, "bos_token_id": 0,
@@ -22,13 +24,48 @@ def _tiny_text_config(vocab_size: int, hidden: int, layers: int, heads: int, mlp
     })
 
 
-def _tiny_vae(**overrides: Any) -> AutoencoderKL:
+def clip_l_config(**extra: Any) -> CLIPTextConfig:
+    """OpenAI CLIP ViT-L/14's text tower (SD 1.x; the first encoder of SDXL, SD3 and FLUX)."""
+    return clip_text_config(49408, hidden=768, layers=12, heads=12, mlp=3072, **extra)
+
+
+def clip_g_config(**extra: Any) -> CLIPTextConfig:
+    """OpenCLIP ViT-bigG/14's text tower with its projection (the second encoder of SDXL and SD3)."""
+    return clip_text_config(49408, hidden=1280, layers=32, heads=20, mlp=5120, projection_dim=1280, hidden_act="gelu",
+                            **extra)
+
+
+def t5_config(vocab_size: int = 32128, tiny: bool = False) -> T5Config:
+    """T5 v1.1 XXL's encoder (SD3's third text encoder, FLUX's second: 4.76 B parameters), or a one-layer, 32-wide
+    stand-in of the same kind (gated GELU, relative positions) for `tokenizers.t5_char_tokenizer` ids."""
+    size = dict(d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4) if tiny else \
+        dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+    return T5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", tie_word_embeddings=False, **size)
+
+
+def tiny_vae(**overrides: Any) -> AutoencoderKL:
     """64² images <-> 4 x 16² latents (VAE factor 4)."""
     return AutoencoderKL(**{
         "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (16, 32, 32),
         "layers_per_block": 1, "down_block_types": ("DownEncoderBlock2D",) * 3,
         "up_block_types": ("UpDecoderBlock2D",) * 3, "norm_num_groups": 8, "sample_size": 64, **overrides,
     })
+
+
+def vae_arch(**overrides: Any) -> AutoencoderKL:
+    """The full-size VAE of SD 1.x, SDXL, SD3 and FLUX (factor 8; they differ in latent channels and scaling)."""
+    return AutoencoderKL(**{
+        "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, **overrides,
+    })
+
+
+def flow_vae(scaling_factor: float, shift_factor: float, tiny: bool = False) -> AutoencoderKL:
+    """SD3's and FLUX's VAE: 16 latent channels, no quant convolutions, latents (z - shift) x scale; ``tiny``: the
+    tiny VAE's shape (64² images <-> 16 x 16² latents)."""
+    options = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                   scaling_factor=scaling_factor, shift_factor=shift_factor)
+    return tiny_vae(**options) if tiny else vae_arch(sample_size=1024, **options)
 
 
 def build_tiny(seed: int = 0, in_channels: int = 4
@@ -45,9 +82,9 @@ def build_tiny(seed: int = 0, in_channels: int = 4
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae()
+    vae = tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37))
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37))
     return unet, vae, text_encoder, tokenizer
 
 
@@ -75,12 +112,12 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim, norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=False)  # like the fp16-fix SDXL VAE
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=False)  # like the fp16-fix SDXL VAE
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37))
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(
-        _tiny_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37, projection_dim=pooled_dim)
+        clip_text_config(len(tokenizer), hidden=32, layers=2, heads=4, mlp=37, projection_dim=pooled_dim)
     )
     torch.manual_seed(seed + 4)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
@@ -93,11 +130,8 @@ def build_sd15_arch(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL,
     """Stable Diffusion 1.5's architecture with random weights (the real compute and memory cost)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-    )
-    text_encoder = CLIPTextModel(_tiny_text_config(49408, hidden=768, layers=12, heads=12, mlp=3072))
+    vae = vae_arch(latent_channels=4, sample_size=512)
+    text_encoder = CLIPTextModel(clip_l_config())
     # The real CLIP BPE vocabulary lives on the hub; token ids are all the cost model needs.
     return unet, vae, text_encoder, char_tokenizer()
 
@@ -115,15 +149,10 @@ def build_sdxl_arch(seed: int = 0) -> dict[str, Any]:
         cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=6 * 256 + 1280,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-        scaling_factor=0.13025, force_upcast=False,  # stands in for the fp16-fix VAE
-    )
-    text_encoder = CLIPTextModel(_tiny_text_config(49408, hidden=768, layers=12, heads=12, mlp=3072))
-    text_encoder_2 = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG/14's text tower
-        _tiny_text_config(49408, hidden=1280, layers=32, heads=20, mlp=5120, projection_dim=1280, hidden_act="gelu")
-    )
+    vae = vae_arch(latent_channels=4, sample_size=1024, scaling_factor=0.13025,
+                   force_upcast=False)  # stands in for the fp16-fix VAE
+    text_encoder = CLIPTextModel(clip_l_config())
+    text_encoder_2 = CLIPTextModelWithProjection(clip_g_config())
     controlnet = ControlNetModel.from_unet(unet)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": char_tokenizer(),
             "text_encoder_2": text_encoder_2, "tokenizer_2": char_tokenizer(), "controlnet": controlnet}

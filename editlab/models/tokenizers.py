@@ -4,6 +4,8 @@
 end-of-word marker) and no merges, so every character is one token and distinct words get distinct ids. Tiny test
 models and full-size random-weight architectures use it, since the real CLIP vocabulary lives on the hub.
 `word_tokenizer(words)` adds merges to that vocabulary so that every given word is one token (the toy world's).
+`t5_char_tokenizer()` is T5's counterpart (a unigram model over printable ASCII characters and the word-start mark),
+for the T5 encoders of tiny and random-weight SD3 / FLUX models.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CLIP_MAX_LENGTH = 77
@@ -55,3 +57,11 @@ def word_tokenizer(words: Iterable[str], model_max_length: int = CLIP_MAX_LENGTH
             ranks[(parts[0], parts[1])] = len(ranks)
             vocab.setdefault(parts[0] + parts[1], len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
+
+
+def t5_char_tokenizer() -> T5Tokenizer:
+    """A `T5Tokenizer` (T5's ids: padding 0, end 1, unknown 2) whose pieces are the word-start mark and the printable
+    ASCII characters, all equally likely: every character is one token, a word is its mark and its letters, any
+    other character is unknown. No sentinel tokens (only T5's pre-training uses them)."""
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *map(chr, range(ord("!"), ord("~") + 1))]
+    return T5Tokenizer(vocab=[(piece, -1.0) for piece in pieces], extra_ids=0)

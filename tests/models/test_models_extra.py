@@ -92,13 +92,13 @@ def test_tiny_sdxl_components():
 
 
 def test_bad_arch_kind_family_raise_clear_errors():
-    with pytest.raises(ModelLoadError, match="model.arch='sd3'"):
-        load_components({**TINY_SDXL, "arch": "sd3"}, FP32, NO_OFFLOAD, "cpu")
+    with pytest.raises(ModelLoadError, match="model.arch='sd4'"):
+        load_components({**TINY_SDXL, "arch": "sd4"}, FP32, NO_OFFLOAD, "cpu")
     with pytest.raises(ModelLoadError, match="model.arch='nope'"):
         load_components({"name": "x", "kind": "random_arch", "arch": "nope", "resolution": 64}, FP32, NO_OFFLOAD,
                         "cpu")
-    with pytest.raises(ModelLoadError, match="model.family='flux'"):
-        load_components({"name": "x", "kind": "pretrained", "family": "flux", "path": "x/y", "resolution": 64}, FP32,
+    with pytest.raises(ModelLoadError, match="model.family='flux2'"):
+        load_components({"name": "x", "kind": "pretrained", "family": "flux2", "path": "x/y", "resolution": 64}, FP32,
                         NO_OFFLOAD, "cpu")
     with pytest.raises(ValueError, match="offload.mode='disk'"):
         load_components(TINY_SDXL, FP32, {"mode": "disk"}, "cpu")
