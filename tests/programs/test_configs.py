@@ -72,6 +72,17 @@ def test_without_the_tour_the_defaults_are_offline_tiny_ddim_p2p(hydra_conf):
     assert cfg.hydra.mode is None and cfg.editor.num_steps == 50
 
 
+@pytest.mark.parametrize(("model", "default"), [
+    *[(name, "bf16") for name in ("sd3", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sd3_arch",
+                                  "flux_arch")],
+    ("tiny_sd3", "fp32"), ("tiny_flux", "fp32"),  # CPU tests: bf16 is emulated there
+])
+def test_flow_transformer_models_choose_their_precision_and_the_command_line_wins(hydra_conf, model, default):
+    assert compose(config_name="run", overrides=["~experiment", f"model={model}"]).precision.name == default
+    cfg = compose(config_name="run", overrides=["~experiment", f"model={model}", "precision=fp16"])
+    assert (cfg.precision.name, cfg.precision.vae_dtype) == ("fp16", "float32")
+
+
 def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):
     cfg = compose(config_name="run", overrides=["~experiment", "dataset=pie_bench", "dataset.root=/data/PIE-Bench_v1"])
     assert cfg.metrics.structure.path == "facebook/dino-vitb8"
