@@ -191,12 +191,14 @@ class SD3(Family):
                              **kwargs)[0].float()
 
     def pipeline(self, m) -> StableDiffusion3Pipeline:
+        """The pipeline over the loaded modules (None for those switched off); it shares the scheduler, whose
+        stepping state nothing else reads (`schedule` reads its config)."""
         return self.pipeline_class(scheduler=m.scheduler, **{name: getattr(m, name) for name in self.modules})
 
     def attention_sites(self, m) -> list[AttentionSite]:
         """Every block's joint attention over [image ; text] tokens (cross: its keys include the text), and SD3.5's
         image-only second attention (``attn2``: not cross); their queries cover the image tokens' grid."""
-        side = m.latent_size // self.patch(m.transformer)
-        return [AttentionSite(name, m.transformer.get_submodule(name.removesuffix(".processor")).added_kv_proj_dim
-                              is not None, side)
-                for name in m.transformer.attn_processors]
+        side, transformer = m.latent_size // self.patch(m.transformer), m.transformer
+        joint = {name: transformer.get_submodule(name.removesuffix(".processor")).added_kv_proj_dim is not None
+                 for name in transformer.attn_processors}  # joint: the layer projects text tokens of its own
+        return [AttentionSite(name, cross, side) for name, cross in joint.items()]
