@@ -15,10 +15,11 @@ eps-hat - x0-hat (`diffusion.predictions.flow_velocity`), which is the epsilon f
       v(z; target, w_tar); the output is that z.
 3. Decode Z.
 
-Both velocities of a draw are one network call: rows [uncond x 2, source, target] under classic two-pass CFG with
-per-row scales (``source_guidance_scale`` / ``target_guidance_scale``, "" as the negative prompt), or the two rows
-alone where neither is guided. Cost: n_avg (n_max - n_min) + n_min calls. Noise comes from the request's seed (the
-original seeds once per run, so an item's result depended on its position in the run).
+Both velocities of a draw are one network call under the family's guidance with per-row scales
+(``source_guidance_scale`` / ``target_guidance_scale``): two-pass CFG with rows [uncond x 2, source, target] ("" as
+the negative prompt; the two rows alone where neither is guided), or FLUX-dev's embedded scale on the two rows
+(`editor=flowedit_flux`, the authors' FLUX settings). Cost: n_avg (n_max - n_min) + n_min calls. Noise comes from
+the request's seed (the original seeds once per run, so an item's result depended on its position in the run).
 
 Defaults are the authors' SD3 settings (T = 50, n_max = 33, CFG 3.5 / 13.5, n_avg = 1). On epsilon models the
 grid is the DDIM one (980 ... 0 at T = 50, r from 0.93), an editlab configuration the paper does not report.
@@ -33,7 +34,6 @@ from editlab.diffusion.schedules import FlowSchedule
 from editlab.diffusion.solver import euler_step, solve
 from editlab.editors.base import Editor, EditorConfigError, EditRequest, EditResult, register
 from editlab.models.conditioning import Conditioning
-from editlab.models.guidance import Guidance
 
 RECTIFIED = FlowSchedule()  # the Euler arithmetic in rectified-flow time r (alpha = 1 - r, sigma = r)
 
@@ -58,7 +58,7 @@ class FlowEditEditor(Editor):
                                     f"{n_min}, n_max={n_max}, num_steps={num_steps}, n_avg={n_avg}")
         self.n_min, self.n_avg = n_min, n_avg
         self.scales = torch.tensor([source_guidance_scale, target_guidance_scale])
-        self.guidance = Guidance(components.predict)
+        self.guidance = components.guidance()  # the family's: two-pass CFG, FLUX-dev's embedded scale
         # the model's times t of the edited steps and their flow times r (the last step ends at r = 0)
         schedule = components.schedule
         pairs = schedule.pairs(num_steps)[num_steps - n_max:]

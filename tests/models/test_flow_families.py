@@ -286,3 +286,21 @@ def test_full_size_architectures_have_their_parameter_counts():
     assert count["sd3", "vae"] == count["flux", "vae"] == 83_819_683  # the 16-channel VAE
     assert FAMILIES["sd3"].random_archs == {"sd3": build_sd3_arch}
     assert FAMILIES["flux"].random_archs == {"flux": build_flux_arch}
+
+
+def test_flowedit_runs_on_both_with_each_familys_guidance(sd3, flux):
+    """SD3: the four CFG rows in one call per step; FLUX-dev: the embedded scales on the [source, target] rows."""
+    request = EditRequest(_image(), "a red square", "a blue square", seed=0)
+    for m, scales in ((sd3, (3.5, 13.5)), (flux, (1.5, 5.5))):  # conf/editor/flowedit.yaml, flowedit_flux.yaml
+        editor = build_editor({"name": "flowedit", "num_steps": 6, "n_max": 4, "source_guidance_scale": scales[0],
+                               "target_guidance_scale": scales[1]}, m)
+        seen = []
+        hook = m.denoiser.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+        try:
+            result = editor.edit(request)
+        finally:
+            hook.remove()
+        assert result.nfe == 4 and result.edited.size == (64, 64)
+        if m is flux:
+            assert seen[0]["guidance"].tolist() == [1.5, 5.5]  # source, target: FLUX's guidance input per row
+        assert seen[0]["hidden_states"].shape[0] == (2 if m is flux else 4)
