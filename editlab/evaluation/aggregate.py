@@ -354,13 +354,16 @@ def report(folder: Path, dataset_root: Path | None = None, notes: list[str] = ()
 
 
 def _count_jobs(config) -> int:
-    """How many jobs the sweep's overrides (command line and ``hydra.sweeper.params``) expand to."""
+    """How many jobs the sweep's overrides (command line and ``hydra.sweeper.params``) expand to; as Hydra's sweeper
+    does, a key on the command line replaces the same key of the params (``run.py editor=npi,ddim`` over the tour)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     params = config.hydra.sweeper.get("params") or {}
-    overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    by_key = {o.key_or_group: o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()])}
+    by_key |= {o.key_or_group: o for o in parser.parse_overrides(list(config.hydra.overrides.task))}
     count = 1
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in by_key.values():
         if override.is_sweep_override():
             count *= len(list(override.sweep_string_iterator()))
     return count

@@ -117,7 +117,9 @@ def test_every_job_of_a_sweep_gets_the_sweeps_start_time():
 
 def test_the_sweep_bar_counts_every_job_of_the_sweep():
     cfg = config("experiment=toy_tour", hydra=True)
-    assert aggregate._count_jobs(cfg) == 9
+    assert aggregate._count_jobs(cfg) == 10
+    cfg.hydra.overrides.task = ["editor=npi,ddim"]  # the command line's editors replace the tour's list
+    assert aggregate._count_jobs(cfg) == 2
     cfg = config(*FAST, hydra=True)
     cfg.hydra.overrides.task = ["precision=fp32,bf16", "editor.num_steps=3,4,5"]
     assert aggregate._count_jobs(cfg) == 6
