@@ -56,14 +56,22 @@ from editlab.evaluation.backbones import (
     weights_path,
 )
 from editlab.evaluation.piebench import strip_brackets
-from editlab.evaluation.protocol import Metric, Sample
+from editlab.evaluation.protocol import Column, Metric, Sample
 from editlab.models.hub import hub_kwargs
 from editlab.models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
-ICD_METRIC_KEYS = ("clip_t", "clip_i", "dinov2", "image_reward", "lpips_vgg", "psnr_uint8")
-SET_METRIC_KEYS = ("fid",)
+# results.csv's columns, printed as they are (the iCD paper's tables do); FID is the job's, in set_metrics.json
+COLUMNS = (
+    Column("clip_t", higher_is_better=True),
+    Column("clip_i", higher_is_better=True),
+    Column("dinov2", higher_is_better=True),  # a similarity to the source
+    Column("image_reward", higher_is_better=True),
+    Column("lpips_vgg", higher_is_better=False),
+    Column("psnr_uint8", higher_is_better=True),
+)
+SET_COLUMNS = (Column("fid", higher_is_better=False),)
 
 DINOV2_PATH = "facebook/dinov2-base"
 IMAGE_REWARD_PATH = "THUDM/ImageReward"
@@ -236,9 +244,10 @@ class ICDPaperMetrics(Metric):
     """The iCD metric set; a backbone left as None makes its metrics NaN (listed in ``unavailable``). The source
     image is used where there is one (generation has none)."""
 
-    columns = ICD_METRIC_KEYS
+    columns = COLUMNS
     needs = frozenset({"edited", "prompts", "references"})
-    set_columns = SET_METRIC_KEYS
+    set_columns = SET_COLUMNS
+    headline = COLUMNS
 
     def __init__(
         self,
@@ -353,7 +362,7 @@ def build_icd_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: M
     def load(metric: str, source: str, hint: str, loader: Callable[[], Any]) -> Any:
         return try_load(metric, source, hint, loader, on_missing, names["on_missing"])
 
-    backbones: dict[str, str | None] = dict.fromkeys((*ICD_METRIC_KEYS, *SET_METRIC_KEYS))
+    backbones: dict[str, str | None] = dict.fromkeys((*COLUMNS, *SET_COLUMNS))
     backbones["psnr_uint8"] = "pixels (uint8)"
 
     clip = None

@@ -20,8 +20,6 @@ from transformers import (
 )
 
 from editlab.evaluation.metrics import (
-    METRIC_KEYS,
-    PAPER_SCALES,
     ClipScorer,
     KeyBackbone,
     PieBenchMetrics,
@@ -255,19 +253,23 @@ def test_compute_keys_and_unavailable(dino, clip, lpips_net):
     source, edited, mask = images()
     full = PieBenchMetrics(structure=dino, clip=clip, lpips=lpips_net)
     values = full.compute(source, edited, mask, "a cat", "a dog")
-    assert list(values) == list(METRIC_KEYS) and full.unavailable == []
+    assert list(values) == list(PieBenchMetrics.columns) and full.unavailable == []
     assert all(math.isfinite(v) for v in values.values())
     bare = PieBenchMetrics()
     values = bare.compute(source, edited, mask, "a cat", "a dog")
-    assert bare.unavailable == [k for k in METRIC_KEYS if k.startswith(("structure", "lpips", "clip"))]
+    assert bare.unavailable == [k for k in PieBenchMetrics.columns if k.startswith(("structure", "lpips", "clip"))]
     assert all(math.isnan(values[k]) for k in bare.unavailable)
     assert math.isfinite(values["psnr_unedit_part"])
 
 
 def test_paper_scales():
-    assert PAPER_SCALES["structure_distance"] == ("struct_x1e3", 1e3)
-    assert PAPER_SCALES["mse_unedit_part"] == ("mse_x1e4", 1e4)
-    assert set(PAPER_SCALES) < set(METRIC_KEYS) and "clip_similarity_source_image" not in PAPER_SCALES
+    """The columns as the PnP-Inversion paper prints them: its names and factors, in its order."""
+    printed = {c: (c.paper, c.factor) for c in PieBenchMetrics.columns if c.paper}
+    assert printed == {"structure_distance": ("struct_x1e3", 1e3), "psnr_unedit_part": ("psnr", 1.0),
+                       "lpips_unedit_part": ("lpips_x1e3", 1e3), "mse_unedit_part": ("mse_x1e4", 1e4),
+                       "ssim_unedit_part": ("ssim_x1e2", 1e2), "clip_similarity_target_image": ("clip_whole", 1.0),
+                       "clip_similarity_target_image_edit_part": ("clip_edited", 1.0)}
+    assert list(printed) == [c for c in PieBenchMetrics.columns if c != "clip_similarity_source_image"]
 
 
 def test_build_metrics_from_local_directories(tmp_path):
@@ -296,3 +298,4 @@ def test_build_metrics_missing_weights(tmp_path, caplog):
     assert "structure_distance" in caplog.text and missing in caplog.text
     with pytest.raises(ValueError, match="backbone"):
         build_metrics({"structure": {"backbone": "resnet"}})
+

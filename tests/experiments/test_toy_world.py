@@ -18,8 +18,9 @@ from transformers import CLIPTokenizer
 
 from editlab.diffusion.ddim import ddim_jump
 from editlab.editors.base import EditRequest, build_editor
-from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
+from editlab.evaluation.ground_truth import GroundTruthMetrics, ground_truth_metrics, load_ground_truth
 from editlab.evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
+from editlab.evaluation.protocol import Sample
 from editlab.evaluation.toyset import write_piebench
 from editlab.experiments.harness import load_editor
 from editlab.experiments.toy_build.judge import psnr
@@ -170,14 +171,22 @@ def test_ground_truth_metrics(tmp_path):
     entry = next(iter(json.loads((root / "mapping_file.json").read_text()).values()))
     target = np.asarray(Image.open(root / "ground_truth" / entry["image_path"]).convert("RGB"))
     source = np.asarray(Image.open(root / "annotation_images" / entry["image_path"]).convert("RGB"))
-    perfect = ground_truth_scores(root, entry["image_path"], target)
+    metric = GroundTruthMetrics()
+
+    def scores(image_path: str, edited: np.ndarray) -> dict[str, float]:
+        truth = load_ground_truth(root, image_path, edited)
+        (row,) = metric.score([Sample(edited, source, ground_truth=truth)])
+        assert list(row) == list(metric.columns)
+        return row
+
+    perfect = scores(entry["image_path"], target)
     assert math.isinf(perfect["gt_psnr"]) and perfect["gt_mse"] == 0
     assert perfect["gt_ssim"] == pytest.approx(1.0, abs=1e-3)  # torchmetrics' SSIM of identical images: 0.99975
     unedited = ground_truth_metrics(source, target)
     assert 0 < unedited["gt_mse"] and unedited["gt_ssim"] < 1 and math.isfinite(unedited["gt_psnr"])
-    missing = ground_truth_scores(root, "no/such.png", target)
-    assert set(missing) == set(GT_KEYS) and all(math.isnan(v) for v in missing.values())
-    small = ground_truth_scores(root, entry["image_path"], target[::2, ::2])  # resized like the harness does
+    assert load_ground_truth(root, "no/such.png", target) is None
+    assert all(math.isnan(v) for v in scores("no/such.png", target).values())
+    small = scores(entry["image_path"], target[::2, ::2])  # the truth resized like the harness does the source
     assert small["gt_psnr"] > 20
 
 
