@@ -279,22 +279,16 @@ def build_piebench_metrics(cfg: Mapping, device: str | torch.device = "cpu", nam
     off = (None, "none")
 
     structure = None
-    kind = structure_cfg.get("backbone", "dino")
-    if kind not in (*off, "dino", "clip_vision"):
-        raise ValueError(f"unknown structure backbone {kind!r}; use 'dino', 'clip_vision' or None")
-    if kind not in off:
-        path = structure_cfg.get("path") or (DINO_PATH if kind == "dino" else CLIP_PATH)
+    if (kind := structure_cfg.get("backbone", "dino")) not in off:
+        path = backbones.backbone_path(structure_cfg, kind, {"dino": DINO_PATH, "clip_vision": CLIP_PATH}, "structure")
         structure = backbones.try_load(
             "structure_distance", repr(path), backbones.HF_HINT(names["structure.path"]),
             lambda: _load_structure(kind, path, device, names["structure.path"]), on_missing, names["on_missing"],
         )
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in off:
-        clip = backbones.try_load(
-            "clip_similarity_*", repr(clip_path), backbones.HF_HINT(names["clip.path"]),
-            lambda: ClipScorer.from_pretrained(backbones.weights_path(clip_path), device, names["clip.path"]),
-            on_missing, names["on_missing"],
-        )
+        clip = backbones.load_clip(clip_path, "clip_similarity_*", device, names["clip.path"], on_missing,
+                                   names["on_missing"])
     lpips_model = None
     if (net := lpips_cfg.get("net", "squeeze")) not in off:
         cache = f"{torch.hub.get_dir()}/checkpoints"

@@ -50,8 +50,11 @@ from editlab.evaluation.backbones import (
     OFF,
     BackboneScores,
     ClipScorer,
+    backbone_path,
     check_on_missing,
+    load_clip,
     load_clip_vision,
+    processed,
     try_load,
     weights_path,
 )
@@ -102,9 +105,7 @@ class PooledImageEncoder:
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> torch.Tensor:
-        param = next(self.model.parameters())
-        pixels = self.processor(images=[Image.fromarray(np.asarray(image))], return_tensors="pt")["pixel_values"]
-        return self.model(pixel_values=pixels.to(param.device, param.dtype)).pooler_output[0].float()
+        return self.model(pixel_values=processed(image, self.processor, self.model)).pooler_output[0].float()
 
 
 def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: str) -> PooledImageEncoder:
@@ -367,18 +368,13 @@ def build_icd_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: M
 
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in OFF:
-        key = names["clip.path"]
-        clip = load("clip_t/clip_i", repr(clip_path), HF_HINT(key),
-                    lambda: ClipScorer.from_pretrained(weights_path(clip_path), device, key))
+        clip = load_clip(clip_path, "clip_t/clip_i", device, names["clip.path"], on_missing, names["on_missing"])
         if clip is not None:
             backbones["clip_t"] = backbones["clip_i"] = f"clip:{clip_path}"
 
     dinov2 = None
-    kind = dino_cfg.get("backbone", "dinov2")
-    if kind not in (*OFF, "dinov2", "clip_vision"):
-        raise ValueError(f"unknown dinov2 backbone {kind!r}; use 'dinov2', 'clip_vision' or None")
-    if kind not in OFF:
-        dino_path = dino_cfg.get("path") or (DINOV2_PATH if kind == "dinov2" else CLIP_PATH)
+    if (kind := dino_cfg.get("backbone", "dinov2")) not in OFF:
+        dino_path = backbone_path(dino_cfg, kind, {"dinov2": DINOV2_PATH, "clip_vision": CLIP_PATH}, "dinov2")
         key = names["dinov2.path"]
         dinov2 = load("dinov2", repr(dino_path), HF_HINT(key),
                       lambda: _load_pooled_encoder(kind, dino_path, device, key))

@@ -6,6 +6,7 @@ import lpips
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from transformers import (
@@ -19,7 +20,9 @@ from transformers import (
     ViTModel,
 )
 
+from editlab.evaluation.backbones import CLIP_PATH, backbone_path, load_clip, processed
 from editlab.evaluation.metrics import (
+    DINO_PATH,
     ClipScorer,
     KeyBackbone,
     PieBenchMetrics,
@@ -299,3 +302,27 @@ def test_build_metrics_missing_weights(tmp_path, caplog):
     with pytest.raises(ValueError, match="backbone"):
         build_metrics({"structure": {"backbone": "resnet"}})
 
+
+def test_backbone_sections_name_their_kind_and_path():
+    defaults = {"dino": DINO_PATH, "clip_vision": CLIP_PATH}
+    assert backbone_path({}, "dino", defaults, "structure") == DINO_PATH
+    assert backbone_path({"path": "/weights/clip"}, "clip_vision", defaults, "structure") == "/weights/clip"
+    assert backbone_path({}, "clip_vision", {"clip_vision": None}, "FID") is None
+    with pytest.raises(ValueError, match=r"^unknown structure backbone 'resnet'; use 'dino', 'clip_vision' or None$"):
+        backbone_path({}, "resnet", defaults, "structure")
+
+
+def test_load_clip_and_its_processed_pixels(tmp_path, caplog):
+    for part in tiny_clip_parts():
+        part.save_pretrained(tmp_path / "clip")
+    clip = load_clip(str(tmp_path / "clip"), "clip_t", "cpu", "metrics.clip.path", "error", "metrics.on_missing")
+    source, _, _ = images()
+    pixels = processed(source, clip.processor, clip.model)
+    expected = clip.processor(images=[Image.fromarray(source)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and torch.equal(pixels, expected)
+    assert clip.image_embeds(source).shape == (16,)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="clip_t.*nowhere.*metrics.clip.path.*metrics.on_missing=warn"):
+        load_clip(missing, "clip_t", "cpu", "metrics.clip.path", "error", "metrics.on_missing")
+    assert load_clip(missing, "clip_t", "cpu", "metrics.clip.path", "warn", "metrics.on_missing") is None
+    assert "clip_t is unavailable" in caplog.text
