@@ -47,6 +47,15 @@ class Brightness(Metric):
                 for s in samples]
 
 
+def sample(truth: bool = False) -> Sample:
+    """An 8x8 black source, its edit grey all over, the top half masked; ``truth``: the edit is its ground truth."""
+    source = np.zeros((8, 8, 3), np.uint8)
+    edited = np.full((8, 8, 3), 51, np.uint8)
+    mask = np.zeros((8, 8))
+    mask[:4] = 1
+    return Sample(edited, source, mask, "a cat", "a dog", "make it a dog", ground_truth=edited if truth else None)
+
+
 def build_brightness(cfg, device="cpu", names=None, prefix="metrics") -> Brightness:
     return Brightness(cfg["scale"])
 
@@ -60,12 +69,7 @@ def test_a_metric_in_a_test_file_combines_with_piebench():
     metrics = build_metrics({"sets": {"piebench": OFFLINE, "brightness": BRIGHTNESS}})
     assert isinstance(metrics, MetricSets) and metrics.columns == (*PIE, "brightness", "brightness_change")
     assert metrics.needs == {"source", "edited", "prompts", "mask"} and metrics.set_columns == ()
-    source = np.zeros((8, 8, 3), np.uint8)
-    edited = np.full((8, 8, 3), 51, np.uint8)
-    mask = np.zeros((8, 8))
-    mask[:4] = 1
-    sample = Sample(edited, source, mask, "a cat", "a dog", "make it a dog")
-    (row,) = metrics.score([sample])
+    (row,) = metrics.score([sample()])
     assert list(row) == list(metrics.columns) and row["brightness"] == pytest.approx(20)
     assert row["brightness_change"] == pytest.approx(20) and math.isfinite(row["psnr_unedit_part"])
     assert metrics.unavailable == [k for k in PIE if k.startswith(("structure", "lpips", "clip"))]
@@ -153,12 +157,7 @@ def test_the_sweep_report_shows_the_declared_headlines_in_order():
 def test_a_job_scores_its_metrics_then_the_ground_truth():
     metrics = with_ground_truth(build_metrics(OFFLINE))
     assert metrics.columns == (*PIE, "gt_psnr", "gt_ssim", "gt_mse") and "ground_truth" in metrics.needs
-    source = np.zeros((8, 8, 3), np.uint8)
-    edited = np.full((8, 8, 3), 51, np.uint8)
-    mask = np.zeros((8, 8))
-    mask[:4] = 1
-    with_truth, without = metrics.score([Sample(edited, source, mask, ground_truth=edited),
-                                         Sample(edited, source, mask)])
+    with_truth, without = metrics.score([sample(truth=True), sample()])
     assert math.isinf(with_truth["gt_psnr"]) and with_truth["gt_mse"] == 0
     assert all(math.isnan(without[c]) for c in GroundTruthMetrics.columns)
     assert with_truth["psnr_unedit_part"] == without["psnr_unedit_part"]
