@@ -43,7 +43,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.schedules import VPSchedule
-from editlab.diffusion.solver import consistency_step, solve
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import (
     ADAPTERS,
@@ -64,7 +63,7 @@ from editlab.icd.losses import (
     reverse_consistency,
     reverse_preservation,
 )
-from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.schedule import BoundarySchedule, consistency_jumps
 from editlab.icd.teacher import (
     GuidedUNet,
     add_guidance_embedding,
@@ -492,15 +491,15 @@ class ICDModule(FrozenPartsModule):
         noise_T = torch.randn(x0.shape, generator=generator).to(self.device)
         zeros = torch.zeros(x0.shape[0], device=self.device)
         fwd, rev, vp = self.eps_fn(FORWARD), self.eps_fn(REVERSE), VPSchedule(self.alphas_cumprod)
-
-        def jumps(x: torch.Tensor, pairs, eps_fn) -> torch.Tensor:
-            return solve(x, pairs, eps_fn, vp, step=consistency_step)[-1]
-
         x = add_noise(x0, noise, self.schedule.start, self.alphas_cumprod)
-        x_T = jumps(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros))
-        reconstruction = jumps(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros))
-        generation = jumps(noise_T, self.schedule.reverse_pairs(),
-                           lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)))
+        x_T = consistency_jumps(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), vp)
+        reconstruction = consistency_jumps(x_T, self.schedule.reverse_pairs(),
+                                           lambda i, x, t: rev(x, t, text, zeros), vp)
+
+        def guided(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
+            return rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device))
+
+        generation = consistency_jumps(noise_T, self.schedule.reverse_pairs(), guided, vp)
         self.switch.activate(REVERSE)
         return {"reconstruction": reconstruction, "generation": generation,
                 "latent_mse": (reconstruction - x0).pow(2).mean()}
