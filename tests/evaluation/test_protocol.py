@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from editlab.evaluation import aggregate
@@ -24,7 +23,6 @@ from editlab.evaluation.table_layouts import load_layouts
 from editlab.experiments.harness import run
 
 PIE = PieBenchMetrics.columns
-CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf"
 OFFLINE = {"structure": {"backbone": None}, "clip": {"path": None}, "lpips": {"net": None}, "on_missing": "warn"}
 BRIGHTNESS = {"kind": "test_protocol:build_brightness", "scale": 100}
 
@@ -60,11 +58,6 @@ def build_brightness(cfg, device="cpu", names=None, prefix="metrics") -> Brightn
     return Brightness(cfg["scale"])
 
 
-def compose_run(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("run", overrides=list(overrides))
-
-
 def test_a_metric_in_a_test_file_combines_with_piebench():
     metrics = build_metrics({"sets": {"piebench": OFFLINE, "brightness": BRIGHTNESS}})
     assert isinstance(metrics, MetricSets) and metrics.columns == (*PIE, "brightness", "brightness_change")
@@ -90,22 +83,21 @@ def test_metric_sets_keep_their_set_level_columns_and_refuse_shared_columns():
 
 @pytest.mark.parametrize("name", ["piebench", "icd_paper", "icd_paper_toy", "offline", "toy"])
 def test_every_metric_config_still_composes_flat(name):
-    metrics = compose_run(f"metrics={name}").metrics
+    metrics = compose_config(f"metrics={name}").metrics
     assert "sets" not in metrics and metrics.on_missing in ("error", "warn")
 
 
 def test_the_combined_config_lists_both_sets_and_names_their_keys(tmp_path):
-    metrics = OmegaConf.to_container(compose_run("metrics=piebench_icd_paper").metrics)
+    metrics = OmegaConf.to_container(compose_config("metrics=piebench_icd_paper").metrics)
     assert list(metrics["sets"]) == ["piebench", "icd_paper"] and metrics["sets"]["icd_paper"]["kind"] == "icd_paper"
     missing = {"clip": {"path": str(tmp_path / "nowhere")}, "on_missing": "error"}
     with pytest.raises(RuntimeError, match="metrics.sets.second.clip.path"):
         build_metrics({"sets": {"first": OFFLINE, "second": {**OFFLINE, **missing}}})
 
 
-def test_the_harness_writes_the_declared_columns_of_a_metric_list(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
-    cfg = compose_run("~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none",
-                      "dataset.limit=2", "metrics=offline")
+def test_the_harness_writes_the_declared_columns_of_a_metric_list(tmp_path, own_cache):
+    cfg = compose_config("~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none",
+                         "dataset.limit=2", "metrics=offline")
     cfg.metrics = {"sets": {"offline": OmegaConf.to_container(cfg.metrics), "brightness": BRIGHTNESS}}
     summary = run(cfg, tmp_path / "run", "g")
     header = (tmp_path / "run" / "results.csv").read_text().splitlines()[0].split(",")
