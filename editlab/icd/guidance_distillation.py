@@ -327,9 +327,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
             return [to_unit_range(vae_decode(self.vae, x)) for x in latents]
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        if (batch := self.validation_batch()) is None:
-            return {}
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
         with self.trainer.precision_plugin.forward_context(), self.exported_weights():
             text = self.encode_text(batch["captions"])
             x0 = self.encode_images(batch["pixels"].to(self.device), sample=False)

@@ -184,8 +184,8 @@ class FrozenPartsModule(pl.LightningModule):
     """What iCD's and guidance distillation's trainers share: the frozen VAE and text encoders of ``components``
     (never in train mode), caption and image encoding, the noise schedule, the optimizer step and gradient clipping
     after the AMP scaler unscaled the gradients, the run's counters (kept in checkpoints with the random states,
-    which a loaded checkpoint restores at the next batch) and when the subclass's `validate` runs: before the first
-    iteration and every ``validation_every`` iterations (0: never)."""
+    which a loaded checkpoint restores at the next batch) and validation: the subclass's `validate_on` the
+    datamodule's validation batch, before the first iteration and every ``validation_every`` iterations (0: never)."""
 
     def __init__(self, components: Components, optim: OptimSettings, validation_every: int = 0,
                  validation_seed: int = 0):
@@ -290,17 +290,19 @@ class FrozenPartsModule(pl.LightningModule):
         if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
             self.validate()
 
+    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """The validation metrics (also published with a picture, `publish_validation`); {} when there is no
-        `validation_batch`."""
-        raise NotImplementedError
-
-    def validation_batch(self) -> Mapping[str, Any] | None:
-        """The datamodule's validation batch, on the process that validates (rank zero); None without one or without
-        captions."""
+        """`validate_on` the datamodule's validation batch, on the process that validates (rank zero); {} without a
+        batch or without captions in it."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         batch = getattr(datamodule, "validation", None)
-        return batch if batch and batch["captions"] and self.trainer.is_global_zero else None
+        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
+            return {}
+        return self.validate_on(batch)
+
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """The validation metrics of ``batch`` (also published with a picture, `publish_validation`)."""
+        raise NotImplementedError
 
     def counters(self) -> dict[str, Any]:
         """The run's progress as a checkpoint keeps it: iterations, skipped samples, batches drawn, random states."""
@@ -505,9 +507,7 @@ class ICDModule(FrozenPartsModule):
                 "latent_mse": (reconstruction - x0).pow(2).mean()}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        if (batch := self.validation_batch()) is None:
-            return {}
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
         pixels = batch["pixels"].to(self.device)
         with self.trainer.precision_plugin.forward_context():
             out = self.round_trip(self.encode_images(pixels, sample=False), self.encode_text(batch["captions"]))
