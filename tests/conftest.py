@@ -3,10 +3,14 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
 # Tests never touch the network or a W&B server. Tiny models are overhead-bound: one thread is faster on 2 shared
 # cores (and subprocesses such as run.py inherit it).
@@ -15,9 +19,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+CONF = Path(__file__).resolve().parents[1] / "editlab" / "conf"
 TINY = {"name": "tiny", "kind": "tiny", "seed": 0, "resolution": 64}
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}
 NO_OFFLOAD = {"mode": "none"}
+# the colour swap the tiny model's editor tests make: source and target prompts, and their blend words
+PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
+BLEND = ("red", "blue")
+
+
+def random_image(seed: int = 0) -> Image.Image:
+    """A 64² image (the tiny model's resolution) of uniformly random pixels."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def compose_config(*overrides: str, name: str = "run", hydra: bool = False):
+    """The program's config (run.py's, or ``name="train"``) as Hydra composes it for these command-line overrides;
+    ``hydra``: with its ``hydra`` node."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """The test's own cache of generated benchmarks (EDITLAB_CACHE), so no test sees another's sets."""
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="session")

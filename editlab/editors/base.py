@@ -115,6 +115,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def pipeline_latents(pipe: Callable, generator: torch.Generator, num_steps: int, guidance_scale: float,
+                     **inputs: Any) -> torch.Tensor:
+    """The final latents (compute dtype) of a diffusers pipeline's ``num_steps`` steps at ``guidance_scale`` from
+    ``generator``'s noise, for an editor that samples with one: it stops before the pipeline's own decode, so the
+    editor decodes with the components' VAE (in ``precision.vae_dtype``, NaN-checked). ``inputs``: the pipeline's
+    others (prompt, image, ...)."""
+    return pipe(**inputs, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generator,
+                output_type="latent").images
+
+
 EDITORS: dict[str, type[Editor]] = {}
 
 

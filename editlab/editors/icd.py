@@ -35,13 +35,12 @@ import torch
 from PIL import Image
 
 from editlab.diffusion.ddim import add_noise
-from editlab.diffusion.solver import consistency_step, solve
 from editlab.editors.attention import controlled_attention
 from editlab.editors.base import Editor, EditRequest, EditResult, register
 from editlab.editors.p2p import P2PController, P2PSettings, make_controller
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import FORWARD, REVERSE, AdapterSwitch, FusedAdapterSwitch, attach_adapters, lora_parameters
-from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.schedule import BoundarySchedule, consistency_jumps
 from editlab.icd.teacher import load_cfg_distilled, warn_outside_w_range
 from editlab.models.conditioning import Conditioning
 from editlab.models.copies import own_copy
@@ -123,9 +122,6 @@ class ICDEditor(Editor):
         log.info("iCD: %s, guidance %s (w=%g code units, tau=%g), reverse %s, forward %s", method, mode_,
                  code_guidance_scale, tau, self.schedule.reverse_pairs(), self.schedule.forward_pairs())
 
-    def _solve(self, x: torch.Tensor, pairs, eps_fn, after=None) -> torch.Tensor:
-        """One consistency jump per pair (the jump to 0 lands on the clean latent)."""
-        return solve(x, pairs, eps_fn, self.components.schedule, step=consistency_step, after=after)[-1]
 
     # -- 2. inversion (forward model) -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,7 +130,8 @@ class ICDEditor(Editor):
         self.switch.activate(FORWARD)
         w = torch.zeros(x0.shape[0])
         x = add_noise(x0, noise, self.schedule.start, self.components.schedule.alphas_cumprod)
-        return self._solve(x, self.schedule.forward_pairs(), lambda i, x, t: self.eps(x, t, source, w))
+        return consistency_jumps(x, self.schedule.forward_pairs(), lambda i, x, t: self.eps(x, t, source, w),
+                                 self.components.schedule)
 
     # -- 3. decoding (reverse model) ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,8 +139,9 @@ class ICDEditor(Editor):
         """Plain generation / reconstruction: every row guided by the dynamic schedule. x_T [B, ...], B prompts."""
         self.switch.activate(REVERSE)
         rows = x_T.shape[0]
-        return self._solve(x_T, self.schedule.reverse_pairs(),
-                           lambda i, x, t: self.eps(x, t, prompts, self.policy.rows(t, rows)))
+        return consistency_jumps(x_T, self.schedule.reverse_pairs(),
+                                 lambda i, x, t: self.eps(x, t, prompts, self.policy.rows(t, rows)),
+                                 self.components.schedule)
 
     @torch.no_grad()
     def decode_p2p(self, x_T: torch.Tensor, prompts: Conditioning, controller: P2PController) -> torch.Tensor:
@@ -159,8 +157,8 @@ class ICDEditor(Editor):
 
         latents = x_T.expand(rows, -1, -1, -1).clone()
         with controlled_attention(self.components.unet, controller):
-            return self._solve(latents, self.schedule.reverse_pairs(), eps,
-                               after=lambda i, x: controller.step_callback(x))
+            return consistency_jumps(latents, self.schedule.reverse_pairs(), eps, self.components.schedule,
+                                     after=lambda i, x: controller.step_callback(x))
 
     @torch.no_grad()
     def decode_prompt_switch(self, x_T: torch.Tensor, prompts: Conditioning) -> torch.Tensor:
@@ -175,7 +173,7 @@ class ICDEditor(Editor):
         def eps(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
             return self.eps(x, t, source if t > threshold else target, self.policy.rows(t, 1))
 
-        return self._solve(x_T, self.schedule.reverse_pairs(), eps)
+        return consistency_jumps(x_T, self.schedule.reverse_pairs(), eps, self.components.schedule)
 
     def controller(self, prompts: list[str], blend_words: tuple[str, str] | None) -> P2PController:
         """The shared P2P controller (`make_controller`), its schedules counted in consistency steps (m)."""

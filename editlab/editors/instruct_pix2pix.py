@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
-from editlab.editors.base import Editor, EditRequest, EditResult, register
+from editlab.editors.base import Editor, EditRequest, EditResult, pipeline_latents, register
 from editlab.models.components import Components
 from editlab.models.loading import attach_pipeline
 
@@ -62,14 +62,10 @@ class InstructPix2PixEditor(Editor):
         self.pipe.set_progress_bar_config(disable=True)
         attach_pipeline(c, self.pipe)
 
-    @torch.no_grad()
     def sample(self, image_latents: torch.Tensor, instruction: str, generator: torch.Generator) -> torch.Tensor:
         """Unscaled image latents [1, 4, h, w] + instruction -> final latents [1, 4, h, w] (compute dtype)."""
-        return self.pipe(
-            prompt=instruction, image=image_latents, num_inference_steps=self.num_steps,
-            guidance_scale=self.guidance_scale, image_guidance_scale=self.image_guidance_scale,
-            generator=generator, output_type="latent",
-        ).images
+        return pipeline_latents(self.pipe, generator, self.num_steps, self.guidance_scale, prompt=instruction,
+                                image=image_latents, image_guidance_scale=self.image_guidance_scale)
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

@@ -27,7 +27,7 @@ from diffusers import ControlNetModel, LCMScheduler, StableDiffusionXLControlNet
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 from PIL import Image
 
-from editlab.editors.base import Editor, EditRequest, EditResult, register
+from editlab.editors.base import Editor, EditRequest, EditResult, pipeline_latents, register
 from editlab.models.components import Components, ModelLoadError, count_forward_calls
 from editlab.models.copies import own_copy
 from editlab.models.loading import attach_pipeline
@@ -112,15 +112,12 @@ class LCMControlNetEditor(Editor):
         if custom:
             raise ValueError(f"attention_slicing=true would replace the custom attention processors {custom}")
 
-    @torch.no_grad()
     def sample(self, prompt: str, control: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Target prompt + control image -> final latents [1, 4, h, w] (compute dtype)."""
         size = self.components.resolution
-        return self.pipe(
-            prompt=prompt, image=control, height=size, width=size, num_inference_steps=self.num_steps,
-            guidance_scale=self.guidance_scale, controlnet_conditioning_scale=self.controlnet_conditioning_scale,
-            generator=generator, output_type="latent",
-        ).images
+        return pipeline_latents(self.pipe, generator, self.num_steps, self.guidance_scale, prompt=prompt,
+                                image=control, height=size, width=size,
+                                controlnet_conditioning_scale=self.controlnet_conditioning_scale)
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components

@@ -31,18 +31,36 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from editlab.evaluation.files import atomic_write, atomic_write_text, current
-from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
+from editlab.evaluation.metrics import PieBenchMetrics
 from editlab.evaluation.piebench import EDIT_TYPES, strip_brackets
-from editlab.evaluation.summary import RUN_COLUMNS, format_summary, read_results, summarize
+from editlab.evaluation.protocol import Metric
+from editlab.evaluation.summary import COLUMNS, RUN_COLUMNS, SHIPPED, format_summary, read_results, summarize
 from editlab.evaluation.table_plots import log_to_wandb
 from editlab.evaluation.toyset import dataset_root
 
 log = logging.getLogger(__name__)
 
 COST_VIEW = (*RUN_COLUMNS, "n", "seconds", "nfe", "backward_passes", "peak_mem_mb")
-HEADLINE_VIEW = (*RUN_COLUMNS, "n", "clip_whole", "clip_gain", "clip_edited", "struct_x1e3", "psnr", "lpips_x1e3",
-                 "mse_x1e4", "ssim_x1e2", *ICD_METRIC_KEYS, "gt_psnr", "gt_ssim", "seconds", "nfe")
 BASELINE = "identity"  # the unedited source: the reference of clip_gain, listed first
+
+
+def _headlined(metric: type[Metric]) -> list[str]:
+    """The summary names of a shipped metric set's headline columns, in its order."""
+    return [COLUMNS[column].summary_name for column in metric.headline]
+
+
+def _headline_view() -> tuple[str, ...]:
+    """The run, its items, each shipped metric set's headline columns with the CLIP gain over the unedited baseline
+    beside the whole-image CLIP score, then the costs."""
+    shown = [name for metric in SHIPPED for name in _headlined(metric)]
+    shown.insert(shown.index("clip_whole") + 1, "clip_gain")
+    return (*RUN_COLUMNS, "n", *shown, "seconds", "nfe")
+
+
+HEADLINE_VIEW = _headline_view()
+# Left out of the headline when no run has a number (no true edits: no gt_*; no source image, as in generation, or no
+# backbone: no column of the iCD suite's). PIE-Bench's stay: NaN there says a backbone was off (metrics=toy: LPIPS).
+LEFT_OUT_EMPTY = [name for metric in SHIPPED if metric is not PieBenchMetrics for name in _headlined(metric)]
 
 
 def collect(folder: Path) -> pd.DataFrame:
@@ -68,8 +86,7 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
         if len(baseline) == 1:
             overall.insert(overall.columns.get_loc("clip_whole") + 1, "clip_gain",
                            overall["clip_whole"] - baseline.iloc[0])
-    # no true edits: no gt_*; no source image (generation) or no backbone: no column of the iCD suite's
-    empty = [c for c in ("gt_psnr", "gt_ssim", *ICD_METRIC_KEYS) if c in overall and overall[c].isna().all()]
+    empty = [c for c in LEFT_OUT_EMPTY if c in overall and overall[c].isna().all()]
     return overall[[c for c in HEADLINE_VIEW if c in overall and c not in empty]]
 
 

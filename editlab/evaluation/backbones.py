@@ -1,5 +1,6 @@
 """The learned backbones the metric sets share, loaded in one place: hub ids or local paths (`weights_path`), CLIP
-(`ClipScorer`, `load_clip_vision`), what a backbone that cannot be had does (`try_load`: stop, or NaN with a
+(`ClipScorer`, `load_clip`, `load_clip_vision`), which kind of backbone a section names and where it loads from
+(`backbone_path`), what a backbone that cannot be had does (`try_load`: stop, or NaN with a
 warning) and what one that gives a non-finite score does (`BackboneScores`: NaN, and a note on the row)."""
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def check_on_missing(cfg: Mapping) -> str:
     return on_missing
 
 
+def backbone_path(section: Mapping, kind: str, defaults: Mapping[str, str | None], what: str) -> str | None:
+    """Where a config section's ``kind`` of backbone loads from: the section's ``path``, else that kind's default in
+    ``defaults``, whose keys are the kinds there are (another kind is a ValueError naming them)."""
+    if kind not in defaults:
+        raise ValueError(f"unknown {what} backbone {kind!r}; use {', '.join(map(repr, defaults))} or None")
+    return section.get("path") or defaults[kind]
+
+
 def weights_path(path: str) -> str:
     """Hub ids pass through; local paths may be relative to the repository (shipped toy backbones)."""
     return str(resolve_local(path)) if is_local(path) else path
@@ -60,6 +69,22 @@ def try_load(metric: str, source: str, hint: str, loader: Callable[[], Any], on_
             raise RuntimeError(f"{message}, or set {on_missing_name}=warn to score without it (NaN).") from err
         log.warning("%s is unavailable, its values will be NaN. %s.", metric, message)
         return None
+
+
+def load_clip(path: str, metric: str, device: str | torch.device, key: str, on_missing: str,
+              on_missing_name: str) -> ClipScorer | None:
+    """`try_load` of the CLIP scorer at ``path`` (a hub id or a local folder) for ``metric``; ``key`` names the path's
+    setting in the messages."""
+    return try_load(metric, repr(path), HF_HINT(key),
+                    lambda: ClipScorer.from_pretrained(weights_path(path), device, key), on_missing, on_missing_name)
+
+
+def processed(image: np.ndarray, processor: Callable, model: torch.nn.Module) -> torch.Tensor:
+    """A uint8 HWC image as ``processor`` (a transformers image processor) prepares it for ``model``, on the model's
+    device and in its dtype: [1, 3, H, W]."""
+    param = next(model.parameters())
+    pixels = processor(images=[Image.fromarray(np.asarray(image))], return_tensors="pt")["pixel_values"]
+    return pixels.to(param.device, param.dtype)
 
 
 def _embedding(out: Any) -> torch.Tensor:
@@ -91,9 +116,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_embeds(self, image: np.ndarray) -> torch.Tensor:
-        param = next(self.model.parameters())
-        pixels = self.processor(images=[Image.fromarray(np.asarray(image))], return_tensors="pt")["pixel_values"]
-        return _embedding(self.model.get_image_features(pixel_values=pixels.to(param.device, param.dtype)))[0]
+        return _embedding(self.model.get_image_features(pixel_values=processed(image, self.processor, self.model)))[0]
 
     @torch.no_grad()
     def text_embeds(self, prompt: str) -> torch.Tensor:

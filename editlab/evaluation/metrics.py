@@ -25,34 +25,25 @@ from torchvision.transforms import Resize
 from editlab.evaluation import backbones
 from editlab.evaluation.backbones import CLIP_MEAN, CLIP_PATH, CLIP_STD, ClipScorer
 from editlab.evaluation.piebench import strip_brackets
-from editlab.evaluation.protocol import Metric, Sample
+from editlab.evaluation.protocol import Column, Metric, Sample
 from editlab.models.hub import hub_kwargs
 from editlab.models.safe_load import safe_loading
 
 DINO_PATH = "facebook/dino-vitb8"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-METRIC_KEYS = (
-    "structure_distance",
-    "psnr_unedit_part",
-    "lpips_unedit_part",
-    "mse_unedit_part",
-    "ssim_unedit_part",
-    "clip_similarity_source_image",
-    "clip_similarity_target_image",
-    "clip_similarity_target_image_edit_part",
+# results.csv's columns; summary.csv prints them as the PnP-Inversion paper's tables do (the ``paper`` names, scaled)
+COLUMNS = (
+    Column("structure_distance", higher_is_better=False, paper="struct_x1e3", factor=1e3),
+    Column("psnr_unedit_part", higher_is_better=True, paper="psnr"),
+    Column("lpips_unedit_part", higher_is_better=False, paper="lpips_x1e3", factor=1e3),
+    Column("mse_unedit_part", higher_is_better=False, paper="mse_x1e4", factor=1e4),
+    Column("ssim_unedit_part", higher_is_better=True, paper="ssim_x1e2", factor=1e2),
+    Column("clip_similarity_source_image"),  # the unedited source with its own prompt: context, not the edit's score
+    Column("clip_similarity_target_image", higher_is_better=True, paper="clip_whole"),
+    Column("clip_similarity_target_image_edit_part", higher_is_better=True, paper="clip_edited"),
 )
-
-# raw metric key -> (summary column, factor) as printed in the PnP-Inversion paper tables
-PAPER_SCALES: dict[str, tuple[str, float]] = {
-    "structure_distance": ("struct_x1e3", 1e3),
-    "psnr_unedit_part": ("psnr", 1.0),
-    "lpips_unedit_part": ("lpips_x1e3", 1e3),
-    "mse_unedit_part": ("mse_x1e4", 1e4),
-    "ssim_unedit_part": ("ssim_x1e2", 1e2),
-    "clip_similarity_target_image": ("clip_whole", 1.0),
-    "clip_similarity_target_image_edit_part": ("clip_edited", 1.0),
-}
+CLIP_COLUMNS = COLUMNS[5:]  # the three CLIP scores (one backbone)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,8 +196,12 @@ def clip_edit_part(clip: ClipScorer, image: np.ndarray, mask: np.ndarray, prompt
 class PieBenchMetrics(Metric):
     """The reference metric set; a backbone left as None makes its metrics NaN (listed in `unavailable`)."""
 
-    columns = METRIC_KEYS
+    columns = COLUMNS
     needs = frozenset({"source", "edited", "prompts", "mask"})
+    # the edit's CLIP scores lead (the report puts the gain over the unedited baseline beside the first), then the
+    # preservation of the rest
+    headline = ("clip_similarity_target_image", "clip_similarity_target_image_edit_part", "structure_distance",
+                "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part")
 
     def __init__(
         self,
@@ -220,8 +215,8 @@ class PieBenchMetrics(Metric):
     @property
     def unavailable(self) -> list[str]:
         backbones = {"structure_distance": self.structure, "lpips_unedit_part": self.lpips}
-        backbones |= dict.fromkeys(METRIC_KEYS[5:], self.clip)  # the three CLIP scores
-        return [key for key in METRIC_KEYS if key in backbones and backbones[key] is None]
+        backbones |= dict.fromkeys(CLIP_COLUMNS, self.clip)
+        return [key for key in self.columns if key in backbones and backbones[key] is None]
 
     def compute(
         self, source: np.ndarray, edited: np.ndarray, mask: np.ndarray, source_prompt: str, target_prompt: str,
@@ -240,10 +235,10 @@ class PieBenchMetrics(Metric):
             "ssim_unedit_part": ssim_unedit_part(source, edited, mask, self.device),
         }
         if (clip := self.clip) is None:
-            return out | dict.fromkeys(METRIC_KEYS[5:], nan)
+            return out | dict.fromkeys(CLIP_COLUMNS, nan)
         scores = (lambda: clip_score(clip, source, source_prompt), lambda: clip_score(clip, edited, target_prompt),
                   lambda: clip_edit_part(clip, edited, mask, target_prompt))
-        return out | {key: checked(key, score) for key, score in zip(METRIC_KEYS[5:], scores)}
+        return out | {key: checked(key, score) for key, score in zip(CLIP_COLUMNS, scores, strict=True)}
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
         return [self.compute(s.source, s.edited, s.mask, s.source_prompt, s.target_prompt, s.failures)
@@ -284,22 +279,16 @@ def build_piebench_metrics(cfg: Mapping, device: str | torch.device = "cpu", nam
     off = (None, "none")
 
     structure = None
-    kind = structure_cfg.get("backbone", "dino")
-    if kind not in (*off, "dino", "clip_vision"):
-        raise ValueError(f"unknown structure backbone {kind!r}; use 'dino', 'clip_vision' or None")
-    if kind not in off:
-        path = structure_cfg.get("path") or (DINO_PATH if kind == "dino" else CLIP_PATH)
+    if (kind := structure_cfg.get("backbone", "dino")) not in off:
+        path = backbones.backbone_path(structure_cfg, kind, {"dino": DINO_PATH, "clip_vision": CLIP_PATH}, "structure")
         structure = backbones.try_load(
             "structure_distance", repr(path), backbones.HF_HINT(names["structure.path"]),
             lambda: _load_structure(kind, path, device, names["structure.path"]), on_missing, names["on_missing"],
         )
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in off:
-        clip = backbones.try_load(
-            "clip_similarity_*", repr(clip_path), backbones.HF_HINT(names["clip.path"]),
-            lambda: ClipScorer.from_pretrained(backbones.weights_path(clip_path), device, names["clip.path"]),
-            on_missing, names["on_missing"],
-        )
+        clip = backbones.load_clip(clip_path, "clip_similarity_*", device, names["clip.path"], on_missing,
+                                   names["on_missing"])
     lpips_model = None
     if (net := lpips_cfg.get("net", "squeeze")) not in off:
         cache = f"{torch.hub.get_dir()}/checkpoints"

@@ -50,20 +50,31 @@ from editlab.evaluation.backbones import (
     OFF,
     BackboneScores,
     ClipScorer,
+    backbone_path,
     check_on_missing,
+    load_clip,
     load_clip_vision,
+    processed,
     try_load,
     weights_path,
 )
 from editlab.evaluation.piebench import strip_brackets
-from editlab.evaluation.protocol import Metric, Sample
+from editlab.evaluation.protocol import Column, Metric, Sample
 from editlab.models.hub import hub_kwargs
 from editlab.models.safe_load import safe_loading
 
 log = logging.getLogger(__name__)
 
-ICD_METRIC_KEYS = ("clip_t", "clip_i", "dinov2", "image_reward", "lpips_vgg", "psnr_uint8")
-SET_METRIC_KEYS = ("fid",)
+# results.csv's columns, printed as they are (the iCD paper's tables do); FID is the job's, in set_metrics.json
+COLUMNS = (
+    Column("clip_t", higher_is_better=True),
+    Column("clip_i", higher_is_better=True),
+    Column("dinov2", higher_is_better=True),  # a similarity to the source
+    Column("image_reward", higher_is_better=True),
+    Column("lpips_vgg", higher_is_better=False),
+    Column("psnr_uint8", higher_is_better=True),
+)
+SET_COLUMNS = (Column("fid", higher_is_better=False),)
 
 DINOV2_PATH = "facebook/dinov2-base"
 IMAGE_REWARD_PATH = "THUDM/ImageReward"
@@ -94,9 +105,7 @@ class PooledImageEncoder:
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> torch.Tensor:
-        param = next(self.model.parameters())
-        pixels = self.processor(images=[Image.fromarray(np.asarray(image))], return_tensors="pt")["pixel_values"]
-        return self.model(pixel_values=pixels.to(param.device, param.dtype)).pooler_output[0].float()
+        return self.model(pixel_values=processed(image, self.processor, self.model)).pooler_output[0].float()
 
 
 def _load_pooled_encoder(kind: str, path: str, device: str | torch.device, key: str) -> PooledImageEncoder:
@@ -236,9 +245,10 @@ class ICDPaperMetrics(Metric):
     """The iCD metric set; a backbone left as None makes its metrics NaN (listed in ``unavailable``). The source
     image is used where there is one (generation has none)."""
 
-    columns = ICD_METRIC_KEYS
+    columns = COLUMNS
     needs = frozenset({"edited", "prompts", "references"})
-    set_columns = SET_METRIC_KEYS
+    set_columns = SET_COLUMNS
+    headline = COLUMNS
 
     def __init__(
         self,
@@ -353,23 +363,18 @@ def build_icd_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: M
     def load(metric: str, source: str, hint: str, loader: Callable[[], Any]) -> Any:
         return try_load(metric, source, hint, loader, on_missing, names["on_missing"])
 
-    backbones: dict[str, str | None] = dict.fromkeys((*ICD_METRIC_KEYS, *SET_METRIC_KEYS))
+    backbones: dict[str, str | None] = dict.fromkeys((*COLUMNS, *SET_COLUMNS))
     backbones["psnr_uint8"] = "pixels (uint8)"
 
     clip = None
     if (clip_path := clip_cfg.get("path", CLIP_PATH)) not in OFF:
-        key = names["clip.path"]
-        clip = load("clip_t/clip_i", repr(clip_path), HF_HINT(key),
-                    lambda: ClipScorer.from_pretrained(weights_path(clip_path), device, key))
+        clip = load_clip(clip_path, "clip_t/clip_i", device, names["clip.path"], on_missing, names["on_missing"])
         if clip is not None:
             backbones["clip_t"] = backbones["clip_i"] = f"clip:{clip_path}"
 
     dinov2 = None
-    kind = dino_cfg.get("backbone", "dinov2")
-    if kind not in (*OFF, "dinov2", "clip_vision"):
-        raise ValueError(f"unknown dinov2 backbone {kind!r}; use 'dinov2', 'clip_vision' or None")
-    if kind not in OFF:
-        dino_path = dino_cfg.get("path") or (DINOV2_PATH if kind == "dinov2" else CLIP_PATH)
+    if (kind := dino_cfg.get("backbone", "dinov2")) not in OFF:
+        dino_path = backbone_path(dino_cfg, kind, {"dinov2": DINOV2_PATH, "clip_vision": CLIP_PATH}, "dinov2")
         key = names["dinov2.path"]
         dinov2 = load("dinov2", repr(dino_path), HF_HINT(key),
                       lambda: _load_pooled_encoder(kind, dino_path, device, key))

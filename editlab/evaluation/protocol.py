@@ -1,10 +1,15 @@
 """What a metric is to the harness, the scoring CLI and the reports, so that a new metric is one file and one config.
 
-A `Metric` (one score, or a set sharing its backbones) declares its ``columns`` in results.csv's order, what it
-``needs`` of a `Sample` (`NEEDS`: a metric needing the source image cannot score a generation), which columns it
-cannot compute (``unavailable``: a backbone switched off or missing is NaN, never faked), and scores a batch of
+A `Metric` (one score, or a set sharing its backbones) declares its ``columns`` in results.csv's order (each a
+`Column`: its name, whether higher is better, how summaries print it; a plain string is a column with none of these),
+what it ``needs`` of a `Sample` (`NEEDS`: a metric needing the source image cannot score a generation), which columns
+it cannot compute (``unavailable``: a backbone switched off or missing is NaN, never faked), and scores a batch of
 samples, one row each. One with set-level scores (FID) also declares ``set_columns`` and scores the job's saved
-outputs against reference images in ``finish``.
+outputs against reference images in ``finish``; ``headline`` names the columns the sweep report shows.
+
+Summaries and reports read results files, not metrics: they know the declarations of the metric sets editlab ships
+(`evaluation.summary.SHIPPED`, the ground-truth comparison included); another metric's columns are averaged under
+their own names.
 
 ``metrics=<name>`` picks conf/metrics/<name>.yaml, whose ``kind`` (absent: piebench) is a name in `BUILDERS` or a
 ``module:function`` path to a builder ``(cfg, device, names, prefix) -> Metric``; a config with ``sets`` (one entry
@@ -25,6 +30,27 @@ NEEDS = frozenset({"source", "edited", "prompts", "instruction", "mask", "ground
 # metric kind -> its builder; a config may also name any "module:function"
 BUILDERS = {"piebench": "editlab.evaluation.metrics:build_piebench_metrics",
             "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics"}
+
+
+class Column(str):
+    """A metric's column: its name in results.csv (a Column is that string, so it keys rows and frames as the name
+    does), whether a higher value is better (None: neither, a score kept for context), and how summary.csv prints it
+    as the papers' tables do: under the name ``paper`` and times ``factor`` (PIE-Bench's ``structure_distance`` is
+    ``struct_x1e3``, its value x 1000); without ``paper``, under its own name and unscaled."""
+
+    higher_is_better: bool | None
+    paper: str
+    factor: float
+
+    def __new__(cls, name: str, higher_is_better: bool | None = None, paper: str = "", factor: float = 1.0) -> Column:
+        column = super().__new__(cls, name)
+        column.higher_is_better, column.paper, column.factor = higher_is_better, paper, factor
+        return column
+
+    @property
+    def summary_name(self) -> str:
+        """Its name in summary.csv."""
+        return self.paper or str(self)
 
 
 @dataclass
@@ -49,6 +75,7 @@ class Metric:
     columns: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset({"edited"})
     set_columns: tuple[str, ...] = ()
+    headline: tuple[str, ...] = ()  # of its columns, those the sweep report's line per run shows, in that order
 
     @property
     def unavailable(self) -> list[str]:
@@ -74,6 +101,7 @@ class MetricSets(Metric):
         self.metrics = list(metrics)
         self.columns = tuple(c for m in self.metrics for c in m.columns)
         self.set_columns = tuple(c for m in self.metrics for c in m.set_columns)
+        self.headline = tuple(c for m in self.metrics for c in m.headline)
         self.needs = frozenset().union(*(m.needs for m in self.metrics))
         if len(set(self.columns + self.set_columns)) < len(self.columns + self.set_columns):
             raise ValueError(f"metric sets with a column in common: {', '.join(self.columns + self.set_columns)}")

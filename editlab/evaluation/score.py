@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from editlab.evaluation.backbones import CLIP_PATH, failure_notes
 from editlab.evaluation.files import atomic_write
-from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_scores
+from editlab.evaluation.ground_truth import load_ground_truth, with_ground_truth
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, load_rgb_image
 from editlab.evaluation.protocol import Metric, Sample, build_metrics
 from editlab.evaluation.summary import format_summary, summarize
@@ -70,13 +70,13 @@ def fit_to_source(edit: Image.Image, size: tuple[int, int]) -> tuple[Image.Image
 
 
 def columns(metrics: Metric) -> list[str]:
-    """The scores CSV's columns: the metrics' own, then the ground-truth ones."""
-    return ["image_id", "edit_type", *metrics.columns, *GT_KEYS, "error", "note"]
+    """The scores CSV's columns: the metrics' own (the ground-truth ones last, `with_ground_truth`)."""
+    return ["image_id", "edit_type", *metrics.columns, "error", "note"]
 
 
 def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metrics: Metric) -> dict[str, Any]:
     row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type}
-    row |= {key: float("nan") for key in (*metrics.columns, *GT_KEYS)}
+    row |= {key: float("nan") for key in metrics.columns}
     notes = []
     try:
         source, note = load_rgb_image(dataset.image_file(item))
@@ -89,11 +89,11 @@ def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metric
         edit, note = fit_to_source(edit, source.size)
         notes.append(note)
         mask = dataset.load_mask(item, source.height, source.width)
-        sample = Sample(np.asarray(edit), np.asarray(source), mask, item.source_prompt, item.target_prompt,
-                        item.instruction)
+        edited = np.asarray(edit)
+        sample = Sample(edited, np.asarray(source), mask, item.source_prompt, item.target_prompt, item.instruction,
+                        load_ground_truth(dataset.root, item.image_path, edited))
         row |= metrics.score([sample])[0]
         notes += failure_notes(sample.failures)
-        row |= ground_truth_scores(dataset.root, item.image_path, np.asarray(edit))  # NaN without ground_truth/
         row["error"] = ""
     except Exception as err:  # one bad item must not end a 700-item run; it is reported in the CSV instead
         row["error"] = f"{type(err).__name__}: {err}"
@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None, metrics: Metric | None = None) -> pd
             )
         except RuntimeError as err:  # a backbone that cannot be loaded: the message names the flag to set
             raise SystemExit(f"error: {err}") from err
+    metrics = with_ground_truth(metrics)
     rows = [score_item(item, dataset, args.edits, metrics) for item in tqdm(dataset, desc="scoring", unit="edit")]
     results = pd.DataFrame(rows, columns=columns(metrics))
 

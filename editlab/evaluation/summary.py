@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from editlab.evaluation.metrics import METRIC_KEYS, PAPER_SCALES
+from editlab.evaluation.ground_truth import GroundTruthMetrics
+from editlab.evaluation.metrics import PieBenchMetrics
+from editlab.evaluation.paper_metrics import ICDPaperMetrics
+from editlab.evaluation.protocol import Column
 
+# The metric sets editlab ships. A summary reads results.csv alone, so it knows their columns by name, with how to
+# print them (`Column`); another metric's numeric columns are averaged under their own names.
+SHIPPED = (PieBenchMetrics, ICDPaperMetrics, GroundTruthMetrics)
+COLUMNS: dict[str, Column] = {c: c for metric in SHIPPED for c in (*metric.columns, *metric.set_columns)}
 # a run is identified by these (those present are group keys); the other non-metric columns are per-item labels
 RUN_COLUMNS = ("run", "editor", "model", "precision")
 ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "inputs", "image_id", "image_path")
@@ -60,10 +67,10 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     those keys is used only when present, so a sweep's concatenated results summarise in one table."""
     ok = _succeeded(results).copy()
     ok["edit_type"] = ok["edit_type"].astype(str)
-    known = [*METRIC_KEYS, *COST_COLUMNS]  # always numbers, even when a column is empty or all NaN
+    known = [*PieBenchMetrics.columns, *COST_COLUMNS]  # always numbers, even when a column is empty or all NaN
     numeric = [c for c in ok.columns if c in known or c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(ok[c])]
-    metrics = [c for c in PAPER_SCALES if c in numeric]
-    metrics += [c for c in numeric if c not in PAPER_SCALES and c not in COST_COLUMNS]
+    paper = [c for c in COLUMNS.values() if c.paper and c in numeric]  # first, in the papers' order
+    metrics = [*paper, *(c for c in numeric if c not in paper and c not in COST_COLUMNS)]
     costs = [c for c in COST_COLUMNS if c in numeric]
 
     psnr = ok["psnr_unedit_part"].astype(float) if "psnr_unedit_part" in ok else pd.Series(np.nan, index=ok.index)
@@ -73,10 +80,9 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     for key in metric_gaps(ok, tuple(metrics)):  # a metric that failed for some items: how many its mean is over
         counts[f"n_{key}"] = (~_failed_metric(ok, key)).astype(int)
     values = ok[metrics + costs].astype(float).replace([np.inf, -np.inf], np.nan)
-    for raw, (column, factor) in PAPER_SCALES.items():
-        if raw in values:
-            values[raw] *= factor
-    values = values.rename(columns={raw: column for raw, (column, _) in PAPER_SCALES.items()})
+    for column in paper:
+        values[column] *= column.factor
+    values = values.rename(columns={column: column.paper for column in paper})
     keys = [c for c in RUN_COLUMNS if c in ok]
     frame = pd.concat([ok[[*keys, "edit_type"]], counts, values], axis=1)
 

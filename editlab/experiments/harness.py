@@ -2,9 +2,10 @@
 
 ``task`` says what is done to each item: ``edit`` (source image + prompts -> edit), ``inversion`` (source image ->
 the method's inversion -> decoded back with the source prompt: the reconstruction), ``generation`` (the item's
-caption -> a generated image). The metrics compare the source with the output (none for generation); metric sets
-with set-level scores (FID) score the job's saved outputs against the dataset's source images at the end
-(``set_metrics.json``, and the ``fid`` column of the summary's ``all`` row).
+caption -> a generated image). The metrics compare the source with the output (none for generation), and an edit
+with the benchmark's true edit where it ships one (`with_ground_truth`, NaN otherwise); metric sets with set-level
+scores (FID) score the job's saved outputs against the dataset's source images at the end (``set_metrics.json``,
+and the ``fid`` column of the summary's ``all`` row).
 
 Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
 on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from editlab.editors.base import TASKS, EditRequest, build_editor
 from editlab.evaluation.backbones import failure_notes
 from editlab.evaluation.files import atomic_write
-from editlab.evaluation.ground_truth import ground_truth_scores
+from editlab.evaluation.ground_truth import load_ground_truth, with_ground_truth
 from editlab.evaluation.icd_benchmark import IcdCsvDataset
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from editlab.evaluation.protocol import Sample, build_metrics
@@ -186,12 +187,11 @@ def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor
                    peak_mem_mb=peak_memory_mb(components.device))
         output = np.asarray(result.edited)
         source = None if image is None else np.asarray(image)
-        sample = Sample(output, source, mask, item.source_prompt, target, item.instruction)
+        truth = load_ground_truth(dataset.root, item.image_path, output) if task == "edit" else None
+        sample = Sample(output, source, mask, item.source_prompt, target, item.instruction, truth)
         row.update(metrics.score([sample])[0])
         notes += failure_notes(sample.failures)
         row["note"] = "; ".join(n for n in notes if n)
-        if task == "edit":
-            row.update(ground_truth_scores(dataset.root, item.image_path, output))
         return Outcome(row, image, result.edited)
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
@@ -264,7 +264,8 @@ def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
     try:
         # no code runs from a weights file: load_components, build_editor and build_metrics load safely themselves
         editor = load_editor(cfg, job_device(cfg.device, job_num))
-        metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True), editor.components.device)
+        metrics = with_ground_truth(build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True),
+                                                  editor.components.device))
         task = task_name(cfg)
         if task not in editor.tasks:
             raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "

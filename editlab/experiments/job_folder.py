@@ -37,8 +37,8 @@ from editlab.evaluation.files import (
     atomic_write_json,
     remove_orphans,
 )
-from editlab.evaluation.ground_truth import GT_KEYS
-from editlab.evaluation.metrics import METRIC_KEYS
+from editlab.evaluation.ground_truth import GroundTruthMetrics
+from editlab.evaluation.metrics import PieBenchMetrics
 from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path
 from editlab.evaluation.summary import read_results
 from editlab.evaluation.toyset import dataset_root
@@ -180,9 +180,10 @@ class OutputGuard(Callback):
 # ---------------------------------------------------------------------------------------------------------------------
 # results.csv
 
-def result_columns(metric_keys: tuple[str, ...] = METRIC_KEYS) -> tuple[str, ...]:
-    """The columns of results.csv for a metric set (PIE-Bench's by default)."""
-    return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_keys, *GT_KEYS,
+def result_columns(metric_columns: tuple[str, ...] = (*PieBenchMetrics.columns, *GroundTruthMetrics.columns)
+                   ) -> tuple[str, ...]:
+    """The columns of results.csv for a job's metrics (by default PIE-Bench's and the ground truth's)."""
+    return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_columns,
             "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note", "inputs")
 
 

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,7 +44,7 @@ from editlab.diffusion.schedules import VPSchedule
 from editlab.diffusion.solver import solve
 from editlab.icd.lora import lora_config
 from editlab.icd.teacher import add_guidance_embedding
-from editlab.icd.training import FrozenPartsModule, OptimSettings, labelled_grid, rng_states
+from editlab.icd.training import FrozenPartsModule, OptimSettings, labelled_grid
 from editlab.models.components import Components, vae_decode
 from editlab.models.conditioning import Conditioning
 from editlab.models.guidance import Guidance, unet_guidance
@@ -166,10 +165,9 @@ class GuidanceDistillationModule(FrozenPartsModule):
                              f"inputs={settings.inputs!r}: expected one of {VARIANTS} / {TIMESTEPS} / {INPUTS}")
         if settings.trajectory_steps < 1:
             raise ValueError(f"train.guidance.trajectory_steps={settings.trajectory_steps} must be >= 1")
-        super().__init__(components, optim)
+        super().__init__(components, optim, validation_every, validation_seed)
         self.settings, self.mixture = settings, settings.mixture
         self.latent_size = components.latent_size
-        self.validation_every, self.validation_seed = validation_every, validation_seed
 
         # 1. the frozen base (the target's two passes) and the student, w-embedded and zero-initialised
         self.teacher_unet = components.unet.eval().requires_grad_(False)
@@ -191,8 +189,6 @@ class GuidanceDistillationModule(FrozenPartsModule):
         if settings.ema_decay > 0:
             self.ema = {n: p.detach().clone() for n, p in self.trainable().items()}
         self._guided: tuple[Guidance, Guidance] | None = None
-        self.iteration, self.skipped, self.batches_seen = 0, 0, 0
-        self.validation_history: list[dict[str, float]] = []
 
     steps_per_iteration = 1
     progress_name = "guidance"
@@ -269,11 +265,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
             x0 = batch["latents"].float() if "latents" in batch else self.encode_images(batch["pixels"])
             per_sample = self.losses(x0, text, torch.randn_like(x0), self.draw_timesteps(x0.shape[0]), w)
         loss = per_sample.mean()
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        self.manual_backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        self._step(loss, self.optimizers(), self.lr_schedulers())
         if self.ema:
             with torch.no_grad():
                 for name, p in self.trainable().items():
@@ -291,28 +283,14 @@ class GuidanceDistillationModule(FrozenPartsModule):
         return self.make_optimizer(list(self.trainable().values()))
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self.validation_every and self.iteration == 0:
-            self.validate()  # the baseline: the student is still the conditional teacher
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._batch_start is not None and batch["captions"]:
-            self.log("train/images_per_sec", len(batch["captions"]) / (time.perf_counter() - self._batch_start))
-        if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
-            self.validate()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"student.{n}" for n in self.trainable()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["guidance"] = {"iteration": self.iteration, "skipped": self.skipped,
-                                  "batches_seen": self.batches_seen, "rng": rng_states(),
-                                  "ema": {k: v.cpu() for k, v in self.ema.items()}}
+        checkpoint["guidance"] = {**self.counters(), "ema": {k: v.cpu() for k, v in self.ema.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("guidance", {})
-        self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
-        self.batches_seen = saved.get("batches_seen", self.iteration)
-        self._resumed_rng = saved.get("rng")
+        self.restore_counters(saved)
         self.ema.update({k: v.to(self.device) for k, v in saved.get("ema", {}).items()})
 
     # -- validation: the single-pass error per w, and samples ----------------------------------------------------
@@ -349,11 +327,7 @@ class GuidanceDistillationModule(FrozenPartsModule):
             return [to_unit_range(vae_decode(self.vae, x)) for x in latents]
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        batch = getattr(datamodule, "validation", None)
-        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
-            return {}
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
         with self.trainer.precision_plugin.forward_context(), self.exported_weights():
             text = self.encode_text(batch["captions"])
             x0 = self.encode_images(batch["pixels"].to(self.device), sample=False)

@@ -16,9 +16,11 @@ Nothing here mutates its inputs (the reference sampler reversed the caller's lis
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from editlab.diffusion.solver import consistency_step, solve
 
 
 def ddim_grid(num_train_timesteps: int = 1000, num_ddim_steps: int = 50) -> list[int]:
@@ -146,3 +148,11 @@ class BoundarySchedule:
 
     def forward_pairs(self) -> list[tuple[int, int]]:
         return forward_pairs(self.forward_steps, self.num_train_timesteps - 1)
+
+
+def consistency_jumps(x: torch.Tensor, pairs: Sequence[tuple[int, int]], eps_fn: Callable, schedule,
+                      after: Callable | None = None) -> torch.Tensor:
+    """``x`` after one consistency jump per (t, s) pair (the jump to 0 lands on the clean latent): how iCD's students
+    invert (`BoundarySchedule.forward_pairs`) and decode (`reverse_pairs`), in the editor and in training's
+    validation. ``eps_fn(i, x, t)``, ``schedule``: the noise schedule, ``after``: `diffusion.solver.solve`'s hook."""
+    return solve(x, pairs, eps_fn, schedule, step=consistency_step, after=after)[-1]

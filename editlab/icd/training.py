@@ -43,7 +43,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from editlab.diffusion.ddim import add_noise
 from editlab.diffusion.schedules import VPSchedule
-from editlab.diffusion.solver import consistency_step, solve
 from editlab.icd.guidance import GuidancePolicy
 from editlab.icd.lora import (
     ADAPTERS,
@@ -64,7 +63,7 @@ from editlab.icd.losses import (
     reverse_consistency,
     reverse_preservation,
 )
-from editlab.icd.schedule import BoundarySchedule
+from editlab.icd.schedule import BoundarySchedule, consistency_jumps
 from editlab.icd.teacher import add_guidance_embedding, load_cfg_distilled
 from editlab.models.components import Components, vae_decode, vae_encode
 from editlab.models.conditioning import Conditioning, encode_conditioning, unconditional
@@ -179,10 +178,13 @@ class OptimSettings:
 
 class FrozenPartsModule(pl.LightningModule):
     """What iCD's and guidance distillation's trainers share: the frozen VAE and text encoders of ``components``
-    (never in train mode), caption and image encoding, the noise schedule, gradient clipping after the AMP scaler
-    unscaled the gradients, and the random states of a loaded checkpoint restored at the next batch."""
+    (never in train mode), caption and image encoding, the noise schedule, the optimizer step and gradient clipping
+    after the AMP scaler unscaled the gradients, the run's counters (kept in checkpoints with the random states,
+    which a loaded checkpoint restores at the next batch) and validation: the subclass's `validate_on` the
+    datamodule's validation batch, before the first iteration and every ``validation_every`` iterations (0: never)."""
 
-    def __init__(self, components: Components, optim: OptimSettings):
+    def __init__(self, components: Components, optim: OptimSettings, validation_every: int = 0,
+                 validation_seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen parts
@@ -198,6 +200,9 @@ class FrozenPartsModule(pl.LightningModule):
         self.warmup_steps, self.decay, self.max_grad_norm = optim.warmup_steps, optim.decay, optim.max_grad_norm
         self._resumed_rng: dict[str, Any] | None = None  # random states of a loaded checkpoint, set at the next batch
         self._batch_start: float | None = None
+        self.validation_every, self.validation_seed = validation_every, validation_seed
+        self.iteration, self.skipped, self.batches_seen = 0, 0, 0  # iterations done, samples skipped, batches drawn
+        self.validation_history: list[dict[str, float]] = []
 
     def frozen_modules(self) -> tuple[torch.nn.Module | None, ...]:
         return self.vae, self.text_encoder, self.text_encoder_2
@@ -243,6 +248,13 @@ class FrozenPartsModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _step(self, loss: torch.Tensor, optimizer, scheduler) -> None:
+        """One optimizer step on ``loss`` (manual optimization), and one step of its learning-rate schedule."""
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.max_grad_norm > 0:  # called after the AMP scaler unscaled the gradients
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
@@ -264,6 +276,41 @@ class FrozenPartsModule(pl.LightningModule):
             self._resumed_rng = None
         self._batch_start = time.perf_counter()
 
+    def on_train_start(self) -> None:
+        if self.validation_every and self.iteration == 0:
+            self.validate()  # the baseline: the students are still the teacher they start from
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None and batch["captions"]:
+            self.log("train/images_per_sec", len(batch["captions"]) / (time.perf_counter() - self._batch_start))
+        if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
+            self.validate()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """`validate_on` the datamodule's validation batch, on the process that validates (rank zero); {} without a
+        batch or without captions in it."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch = getattr(datamodule, "validation", None)
+        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
+            return {}
+        return self.validate_on(batch)
+
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """The validation metrics of ``batch`` (also published with a picture, `publish_validation`)."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, Any]:
+        """The run's progress as a checkpoint keeps it: iterations, skipped samples, batches drawn, random states."""
+        return {"iteration": self.iteration, "skipped": self.skipped, "batches_seen": self.batches_seen,
+                "rng": rng_states()}
+
+    def restore_counters(self, saved: Mapping[str, Any]) -> None:
+        """`counters` of a loaded checkpoint (none: a new run); the random states are set at the next batch."""
+        self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
+        self.batches_seen = saved.get("batches_seen", self.iteration)
+        self._resumed_rng = saved.get("rng")
+
 
 class ICDModule(FrozenPartsModule):
     def __init__(
@@ -281,14 +328,13 @@ class ICDModule(FrozenPartsModule):
     ):
         if optim.topology not in ("sequential", "joint"):
             raise ValueError(f"unknown optim.topology={optim.topology!r}; expected sequential or joint")
-        super().__init__(components, optim)
+        super().__init__(components, optim, validation_every, validation_seed)
         self.unet = components.unet
         self.schedule, self.policy = schedule, policy
         self.guidance = embedded_kind(self.unet) if guidance == "auto" else guidance
         self.loss_weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": loss.lambda_f,
                              "reverse_preservation": loss.lambda_r}
         self.huber_c, self.topology, self.ema_decay = loss.huber_c, optim.topology, loss.ema_decay
-        self.validation_every, self.validation_seed = validation_every, validation_seed
 
         # Students: two adapters on the teacher's UNet, trainable params in fp32 whatever the frozen dtype.
         add_icd_adapters(self.unet, lora.rank, lora.alpha, lora.target_modules)
@@ -307,9 +353,7 @@ class ICDModule(FrozenPartsModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self._guided: Guidance | None = None
-        self.iteration, self.skipped, self.batches_seen = 0, 0, 0
         self.current_loss: str | None = None
-        self.validation_history: list[dict[str, float]] = []
 
     # -- networks -------------------------------------------------------------------------------------------------
     @property
@@ -398,12 +442,6 @@ class ICDModule(FrozenPartsModule):
         self.log("train/iteration", float(self.iteration))
         return None
 
-    def _step(self, loss: torch.Tensor, optimizer, scheduler) -> None:
-        self.manual_backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
     def _optimizers(self) -> tuple[dict[str, Any], dict[str, Any]]:
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         if self.topology == "joint":
@@ -428,22 +466,10 @@ class ICDModule(FrozenPartsModule):
         return [self.make_optimizer(reverse), self.make_optimizer(forward)]
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self.validation_every and self.iteration == 0:
-            self.validate()  # the baseline: both students still equal the teacher
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._batch_start is not None and batch["captions"]:
-            seconds = time.perf_counter() - self._batch_start
-            self.log("train/images_per_sec", len(batch["captions"]) / seconds)
-        if batch["captions"] and self.validation_every and self.iteration % self.validation_every == 0:
-            self.validate()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
-        checkpoint["icd"] = {"iteration": self.iteration, "skipped": self.skipped, "batches_seen": self.batches_seen,
-                             "reverse": list(self.schedule.reverse), "forward": list(self.schedule.forward),
-                             "rng": rng_states()}
+        checkpoint["icd"] = {**self.counters(), "reverse": list(self.schedule.reverse),
+                             "forward": list(self.schedule.forward)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("icd", {})
@@ -451,9 +477,7 @@ class ICDModule(FrozenPartsModule):
                                                                            self.schedule.forward):
             raise ValueError(f"checkpoint boundaries E={saved['reverse']} F={saved['forward']} differ from "
                              f"the configured {self.schedule}")
-        self.iteration, self.skipped = saved.get("iteration", 0), saved.get("skipped", 0)
-        self.batches_seen = saved.get("batches_seen", self.iteration)
-        self._resumed_rng = saved.get("rng")
+        self.restore_counters(saved)
 
     # -- validation: round trip and samples -----------------------------------------------------------------------
     @torch.no_grad()
@@ -465,25 +489,21 @@ class ICDModule(FrozenPartsModule):
         noise_T = torch.randn(x0.shape, generator=generator).to(self.device)
         zeros = torch.zeros(x0.shape[0], device=self.device)
         fwd, rev, vp = self.eps_fn(FORWARD), self.eps_fn(REVERSE), VPSchedule(self.alphas_cumprod)
-
-        def jumps(x: torch.Tensor, pairs, eps_fn) -> torch.Tensor:
-            return solve(x, pairs, eps_fn, vp, step=consistency_step)[-1]
-
         x = add_noise(x0, noise, self.schedule.start, self.alphas_cumprod)
-        x_T = jumps(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros))
-        reconstruction = jumps(x_T, self.schedule.reverse_pairs(), lambda i, x, t: rev(x, t, text, zeros))
-        generation = jumps(noise_T, self.schedule.reverse_pairs(),
-                           lambda i, x, t: rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device)))
+        x_T = consistency_jumps(x, self.schedule.forward_pairs(), lambda i, x, t: fwd(x, t, text, zeros), vp)
+        reconstruction = consistency_jumps(x_T, self.schedule.reverse_pairs(),
+                                           lambda i, x, t: rev(x, t, text, zeros), vp)
+
+        def guided(i: int, x: torch.Tensor, t: int) -> torch.Tensor:
+            return rev(x, t, text, self.policy.rows(t, x.shape[0]).to(self.device))
+
+        generation = consistency_jumps(noise_T, self.schedule.reverse_pairs(), guided, vp)
         self.switch.activate(REVERSE)
         return {"reconstruction": reconstruction, "generation": generation,
                 "latent_mse": (reconstruction - x0).pow(2).mean()}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        batch = getattr(datamodule, "validation", None)
-        if not batch or not batch["captions"] or not self.trainer.is_global_zero:
-            return {}
+    def validate_on(self, batch: Mapping[str, Any]) -> dict[str, float]:
         pixels = batch["pixels"].to(self.device)
         with self.trainer.precision_plugin.forward_context():
             out = self.round_trip(self.encode_images(pixels, sample=False), self.encode_text(batch["captions"]))

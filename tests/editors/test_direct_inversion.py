@@ -4,19 +4,12 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import BLEND, PROMPTS, random_image
 
 from editlab.editors.base import EditRequest
 from editlab.editors.ddim_p2p import DDIMP2PEditor
 from editlab.editors.direct_inversion import DirectInversionEditor
 from editlab.editors.p2p import make_controller
-
-PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
-BLEND = ("red", "blue")
-
-
-def _image(seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("blend_words", [BLEND, None])
@@ -25,7 +18,7 @@ def test_source_branch_walks_the_inversion_trajectory(tiny_components, blend_wor
     steps = 6
     editor = DirectInversionEditor(c, num_steps=steps)
     text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
-    trajectory = editor.invert(c.encode_image(_image()), text[:1])
+    trajectory = editor.invert(c.encode_image(random_image()), text[:1])
     uncond_steps, _ = editor.null_embeddings(trajectory, text[:1], uncond)
 
     def controller():
@@ -35,7 +28,7 @@ def test_source_branch_walks_the_inversion_trajectory(tiny_components, blend_wor
     predictions = editor.source_predictions(trajectory, text, uncond_steps, controller())
     offsets = [z - p for z, p in zip(trajectory[-2::-1], predictions)]
     assert max(d.abs().max().item() for d in offsets) > 1e-2  # guidance does pull off the trajectory ...
-    request = EditRequest(_image(), PROMPTS[0], PROMPTS[1], blend_words=blend_words)
+    request = EditRequest(random_image(), PROMPTS[0], PROMPTS[1], blend_words=blend_words)
     correct = editor.source_correction(trajectory, text, uncond_steps, request)
     seen = []
     latents = editor.denoise(trajectory[-1], text, uncond_steps, controller(),
@@ -47,7 +40,7 @@ def test_source_branch_walks_the_inversion_trajectory(tiny_components, blend_wor
 
 
 def test_cost_is_one_extra_pass(tiny_components):
-    request = EditRequest(_image(), PROMPTS[0], PROMPTS[1], blend_words=BLEND)
+    request = EditRequest(random_image(), PROMPTS[0], PROMPTS[1], blend_words=BLEND)
     result = DirectInversionEditor(tiny_components, num_steps=5).edit(request)
     ddim = DDIMP2PEditor(tiny_components, num_steps=5).edit(request)
     assert result.nfe == ddim.nfe + 5 == 3 * 5 - 1

@@ -2,6 +2,7 @@
 edits through the editor protocol, clear refusals, and a 2-image run.py run."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from editlab.editors.base import EditRequest, build_editor
+from editlab.editors.base import EditRequest, build_editor, pipeline_latents
 from editlab.models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +66,20 @@ def test_pipeline_guidance_matches_hand_written_loop(components, image_scale):
     got = editor.sample(image_latents, "make it red", torch.Generator("cpu").manual_seed(7))
     expected = hand_written_sample(c, image_latents, "make it red", 7.5, image_scale, seed=7)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_latents_asks_the_pipeline_for_its_final_latents():
+    """What the pipeline editors (this one, lcm_controlnet) share: the steps, guidance and noise go to the pipeline,
+    which stops before its own decode."""
+    calls, generator = [], torch.Generator().manual_seed(0)
+
+    def pipe(**inputs):
+        calls.append(inputs)
+        return SimpleNamespace(images="latents")
+
+    assert pipeline_latents(pipe, generator, 4, 1.5, prompt="make it red", image="image") == "latents"
+    assert calls == [{"prompt": "make it red", "image": "image", "num_inference_steps": 4, "guidance_scale": 1.5,
+                      "generator": generator, "output_type": "latent"}]
 
 
 def test_image_guidance_matters(components):

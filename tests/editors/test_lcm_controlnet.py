@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FP32, NO_OFFLOAD
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from PIL import Image
@@ -17,8 +18,6 @@ from editlab.models.loading import load_components
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SDXL = {"name": "tiny_sdxl", "kind": "tiny", "arch": "sdxl", "seed": 0, "resolution": 64}
-FP32 = {"dtype": "float32", "vae_dtype": "float32"}
-NO_OFFLOAD = {"mode": "none"}
 
 
 @pytest.fixture(scope="module")

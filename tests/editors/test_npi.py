@@ -1,21 +1,13 @@
 """Negative-Prompt Inversion + P2P on the tiny model."""
 
 
-import numpy as np
 import torch
-from PIL import Image
+from conftest import BLEND, PROMPTS, random_image
 
 from editlab.editors.base import EditRequest
 from editlab.editors.ddim_p2p import DDIMP2PEditor
 from editlab.editors.npi import NegativePromptInversionEditor
 from editlab.editors.p2p import make_controller
-
-PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
-BLEND = ("red", "blue")
-
-
-def _image(seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
 def test_source_embedding_replaces_null_and_no_optimisation(tiny_components, monkeypatch):
@@ -31,9 +23,9 @@ def test_source_embedding_replaces_null_and_no_optimisation(tiny_components, mon
 
     monkeypatch.setattr(torch.Tensor, "backward", no_backward)
     monkeypatch.setattr(torch.autograd, "grad", no_backward)
-    result = editor.edit(EditRequest(_image(), PROMPTS[0], PROMPTS[1], blend_words=BLEND))
+    result = editor.edit(EditRequest(random_image(), PROMPTS[0], PROMPTS[1], blend_words=BLEND))
     assert result.nfe == (5 - 1) + 5  # inversion (identity step skipped) + the batched edit
-    assert result.nfe == DDIMP2PEditor(c, num_steps=5).edit(EditRequest(_image(), *PROMPTS)).nfe
+    assert result.nfe == DDIMP2PEditor(c, num_steps=5).edit(EditRequest(random_image(), *PROMPTS)).nfe
     assert result.extras["backward_passes"] == 0
 
 
@@ -43,7 +35,7 @@ def test_source_branch_reconstructs_better_than_ddim(tiny_components):
     text, uncond = c.encode_prompts(PROMPTS), c.encode_prompts([""])
     errors = {}
     for editor in (DDIMP2PEditor(c, num_steps=5), NegativePromptInversionEditor(c, num_steps=5)):
-        z0 = c.encode_image(_image())
+        z0 = c.encode_image(random_image())
         trajectory = editor.invert(z0, text[:1])
         controller = make_controller(PROMPTS, c.tokenizer, 5, c.latent_size, c.blend_resolution, BLEND,
                                      editor.p2p)

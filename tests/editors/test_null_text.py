@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import BLEND, PROMPTS, random_image
 from PIL import Image
 
 import editlab.editors.null_text as null_text
@@ -13,16 +14,9 @@ from editlab.editors.null_text import NullTextEditor, nti_early_stop, nti_learni
 from editlab.editors.p2p import make_controller
 from editlab.models.loading import load_components
 
-PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
-BLEND = ("red", "blue")
-
-
-def _image(seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-
 
 def _request(seed: int = 0) -> EditRequest:
-    return EditRequest(_image(seed), PROMPTS[0], PROMPTS[1], blend_words=BLEND)
+    return EditRequest(random_image(seed), PROMPTS[0], PROMPTS[1], blend_words=BLEND)
 
 
 def _source_reconstruction(editor: DDIMP2PEditor, image: Image.Image):
@@ -58,8 +52,8 @@ def test_optimisation_improves_guided_reconstruction_and_keeps_identity_step(tin
     ddim = NullTextEditor(tiny_components, num_steps=steps, num_inner_steps=0)
     nti = NullTextEditor(tiny_components, num_steps=steps)
     for seed in range(2):
-        z0, ddim_rec, _, _ = _source_reconstruction(ddim, _image(seed))
-        _, nti_rec, embeddings, extras = _source_reconstruction(nti, _image(seed))
+        z0, ddim_rec, _, _ = _source_reconstruction(ddim, random_image(seed))
+        _, nti_rec, embeddings, extras = _source_reconstruction(nti, random_image(seed))
         assert (nti_rec - z0).pow(2).mean() < 0.9 * (ddim_rec - z0).pow(2).mean()
     # the last step (t = 0) is the identity: no optimisation, the embedding carries over unchanged
     uncond = tiny_components.encode_prompts([""])
@@ -98,7 +92,7 @@ def test_nan_raises(tiny_components):
     c = tiny_components
     editor = NullTextEditor(c, num_steps=4, num_inner_steps=2)
     text, uncond = c.encode_prompts(PROMPTS[:1]), c.encode_prompts([""])
-    trajectory = editor.invert(c.encode_image(_image()), text)
+    trajectory = editor.invert(c.encode_image(random_image()), text)
     trajectory[-2] = torch.full_like(trajectory[-2], float("nan"))
     with pytest.raises(FloatingPointError, match="null-text optimisation"):
         editor.null_embeddings(trajectory, text, uncond)

@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS, random_image
 from omegaconf import OmegaConf
-from PIL import Image
 
 from editlab.editors.attention import controlled_attention
 from editlab.editors.base import EditRequest, build_editor
@@ -19,11 +18,7 @@ from editlab.editors.pix2pix_zero import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["a red circle on a gray background", "a blue circle on a gray background"]
 
-
-def _image(seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
 def _ac(eps: torch.Tensor, seed: int = 0) -> float:
@@ -59,7 +54,7 @@ def test_identical_prompts_without_guidance_reproduce_the_reference_pass(tiny_co
     c = tiny_components
     editor = Pix2PixZeroEditor(c, num_steps=5, xa_guidance=0.0)
     caption = c.encode_prompts(PROMPTS[:1])
-    x_t = editor.invert(c.encode_image(_image()), caption, torch.Generator().manual_seed(0))[-1]
+    x_t = editor.invert(c.encode_image(random_image()), caption, torch.Generator().manual_seed(0))[-1]
     controller = CrossAttentionGuidance(offload_maps=False)
     reference = editor.reference(x_t, caption, controller)
     cross_layers = {name for name in c.unet.attn_processors if name.endswith("attn2.processor")}
@@ -98,7 +93,7 @@ def test_guidance_step_descends_the_attention_loss(tiny_components):
 
 def test_edit_cost_and_outputs(tiny_components):
     steps = 4
-    request = EditRequest(_image(), PROMPTS[0], PROMPTS[1])
+    request = EditRequest(random_image(), PROMPTS[0], PROMPTS[1])
     result = Pix2PixZeroEditor(tiny_components, num_steps=steps).edit(request)
     assert result.nfe == (steps - 1) + steps + 2 * steps  # inversion + reference + (guided + recomputed) edit
     assert result.extras["backward_passes"] == steps

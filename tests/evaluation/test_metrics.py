@@ -6,6 +6,7 @@ import lpips
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from transformers import (
@@ -19,9 +20,9 @@ from transformers import (
     ViTModel,
 )
 
+from editlab.evaluation.backbones import CLIP_PATH, backbone_path, load_clip, processed
 from editlab.evaluation.metrics import (
-    METRIC_KEYS,
-    PAPER_SCALES,
+    DINO_PATH,
     ClipScorer,
     KeyBackbone,
     PieBenchMetrics,
@@ -255,19 +256,23 @@ def test_compute_keys_and_unavailable(dino, clip, lpips_net):
     source, edited, mask = images()
     full = PieBenchMetrics(structure=dino, clip=clip, lpips=lpips_net)
     values = full.compute(source, edited, mask, "a cat", "a dog")
-    assert list(values) == list(METRIC_KEYS) and full.unavailable == []
+    assert list(values) == list(PieBenchMetrics.columns) and full.unavailable == []
     assert all(math.isfinite(v) for v in values.values())
     bare = PieBenchMetrics()
     values = bare.compute(source, edited, mask, "a cat", "a dog")
-    assert bare.unavailable == [k for k in METRIC_KEYS if k.startswith(("structure", "lpips", "clip"))]
+    assert bare.unavailable == [k for k in PieBenchMetrics.columns if k.startswith(("structure", "lpips", "clip"))]
     assert all(math.isnan(values[k]) for k in bare.unavailable)
     assert math.isfinite(values["psnr_unedit_part"])
 
 
 def test_paper_scales():
-    assert PAPER_SCALES["structure_distance"] == ("struct_x1e3", 1e3)
-    assert PAPER_SCALES["mse_unedit_part"] == ("mse_x1e4", 1e4)
-    assert set(PAPER_SCALES) < set(METRIC_KEYS) and "clip_similarity_source_image" not in PAPER_SCALES
+    """The columns as the PnP-Inversion paper prints them: its names and factors, in its order."""
+    printed = {c: (c.paper, c.factor) for c in PieBenchMetrics.columns if c.paper}
+    assert printed == {"structure_distance": ("struct_x1e3", 1e3), "psnr_unedit_part": ("psnr", 1.0),
+                       "lpips_unedit_part": ("lpips_x1e3", 1e3), "mse_unedit_part": ("mse_x1e4", 1e4),
+                       "ssim_unedit_part": ("ssim_x1e2", 1e2), "clip_similarity_target_image": ("clip_whole", 1.0),
+                       "clip_similarity_target_image_edit_part": ("clip_edited", 1.0)}
+    assert list(printed) == [c for c in PieBenchMetrics.columns if c != "clip_similarity_source_image"]
 
 
 def test_build_metrics_from_local_directories(tmp_path):
@@ -296,3 +301,28 @@ def test_build_metrics_missing_weights(tmp_path, caplog):
     assert "structure_distance" in caplog.text and missing in caplog.text
     with pytest.raises(ValueError, match="backbone"):
         build_metrics({"structure": {"backbone": "resnet"}})
+
+
+def test_backbone_sections_name_their_kind_and_path():
+    defaults = {"dino": DINO_PATH, "clip_vision": CLIP_PATH}
+    assert backbone_path({}, "dino", defaults, "structure") == DINO_PATH
+    assert backbone_path({"path": "/weights/clip"}, "clip_vision", defaults, "structure") == "/weights/clip"
+    assert backbone_path({}, "clip_vision", {"clip_vision": None}, "FID") is None
+    with pytest.raises(ValueError, match=r"^unknown structure backbone 'resnet'; use 'dino', 'clip_vision' or None$"):
+        backbone_path({}, "resnet", defaults, "structure")
+
+
+def test_load_clip_and_its_processed_pixels(tmp_path, caplog):
+    for part in tiny_clip_parts():
+        part.save_pretrained(tmp_path / "clip")
+    clip = load_clip(str(tmp_path / "clip"), "clip_t", "cpu", "metrics.clip.path", "error", "metrics.on_missing")
+    source, _, _ = images()
+    pixels = processed(source, clip.processor, clip.model)
+    expected = clip.processor(images=[Image.fromarray(source)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and torch.equal(pixels, expected)
+    assert clip.image_embeds(source).shape == (16,)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="clip_t.*nowhere.*metrics.clip.path.*metrics.on_missing=warn"):
+        load_clip(missing, "clip_t", "cpu", "metrics.clip.path", "error", "metrics.on_missing")
+    assert load_clip(missing, "clip_t", "cpu", "metrics.clip.path", "warn", "metrics.on_missing") is None
+    assert "clip_t is unavailable" in caplog.text

@@ -27,7 +27,6 @@ from transformers import (
 )
 
 from editlab.evaluation.paper_metrics import (
-    ICD_METRIC_KEYS,
     INCEPTION_FILE,
     PIQ_LPIPS_FILE,
     VGG16_FILE,
@@ -315,7 +314,7 @@ def test_identical_pair_gives_inf_psnr_only(paper):
 def test_generation_has_no_paired_metrics(paper):
     _, edited, _, target = pair()
     values = paper.compute(None, edited, None, "", target)
-    assert list(values) == list(ICD_METRIC_KEYS)
+    assert list(values) == list(ICDPaperMetrics.columns)
     assert all(math.isnan(values[k]) for k in ("clip_i", "dinov2", "lpips_vgg", "psnr_uint8", "image_reward"))
     assert math.isfinite(values["clip_t"])
 
@@ -410,7 +409,8 @@ def test_bad_settings_raise():
 def test_toy_yaml_builds_offline_and_scores(toy):
     source, edited, prompt, target = pair()
     values = toy.compute(source, edited, None, prompt, target)
-    assert list(values) == list(ICD_METRIC_KEYS) and toy.columns == ICD_METRIC_KEYS
+    assert list(values) == list(toy.columns) == ["clip_t", "clip_i", "dinov2", "image_reward", "lpips_vgg",
+                                                   "psnr_uint8"]
     assert all(math.isfinite(values[k]) for k in ("clip_t", "clip_i", "dinov2", "psnr_uint8"))
     assert math.isnan(values["image_reward"]) and math.isnan(values["lpips_vgg"])
     assert toy.unavailable == ["image_reward", "lpips_vgg"] and toy.set_unavailable == []

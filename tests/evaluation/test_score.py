@@ -18,8 +18,8 @@ from transformers import (
     ViTModel,
 )
 
-from editlab.evaluation.ground_truth import GT_KEYS
-from editlab.evaluation.metrics import METRIC_KEYS, ClipScorer, KeyBackbone, PieBenchMetrics
+from editlab.evaluation.ground_truth import GroundTruthMetrics
+from editlab.evaluation.metrics import ClipScorer, KeyBackbone, PieBenchMetrics
 from editlab.evaluation.piebench import rle_encode
 from editlab.evaluation.score import find_edit, fit_to_source, main
 from editlab.evaluation.summary import format_summary, summarize
@@ -61,7 +61,7 @@ def test_summary_scales_nan_inf_and_counts():
     assert math.isnan(a9["psnr"]) and a9["n"] == 1 and a9["n_unedit"] == 0  # full mask; failed row dropped
     assert a_all["n"] == 3 and a_all["n_unedit"] == 2 and a_all["struct_x1e3"] == pytest.approx(20.0)
     assert a_all["seconds"] == pytest.approx(2.0) and a_all["nfe"] == 4 and a_all["peak_mem_mb"] == 100
-    # metrics outside PAPER_SCALES are averaged unscaled
+    # columns without a paper name (their own, or unknown to the summary) are averaged unscaled
     assert a_all["gt_psnr"] == 30.0 and a_all["clip_similarity_source_image"] == 20.0
     assert "structure_distance" not in summary and "error" not in summary
     text = format_summary(summary)
@@ -166,7 +166,8 @@ def test_score_cli_with_injected_backbones(bench, tmp_path, capsys):
          metrics=metrics)
 
     rows = pd.read_csv(out, dtype={"image_id": str, "edit_type": str}).fillna({"error": "", "note": ""})
-    assert list(rows.columns) == ["image_id", "edit_type", *METRIC_KEYS, *GT_KEYS, "error", "note"]
+    assert list(rows.columns) == ["image_id", "edit_type", *PieBenchMetrics.columns, *GroundTruthMetrics.columns,
+                                  "error", "note"]
     rows = rows.set_index("image_id")
     panel, same, small, missing, style = (rows.loc[i] for i in rows.index)
     # the right-most panel equals the source: identical-image values

@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 from editlab.evaluation import aggregate, plots, table_layouts, table_render, tables
-from editlab.evaluation.metrics import METRIC_KEYS
+from editlab.evaluation.metrics import PieBenchMetrics
+from editlab.evaluation.paper_metrics import ICDPaperMetrics
 from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
@@ -25,7 +26,6 @@ LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
 ROW_COUNTS = {"piebench": 6, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
               "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
 PIE_EDITORS = ("ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix")
-ICD_KEYS = ("clip_t", "clip_i", "dinov2", "image_reward", "lpips_vgg", "psnr_uint8")
 PIE_RAW = {"structure_distance": 0.05, "psnr_unedit_part": 25.0, "lpips_unedit_part": 0.08, "mse_unedit_part": 0.004,
            "ssim_unedit_part": 0.8, "clip_similarity_source_image": 20.0, "clip_similarity_target_image": 24.0,
            "clip_similarity_target_image_edit_part": 21.0}
@@ -45,7 +45,7 @@ def make_job(folder: Path, editor: str = "ddim_p2p", *, paper_row: str | None = 
     if error:
         (folder / "job_error.txt").write_text(error + "\n")
     if items:
-        keys = ICD_KEYS if metrics == "icd_paper" else METRIC_KEYS
+        keys = ICDPaperMetrics.columns if metrics == "icd_paper" else PieBenchMetrics.columns
         values = {**(dict.fromkeys(keys, 0.5) if metrics == "icd_paper" else PIE_RAW), **(values or {})}
         types = [edit_types[k % len(edit_types)] for k in range(items)]
         rows = [{"run": f"editor={editor}", "editor": editor, "model": "sd14", "precision": "fp32",

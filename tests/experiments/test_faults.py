@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from PIL import Image
 
 from editlab.editors.base import EditorConfigError
@@ -31,15 +31,11 @@ class Killed(BaseException):
     """Stands for kill -9 at a chosen write: nothing after it runs (a BaseException passes every except clause)."""
 
 
+pytestmark = pytest.mark.usefixtures("own_cache")
+
+
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
-        return compose("run", overrides=[*FAST, *overrides])
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return compose_config(*FAST, *overrides)
 
 
 def results(out: Path) -> pd.DataFrame:
@@ -349,15 +345,15 @@ def test_an_unreachable_hub_is_one_clear_line_at_once(monkeypatch):
 # ------------------------------------------------------------------------------------------------ the toy set cache
 
 
-def test_toy_sets_of_other_parameters_live_apart(tmp_path, cache):
+def test_toy_sets_of_other_parameters_live_apart(tmp_path, own_cache):
     small = harness.build_dataset(config("dataset.size=32").dataset)
     before = {p: p.read_bytes() for p in small.root.rglob("*") if p.is_file()}
     large = harness.build_dataset(config("dataset.size=64").dataset)
-    assert small.root == builtin_folder(cache / "builtin_piebench", 1, 32, 0) and large.root != small.root
+    assert small.root == builtin_folder(own_cache / "builtin_piebench", 1, 32, 0) and large.root != small.root
     assert {p: p.read_bytes() for p in small.root.rglob("*") if p.is_file()} == before  # untouched
     with Image.open(large.image_file(large[0])) as image:
         assert image.size == (64, 64)
-    staging = [p for p in (cache / "builtin_piebench").iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
+    staging = [p for p in (own_cache / "builtin_piebench").iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
     assert not staging  # no staging folder left (the writers' lock files stay: a lock is never unlinked)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -30,15 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "logger=none", "dataset.limit=2"]
 
 
+pytestmark = pytest.mark.usefixtures("own_cache")
+
+
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
-        return compose("run", overrides=[*FAST, *overrides])
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return compose_config(*FAST, *overrides)
 
 
 def rows(out: Path) -> pd.DataFrame:

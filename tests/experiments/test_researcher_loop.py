@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from PIL import Image
 
 from editlab.evaluation import aggregate
@@ -29,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["~experiment", "model=tiny", "editor.num_steps=3", "warmup=false", "dataset.limit=3"]
 
 
-def config(*overrides: str, name: str = "run", hydra: bool = False):
-    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "conf"), version_base="1.3"):
-        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 # ------------------------------------------------------------------------------------------------ W&B
@@ -61,7 +54,7 @@ def _spy_on_summaries(monkeypatch) -> list[dict]:
 
 def test_wandb_summary_holds_aggregates_not_the_last_item(tmp_path, monkeypatch):
     seen = _spy_on_summaries(monkeypatch)
-    run(config(*FAST, "logger.mode=offline"), tmp_path / "run", "toy_tour 2026-12-01 10-00-00", "default",
+    run(compose_config(*FAST, "logger.mode=offline"), tmp_path / "run", "toy_tour 2026-12-01 10-00-00", "default",
         "0 ddim_p2p tiny fp32")
     (logged,) = seen
     assert not [k for k in logged["summary"] if k.startswith("item/")], logged["summary"].keys()
@@ -74,7 +67,7 @@ def test_wandb_summary_holds_aggregates_not_the_last_item(tmp_path, monkeypatch)
 def test_a_job_that_fails_as_a_whole_still_gets_a_wandb_run_with_the_error(tmp_path, monkeypatch):
     seen = _spy_on_summaries(monkeypatch)
     with pytest.raises(RunError):
-        run(config(*FAST, "logger.mode=offline", "editor.num_steps=0"), tmp_path / "run", "g")
+        run(compose_config(*FAST, "logger.mode=offline", "editor.num_steps=0"), tmp_path / "run", "g")
     assert "editor.num_steps=0 is out of range" in seen[0]["summary"]["error"]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
@@ -84,7 +77,7 @@ def test_run_py_names_groups_by_experiment_and_the_sweeps_start_not_its_folder()
 
     import editlab.run as run_py
 
-    cfg = config(*FAST, "started=2026-12-01 10-06-15")
+    cfg = compose_config(*FAST, "started=2026-12-01 10-06-15")
     for folder in ("multirun/2026-12-01/10-06-15_toy_tour", "/tmp/x/t2"):
         sweep = SimpleNamespace(runtime=SimpleNamespace(choices={"experiment": "paper/toy/icd_table2"}),
                                 job=SimpleNamespace(num=3), sweep=SimpleNamespace(dir=folder))
@@ -102,12 +95,12 @@ def test_every_job_of_a_sweep_gets_the_sweeps_start_time():
 
     from omegaconf import OmegaConf
 
-    sweep, callback = config(*FAST, "hydra.sweep.dir=/tmp/x/t2", hydra=True), aggregate.SweepReport()
+    sweep, callback = compose_config(*FAST, "hydra.sweep.dir=/tmp/x/t2", hydra=True), aggregate.SweepReport()
     callback.on_multirun_start(sweep)
     callback.bar.close()
     time.sleep(1.1)
     later = time.strftime("%Y-%m-%d %H-%M-%S")
-    job = config(*FAST, "editor=npi", hydra=True)
+    job = compose_config(*FAST, "editor=npi", hydra=True)
     OmegaConf.copy_cache(from_config=sweep, to_config=job)
     assert job.started == sweep.started < later
 
@@ -116,11 +109,11 @@ def test_every_job_of_a_sweep_gets_the_sweeps_start_time():
 
 
 def test_the_sweep_bar_counts_every_job_of_the_sweep():
-    cfg = config("experiment=toy_tour", hydra=True)
+    cfg = compose_config("experiment=toy_tour", hydra=True)
     assert aggregate._count_jobs(cfg) == 10
     cfg.hydra.overrides.task = ["editor=npi,ddim"]  # the command line's editors replace the tour's list
     assert aggregate._count_jobs(cfg) == 2
-    cfg = config(*FAST, hydra=True)
+    cfg = compose_config(*FAST, hydra=True)
     cfg.hydra.overrides.task = ["precision=fp32,bf16", "editor.num_steps=3,4,5"]
     assert aggregate._count_jobs(cfg) == 6
 
@@ -217,10 +210,10 @@ def test_icd_editor_takes_the_trained_schedule_from_the_export_folder(tmp_path):
     (export / "schedule.json").write_text(json.dumps(trained))
     adapters = [f"editor.forward_lora={export / 'forward.safetensors'}",
                 f"editor.reverse_lora={export / 'reverse.safetensors'}"]
-    editor = load_editor(config("experiment=toy", "editor=icd", *adapters, "~hydra"), "cpu")
+    editor = load_editor(compose_config("experiment=toy", "editor=icd", *adapters, "~hydra"), "cpu")
     assert editor.schedule.reverse_steps == [339, 699, 999] and editor.schedule.forward_steps == [19, 339, 699]
-    explicit = load_editor(config("experiment=toy", "editor=icd", *adapters, "editor.reverse_steps=[499,999]",
-                                  "editor.forward_steps=[19,499]", "~hydra"), "cpu")
+    explicit = load_editor(compose_config("experiment=toy", "editor=icd", *adapters, "editor.reverse_steps=[499,999]",
+                                          "editor.forward_steps=[19,499]", "~hydra"), "cpu")
     assert explicit.schedule.reverse_steps == [499, 999]  # what the command line says wins
 
 
@@ -237,10 +230,10 @@ def test_training_logs_train_and_validation_on_one_axis_with_an_iteration_bar(tm
     monkeypatch.setattr(WandbLogger, "log_metrics",
                         lambda self, metrics, step=None: (steps.append((step, set(metrics))),
                                                           log_metrics(self, metrics, step)))
-    cfg = config("train.trainer.iterations=4", "train.trainer.validation_every=2", "train.trainer.log_every=1",
-                 f"train.data.root={tmp_path / 'toy'}", "train.data.n_images=6", "train.data.batch_size=2",
-                 "train.data.validation_size=2", "train.icd.lora.rank=4", "train.icd.num_steps=2",
-                 "train.logger.mode=offline", name="train")
+    cfg = compose_config("train.trainer.iterations=4", "train.trainer.validation_every=2", "train.trainer.log_every=1",
+                         f"train.data.root={tmp_path / 'toy'}", "train.data.n_images=6", "train.data.batch_size=2",
+                         "train.data.validation_size=2", "train.icd.lora.rank=4", "train.icd.num_steps=2",
+                         "train.logger.mode=offline", name="train")
     train.train(cfg, tmp_path / "run", "test")
     trained = [s for s, keys in steps if any(k.startswith("train/") for k in keys)]
     validated = [s for s, keys in steps if "val/psnr" in keys]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from editlab.evaluation import tables
 from editlab.evaluation.icd_benchmark import IcdCsvDataset
-from editlab.evaluation.paper_metrics import ICD_METRIC_KEYS
+from editlab.evaluation.paper_metrics import ICDPaperMetrics
 from editlab.experiments.harness import item_seed
 
 TOY = ("experiment=toy", "metrics=icd_paper_toy", "logger=none", "dataset.limit=3", "warmup=false")
@@ -25,7 +25,7 @@ def test_inversion_task_scores_reconstructions_with_the_icd_suite_and_fid(call_m
                      "task=inversion", f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr
     results = pd.read_csv(out / "results.csv")
-    assert set(ICD_METRIC_KEYS) <= set(results.columns) and "clip_similarity_target_image" not in results
+    assert set(ICDPaperMetrics.columns) <= set(results.columns) and "clip_similarity_target_image" not in results
     assert (results["error"].isna()).all() and (results["nfe"] == 7 + 8).all()
     for key in ("clip_t", "clip_i", "dinov2", "psnr_uint8"):
         assert np.isfinite(results[key]).all(), key

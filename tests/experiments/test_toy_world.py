@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FP32, NO_OFFLOAD, compose_config
 from diffusers import UNet2DConditionModel
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from transformers import CLIPTokenizer
 
 from editlab.diffusion.ddim import ddim_jump
 from editlab.editors.base import EditRequest, build_editor
-from editlab.evaluation.ground_truth import GT_KEYS, ground_truth_metrics, ground_truth_scores
+from editlab.evaluation.ground_truth import GroundTruthMetrics, ground_truth_metrics, load_ground_truth
 from editlab.evaluation.metrics import ClipScorer, clip_score, psnr_unedit_part
+from editlab.evaluation.protocol import Sample
 from editlab.evaluation.toyset import write_piebench
 from editlab.experiments.harness import load_editor
 from editlab.experiments.toy_build.judge import psnr
@@ -33,8 +33,6 @@ from editlab.toyworld.scenes import COLOURS, Obj, Scene, make_edit, random_scene
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "editlab" / "weights" / "toy"
 TOY = {"name": "toy", "kind": "pretrained", "path": str(WEIGHTS), "resolution": 32}
-FP32 = {"dtype": "float32", "vae_dtype": "float32"}
-NO_OFFLOAD = {"mode": "none"}
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +69,6 @@ def test_tokenizer_gives_every_toy_word_one_token(folder):
     caption = "a sketch of a large striped red circle and a blue square on a gray background"
     assert len(tokenizer(caption).input_ids) == len(caption.split()) + 2
     assert tokenizer.tokenize("cat") == ["c", "a", "t</w>"]  # unknown words still tokenize, letter by letter
-
-
-def _compose_run(*overrides: str):
-    """run.py's config as Hydra composes it for these command-line overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "editlab" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def _colour_distance(image: np.ndarray, mask: np.ndarray, colour: str) -> float:
@@ -149,8 +139,8 @@ def test_instruct_pix2pix_raises_the_target_score_on_unseen_edits(toy_clip):
     """The toy InstructPix2Pix UNet at the toy tour's settings (composed as `python run.py` composes them) on 16
     edits of random PIE-Bench types, drawn apart from the build's streams: on average the toy CLIP scores the target
     caption higher on the edit than on the source, and the edit is nearer the ground-truth target than the source."""
-    cfg = _compose_run("experiment=toy_tour", "editor=instruct_pix2pix", f"model.path={WEIGHTS}",
-                       f"model.variants.instruct_pix2pix.unet_path={WEIGHTS / 'ip2p_unet'}")
+    cfg = compose_config("experiment=toy_tour", "editor=instruct_pix2pix", f"model.path={WEIGHTS}",
+                         f"model.variants.instruct_pix2pix.unet_path={WEIGHTS / 'ip2p_unet'}")
     editor = load_editor(cfg, "cpu")
     score_gains, psnr_gains = [], []
     for i in range(16):
@@ -170,19 +160,27 @@ def test_ground_truth_metrics(tmp_path):
     entry = next(iter(json.loads((root / "mapping_file.json").read_text()).values()))
     target = np.asarray(Image.open(root / "ground_truth" / entry["image_path"]).convert("RGB"))
     source = np.asarray(Image.open(root / "annotation_images" / entry["image_path"]).convert("RGB"))
-    perfect = ground_truth_scores(root, entry["image_path"], target)
+    metric = GroundTruthMetrics()
+
+    def scores(image_path: str, edited: np.ndarray) -> dict[str, float]:
+        truth = load_ground_truth(root, image_path, edited)
+        (row,) = metric.score([Sample(edited, source, ground_truth=truth)])
+        assert list(row) == list(metric.columns)
+        return row
+
+    perfect = scores(entry["image_path"], target)
     assert math.isinf(perfect["gt_psnr"]) and perfect["gt_mse"] == 0
     assert perfect["gt_ssim"] == pytest.approx(1.0, abs=1e-3)  # torchmetrics' SSIM of identical images: 0.99975
     unedited = ground_truth_metrics(source, target)
     assert 0 < unedited["gt_mse"] and unedited["gt_ssim"] < 1 and math.isfinite(unedited["gt_psnr"])
-    missing = ground_truth_scores(root, "no/such.png", target)
-    assert set(missing) == set(GT_KEYS) and all(math.isnan(v) for v in missing.values())
-    small = ground_truth_scores(root, entry["image_path"], target[::2, ::2])  # resized like the harness does
+    assert load_ground_truth(root, "no/such.png", target) is None
+    assert all(math.isnan(v) for v in scores("no/such.png", target).values())
+    small = scores(entry["image_path"], target[::2, ::2])  # the truth resized like the harness does the source
     assert small["gt_psnr"] > 20
 
 
 def test_toy_experiment_composes():
-    cfg = _compose_run("experiment=toy")
+    cfg = compose_config("experiment=toy")
     assert (cfg.model.name, cfg.model.path, cfg.dataset.size) == ("toy", "./weights/toy", 32)
     assert cfg.metrics.clip.path == "./weights/toy/clip" and cfg.metrics.lpips.net is None
 

@@ -9,7 +9,7 @@ import torch
 
 from editlab.diffusion.ddim import add_noise, ddim_jump, jump
 from editlab.diffusion.schedules import VPSchedule
-from editlab.diffusion.solver import consistency_step, solve
+from editlab.diffusion.solver import solve
 from editlab.icd.guidance import GuidancePolicy, classic_to_code, code_to_classic, dynamic_scale
 from editlab.icd.losses import (
     forward_consistency,
@@ -20,6 +20,7 @@ from editlab.icd.losses import (
 )
 from editlab.icd.schedule import (
     BoundarySchedule,
+    consistency_jumps,
     ddim_grid,
     default_boundaries,
     forward_pairs,
@@ -179,10 +180,27 @@ def test_delta_teacher_encode_decode_is_exact(m):
     x_star, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     eps = delta_teacher(x_star, abar)
     x = add_noise(x_star, noise, schedule.start, abar)
-    x_T = solve(x, schedule.forward_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar), step=consistency_step)[-1]
+    x_T = consistency_jumps(x, schedule.forward_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar))
     assert torch.allclose(x_T, add_noise(x_star, noise, 999, abar), atol=1e-5)
-    x_0 = solve(x_T, schedule.reverse_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar), step=consistency_step)[-1]
+    x_0 = consistency_jumps(x_T, schedule.reverse_pairs(), lambda i, x, t: eps(x, t), VPSchedule(abar))
     assert (x_0 - x_star).abs().max() <= 1e-5
+
+
+def test_consistency_jumps_are_one_jump_per_pair_and_the_hook_after_each():
+    abar = sd_abar(torch.float32)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pairs = BoundarySchedule(4).reverse_pairs()
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.tanh(x) * (t + 1) / 1000
+
+    seen = []
+    out = consistency_jumps(x, pairs, lambda i, x, t: eps(x, t), VPSchedule(abar),
+                            after=lambda i, x: seen.append(i) or x)
+    expected = x
+    for t, s in pairs:
+        expected = jump(expected, eps(expected, t), t, s, abar)
+    assert torch.allclose(out, expected, atol=1e-5) and seen == list(range(len(pairs)))
 
 
 # -- 7. convergence to exact inversion with sub-steps ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
 import editlab.train as train
 from editlab.icd.lora import read_adapter_file
@@ -25,8 +25,7 @@ CONF = str(REPO / "editlab" / "conf")
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_config(*overrides, name="train")
 
 
 @pytest.mark.parametrize("steps,reverse,forward", [(3, (0, 339, 679), (339, 679, 999)),
