@@ -183,7 +183,7 @@ class OutputGuard(Callback):
 def result_columns(metric_keys: tuple[str, ...] = METRIC_KEYS) -> tuple[str, ...]:
     """The columns of results.csv for a metric set (PIE-Bench's by default)."""
     return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_keys, *GT_KEYS,
-            "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note", "inputs")
+            "seconds", "nfe", "backward_passes", "peak_mem_mb", "batch_size", "error", "note", "inputs")
 
 
 RESULT_COLUMNS = result_columns()
