@@ -66,13 +66,13 @@ class DDIMEditor(Editor):
 
     @torch.no_grad()
     def invert(self, z0: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """z_0 [B, C, h, w] -> z_T with the encoder's guidance; ``text`` and ``uncond`` have B rows."""
+        """z_0 [B, C, h, w] -> z_T with the encoder's guidance; ``text`` has B rows (``uncond`` 1, shared)."""
         predict = self._prediction_fn(text, uncond, self.inversion_guidance_scale, self.inversion_tau)
         return self._solve(z0, self.inversion_pairs, predict, at=noisier_end, skip_identity=True)
 
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """z_T [B, C, h, w] -> z_0 with the decoder's guidance; ``text`` and ``uncond`` have B rows."""
+        """z_T [B, C, h, w] -> z_0 with the decoder's guidance; ``text`` has B rows (``uncond`` 1, shared)."""
         return self._solve(z_T, self.pairs, self._prediction_fn(text, uncond, self.guidance_scale, self.tau))
 
     def run_batch(self, task: str, requests: list[EditRequest]) -> list[EditResult]:
@@ -94,7 +94,7 @@ class DDIMEditor(Editor):
         """Each request's image inverted with its source prompt and denoised with its target, all B as one batch."""
         c, n = self.components, len(requests)
         text = self._conditioning([request.source_prompt for request in requests] + targets)  # [sources, targets]
-        uncond = Conditioning.cat([c.unconditional()] * n)  # CFG pairs row i with row i
+        uncond = c.unconditional()  # 1 row: guidance repeats it for the batch's rows
         z0 = torch.cat([c.encode_image(request.image) for request in requests])
         z_T = self.invert(z0, text[:n], uncond)
         images = c.decode_latents(self.denoise(z_T, text[n:], uncond))
@@ -112,10 +112,9 @@ class DDIMEditor(Editor):
     def _generate_batch(self, requests: list[EditRequest]) -> list[EditResult]:
         c = self.components
         text = self._conditioning([request.source_prompt for request in requests])
-        uncond = Conditioning.cat([c.unconditional()] * len(requests))
         shape = (1, c.latent_channels, c.latent_size, c.latent_size)
         z_T = torch.cat([torch.randn(shape, generator=request.generator()) for request in requests])  # own noise
-        images = c.decode_latents(self.denoise(z_T.to(c.device, torch.float32), text, uncond))
+        images = c.decode_latents(self.denoise(z_T.to(c.device, torch.float32), text, c.unconditional()))
         return [EditResult(edited=image, extras={"backward_passes": 0}) for image in images]
 
     def _edit(self, request: EditRequest) -> EditResult:
