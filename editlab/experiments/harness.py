@@ -6,14 +6,16 @@ caption -> a generated image). The metrics compare the source with the output (n
 with set-level scores (FID) score the job's saved outputs against the dataset's source images at the end
 (``set_metrics.json``, and the ``fid`` column of the summary's ``all`` row).
 
-Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
-on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
-output directory skips the items that already succeeded (a success row whose image is missing is done again),
-drops a row torn by a kill, and refuses when the configuration differs from the one the results were made with
-(``job.json``; ``restart=true`` moves the old results aside and starts over). A failing item (missing or corrupt
-image, over-long prompt, bad blend words, a mask that does not fit its image, NaN, out of memory) gets a row with
-its ``error`` and the run goes on; a job in which every item failed exits non-zero. The folder's bookkeeping (its
-lock, ``results.csv``, ``job.json``, which items are done) is `job_folder`'s; this module runs the loop.
+Items go to the editor ``batch_size`` at a time (`Editor.run_batch`; 1 by default). Every item's row is appended to
+``results.csv`` (and flushed) as soon as its batch finishes, after its edited image is on disk: the row is the
+commit point, so a killed run loses at most the batch in flight. Re-running into the same output directory skips the
+items that already succeeded (a success row whose image is missing is done again), drops a row torn by a kill, and
+refuses when the configuration differs from the one the results were made with (``job.json``; ``restart=true`` moves
+the old results aside and starts over). A failing item (missing or corrupt image, over-long prompt, bad blend words,
+a mask that does not fit its image, NaN, out of memory) gets a row with its ``error`` and the run goes on (a batch
+the editor fails is edited again one item at a time, so a bad item fails alone); a job in which every item failed
+exits non-zero. The folder's bookkeeping (its lock, ``results.csv``, ``job.json``, which items are done) is
+`job_folder`'s; this module runs the loop.
 """
 
 from __future__ import annotations
