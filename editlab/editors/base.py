@@ -9,6 +9,11 @@ It returns the edited image (and the reconstruction where the method has one) wi
 calls and the seconds the edit took; the harness measures memory around it. Methods that can also invert an image
 and decode it back, or generate from text, list those tasks in ``tasks`` and implement `_reconstruct` /
 `_generate`; ``editor.run(task, request)`` calls the one a task needs, timed and counted the same way.
+
+``editor.run_batch(task, requests)`` does a task on several requests; by default one at a time. An editor that
+batches for real (`editors.ddim`) runs them as one computation and shares its seconds and calls equally among the
+results (``EditResult.batch_size``). Randomness comes from each request's own generator (`EditRequest.generator`),
+never from the global seed, so an item draws the same noise alone and in a batch.
 """
 
 from __future__ import annotations
@@ -42,19 +47,25 @@ class EditRequest:
     blend_words: tuple[str, str] | None = None  # (word in source prompt, word in target prompt)
     seed: int = 0
 
+    def generator(self) -> torch.Generator:
+        """The request's own random stream: a CPU generator seeded with ``seed`` (CPU noise is the same on every
+        device, and the same stream ``torch.manual_seed(seed)`` gave before requests had their own)."""
+        return torch.Generator().manual_seed(self.seed)
+
 
 @dataclass
 class EditResult:
     edited: Image.Image  # the edit; the reconstruction (inversion task); the generated image (generation task)
     reconstruction: Image.Image | None = None
-    nfe: int = 0  # UNet forward calls
-    seconds: float = 0.0
+    nfe: float = 0  # UNet forward calls (of a batch: its calls / batch_size)
+    seconds: float = 0.0  # (of a batch: its seconds / batch_size)
+    batch_size: int = 1  # the requests computed together, whose cost this result shares
     extras: dict[str, Any] = field(default_factory=dict)  # per-method figures, e.g. inversion seconds
 
 
 class Editor:
     """Base class: subclasses implement `_edit` (and `_reconstruct` / `_generate` for the ``tasks`` they list);
-    `run` adds seeding, timing and UNet-call counting."""
+    `run` adds timing and UNet-call counting; an editor that batches for real overrides `run_batch`."""
 
     name: str = ""
     tasks: tuple[str, ...] = ("edit",)  # of TASKS: what the method does
@@ -72,7 +83,7 @@ class Editor:
         raise NotImplementedError
 
     def _generate(self, request: EditRequest) -> EditResult:
-        """Text-to-image from ``request.source_prompt``, seeded by ``request.seed``."""
+        """Text-to-image from ``request.source_prompt``, its noise from ``request.generator()``."""
         raise NotImplementedError
 
     def networks(self) -> list[torch.nn.Module]:
@@ -95,19 +106,34 @@ class Editor:
 
     def run(self, task: str, request: EditRequest) -> EditResult:
         """``task`` (one of ``tasks``) on ``request``: the result with its seconds and UNet forward calls."""
+        self.check_task(task)
+        method = {"edit": self._edit, "inversion": self._reconstruct, "generation": self._generate}[task]
+        (result,) = self._measured(lambda: [method(request)])
+        return result
+
+    def run_batch(self, task: str, requests: list[EditRequest]) -> list[EditResult]:
+        """``task`` on each of ``requests``, results in order. By default one `run` after another (each result
+        with its own cost); an editor that batches for real overrides this and measures the batch (`_measured`)."""
+        return [self.run(task, request) for request in requests]
+
+    def check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise ValueError(f"editor {self.name} does not do task={task}; it does: {', '.join(self.tasks)}")
-        method = {"edit": self._edit, "inversion": self._reconstruct, "generation": self._generate}[task]
-        torch.manual_seed(request.seed)
+
+    def _measured(self, compute: Callable[[], list[EditResult]]) -> list[EditResult]:
+        """``compute()``'s results, each with an equal share of the seconds it took and the UNet forward calls it
+        made: a batch is one computation, so an item's cost is the batch's divided by its size."""
         device = self.components.device
         _sync(device)
         start = time.perf_counter()
         with count_forward_calls(*self.networks()) as calls:
-            result = method(request)
+            results = compute()
         _sync(device)
-        result.seconds = time.perf_counter() - start
-        result.nfe = calls["n"]
-        return result
+        seconds, size = time.perf_counter() - start, len(results)
+        for result in results:
+            result.seconds, result.batch_size = seconds / size, size
+            result.nfe = calls["n"] / size if size > 1 else calls["n"]  # alone: a whole number, as results.csv had
+        return results
 
 
 def _sync(device: torch.device) -> None:

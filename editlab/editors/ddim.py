@@ -14,6 +14,9 @@ editing baseline (invert with the source prompt, denoise with the target prompt,
 Guidance here is classic (eps_u + w (eps_c - eps_u), 1 = unguided); the iCD paper's "w = 8" is classic 8, which is
 code units 7 for the iCD editor. Cost: N - 1 inversion calls (the first step is the identity) + N denoising calls; a
 guided step evaluates [uncond, cond] in one call of batch 2, an unguided one the conditional row alone.
+
+`run_batch` edits B requests of one task as one batch: their latents and conditionings are stacked, so each step is
+one call of batch B ([B uncond rows, B cond rows] where guided) and the whole batch costs what one item does.
 """
 
 from __future__ import annotations
@@ -63,35 +66,62 @@ class DDIMEditor(Editor):
 
     @torch.no_grad()
     def invert(self, z0: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """z_0 [1, C, h, w] -> z_T with the encoder's guidance."""
+        """z_0 [B, C, h, w] -> z_T with the encoder's guidance; ``text`` has B rows (``uncond`` 1, shared)."""
         predict = self._prediction_fn(text, uncond, self.inversion_guidance_scale, self.inversion_tau)
         return self._solve(z0, self.inversion_pairs, predict, at=noisier_end, skip_identity=True)
 
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, text: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """z_T [1, C, h, w] -> z_0 with the decoder's guidance."""
+        """z_T [B, C, h, w] -> z_0 with the decoder's guidance; ``text`` has B rows (``uncond`` 1, shared)."""
         return self._solve(z_T, self.pairs, self._prediction_fn(text, uncond, self.guidance_scale, self.tau))
 
-    def _invert_denoise(self, image, source: str, target: str) -> EditResult:
+    def run_batch(self, task: str, requests: list[EditRequest]) -> list[EditResult]:
+        """``task`` on all ``requests`` as one batch (one denoiser call per step), the cost shared equally; images
+        of different sizes do not stack, so those requests go one at a time."""
+        self.check_task(task)
+        if len({request.image.size for request in requests if request.image is not None}) > 1:
+            return super().run_batch(task, requests)
+        method = {"edit": self._edit_batch, "inversion": self._reconstruct_batch,
+                  "generation": self._generate_batch}[task]
+        return self._measured(lambda: method(requests))
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        """One row per prompt, each distinct prompt encoded once (alone, a reconstruction encodes one prompt)."""
+        distinct = list(dict.fromkeys(prompts))
+        return self.components.conditioning(distinct)[[distinct.index(prompt) for prompt in prompts]]
+
+    def _invert_denoise(self, requests: list[EditRequest], targets: list[str]) -> list[EditResult]:
+        """Each request's image inverted with its source prompt and denoised with its target, all B as one batch."""
+        c, n = self.components, len(requests)
+        text = self._conditioning([request.source_prompt for request in requests] + targets)  # [sources, targets]
+        uncond = c.unconditional()  # 1 row: guidance repeats it for the batch's rows
+        z0 = torch.cat([c.encode_image(request.image) for request in requests])
+        z_T = self.invert(z0, text[:n], uncond)
+        images = c.decode_latents(self.denoise(z_T, text[n:], uncond))
+        return [EditResult(edited=image, extras={"backward_passes": 0}) for image in images]
+
+    def _edit_batch(self, requests: list[EditRequest]) -> list[EditResult]:
+        return self._invert_denoise(requests, [request.target_prompt for request in requests])
+
+    def _reconstruct_batch(self, requests: list[EditRequest]) -> list[EditResult]:
+        results = self._invert_denoise(requests, [request.source_prompt for request in requests])
+        for result in results:
+            result.reconstruction = result.edited
+        return results
+
+    def _generate_batch(self, requests: list[EditRequest]) -> list[EditResult]:
         c = self.components
-        text = c.conditioning([source] if source == target else [source, target])  # 1 or 2 rows
-        uncond = c.unconditional()  # 1 row
-        z_T = self.invert(c.encode_image(image), text[:1], uncond)
-        (image,) = c.decode_latents(self.denoise(z_T, text[-1:], uncond))
-        return EditResult(edited=image, extras={"backward_passes": 0})
+        text = self._conditioning([request.source_prompt for request in requests])
+        shape = (1, c.latent_channels, c.latent_size, c.latent_size)
+        z_T = torch.cat([torch.randn(shape, generator=request.generator()) for request in requests])  # own noise
+        images = c.decode_latents(self.denoise(z_T.to(c.device, torch.float32), text, c.unconditional()))
+        return [EditResult(edited=image, extras={"backward_passes": 0}) for image in images]
 
     def _edit(self, request: EditRequest) -> EditResult:
-        return self._invert_denoise(request.image, request.source_prompt, request.target_prompt)
+        return self._edit_batch([request])[0]
 
     def _reconstruct(self, request: EditRequest) -> EditResult:
-        result = self._invert_denoise(request.image, request.source_prompt, request.source_prompt)
-        result.reconstruction = result.edited
-        return result
+        return self._reconstruct_batch([request])[0]
 
     def _generate(self, request: EditRequest) -> EditResult:
-        c = self.components
-        text, uncond = c.conditioning([request.source_prompt]), c.unconditional()
-        shape = (1, c.latent_channels, c.latent_size, c.latent_size)
-        z_T = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device, torch.float32)
-        (image,) = c.decode_latents(self.denoise(z_T, text, uncond))
-        return EditResult(edited=image, extras={"backward_passes": 0})
+        return self._generate_batch([request])[0]

@@ -109,6 +109,6 @@ class FlowEditEditor(Editor):
         c = self.components
         text = c.conditioning([request.source_prompt, request.target_prompt])  # [source, target]
         x_src = c.encode_image(request.image)  # 1.
-        z = self.edit_latents(x_src, text, c.unconditional(), torch.Generator().manual_seed(request.seed))  # 2.
+        z = self.edit_latents(x_src, text, c.unconditional(), request.generator())  # 2.
         (edited,) = c.decode_latents(z)  # 3.
         return EditResult(edited=edited, extras={"backward_passes": 0})

@@ -187,7 +187,7 @@ class ICDEditor(Editor):
         cond = self.components.conditioning(prompts)  # text [2, 77, D]
         controller = self.controller(prompts, request.blend_words) if self.method == "p2p" else None
         x0 = c.encode_image(request.image)  # [1, 4, h, w]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
+        noise = torch.randn(x0.shape, generator=request.generator()).to(c.device)
         x_T = self.invert(x0, cond[0:1], noise)
         if controller is not None:
             reconstruction, edited = c.decode_latents(self.decode_p2p(x_T, cond, controller))
@@ -201,7 +201,7 @@ class ICDEditor(Editor):
         c = self.components
         cond = c.conditioning([request.source_prompt])
         x0 = c.encode_image(request.image)  # [1, 4, h, w]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(request.seed)).to(c.device)
+        noise = torch.randn(x0.shape, generator=request.generator()).to(c.device)
         (reconstruction,) = c.decode_latents(self.generate_latents(self.invert(x0, cond, noise), cond))
         return EditResult(edited=reconstruction, reconstruction=reconstruction)
 

@@ -73,8 +73,7 @@ class InstructPix2PixEditor(Editor):
         # 1. c_I: posterior mode without the scaling factor; given as latents, the pipeline uses it as is.
         image_latents = c.encode_image(request.image) / c.vae.config.scaling_factor  # [1, 4, h, w]
         # 2. Guided Euler-ancestral sampling; a CPU generator gives the same noise on every device.
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        latents = self.sample(image_latents, request.instruction, generator)
+        latents = self.sample(image_latents, request.instruction, request.generator())
         # 3. Decode.
         edited = c.decode_latents(latents.float())[0]
         return EditResult(edited=edited)

@@ -125,7 +125,7 @@ class LCMControlNetEditor(Editor):
         # 1. Control image: the source's edges.
         control = canny_edges(request.image, *self.canny_thresholds)  # RGB, resolution²
         # 2. LCM sampling under the ControlNet; a CPU generator gives the same noise on every device.
-        generator = torch.Generator("cpu").manual_seed(request.seed if self.seed is None else self.seed)
+        generator = request.generator() if self.seed is None else torch.Generator("cpu").manual_seed(self.seed)
         with count_forward_calls(self.controlnet) as controlnet_calls:
             latents = self.sample(request.target_prompt, control, generator)
         # 3. Decode.

@@ -210,7 +210,7 @@ class Pix2PixZeroEditor(Editor):
 
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components
-        generator = torch.Generator().manual_seed(request.seed)  # the auto-correlation loss's random rolls
+        generator = request.generator()  # the auto-correlation loss's random rolls
 
         # 1-2. caption and edit direction
         source, target = c.encode_prompts([request.source_prompt, request.target_prompt])  # [77, D] each

@@ -27,8 +27,9 @@ from editlab.evaluation.protocol import Column
 SHIPPED = (PieBenchMetrics, ICDPaperMetrics, GroundTruthMetrics)
 COLUMNS: dict[str, Column] = {c: c for metric in SHIPPED for c in (*metric.columns, *metric.set_columns)}
 # a run is identified by these (those present are group keys); the other non-metric columns are per-item labels
+# (batch_size too: how the item was edited, not a figure to average)
 RUN_COLUMNS = ("run", "editor", "model", "precision")
-ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "inputs", "image_id", "image_path")
+ID_COLUMNS = (*RUN_COLUMNS, "edit_type", "error", "note", "inputs", "image_id", "image_path", "batch_size")
 COST_COLUMNS = ("seconds", "nfe", "backward_passes", "peak_mem_mb")
 
 

@@ -7,14 +7,16 @@ with the benchmark's true edit where it ships one (`with_ground_truth`, NaN othe
 scores (FID) score the job's saved outputs against the dataset's source images at the end (``set_metrics.json``,
 and the ``fid`` column of the summary's ``all`` row).
 
-Every item's row is appended to ``results.csv`` (and flushed) as soon as it finishes, after its edited image is
-on disk: the row is the commit point, so a killed run loses at most the item in flight. Re-running into the same
-output directory skips the items that already succeeded (a success row whose image is missing is done again),
-drops a row torn by a kill, and refuses when the configuration differs from the one the results were made with
-(``job.json``; ``restart=true`` moves the old results aside and starts over). A failing item (missing or corrupt
-image, over-long prompt, bad blend words, a mask that does not fit its image, NaN, out of memory) gets a row with
-its ``error`` and the run goes on; a job in which every item failed exits non-zero. The folder's bookkeeping (its
-lock, ``results.csv``, ``job.json``, which items are done) is `job_folder`'s; this module runs the loop.
+Items go to the editor ``batch_size`` at a time (`Editor.run_batch`; 1 by default). Every item's row is appended to
+``results.csv`` (and flushed) as soon as its batch finishes, after its edited image is on disk: the row is the
+commit point, so a killed run loses at most the batch in flight. Re-running into the same output directory skips the
+items that already succeeded (a success row whose image is missing is done again), drops a row torn by a kill, and
+refuses when the configuration differs from the one the results were made with (``job.json``; ``restart=true`` moves
+the old results aside and starts over). A failing item (missing or corrupt image, over-long prompt, bad blend words,
+a mask that does not fit its image, NaN, out of memory) gets a row with its ``error`` and the run goes on (a batch
+the editor fails is edited again one item at a time, so a bad item fails alone); a job in which every item failed
+exits non-zero. The folder's bookkeeping (its lock, ``results.csv``, ``job.json``, which items are done) is
+`job_folder`'s; this module runs the loop.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from PIL import Image
 from tqdm import tqdm
 
-from editlab.editors.base import TASKS, EditRequest, build_editor
+from editlab.editors.base import TASKS, EditRequest, EditResult, build_editor
 from editlab.evaluation.backbones import failure_notes
 from editlab.evaluation.files import atomic_write
 from editlab.evaluation.ground_truth import load_ground_truth, with_ground_truth
@@ -160,47 +162,110 @@ def item_seed(seed: int, image_id: str) -> int:
     return (seed ^ zlib.crc32(image_id.encode())) & 0x7FFFFFFF
 
 
-def process_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, editor, metrics, seed: int,
-                 inputs: str = "") -> Outcome:
-    """Run ``task`` on one item and score it; any failure becomes the row's ``error``, a metric whose backbone
-    failed for this item a line of its ``note``. ``inputs``: the item's `item_inputs` hash, kept with its row."""
-    components = editor.components
-    row: dict[str, Any] = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": "",
-                           "inputs": inputs}
+@dataclass
+class Prepared:
+    """An item ready for the editor: its row so far, its request, and what scoring its output needs."""
+
+    item: PieBenchItem
+    row: dict[str, Any]
+    request: EditRequest
+    image: Image.Image | None
+    mask: np.ndarray | None
+    notes: list[str]
+
+
+def prepare_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, resolution: int, seed: int,
+                 row: dict[str, Any]) -> Prepared:
+    """Load ``item``'s image and mask at the model's ``resolution`` and make its request; ``row["note"]`` says what
+    was noted. Raises what makes the item fail (a missing or corrupt image, a mask that does not fit)."""
+    prompts = (("source", item.source_prompt),) if task != "edit" else \
+        (("source", item.source_prompt), ("target", item.target_prompt))
+    notes = [f"empty {name} prompt" for name, prompt in prompts if not prompt.strip()]
+    image = mask = None
+    if task != "generation":
+        image, note = load_rgb_image(dataset.image_file(item))
+        mask = dataset.load_mask(item, image.height, image.width)
+        image, mask, resize_note = fit_to_resolution(image, mask, resolution)
+        notes = [note, resize_note, *notes]
+    row["note"] = "; ".join(n for n in notes if n)
+    target = item.target_prompt if task == "edit" else item.source_prompt
+    request = EditRequest(image, item.source_prompt, target, item.instruction,
+                          item.blend_words if task == "edit" else None,
+                          item_seed(seed, item.image_id) if task == "generation" else seed)
+    return Prepared(item, row, request, image, mask, notes)
+
+
+def run_editor(task: str, batch: list[Prepared], editor) -> list[tuple[EditResult, float] | Exception]:
+    """Each item's result with its batch's peak memory (MiB), from one `Editor.run_batch` call, or the exception
+    that failed it. A batch that fails is edited again one item at a time, so an item's error is its own."""
+    device = editor.components.device
     try:
-        prompts = (("source", item.source_prompt),) if task != "edit" else \
-            (("source", item.source_prompt), ("target", item.target_prompt))
-        notes = [f"empty {name} prompt" for name, prompt in prompts if not prompt.strip()]
-        image = mask = None
-        if task != "generation":
-            image, note = load_rgb_image(dataset.image_file(item))
-            mask = dataset.load_mask(item, image.height, image.width)
-            image, mask, resize_note = fit_to_resolution(image, mask, components.resolution)
-            notes = [note, resize_note, *notes]
-        row["note"] = "; ".join(n for n in notes if n)
-        target = item.target_prompt if task == "edit" else item.source_prompt
-        reset_peak_memory(components.device)
-        result = editor.run(task, EditRequest(image, item.source_prompt, target, item.instruction,
-                                              item.blend_words if task == "edit" else None,
-                                              item_seed(seed, item.image_id) if task == "generation" else seed))
-        row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
-                   peak_mem_mb=peak_memory_mb(components.device))
-        output = np.asarray(result.edited)
-        source = None if image is None else np.asarray(image)
-        truth = load_ground_truth(dataset.root, item.image_path, output) if task == "edit" else None
-        sample = Sample(output, source, mask, item.source_prompt, target, item.instruction, truth)
-        row.update(metrics.score([sample])[0])
-        notes += failure_notes(sample.failures)
-        row["note"] = "; ".join(n for n in notes if n)
-        return Outcome(row, image, result.edited)
-    except torch.cuda.OutOfMemoryError as err:
+        reset_peak_memory(device)
+        results = editor.run_batch(task, [prepared.request for prepared in batch])
+        peak = peak_memory_mb(device)
+        return [(result, peak) for result in results]
+    except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep, nor fail the others of its batch
+        if len(batch) == 1:
+            return [err]
+        log.warning("a batch of %d items failed (%s: %s): editing them one at a time", len(batch),
+                    type(err).__name__, err)
+    # past the except block the error's traceback, which holds the batch's tensors, is gone: their memory is free
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [outcome for prepared in batch for outcome in run_editor(task, [prepared], editor)]
+
+
+def score_item(task: str, prepared: Prepared, result: EditResult, peak_mb: float, dataset: PieBenchDataset,
+               metrics) -> Outcome:
+    """The item's row with its share of the batch's cost, its metrics and ground-truth scores."""
+    row, item = prepared.row, prepared.item
+    row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
+               peak_mem_mb=peak_mb, batch_size=result.batch_size)
+    output = np.asarray(result.edited)
+    source = None if prepared.image is None else np.asarray(prepared.image)
+    truth = load_ground_truth(dataset.root, item.image_path, output) if task == "edit" else None
+    sample = Sample(output, source, prepared.mask, item.source_prompt, prepared.request.target_prompt,
+                    item.instruction, truth)
+    row.update(metrics.score([sample])[0])
+    row["note"] = "; ".join(n for n in [*prepared.notes, *failure_notes(sample.failures)] if n)
+    return Outcome(row, prepared.image, result.edited)
+
+
+def failed_item(row: dict[str, Any], err: Exception) -> Outcome:
+    """``err`` as the row's ``error``."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
         row["error"] = f"out of GPU memory: {err}. Try precision=fp16, offload=model or offload=sequential"
-        log.warning("item %s failed: %s", item.image_id, row["error"])
-    except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep
+        log.warning("item %s failed: %s", row["image_id"], row["error"])
+    else:
         row["error"] = f"{type(err).__name__}: {err}"
-        log.warning("item %s failed: %s", item.image_id, row["error"], exc_info=True)
+        log.warning("item %s failed: %s", row["image_id"], row["error"], exc_info=err)
     return Outcome(row)
+
+
+def process_items(task: str, items: list[PieBenchItem], dataset: PieBenchDataset, editor, metrics, seed: int,
+                  inputs: Mapping[str, str] | None = None) -> list[Outcome]:
+    """Run ``task`` on ``items`` as one batch and score each; any failure becomes its item's row's ``error``, a
+    metric whose backbone failed for an item a line of its ``note``, and the others go on. ``inputs``: the items'
+    `item_inputs` hashes by id, kept with their rows."""
+    outcomes: dict[str, Outcome] = {}
+    ready: list[Prepared] = []
+    for item in items:
+        row = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": "",
+               "inputs": (inputs or {}).get(item.image_id, "")}
+        try:
+            ready.append(prepare_item(task, item, dataset, editor.components.resolution, seed, row))
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep
+            outcomes[item.image_id] = failed_item(row, err)
+    for prepared, edited in zip(ready, run_editor(task, ready, editor) if ready else []):
+        if isinstance(edited, Exception):
+            outcomes[prepared.item.image_id] = failed_item(prepared.row, edited)
+            continue
+        try:
+            outcomes[prepared.item.image_id] = score_item(task, prepared, *edited, dataset, metrics)
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep
+            outcomes[prepared.item.image_id] = failed_item(prepared.row, err)
+    return [outcomes[item.image_id] for item in items]
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -290,6 +355,15 @@ def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
 
 
 
+def batch_size(cfg: DictConfig) -> int:
+    """``batch_size``: how many items each editor call edits (1: one at a time), a whole number >= 1."""
+    size = cfg.get("batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RunError(f"batch_size={size!r}: give a whole number of items >= 1 to edit per editor call (1: one "
+                       "at a time)")
+    return size
+
+
 def task_name(cfg: DictConfig) -> str:
     task = cfg.get("task", {}).get("name", "edit")
     if task not in TASKS:
@@ -349,6 +423,7 @@ def run(cfg: DictConfig, output_dir: Path, group: str, run_name: str = "default"
 def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, job_name: str | None,
                 job_num: int | None) -> pd.DataFrame:
     check_given(cfg, output_dir)
+    size = batch_size(cfg)
     dataset = load_dataset(cfg)
     check_outside_dataset(output_dir, dataset.root)  # also where the config names no root (iCD CSVs' own folder)
     task = task_name(cfg)
@@ -367,18 +442,21 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
         todo = [item for item in dataset if item.image_id not in done]
         if len(todo) < len(dataset):
             log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
-        if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation
-            process_item(task, todo[0], dataset, editor, metrics, cfg.seed)
+        if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation (batch shape too)
+            process_items(task, todo[:size], dataset, editor, metrics, cfg.seed)
         label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
         unit = {"edit": "edit", "inversion": "inversion", "generation": "image"}[task]
-        for item in tqdm(todo, desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True):
-            outcome = process_item(task, item, dataset, editor, metrics, cfg.seed, inputs[item.image_id])
-            outcome.row.update(run_info)
-            with disk_errors(output_dir):
-                if outcome.edited is not None and cfg.save_images:
-                    save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
-                results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
-            logger.log_item(outcome.row)
+        with tqdm(total=len(todo), desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True) as progress:
+            for batch in (todo[k:k + size] for k in range(0, len(todo), size)):
+                outcomes = process_items(task, batch, dataset, editor, metrics, cfg.seed, inputs)
+                for item, outcome in zip(batch, outcomes):  # each row as soon as its batch is done
+                    outcome.row.update(run_info)
+                    with disk_errors(output_dir):
+                        if outcome.edited is not None and cfg.save_images:
+                            save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
+                        results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
+                    logger.log_item(outcome.row)
+                    progress.update()
 
         frame = results.read()
         summary = summarize(frame)

@@ -184,7 +184,7 @@ def result_columns(metric_columns: tuple[str, ...] = (*PieBenchMetrics.columns, 
                    ) -> tuple[str, ...]:
     """The columns of results.csv for a job's metrics (by default PIE-Bench's and the ground truth's)."""
     return ("run", "editor", "model", "precision", "image_id", "edit_type", *metric_columns,
-            "seconds", "nfe", "backward_passes", "peak_mem_mb", "error", "note", "inputs")
+            "seconds", "nfe", "backward_passes", "peak_mem_mb", "batch_size", "error", "note", "inputs")
 
 
 RESULT_COLUMNS = result_columns()
