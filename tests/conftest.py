@@ -33,6 +33,18 @@ def random_image(seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
+def unet_batches(unet, run) -> list[int]:
+    """The batch of every forward call of ``unet`` that ``run()`` makes."""
+    batches = []
+    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
+        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return batches
+
+
 def compose_config(*overrides: str, name: str = "run", hydra: bool = False):
     """The program's config (run.py's, or ``name="train"``) as Hydra composes it for these command-line overrides;
     ``hydra``: with its ``hydra`` node."""

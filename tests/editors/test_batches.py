@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import unet_batches
 from PIL import Image
 
 from editlab.editors.base import EditRequest, build_editor
@@ -38,18 +39,6 @@ def decoded(components, monkeypatch, fn):
         monkeypatch.undo()
 
 
-def unet_batches(components, fn) -> list[int]:
-    """The batch of every UNet forward call ``fn`` makes."""
-    batches = []
-    handle = components.unet.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
-        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return batches
-
-
 @pytest.mark.parametrize("task", ["edit", "inversion", "generation"])
 def test_a_ddim_batch_gives_what_its_requests_give_one_at_a_time(tiny_components, images, monkeypatch, task):
     editor = build_editor(DDIM, tiny_components)
@@ -70,8 +59,8 @@ def test_a_ddim_batch_gives_what_its_requests_give_one_at_a_time(tiny_components
 
 def test_a_ddim_batch_is_one_unet_call_per_step(tiny_components, images):
     editor = build_editor(DDIM, tiny_components)
-    batches = unet_batches(tiny_components, lambda: editor.run_batch("edit", requests("edit", images)))
-    alone = unet_batches(tiny_components, lambda: editor.edit(requests("edit", images)[0]))
+    batches = unet_batches(tiny_components.unet, lambda: editor.run_batch("edit", requests("edit", images)))
+    alone = unet_batches(tiny_components.unet, lambda: editor.edit(requests("edit", images)[0]))
     assert batches == [3 * b for b in alone]  # CFG's [uncond, cond] of one item is [3 uncond, 3 cond] rows here
 
 

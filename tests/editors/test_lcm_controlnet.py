@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FP32, NO_OFFLOAD
+from conftest import FP32, NO_OFFLOAD, unet_batches
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 from PIL import Image
@@ -33,17 +33,6 @@ def square(box=(16, 20, 44, 52)) -> Image.Image:
 
 def request(image: Image.Image, seed: int = 0) -> EditRequest:
     return EditRequest(image, "a yellow square", "a red square", "make it red", None, seed)
-
-
-def unet_batches(unet: torch.nn.Module, run) -> list[int]:
-    """Batch size of every UNet call made by ``run()``."""
-    batches = []
-    handle = unet.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return batches
 
 
 def test_canny_edges():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import unet_batches
 from PIL import Image
 
 from editlab.editors.base import EditRequest, build_editor
@@ -22,27 +23,15 @@ def request(image, seed: int = 0) -> EditRequest:
     return EditRequest(image, SOURCE, TARGET, seed=seed)
 
 
-def calls_with_batch(components, fn) -> list[int]:
-    """The batch of every UNet forward call ``fn`` makes."""
-    batches = []
-    handle = components.unet.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
-        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return batches
-
-
 def test_ddim_reconstruction_costs_n_minus_1_plus_n_calls_and_guides_where_told(tiny_components, image):
     plain = build_editor({"name": "ddim", "num_steps": 10, "guidance_scale": 1.0}, tiny_components)
     result = plain.run("inversion", request(image))
     assert result.nfe == 9 + 10 and result.reconstruction is result.edited
-    assert calls_with_batch(tiny_components, lambda: plain.run("inversion", request(image))) == [1] * 19
+    assert unet_batches(tiny_components.unet, lambda: plain.run("inversion", request(image))) == [1] * 19
     # decoder guided below t = 500 only (dynamic CFG), encoder guided throughout: [uncond, cond] rows there
     guided = build_editor({"name": "ddim", "num_steps": 10, "guidance_scale": 5.0, "tau": 0.5,
                            "inversion_guidance_scale": 3.0}, tiny_components)
-    batches = calls_with_batch(tiny_components, lambda: guided.run("inversion", request(image)))
+    batches = unet_batches(tiny_components.unet, lambda: guided.run("inversion", request(image)))
     decoder = [2 if t <= 500 else 1 for t, _ in guided.pairs]
     assert batches == [2] * 9 + decoder
 
