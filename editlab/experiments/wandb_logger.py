@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,22 @@ log = logging.getLogger(__name__)
 
 TABLE_IMAGES = ("source", "edited", "ground_truth", "mask")
 TABLE_LABELS = ("image_id", "edit_type", "edit_type_name", "source_prompt", "target_prompt", "instruction", "error")
+
+
+def attempt_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline folders of run ``run_id``: ``offline-run-<time>-<id>``, or ``...-<id>-<n>`` when W&B started an
+    attempt within the same second as an earlier one whose folder was still there."""
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    return sorted(p for p in wandb_dir.glob("offline-run-*") if pattern.fullmatch(p.name))
+
+
+def free_name(path: Path) -> Path:
+    """``path``, or ``path-<n>`` with the first n that names nothing yet."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
 
 
 class RunLogger:
@@ -52,7 +69,7 @@ class RunLogger:
         import wandb
 
         lg = self.cfg.logger
-        earlier = sorted((self.output_dir / "wandb").glob(f"offline-run-*-{self.run_id}")) if self.run_id else []
+        earlier = attempt_folders(self.output_dir / "wandb", self.run_id) if self.run_id else []
         # W&B stages table and artifact files in a global folder by default: keep them with the run
         self._data_dir = os.environ.get("WANDB_DATA_DIR")
         os.environ["WANDB_DATA_DIR"] = str(self.output_dir / "wandb" / "data")
@@ -75,7 +92,7 @@ class RunLogger:
             superseded = self.output_dir / "wandb" / "superseded"
             superseded.mkdir(exist_ok=True)
             for folder in earlier:
-                folder.rename(superseded / folder.name)
+                folder.rename(free_name(superseded / folder.name))
             log.info("W&B: %d earlier attempt(s) of run %s moved to %s; this run logs every finished item again",
                      len(earlier), self.run_id, superseded)
         return self

@@ -373,7 +373,7 @@ def test_a_toy_set_write_is_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_one_job_is_one_wandb_run_whose_history_and_table_cover_every_item(tmp_path, monkeypatch):
-    from editlab.experiments.wandb_logger import RunLogger
+    from editlab.experiments.wandb_logger import RunLogger, attempt_folders
 
     logged, tables = [], []
     log_item, make_table = RunLogger.log_item, RunLogger._table
@@ -386,11 +386,13 @@ def test_one_job_is_one_wandb_run_whose_history_and_table_cover_every_item(tmp_p
             run(config(*wandb_on), out, "g")
     first_attempt = list(logged)
     logged.clear()
+    (attempt,) = (out / "wandb").glob("offline-run-*")  # named as W&B names an attempt begun in a taken second
+    attempt.rename(attempt.with_name(f"{attempt.name}-1"))
     run(config(*wandb_on), out, "g")
 
     run_id = json.loads((out / "job.json").read_text())["wandb_id"]
-    assert [p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")] == [run_id]
-    assert len(list((out / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))) == 1
+    assert len(attempt_folders(out / "wandb", run_id)) == len(list((out / "wandb").glob("offline-run-*"))) == 1
+    assert len(attempt_folders(out / "wandb" / "superseded", run_id)) == 1
     ids = list(results(out)["image_id"])
     assert first_attempt == ids[:2] and logged == ids  # the resumed run's history holds every item
     assert sorted(row[0] for row in tables[-1].data) == sorted(ids)  # and so does its table, with images
