@@ -297,11 +297,23 @@ def reference_images(dataset: PieBenchDataset) -> list[Path]:
     return sorted(references)
 
 
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def model_for(model: dict[str, Any], editor: str) -> dict[str, Any]:
+    """``model`` as ``editor`` runs on it: the model's ``variants`` entry of the editor's name updates the model's keys
+    (the toy model's InstructPix2Pix UNet for instruct_pix2pix) or names another model config that replaces it (the
+    toy flow teacher for the editors that need a flow model)."""
+    model = dict(model)
+    variant = (model.pop("variants", None) or {}).get(editor) or {}
+    if isinstance(variant, str):
+        return OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{variant}.yaml"), resolve=True)
+    return {**model, **variant}
+
+
 def load_editor(cfg: DictConfig, device: str):
-    """The configured model and editor; the model's ``variants`` entry of the editor's name (e.g. the toy model's
-    InstructPix2Pix UNet for instruct_pix2pix) updates the model's keys."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.update((model.pop("variants", None) or {}).get(cfg.editor.name) or {})
+    """The configured model (`model_for` the editor) and editor."""
+    model = model_for(OmegaConf.to_container(cfg.model, resolve=True), cfg.editor.name)
     return build_editor(OmegaConf.to_container(cfg.editor, resolve=True),
                         load_components(model, cfg.precision, cfg.offload, device))
 

@@ -108,6 +108,17 @@ def test_sd3_encoding_is_the_pipelines_with_and_without_t5(sd3):
     assert no_t5.predict(_latents(), 0.5, bare).shape == (2, 16, 16, 16)
 
 
+def test_sd3_with_one_clip_and_no_t5_tokens(sd3):
+    """``clip_g: false`` (the toy flow teacher's layout): CLIP-L alone, padded to the joint width, its projection the
+    pooled input; ``max_sequence_length: 0`` without T5 leaves T5's zeros out of the sequence."""
+    one = load(TINY_SD3, t5=False, clip_g=False, max_sequence_length=0)
+    assert one.text_encoder_2 is None and one.tokenizer_2 is None and one.text_encoder_3 is None
+    cond, full = one.conditioning(PROMPTS), sd3.conditioning(PROMPTS)
+    assert cond.text.shape == (2, 77, 32) and cond.added["pooled_projections"].shape == (2, 8)
+    assert torch.equal(cond.text[..., :8], full.text[:, :77, :8]) and cond.text[..., 8:].abs().sum() == 0
+    assert torch.equal(cond.added["pooled_projections"], full.added["pooled_projections"][:, :8])
+
+
 def test_flux_encoding_is_the_pipelines_and_flux_refuses_to_drop_t5(flux):
     pipe = flux.family.pipeline(flux)
     assert isinstance(pipe, FluxPipeline) and pipe.transformer is flux.transformer

@@ -13,7 +13,9 @@ The world is `toyworld.scenes`: 32² scenes of one or two coloured shapes on a b
    SD-shaped `UNet2DConditionModel` trained jointly on epsilon prediction with caption dropout. EMA weights are kept.
 5. clip (`clip`): a small contrastive `CLIPModel` that scores toy runs and judges the quality bars (`judge`).
 6. ip2p (`ip2p`): an InstructPix2Pix-style UNet initialised from the teacher and fine-tuned on edit triples.
-7. eval (`quality`): the quality bars, measured on the saved files, written to ``<out>/quality.json``.
+7. flow (`flow`): an SD3-shaped flow-matching transformer on the teacher's frozen text encoder, trained with the
+   rectified-flow velocity loss (``<out>/flow``, ``model=toy_flow``).
+8. eval (`quality`): the quality bars, measured on the saved files, written to ``<out>/quality.json``.
 
 `training` holds the loop they share, `world` what they hand each other, `options` the flags and profiles.
 ``resume`` continues the teacher, CLIP and IP2P UNet saved in the output folder with a new warmup + cosine cycle;
@@ -39,6 +41,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from editlab.experiments.toy_build.clip import stage_clip
 from editlab.experiments.toy_build.data import stage_data
+from editlab.experiments.toy_build.flow import stage_flow
 from editlab.experiments.toy_build.ip2p import stage_ip2p
 from editlab.experiments.toy_build.options import ALL_STAGES, PROFILES, BuildOptions, Profile
 from editlab.experiments.toy_build.quality import stage_eval
@@ -50,7 +53,7 @@ __all__ = ["ALL_STAGES", "PROFILES", "STAGES", "BuildOptions", "Profile", "build
 
 STAGES: dict[str, Callable[[World], dict | None]] = {
     "data": stage_data, "vae": stage_vae, "decoder": stage_decoder, "teacher": stage_teacher, "clip": stage_clip,
-    "ip2p": stage_ip2p, "eval": stage_eval,
+    "ip2p": stage_ip2p, "flow": stage_flow, "eval": stage_eval,
 }
 assert tuple(STAGES) == ALL_STAGES
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 SIZE = 32  # image side; latents are 8²
 LATENT_SIZE = SIZE // 4  # the VAE downsamples by 4, like the tiny test model
-ALL_STAGES = ("data", "vae", "decoder", "teacher", "clip", "ip2p", "eval")
+ALL_STAGES = ("data", "vae", "decoder", "teacher", "clip", "ip2p", "flow", "eval")
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Profile:
     clip_batch: int
     ip2p_steps: int
     ip2p_batch: int
+    flow_steps: int = 6_000  # the SD3-shaped flow teacher (stage flow)
+    flow_batch: int = 64
     decoder_steps: int = 0  # VAE decoder fine-tuning on the frozen encoder's latents (0: none)
     ema_decay: float = 0.995  # of the teacher and IP2P UNet; short runs need a short memory (0.999^2000 = 14 %)
     eval_steps: int = 50  # DDIM steps of the evaluation samples and round trips
@@ -58,6 +60,6 @@ PROFILES = {
     # continuing the shipped teacher and IP2P UNet with --resume on 2 CPU cores (the gpu profile's data)
     "finetune": Profile(60_000, 1_000, 20_000, 1_894, 64, 2_000, 64, 3_000, 512, 2_000, 32, decoder_steps=1_993,
                         ema_decay=0.998),
-    "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, decoder_steps=3, eval_steps=4, eval_images=4,
-                     teacher_images=4, nti_images=1),
+    "quick": Profile(64, 16, 32, 3, 4, 3, 4, 3, 8, 3, 4, flow_steps=3, flow_batch=4, decoder_steps=3, eval_steps=4,
+                     eval_images=4, teacher_images=4, nti_images=1),
 }

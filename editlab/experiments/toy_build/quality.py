@@ -1,7 +1,8 @@
-"""Stage 7, eval: the quality bars, measured through `models.loading.load_components` on the saved files and
+"""Stage 8, eval: the quality bars, measured through `models.loading.load_components` on the saved files and
 written to ``<out>/quality.json``: VAE PSNR, CLIP zero-shot accuracy, teacher samples judged by the toy CLIP (next
 to the judge's score on the real scenes of the same captions), DDIM inversion round trips (unguided, CFG 7.5, CFG
-7.5 with Null-Text Inversion), and InstructPix2Pix edits of held-out triples against their ground truth."""
+7.5 with Null-Text Inversion), InstructPix2Pix edits of held-out triples against their ground truth, and the flow
+teacher's samples and round trips."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from editlab.diffusion.solver import solve
+from editlab.diffusion.solver import euler_step, midpoint_step, solve
 from editlab.experiments.toy_build.data import EVAL_EDIT_STREAM, item_rng
+from editlab.experiments.toy_build.flow import FLOW_FOLDER
 from editlab.experiments.toy_build.judge import ToyClip, accuracy, psnr
 from editlab.experiments.toy_build.options import LATENT_SIZE, SIZE
 from editlab.experiments.toy_build.vae import encode_latents
@@ -30,6 +32,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"  # the package's Hydra confi
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}  # the bars are measured in full precision
 TEACHER_SCALES = (3.0, 5.0, 7.5)  # the CFG scales of the teacher's samples; 3: the toy tour's guidance
 ROUND_TRIP_SCALE = 7.5  # the CFG scale of the guided round trips (SD's usual one, as in Null-Text Inversion)
+FLOW_MODEL = CONF / "model" / "toy_flow.yaml"
+FLOW_SAMPLE_STEPS, FLOW_SAMPLE_SCALE = 28, 3.0  # SD3's default step count; the toy's best CFG
 
 
 @torch.no_grad()
@@ -118,6 +122,44 @@ def stage_eval(w: World) -> dict:
     # 5. the InstructPix2Pix UNet on held-out edit triples
     if (w.out / "ip2p_unet").is_dir():
         report["ip2p"] = ip2p_report(w, model, judge, n=max(1, n // 2), steps=p.eval_steps)
+
+    # 6. the flow teacher: samples and Euler / midpoint round trips
+    if (w.out / FLOW_FOLDER / "transformer").is_dir():
+        report["flow"] = flow_report(w, judge, z0, report["vae_psnr"])
+    return report
+
+
+@torch.no_grad()
+def flow_sample(c, x: torch.Tensor, cond, scale: float, num_steps: int, inverse: bool = False,
+                step=euler_step) -> torch.Tensor:
+    """The flow model's ODE from x over its ``num_steps`` grid (``inverse``: data to noise) under CFG ``scale``."""
+    guidance = c.guidance()
+    return solve(x, c.schedule.pairs(num_steps, inverse=inverse), lambda i, y, t: guidance(y, t, cond, scale),
+                 c.schedule, step=step, predicts="flow")[-1]
+
+
+def flow_report(w: World, judge: ToyClip, z0: torch.Tensor, vae_psnr: float) -> dict:
+    """The toy flow teacher (``model=toy_flow``, loaded from ``<out>/flow``): held-out captions sampled with
+    `FLOW_SAMPLE_STEPS` Euler steps at the toy's CFG 3 and judged by the toy CLIP; unguided inversion then
+    regeneration of held-out scenes (their own captions, `eval_steps` steps) with Euler and with the midpoint rule
+    (RF-Solver's step, twice the calls), against the VAE's own PSNR on them (the ceiling)."""
+    p, held = w.profile, w.heldout
+    model = {**OmegaConf.to_container(OmegaConf.load(FLOW_MODEL), resolve=True),
+             "path": str((w.out / FLOW_FOLDER).resolve()), "vae_path": str((w.out / "vae").resolve())}
+    c = load_components(model, FP32, {"mode": "none"}, str(w.device))
+    m = min(p.teacher_images, len(held.captions))
+    gen = torch.Generator(w.device).manual_seed(w.options.seed)
+    noise = torch.randn((m, *z0.shape[1:]), generator=gen, device=w.device)
+    samples = decode(c, flow_sample(c, noise, c.conditioning(held.captions[:m]), FLOW_SAMPLE_SCALE,
+                                    FLOW_SAMPLE_STEPS))
+    report = {"images": m, "sample_steps": FLOW_SAMPLE_STEPS, "sample_cfg": FLOW_SAMPLE_SCALE,
+              "samples": accuracy(judge.checks(torch.from_numpy(samples), held.scenes[:m])),
+              "round_trip_steps": p.eval_steps, "vae_psnr": vae_psnr}
+    cond, sources = c.conditioning(held.captions[: len(z0)]), held.images[: len(z0)].numpy()
+    for name, step in (("euler", euler_step), ("midpoint", midpoint_step)):
+        noised = flow_sample(c, z0, cond, 1.0, p.eval_steps, inverse=True, step=step)
+        out = decode(c, flow_sample(c, noised, cond, 1.0, p.eval_steps, step=step))
+        report[f"{name}_round_trip_psnr"] = float(np.mean([psnr(a, b) for a, b in zip(out, sources)]))
     return report
 
 

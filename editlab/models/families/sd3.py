@@ -93,6 +93,7 @@ class SD3(Family):
                "text_encoder_3": T5EncoderModel, "tokenizer_3": T5Tokenizer}
     clip_tokenizers = ("tokenizer", "tokenizer_2")
     t5 = ("text_encoder_3", "tokenizer_3")  # T5's encoder and tokenizer
+    clip_g = ("text_encoder_2", "tokenizer_2")  # the second CLIP's
     denoiser = "transformer"
     prediction_type = "flow"
     tiny_archs = {"sd3": build_tiny_sd3, "sd35": partial(build_tiny_sd3, sd35=True)}
@@ -103,14 +104,16 @@ class SD3(Family):
     pipeline_class = StableDiffusion3Pipeline
 
     def modules_of(self, model: Mapping[str, Any]) -> dict[str, type]:
-        """Without T5 where ``model.t5`` is false."""
-        if model.get("t5", True):
-            return self.modules
-        return {name: cls for name, cls in self.modules.items() if name not in self.t5}
+        """Without T5 where ``model.t5`` is false, without the second CLIP where ``model.clip_g`` is (a one-encoder
+        SD3-shaped model: the toy flow teacher)."""
+        off = (*(() if model.get("t5", True) else self.t5), *(() if model.get("clip_g", True) else self.clip_g))
+        return {name: cls for name, cls in self.modules.items() if name not in off}
 
     def options(self, model: Mapping[str, Any]) -> dict[str, Any]:
-        """``max_sequence_length``: T5's tokens (``model.max_sequence_length``, else the pipeline's default)."""
-        return {"max_sequence_length": int(model.get("max_sequence_length") or self.max_sequence_length)}
+        """``max_sequence_length``: T5's tokens (``model.max_sequence_length``, else the pipeline's default; 0 with
+        ``t5: false`` leaves T5's zeros out of the sequence, as a model trained without them needs)."""
+        length = model.get("max_sequence_length")
+        return {"max_sequence_length": int(self.max_sequence_length if length is None else length)}
 
     def scheduler(self, config: Mapping[str, Any] | None = None) -> FlowMatchEulerDiscreteScheduler:
         """The checkpoint's flow-matching scheduler; for local builds the family's hub checkpoint's."""
@@ -147,8 +150,7 @@ class SD3(Family):
         )
 
     def check_prompt(self, m, prompt: str) -> None:
-        for name in self.clip_tokenizers:
-            tokenizer = getattr(m, name)
+        for tokenizer in filter(None, (getattr(m, name) for name in self.clip_tokenizers)):
             check_tokens(prompt, tokenizer, tokenizer.model_max_length)
         t5 = getattr(m, self.t5[1])
         if t5 is not None:
@@ -172,6 +174,8 @@ class SD3(Family):
             self.check_prompt(m, prompt)
         states, pooled = [], []
         for tokenizer, encoder in ((m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)):
+            if encoder is None:  # model.clip_g: false
+                continue
             out = encoder(token_ids(tokenizer, prompts, tokenizer.model_max_length, m.device),
                           output_hidden_states=True)
             states.append(out.hidden_states[-2])
