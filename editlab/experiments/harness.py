@@ -446,8 +446,8 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
         editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
         cleanup.callback(editor.close)  # the shared models as the editor found them
         results = ResultsFile(output_dir / "results.csv", result_columns(metrics.columns))
-        run_info = {"run": run_name, "editor": cfg.editor.name, "model": cfg.model.name,
-                    "precision": cfg.precision.name}
+        model = model_for(OmegaConf.to_container(cfg.model, resolve=True), cfg.editor.name)["name"]
+        run_info = {"run": run_name, "editor": cfg.editor.name, "model": model, "precision": cfg.precision.name}
         previous = results.read()
         done = finished_items(previous, dataset, output_dir, cfg.save_images, inputs)
         logger.log_history(previous[previous["image_id"].isin(done)])
@@ -456,7 +456,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
             log.info("resuming: %d of %d items already done in %s", len(dataset) - len(todo), len(dataset), output_dir)
         if cfg.warmup and todo:  # untimed: the first calls pay for kernel selection and allocation (batch shape too)
             process_items(task, todo[:size], dataset, editor, metrics, cfg.seed)
-        label = f"{cfg.editor.name} on {cfg.model.name}/{cfg.precision.name}"
+        label = f"{cfg.editor.name} on {model}/{cfg.precision.name}"
         unit = {"edit": "edit", "inversion": "inversion", "generation": "image"}[task]
         with tqdm(total=len(todo), desc=label, unit=unit, leave=job_num is None, dynamic_ncols=True) as progress:
             for batch in (todo[k:k + size] for k in range(0, len(todo), size)):
