@@ -200,6 +200,8 @@ PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
     "lambda_ac": (0, None), "lambda_kl": (0, None), "lora_rank": (1, None), "lora_alpha": (0, None),
     "controlnet_conditioning_scale": (0, None), "canny_low": (0, 255), "canny_high": (0, 255),
     "reverse_steps": (0, 999), "forward_steps": (0, 999),  # each timestep of the list
+    "inversion_guidance_scale": (0, None),
+    "gamma": (0, 1), "eta": (0, 1), "eta_start": (0, 1), "eta_stop": (0, 1), "eta_decay_power": (0, None),
 }
 
 
