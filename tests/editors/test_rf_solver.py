@@ -5,6 +5,7 @@ an error too), the second-order round trip, FLUX's grid against the originals' f
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY
@@ -206,3 +207,15 @@ def test_bad_settings_and_an_sd_model_are_refused_at_start(flux, sd3, tiny_compo
     with pytest.raises(EditorConfigError, match="runs on the flux, sd3 model families, not on sd; editors for sd "
                                                 "models: .*ddim"):
         build_editor({"name": "rf_solver"}, tiny_components)
+
+
+@pytest.mark.parametrize(("model", "config", "blocks", "nfe"), [
+    ("tiny_flux", "rf_solver", "[0,0]", 4 * 2), ("tiny_sd3", "fireflow", "[0,1]", 2 * (2 + 1))])
+def test_run_py_edits_with_each_config(call_main, own_cache, tmp_path, model, config, blocks, nfe):
+    out = tmp_path / "run"
+    done = call_main("run", "~experiment", f"model={model}", f"editor={config}", "editor.num_steps=2",
+                     f"editor.inject_blocks={blocks}", "dataset.limit=1", "logger=none", "warmup=false",
+                     f"hydra.run.dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert (results["error"] == "").all() and (results["nfe"] == nfe).all()

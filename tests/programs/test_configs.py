@@ -40,7 +40,8 @@ def test_default_is_the_offline_toy_tour(hydra_conf):
     cfg = compose(config_name="run", return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.callbacks.sweep_report
     editors = cfg.hydra.sweeper.params.editor.split(",")
-    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux"}  # the tour names what it leaves out
+    # the tour names what it leaves out
+    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux", "rf_solver", "fireflow"}
     assert set(editors) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - without_toy_model
     assert all(name in " ".join(cfg.sweep_notes) for name in without_toy_model)
     assert (cfg.model.name, cfg.metrics.label, cfg.dataset.name, cfg.dataset.size) == ("toy", "toy", "builtin", 32)
