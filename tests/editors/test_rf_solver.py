@@ -169,6 +169,16 @@ def test_injection_changes_the_edit_and_leaves_the_model_as_found_even_after_an_
     assert_as_before(before, flux)
 
 
+def test_values_that_never_arrive_stop_the_edit(flux):
+    """A projection the attention processors do not call (e.g. fused QKV projections) would make injection a silent
+    no-op: the edit stops after the inversion instead."""
+    x, source, target = inputs(flux)
+    sharing = editor(flux, num_steps=2, inject=1)
+    sharing.projections = {"unused.to_v": torch.nn.Linear(1, 1)}
+    with pytest.raises(RuntimeError, match="recorded no attention values in unused.to_v"):
+        sharing.edit_latents(x, source, target)
+
+
 def test_second_order_solvers_reconstruct_far_better_than_euler(flux):
     """The inversion task (the source prompt both ways, unguided, no injection) on tiny FLUX in fp32: the midpoint
     rule and FireFlow return the source latent an order of magnitude closer than Euler at the same steps."""
