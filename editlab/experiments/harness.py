@@ -486,7 +486,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
                     summary.loc[summary["edit_type"] == "all", key] = value
             atomic_write(output_dir / "summary.csv", lambda f: summary.to_csv(f, index=False))
         failed = int((frame["error"] != "").sum())
-        log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, cfg.model.name, cfg.precision.name,
+        log.info("%s | %s | %s | %s: %d done, %d failed | %s", cfg.editor.name, model, cfg.precision.name,
                  task, len(frame) - failed, failed, output_dir)
         notes = []
         if unavailable := [*metrics.unavailable, *metrics.set_unavailable]:
