@@ -265,3 +265,17 @@ def test_denoising_loss_draws_its_high_t_fraction_from_the_upper_half():
     uniform, mixed = seen
     assert (mixed[:32] >= 500).all() and (mixed[32:] < 500).any() and (uniform < 500).any()
     assert torch.equal(mixed[32:], uniform[32:])  # the rest keeps the uniform draw
+
+
+@pytest.mark.parametrize("stage", ["vae", "decoder", "teacher", "clip", "flow"])
+def test_the_data_stage_renders_the_scenes_each_training_stage_learns_from(tmp_path, stage):
+    """Evaluation alone needs only captions, so the data stage skips rendering then; a training stage run on its own
+    (``--stages flow``) must still get real scenes, not blank images."""
+    from editlab.experiments.toy_build import PROFILES, BuildOptions
+    from editlab.experiments.toy_build.data import stage_data
+    from editlab.experiments.toy_build.world import World
+
+    options = BuildOptions(out=tmp_path, profile="quick", stages=(stage,))
+    w = World(options, PROFILES["quick"], torch.device("cpu"), Log(tmp_path / "log.jsonl"))
+    stage_data(w)
+    assert all(image.any() for image in w.train.images)

@@ -115,7 +115,7 @@ def stage_data(w: World) -> None:
     """Render what the requested stages use (evaluation alone needs only the training captions)."""
     p, workers, stages = w.profile, w.options.workers, set(w.options.stages)
     w.train = render_scenes(p.train_scenes, w.options.seed, TRAIN_STREAM, workers, "render training scenes",
-                            render=bool(stages & {"vae", "decoder", "teacher", "clip"}))
+                            render=bool(stages & {"vae", "decoder", "teacher", "clip", "flow"}))
     w.heldout = render_scenes(p.heldout_scenes, w.options.seed, HELDOUT_STREAM, workers, "render held-out scenes")
     w.edits = render_edits(p.edits if "ip2p" in stages else 0, w.options.seed, workers)
     w.tokenizer = word_tokenizer(vocabulary(), MAX_LENGTH)
