@@ -243,7 +243,7 @@ def test_a_sweep_with_a_failed_job_exits_non_zero_and_names_it(tmp_path, run_py)
 
 @pytest.mark.slow
 def test_toy_tour_runs_every_editor_with_a_toy_model(tmp_path, monkeypatch):
-    """The default run (python run.py) on one colour edit: nine editors and the no-edit baseline run; the report
+    """The default run (python run.py) on one colour edit: twelve editors and the no-edit baseline run; the report
     says why lcm_controlnet is not among them; the console holds no library chatter (W&B on, not silenced here)."""
     monkeypatch.delenv("WANDB_SILENT", raising=False)
     sweep = tmp_path / "sweep"
@@ -253,14 +253,18 @@ def test_toy_tour_runs_every_editor_with_a_toy_model(tmp_path, monkeypatch):
     for chatter in ("LOAD REPORT", "Loading weights", "should be kept in float32", "wandb:", "Traceback"):
         assert chatter not in console, chatter
     assert len(proc.stdout.splitlines()) < 60, proc.stdout
-    results = {read_results(job)["editor"].iloc[0]: read_results(job) for job in sweep.iterdir()
-               if (job / "results.csv").is_file()}
+    results = {job.name.split("editor=")[-1]: read_results(job) for job in sweep.iterdir()
+               if (job / "results.csv").is_file()}  # by the tour's editor config (fireflow's editor is rf_solver)
     assert set(results) == {"identity", "ddim", "ddim_p2p", "npi", "direct_inversion", "null_text", "pix2pix_zero",
-                            "instruct_pix2pix", "icd", "flowedit"}
+                            "instruct_pix2pix", "icd", "flowedit", "rf_inversion", "rf_solver", "fireflow"}
     for editor, frame in results.items():
         assert len(frame) == 1 and frame["error"].iloc[0] == "", (editor, frame["error"].iloc[0])
         assert frame[["clip_similarity_target_image", "gt_psnr"]].notna().all().all()
     assert results["icd"]["nfe"].iloc[0] == 8  # 4 forward + 4 reverse; CFG batches cond + uncond in one call
     assert results["flowedit"]["nfe"].iloc[0] == 7  # the last 7 of 10 steps, four rows in one call each
+    # the flow editors run on the toy flow teacher: 10 steps each way, midpoint steps twice the calls, FireFlow N + 1
+    assert {name: results[name]["nfe"].iloc[0] for name in ("rf_inversion", "rf_solver", "fireflow")} == {
+        "rf_inversion": 20, "rf_solver": 40, "fireflow": 18}
+    assert {results[name]["model"].iloc[0] for name in ("rf_inversion", "rf_solver", "fireflow")} == {"toy_flow"}
     assert not list(sweep.rglob("job_error.txt")) and "not in the tour: lcm_controlnet" in proc.stdout
     assert (sweep / "comparison.png").is_file() and (sweep / "aggregate_summary.csv").is_file()

@@ -41,8 +41,7 @@ def test_default_is_the_offline_toy_tour(hydra_conf):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.callbacks.sweep_report
     editors = cfg.hydra.sweeper.params.editor.split(",")
     # the tour names what it leaves out
-    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux", "rf_inversion", "rf_inversion_sd3", "rf_solver",
-                         "fireflow"}
+    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux", "rf_inversion_sd3"}
     assert set(editors) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - without_toy_model
     assert all(name in " ".join(cfg.sweep_notes) for name in without_toy_model)
     assert (cfg.model.name, cfg.metrics.label, cfg.dataset.name, cfg.dataset.size) == ("toy", "toy", "builtin", 32)
