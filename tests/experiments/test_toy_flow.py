@@ -2,6 +2,8 @@
 CLIP encoder and no T5, its ODE inverts and regenerates a scene as well as the VAE allows (the midpoint rule better
 than Euler), FlowEdit runs on it natively, and the toy model sends the editors that need a flow model to it."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from editlab.experiments.toy_build.quality import flow_sample
 from editlab.models.loading import load_components
 from editlab.toyworld.scenes import COLOURS, Obj, Scene
 
+REPO = Path(__file__).resolve().parents[2]
 TOY_FLOW = OmegaConf.to_container(compose_config("experiment=toy", "model=toy_flow").model, resolve=True)
 
 
@@ -65,7 +68,7 @@ def test_flowedit_runs_natively_and_makes_a_colour_edit():
     inside = source.object_mask(0, 32)
     distance = [float(np.linalg.norm(im[inside].mean(0) - np.asarray(COLOURS[new]))) for im in (image, edited)]
     assert distance[1] < 0.5 * distance[0], distance
-    judge = ClipScorer.from_pretrained(str(cfg.metrics.clip.path))
+    judge = ClipScorer.from_pretrained(str(REPO / "editlab" / "weights" / "toy" / "clip"))
 
     def preference(im):
         return clip_score(judge, im, target.caption()) - clip_score(judge, im, source.caption())
@@ -80,3 +83,17 @@ def test_the_toy_model_sends_the_editors_that_need_a_flow_model_to_it():
     assert model_for(toy, "instruct_pix2pix")["unet_path"].endswith("ip2p_unet")
     for editor in ("rf_inversion", "rf_solver"):
         assert model_for(toy, editor) == TOY_FLOW
+
+
+@pytest.mark.parametrize("editor", ["rf_inversion", "rf_inversion_sd3", "rf_solver", "fireflow"])
+def test_each_flow_editor_runs_on_the_toy_world_at_its_own_settings(editor):
+    """`python run.py experiment=toy editor=<flow editor>`: the toy model sends it to the flow teacher, whose own
+    block range replaces FLUX's for the V injection (conf/editor_weights/toy)."""
+    from editlab.experiments.harness import load_editor
+
+    edit = load_editor(compose_config("experiment=toy", f"editor={editor}"), "cpu")
+    assert edit.components.name == "toy_flow"
+    scene = Scene((Obj("circle", "red", size="large"),), "gray")
+    result = edit.edit(EditRequest(Image.fromarray(scene.render(32)), scene.caption(),
+                                   scene.caption().replace("red", "blue"), seed=0))
+    assert result.edited.size == (32, 32) and result.nfe > 0
