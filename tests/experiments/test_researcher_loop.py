@@ -110,7 +110,7 @@ def test_every_job_of_a_sweep_gets_the_sweeps_start_time():
 
 def test_the_sweep_bar_counts_every_job_of_the_sweep():
     cfg = compose_config("experiment=toy_tour", hydra=True)
-    assert aggregate._count_jobs(cfg) == 10
+    assert aggregate._count_jobs(cfg) == 13
     cfg.hydra.overrides.task = ["editor=npi,ddim"]  # the command line's editors replace the tour's list
     assert aggregate._count_jobs(cfg) == 2
     cfg = compose_config(*FAST, hydra=True)

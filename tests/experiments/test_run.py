@@ -252,7 +252,7 @@ def test_toy_tour_runs_every_editor_with_a_toy_model(tmp_path, monkeypatch):
     console = proc.stdout + proc.stderr
     for chatter in ("LOAD REPORT", "Loading weights", "should be kept in float32", "wandb:", "Traceback"):
         assert chatter not in console, chatter
-    assert len(proc.stdout.splitlines()) < 60, proc.stdout
+    assert len(proc.stdout.splitlines()) < 80, proc.stdout  # 13 jobs of 3 lines, the table, the notes: 70
     results = {job.name.split("editor=")[-1]: read_results(job) for job in sweep.iterdir()
                if (job / "results.csv").is_file()}  # by the tour's editor config (fireflow's editor is rf_solver)
     assert set(results) == {"identity", "ddim", "ddim_p2p", "npi", "direct_inversion", "null_text", "pix2pix_zero",
