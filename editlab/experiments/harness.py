@@ -446,7 +446,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
         editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
         cleanup.callback(editor.close)  # the shared models as the editor found them
         results = ResultsFile(output_dir / "results.csv", result_columns(metrics.columns))
-        model = model_for(OmegaConf.to_container(cfg.model, resolve=True), cfg.editor.name)["name"]
+        model = editor.components.name  # the model the editor runs on (a variant may name another than cfg.model)
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": model, "precision": cfg.precision.name}
         previous = results.read()
         done = finished_items(previous, dataset, output_dir, cfg.save_images, inputs)
