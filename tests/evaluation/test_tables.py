@@ -80,7 +80,7 @@ def test_every_layout_loads_with_a_source_rows_and_numbers_under_declared_column
             for key, value in (row.get("published") or {}).items():
                 assert key in keys, (layout_id, row["id"], key)
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (layout_id, row["id"], key)
-    # spot checks against the design notes' transcriptions
+    # spot checks of values as the papers print them (PnP Inversion Table 1; iCD Tables 1, 2, 4, 6)
     published = {(lid, r["id"]): r.get("published", {}) for lid, lay in LAYOUTS.items() for r in lay["rows"]}
     assert published["piebench", "ddim_p2p"]["struct_x1e3"] == 69.43
     assert published["piebench", "direct_inversion"]["clip_edited"] == 22.10
