@@ -23,7 +23,7 @@ from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
 LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
-ROW_COUNTS = {"piebench": 6, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
+ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
               "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
 PIE_EDITORS = ("ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix")
 PIE_RAW = {"structure_distance": 0.05, "psnr_unedit_part": 25.0, "lpips_unedit_part": 0.08, "mse_unedit_part": 0.004,
@@ -80,10 +80,13 @@ def test_every_layout_loads_with_a_source_rows_and_numbers_under_declared_column
             for key, value in (row.get("published") or {}).items():
                 assert key in keys, (layout_id, row["id"], key)
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (layout_id, row["id"], key)
-    # spot checks of values as the papers print them (PnP Inversion Table 1; iCD Tables 1, 2, 4, 6)
+    # spot checks of values as the papers print them (PnP Inversion Table 1; FireFlow Table 4; iCD Tables 1, 2, 4, 6)
     published = {(lid, r["id"]): r.get("published", {}) for lid, lay in LAYOUTS.items() for r in lay["rows"]}
     assert published["piebench", "ddim_p2p"]["struct_x1e3"] == 69.43
     assert published["piebench", "direct_inversion"]["clip_edited"] == 22.10
+    assert published["flow_editors", "fireflow"] == {"struct_x1e3": 27.1, "psnr": 23.03, "ssim_x1e2": 82.49,
+                                                     "clip_whole": 26.02, "clip_edited": 22.81, "nfe": 18}
+    assert published["flow_editors", "rf_solver"]["nfe"] == 60 and not published["flow_editors", "flowedit"]
     assert published["icd_table2", "K"] == {"lpips_vgg": 0.273, "dinov2": 0.749, "psnr_uint8": 19.66}
     assert published["icd_table5", "icd4_unguided"] == published["icd_table2", "G"]
     assert published["icd_table1", "enc_cfg__dec_cfg"]["fid"] == 102.1
@@ -166,6 +169,16 @@ def test_rows_are_found_by_paper_row_by_match_and_by_alias(tmp_path):
     table5 = tables.build_table("icd_table5", jobs)  # G and K fill the 4-step rows (aliases)
     assert cells(table5, "icd4_guided_dcfg").loc["lpips_vgg", "ours"] == pytest.approx(0.2)
     assert cells(table5, "icd3_unguided")["status"].iloc[0] == "not run"
+
+
+def test_the_flow_rows_tell_the_solver_and_the_steps_apart_without_paper_row(tmp_path):
+    for k, (solver, steps) in enumerate((("midpoint", 15), ("fireflow", 15), ("fireflow", 8), ("euler", 15))):
+        make_job(tmp_path / f"{k}", "rf_solver", values={"psnr_unedit_part": 20.0 + k},
+                 extra={"editor.solver": solver, "editor.num_steps": steps})
+    table = tables.build_table("flow_editors", tables.find_jobs([tmp_path])).drop_duplicates("row").set_index("row")
+    assert table.loc["rf_solver", "job"] == "0" and table.loc["fireflow_15", "job"] == "1"
+    assert table.loc["fireflow", "job"] == "2"  # the Euler job fills no row
+    assert (table.loc[["rf_inversion", "flowedit"], "status"] == "not run").all()
 
 
 def test_the_latest_configuration_of_a_row_is_shown_with_a_note_and_shards_merge(tmp_path):

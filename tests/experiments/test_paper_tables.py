@@ -1,6 +1,7 @@
-"""The toy variants of the PIE-Bench table, the inversion table (iCD Table 2) and the generation table (iCD Table 4)
-end to end: run.py's sweep, its report's paper table, and `python -m editlab.evaluation.tables` on the sweep folder,
-with every expected row run and finite numbers beside the published ones. Two items per job to stay quick."""
+"""The toy variants of the PIE-Bench table, the flow editors' table (FireFlow Table 4), the inversion table (iCD
+Table 2) and the generation table (iCD Table 4) end to end: run.py's sweep, its report's paper table, and
+`python -m editlab.evaluation.tables` on the sweep folder, with every expected row run and finite numbers beside the
+published ones. Two items per job to stay quick."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from editlab.evaluation import tables
 
 RUN = {  # the rows each toy variant runs; the other rows of the table stay "not run"
+    "flow_editors": ["rf_inversion", "rf_solver", "fireflow_15", "fireflow", "flowedit"],
     "piebench": ["ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix"],
     "icd_table2": ["teacher_unguided", "teacher_guided", "teacher_guided_dcfg", "G", "K"],
     "icd_table4": ["ddim50", "cd4", "cd4_dcfg08", "cd4_dcfg07"],
