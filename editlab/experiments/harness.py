@@ -306,8 +306,9 @@ def model_for(model: dict[str, Any], editor: str) -> dict[str, Any]:
     toy flow teacher for the editors that need a flow model)."""
     model = dict(model)
     variant = (model.pop("variants", None) or {}).get(editor) or {}
-    if isinstance(variant, str):
-        return OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{variant}.yaml"), resolve=True)
+    if isinstance(variant, str):  # its Hydra defaults (a default precision) are the configured model's to give
+        loaded = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{variant}.yaml"), resolve=True)
+        return {key: value for key, value in loaded.items() if key != "defaults"}
     return {**model, **variant}
 
 
@@ -447,6 +448,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
         cleanup.callback(editor.close)  # the shared models as the editor found them
         results = ResultsFile(output_dir / "results.csv", result_columns(metrics.columns))
         model = editor.components.name  # the model the editor runs on (a variant may name another than cfg.model)
+        logger.set_model(model)
         run_info = {"run": run_name, "editor": cfg.editor.name, "model": model, "precision": cfg.precision.name}
         previous = results.read()
         done = finished_items(previous, dataset, output_dir, cfg.save_images, inputs)

@@ -97,6 +97,15 @@ class RunLogger:
                      len(earlier), self.run_id, superseded)
         return self
 
+    def set_model(self, model: str) -> None:
+        """Name and tag the run by the model the editor runs on, where a variant of the configured model named
+        another (the toy model sends the flow editors to the toy flow teacher)."""
+        if self.run is None or model == self.cfg.model.name:
+            return
+        configured = re.escape(self.cfg.model.name)
+        self.run.name = re.sub(rf"(?<![^\s-]){configured}(?![^\s-])", model, self.run.name, count=1)
+        self.run.tags = tuple(model if tag == self.cfg.model.name else tag for tag in self.run.tags)
+
     def log_history(self, rows: pd.DataFrame) -> None:
         """The per-item history of rows finished by earlier attempts: all of them in a new run (offline, W&B starts
         one per attempt); online, those past the resumed run's last step."""

@@ -45,7 +45,7 @@ def _spy_on_summaries(monkeypatch) -> list[dict]:
         if run_ is not None:  # the summary as the run is finished
             finish = run_.finish
             run_.finish = lambda *a, **k: (seen.append({"summary": dict(run_.summary), "name": run_.name,
-                                                        "group": run_.group}), finish(*a, **k))
+                                                        "group": run_.group, "tags": run_.tags}), finish(*a, **k))
         return exit_(self, *exc)
 
     monkeypatch.setattr(RunLogger, "__exit__", capture)
@@ -62,6 +62,16 @@ def test_wandb_summary_holds_aggregates_not_the_last_item(tmp_path, monkeypatch)
     assert logged["name"] == "0 ddim_p2p tiny fp32" and logged["group"] == "toy_tour 2026-12-01 10-00-00"
     assert list((tmp_path / "run" / "wandb" / "data").rglob("*"))  # W&B's staging stays with the run
     assert os.environ.get("WANDB_DATA_DIR") is None  # and is not left set for the next job
+
+
+def test_a_flow_editor_sent_to_the_toy_flow_teacher_names_it_in_its_wandb_run(tmp_path, monkeypatch):
+    seen = _spy_on_summaries(monkeypatch)
+    cfg = compose_config("experiment=toy", "editor=fireflow", "editor.num_steps=2", "warmup=false",
+                         "dataset.limit=1", "logger.mode=offline")
+    run(cfg, tmp_path / "run", "g", "default", "0 rf_solver toy fp32")
+    (logged,) = seen
+    assert logged["name"] == "0 rf_solver toy_flow fp32" and "toy_flow" in logged["tags"]
+    assert "toy" not in logged["tags"]
 
 
 def test_a_job_that_fails_as_a_whole_still_gets_a_wandb_run_with_the_error(tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ def test_the_toy_model_sends_the_editors_that_need_a_flow_model_to_it():
     assert model_for(toy, "instruct_pix2pix")["unet_path"].endswith("ip2p_unet")
     for editor in ("rf_inversion", "rf_solver"):
         assert model_for(toy, editor) == TOY_FLOW
+    sd3 = model_for({**toy, "variants": {"flowedit": "sd3"}}, "flowedit")  # a config with Hydra defaults
+    assert sd3["name"] == "sd3" and "defaults" not in sd3
 
 
 @pytest.mark.parametrize("editor", ["rf_inversion", "rf_inversion_sd3", "rf_solver", "fireflow"])
