@@ -23,8 +23,8 @@ from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
 LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
-ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "course_poster": 5, "icd_table1": 16, "icd_table2": 13, "icd_table5": 4, "icd_table3": 8,
-              "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
+ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "course_poster": 5, "icd_table1": 16, "icd_table2": 13,
+              "icd_table5": 4, "icd_table3": 8, "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
 PIE_EDITORS = ("ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix")
 PIE_RAW = {"structure_distance": 0.05, "psnr_unedit_part": 25.0, "lpips_unedit_part": 0.08, "mse_unedit_part": 0.004,
            "ssim_unedit_part": 0.8, "clip_similarity_source_image": 20.0, "clip_similarity_target_image": 24.0,

@@ -6,8 +6,8 @@ from editlab.experiments.wandb_logger import attempt_folders, free_name
 def test_attempt_folders_include_same_second_restarts_and_no_other_run(tmp_path):
     ours = ["offline-run-20261207_092151-abc123", "offline-run-20261207_092151-abc123-1",
             "offline-run-20261207_092209-abc123"]
-    others = ["offline-run-20261207_092151-abc1234", "offline-run-20261207_092151-xabc123", "run-20261207_092151-abc123",
-              "offline-run-20261207_092151-abc123-x"]
+    others = ["offline-run-20261207_092151-abc1234", "offline-run-20261207_092151-xabc123",
+              "run-20261207_092151-abc123", "offline-run-20261207_092151-abc123-x"]
     for name in ours + others:
         (tmp_path / name).mkdir()
     assert [p.name for p in attempt_folders(tmp_path, "abc123")] == sorted(ours)
