@@ -74,6 +74,8 @@ def _load(path: str, mtime: float) -> dict[str, dict]:
                      for r in layout.get("rows", ()) for k, v in (r.get("context") or {}).items()
                      if k not in keys or k in (r.get("published") or {}) or not is_number(v.get("value"))
                      or not v.get("source")]
+        problems += [f"column {c['key']}: mean {c['mean']!r} needs mean: macro and `of`, the column it averages"
+                     for c in layout.get("columns", ()) if "mean" in c and (c["mean"] != "macro" or not c.get("of"))]
         if layout.get("reference") and layout["reference"] not in ids:
             problems.append(f"reference row {layout['reference']!r} is not a row")
         if problems:
@@ -257,10 +259,14 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _column_value(column: dict, overall: dict, results: pd.DataFrame, jobs: list[Job]) -> float:
+def _column_value(column: dict, overall: dict, per_type: pd.DataFrame, results: pd.DataFrame,
+                  jobs: list[Job]) -> float:
     key = column["key"]
     if column.get("vs_reference"):
         return math.nan  # filled in by the reference pass
+    if column.get("mean") == "macro":  # the unweighted mean of the edit types' means (GEdit's official overall)
+        means = pd.to_numeric(per_type.get(column["of"], pd.Series(dtype=float)), errors="coerce")
+        return float(means.mean()) if means.notna().any() else math.nan
     if key == "peak_mem_gb":
         peak = pd.to_numeric(results.get("peak_mem_mb", pd.Series(dtype=float)), errors="coerce")
         return float(peak.max() / 1024) if peak.notna().any() else math.nan
@@ -309,7 +315,8 @@ def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     result.per_type = summary[summary["edit_type"] != "all"].reset_index(drop=True)
     result.status, result.n = OK, int(overall.get("n", 0))
     succeeded = results[(errors == "").to_numpy()]
-    result.values = {c["key"]: _column_value(c, overall, succeeded, result.jobs) for c in layout["columns"]}
+    result.values = {c["key"]: _column_value(c, overall, result.per_type, succeeded, result.jobs)
+                     for c in layout["columns"]}
     sharded = sorted({k for job in result.jobs for k in job.set_metrics} if len(result.jobs) > 1 else set())
     if sharded:
         result.notes.append(f"{', '.join(sharded)}: {len(result.jobs)} shards each scored their own part, which is "

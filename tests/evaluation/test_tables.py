@@ -181,6 +181,26 @@ def test_the_flow_rows_tell_the_solver_and_the_steps_apart_without_paper_row(tmp
     assert (table.loc[["rf_inversion", "flowedit"], "status"] == "not run").all()
 
 
+def test_a_macro_column_averages_the_edit_types_means_and_the_bare_key_the_items(tmp_path, monkeypatch):
+    layout = {"m": {"title": "t", "source": "s", "task": "edit", "rows": [{"id": "a", "label": "A",
+                                                                         "match": {"editor.name": "ddim_p2p"}}],
+                    "columns": [{"key": "score", "name": "micro", "direction": "↑"},
+                                {"key": "score_macro", "of": "score", "mean": "macro", "name": "macro",
+                                 "direction": "↑"}]}}
+    (tmp_path / "layouts.yaml").write_text(yaml.safe_dump(layout, allow_unicode=True))
+    # type "1": three items of 1.0; type "2": one item of 5.0 -> micro 2.0, macro 3.0
+    make_job(tmp_path / "job", values={"score": [1.0, 1.0, 1.0, 5.0]}, items=4, edit_types=("1", "1", "1", "2"))
+    layouts = tables.load_layouts(tmp_path / "layouts.yaml")
+    jobs = tables.find_jobs([tmp_path / "job"])
+    monkeypatch.setattr(table_layouts, "load_layouts", lambda path=None: layouts)
+    (row,) = table_layouts.resolve("m", jobs)
+    assert row.values == {"score": pytest.approx(2.0), "score_macro": pytest.approx(3.0)}
+    broken = {"m": {**layout["m"], "columns": [{"key": "x", "name": "x", "direction": "↑", "mean": "median"}]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken, allow_unicode=True))
+    with pytest.raises(ValueError, match="mean: macro"):
+        tables.load_layouts(tmp_path / "bad.yaml")
+
+
 def test_the_latest_configuration_of_a_row_is_shown_with_a_note_and_shards_merge(tmp_path):
     make_job(tmp_path / "old", "ddim_p2p", values={"psnr_unedit_part": 10.0}, mtime=1_000_000)
     make_job(tmp_path / "new", "ddim_p2p", values={"psnr_unedit_part": 30.0}, extra={"editor.num_steps": 10},
