@@ -49,22 +49,25 @@ class Reply:
 
 
 class ScriptedBackend:
-    """Canned replies. ``by_case``: ``{(key, case): [reply, ...]}``; ``default``: replies for any other case. A reply
-    is a string, or ``{"reply": str}`` / ``{"status": "api_error"|"refused", "message": str}``."""
+    """Canned replies. ``by_case``: ``{(key, case): [reply, ...]}``; ``default``: replies for any other item, a list
+    or ``{case: [reply, ...]}`` (case "" = any case). A reply is a string, or ``{"reply": str}`` /
+    ``{"status": "api_error"|"refused", "message": str}``."""
 
     name = "scripted"
 
-    def __init__(self, by_case: Mapping[tuple[str, str], Sequence] | None = None, default: Sequence = (),
-                 source: str = "") -> None:
-        self.by_case, self.default, self.source = dict(by_case or {}), list(default), source
+    def __init__(self, by_case: Mapping[tuple[str, str], Sequence] | None = None,
+                 default: Sequence | Mapping[str, Sequence] = (), source: str = "") -> None:
+        self.by_case, self.source = dict(by_case or {}), source
+        by_name = default if isinstance(default, Mapping) else {"": default}
+        self.default = {case: list(replies) for case, replies in by_name.items()}
         self.calls = 0
 
     @classmethod
     def from_file(cls, path: str | Path) -> ScriptedBackend:
         """A JSONL file, one reply per line: ``{"key", "case", "reply"}`` (or ``"status"``/``"message"`` instead of
-        ``reply``); a line without ``key`` is a default reply."""
+        ``reply``); a line without ``key`` is a default reply (for its ``case``, or for any)."""
         by_case: dict[tuple[str, str], list] = {}
-        default: list = []
+        default: dict[str, list] = {}
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -78,12 +81,13 @@ class ScriptedBackend:
             if "key" in entry:
                 by_case.setdefault((str(entry["key"]), str(entry.get("case", ""))), []).append(entry)
             else:
-                default.append(entry)
+                default.setdefault(str(entry.get("case", "")), []).append(entry)
         return cls(by_case, default, str(path))
 
     def ask(self, request: Request) -> Reply:
         self.calls += 1
-        replies = self.by_case.get((request.key, request.case)) or self.default
+        replies = (self.by_case.get((request.key, request.case)) or self.default.get(request.case)
+                   or self.default.get(""))
         if not replies:
             return Reply(None, "api_error", f"no scripted reply for {request.key}/{request.case}")
         entry = replies[min(request.attempt, len(replies)) - 1]

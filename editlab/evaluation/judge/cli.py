@@ -44,7 +44,7 @@ BACKEND_FLAGS = {"replies": str, "model_path": str, "revision": str, "dtype": st
                  "api_key_env": str, "timeout_s": float, "temperature": float, "max_tokens": int, "seed": int}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.judge", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a whole number >= 1")
-    if not (args.backend or args.from_log or args.export):
+    if not (args.backend or args.from_log or args.export or backend_given):
         parser.error("give --backend (or --from-log to re-score stored replies, or --export)")
     return args
 
@@ -132,7 +132,7 @@ def export_evalscope(items: list[JudgeItem], benchmark: str, out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None:
     """Run the CLI; ``backend`` replaces the one the flags build (tests inject theirs)."""
-    args = parse_args(argv)
+    args = parse_args(argv, backend is not None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     protocol = make_protocol(args.benchmark)
     try:
