@@ -254,27 +254,37 @@ class TransformersBackend:
 
 
 BACKENDS = ("transformers", "openai_compat", "scripted")
+BACKEND_KEYS = ("name", "path", "revision", "dtype", "device", "min_pixels", "max_pixels", "max_new_tokens",
+                "attn_implementation", "seed", "base_url", "model", "api_key_env", "timeout_s", "temperature",
+                "max_tokens", "replies")
 
 
-def build_backend(cfg: Mapping[str, Any], device: str = "cpu", key: str = "metrics.backend"):
-    """The backend a config mapping names (``name`` and that backend's keys); ``key`` prefixes the messages."""
+def build_backend(cfg: Mapping[str, Any], device: str = "cpu", names: Mapping[str, str] | None = None):
+    """The backend a config mapping names (``name`` and that backend's keys). ``names``: what the user sets for each
+    key (default ``metrics.backend.<key>``, run.py's; the CLI names its flags), so the messages name what to change."""
+    def flag(key: str) -> str:
+        return (names or {}).get(key, f"metrics.backend.{key}")
+
     name = cfg.get("name")
     if name == "scripted":
         if not cfg.get("replies"):
-            raise ValueError(f"{key}.replies: the scripted judge needs a JSONL file of replies")
+            raise ValueError(f"{flag('replies')}: the scripted judge needs a JSONL file of replies")
         return ScriptedBackend.from_file(cfg["replies"])
     if name == "openai_compat":
-        return OpenAICompatBackend(cfg.get("base_url") or "", cfg.get("model") or "", cfg.get("api_key_env"),
+        if not cfg.get("base_url") or not cfg.get("model"):
+            raise ValueError(f"the openai_compat judge needs {flag('base_url')} (e.g. http://localhost:8000/v1) and "
+                             f"{flag('model')}")
+        return OpenAICompatBackend(cfg["base_url"], cfg["model"], cfg.get("api_key_env"),
                                    float(cfg.get("timeout_s", 120)), float(cfg.get("temperature", 0.0)),
                                    int(cfg.get("max_tokens", 1400)), cfg.get("seed"))
     if name == "transformers":
         if not cfg.get("path"):
-            raise ValueError(f"{key}.path: the transformers judge needs a model (hub id or local folder)")
+            raise ValueError(f"{flag('path')}: the transformers judge needs a model (hub id or local folder)")
         return TransformersBackend(cfg["path"], cfg.get("revision"), cfg.get("dtype") or "bfloat16",
                                    cfg.get("device") or str(device), cfg.get("min_pixels"), cfg.get("max_pixels"),
                                    int(cfg.get("max_new_tokens", 512)), cfg.get("attn_implementation"),
-                                   int(cfg.get("seed", 42)), f"{key}.path")
-    raise ValueError(f"{key}.name={name!r}; expected one of {', '.join(BACKENDS)}")
+                                   int(cfg.get("seed", 42)), flag("path"))
+    raise ValueError(f"{flag('name')}={name!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def timed(backend, request: Request) -> tuple[Reply, float]:

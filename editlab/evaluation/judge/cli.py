@@ -89,6 +89,9 @@ def read_items(args: argparse.Namespace) -> list[JudgeItem]:
     else:
         items = imgedit_items(args.edits, args.metadata, args.images)
     items = list(items)
+    if not items:
+        raise ValueError(f"no items to judge in {args.edits}" + (f" for --language {args.language}" if args.language
+                                                                 else ""))
     return items[: args.limit] if args.limit else items
 
 
@@ -145,7 +148,9 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
         if args.from_log and not (out / "judge_calls.jsonl").is_file():
             raise ValueError(f"--from-log: no judge_calls.jsonl in {out}")
         if not args.from_log and backend is None:
-            backend = build_backend(backend_config(args), args.device or "cpu", "--backend settings")
+            flags = {key: f"--{key.replace('_', '-')}" for key in BACKEND_FLAGS} | {"path": "--model-path",
+                                                                                    "name": "--backend"}
+            backend = build_backend(backend_config(args), args.device or "cpu", flags)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     with FolderLock(out, ".judge.lock", "a judging pass"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from editlab.evaluation.files import atomic_write_json
-from editlab.evaluation.judge.backends import build_backend
+from editlab.evaluation.judge.backends import BACKEND_KEYS, build_backend
 from editlab.evaluation.judge.protocols import protocol as make_protocol
 from editlab.evaluation.judge.record import CallLog, pass_record
 from editlab.evaluation.judge.scoring import Judge, status_of
@@ -67,7 +67,9 @@ def build_judge_metric(benchmark: str, cfg: Mapping, device, names: Mapping[str,
     if not cfg.get("calls_log"):
         raise ValueError(f"{names.get('calls_log', f'{prefix}.calls_log')} is not set: the judge's calls log "
                          "(judge_calls.jsonl in the job's folder)")
-    backend = build_backend(cfg.get("backend") or {}, str(device), names.get("backend", f"{prefix}.backend"))
+    backend_names = {key[len("backend."):]: flag for key, flag in names.items() if key.startswith("backend.")}
+    backend = build_backend(cfg.get("backend") or {}, str(device),
+                            backend_names or {key: f"{prefix}.backend.{key}" for key in BACKEND_KEYS})
     judge = Judge(make_protocol(benchmark), backend, CallLog(Path(cfg["calls_log"])), cfg.get("max_attempts", 3))
     return JudgeMetric(judge, backend.describe(), cfg.get("label") or "")
 

@@ -87,7 +87,7 @@ def test_openai_compat_needs_its_key_variable_set(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR .* is not set"):
         OpenAICompatBackend("http://x/v1", "m", "NO_SUCH_KEY_VAR")
-    with pytest.raises(ValueError, match="base URL"):
+    with pytest.raises(ValueError, match="needs metrics.backend.base_url"):
         build_backend({"name": "openai_compat", "model": "m"})
     with pytest.raises(ValueError, match=r"metrics.backend.name='vllm'"):
         build_backend({"name": "vllm"})
