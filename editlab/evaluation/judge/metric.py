@@ -12,12 +12,14 @@ protocol's hashes and the status counts, rewritten after each item.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from editlab.evaluation import backbones
 from editlab.evaluation.files import atomic_write_json
 from editlab.evaluation.judge.backends import BACKEND_KEYS, build_backend
 from editlab.evaluation.judge.protocols import protocol as make_protocol
@@ -29,14 +31,21 @@ from editlab.evaluation.protocol import Column, Metric, Sample
 class JudgeMetric(Metric):
     needs = frozenset({"edited", "source", "instruction"})
 
-    def __init__(self, judge: Judge, backend_info: dict, label: str = "") -> None:
-        self.judge, self.backend_info, self.label = judge, backend_info, label
-        scores = judge.protocol.scores
-        self.columns = tuple(Column(c, higher_is_better=True if c in scores else None) for c in judge.protocol.columns)
+    def __init__(self, judge: Judge | None, protocol, backend_info: dict, label: str = "") -> None:
+        """``judge`` None: the judge could not be loaded (``on_missing: warn``), every column is unavailable."""
+        self.judge, self.protocol, self.backend_info, self.label = judge, protocol, backend_info, label
+        scores = protocol.scores
+        self.columns = tuple(Column(c, higher_is_better=True if c in scores else None) for c in protocol.columns)
         self.headline = scores[:3]
         self.statuses: Counter[str] = Counter()
 
+    @property
+    def unavailable(self) -> list[str]:
+        return [] if self.judge else list(self.columns)
+
     def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        if self.judge is None:
+            return [dict.fromkeys(self.columns, math.nan) for _ in samples]
         rows = []
         for sample in samples:
             if not sample.key or sample.source is None:
@@ -62,16 +71,29 @@ class JudgeMetric(Metric):
 
 def build_judge_metric(benchmark: str, cfg: Mapping, device, names: Mapping[str, str] | None,
                        prefix: str) -> JudgeMetric:
-    """``cfg``: ``calls_log`` (path), ``max_attempts``, ``label``, ``backend`` (`backends.build_backend`)."""
+    """``cfg``: ``calls_log`` (path), ``max_attempts``, ``label``, ``on_missing`` (a local judge that cannot be
+    loaded: stop, or with ``warn`` score nothing, its columns unavailable), ``backend`` (`backends.build_backend`)."""
     names = names or {}
+    name = {key: names.get(key, f"{prefix}.{key}") for key in ("calls_log", "on_missing")}
+    on_missing = backbones.check_on_missing(cfg)
     if not cfg.get("calls_log"):
-        raise ValueError(f"{names.get('calls_log', f'{prefix}.calls_log')} is not set: the judge's calls log "
-                         "(judge_calls.jsonl in the job's folder)")
+        raise ValueError(f"{name['calls_log']} is not set: the judge's calls log (judge_calls.jsonl in the job's "
+                         "folder)")
+    section = cfg.get("backend") or {}
     backend_names = {key[len("backend."):]: flag for key, flag in names.items() if key.startswith("backend.")}
-    backend = build_backend(cfg.get("backend") or {}, str(device),
-                            backend_names or {key: f"{prefix}.backend.{key}" for key in BACKEND_KEYS})
-    judge = Judge(make_protocol(benchmark), backend, CallLog(Path(cfg["calls_log"])), cfg.get("max_attempts", 3))
-    return JudgeMetric(judge, backend.describe(), cfg.get("label") or "")
+    backend_names = backend_names or {key: f"{prefix}.backend.{key}" for key in BACKEND_KEYS}
+    if section.get("name") == "transformers" and section.get("path"):  # weights that may be missing
+        backend = backbones.try_load(f"the {benchmark} judge", repr(section["path"]),
+                                     backbones.HF_HINT(backend_names["path"]),
+                                     lambda: build_backend(section, str(device), backend_names), on_missing,
+                                     name["on_missing"])
+    else:  # a configuration problem: always stops
+        backend = build_backend(section, str(device), backend_names)
+    protocol = make_protocol(benchmark)
+    if backend is None:
+        return JudgeMetric(None, protocol, {}, cfg.get("label") or "")
+    judge = Judge(protocol, backend, CallLog(Path(cfg["calls_log"])), cfg.get("max_attempts", 3))
+    return JudgeMetric(judge, protocol, backend.describe(), cfg.get("label") or "")
 
 
 def build_gedit_judge(cfg: Mapping, device="cpu", names: Mapping[str, str] | None = None,

@@ -233,3 +233,16 @@ def test_run_py_judges_each_edit_as_it_makes_it_and_resumes_without_calling_agai
     finished = call_main("run", *args, "dataset.limit=3")  # a resume: the first two items are not judged again
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(read_jsonl(out / "judge_calls.jsonl")) == 6
+
+
+def test_a_judge_that_cannot_be_loaded_stops_or_with_warn_leaves_its_columns_unavailable(tmp_path):
+    cfg = {"kind": "gedit_judge", "calls_log": str(tmp_path / "judge_calls.jsonl"),
+           "backend": {"name": "transformers", "path": str(tmp_path / "no_such_judge")}}
+    with pytest.raises(RuntimeError, match=r"cannot load the backbone of the gedit judge .* metrics.on_missing=warn"):
+        build_metrics(cfg)
+    metric = build_metrics(cfg | {"on_missing": "warn"})
+    assert metric.unavailable == list(metric.columns)
+    (row,) = metric.score([Sample(np.asarray(picture(1)), np.asarray(picture(0)), key="k", edit_type="1")])
+    assert all(np.isnan(v) for v in row.values()) and not (tmp_path / "judge_calls.jsonl").exists()
+    with pytest.raises(ValueError, match="metrics.backend.replies: the scripted judge needs"):
+        build_metrics(cfg | {"on_missing": "warn", "backend": {"name": "scripted"}})  # a config error always stops
