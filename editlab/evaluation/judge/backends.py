@@ -204,13 +204,19 @@ class TransformersBackend:
         from editlab.models.hub import hub_kwargs, local_or_hub
         from editlab.models.safe_load import weights_only_loading
 
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype={dtype!r}: the judge runs in float32, float16 or bfloat16")
         self.path, self.revision, self.dtype, self.device = path, revision, dtype, device
         self.min_pixels, self.max_pixels, self.max_new_tokens, self.seed = min_pixels, max_pixels, max_new_tokens, seed
         source = local_or_hub(path, key)
         common = {"revision": revision, "trust_remote_code": False, **hub_kwargs(source, key)}
-        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         with weights_only_loading():
-            self.processor = AutoProcessor.from_pretrained(source, **common, **pixels)
+            self.processor = AutoProcessor.from_pretrained(source, **common)
+            if min_pixels or max_pixels:  # the pixel limits as transformers 5 takes them: the image processor's size
+                saved = dict(self.processor.image_processor.size)
+                size = {"shortest_edge": min_pixels or saved.get("shortest_edge"),
+                        "longest_edge": max_pixels or saved.get("longest_edge")}
+                self.processor = AutoProcessor.from_pretrained(source, **common, size=size)
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             placement = {"device_map": "auto"} if device == "auto" else {}
             self.model = AutoModelForImageTextToText.from_pretrained(

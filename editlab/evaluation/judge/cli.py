@@ -69,9 +69,17 @@ def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argpa
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a whole number >= 1")
+    if args.max_attempts < 1:
+        parser.error("--max-attempts must be a whole number >= 1")
     if not (args.backend or args.from_log or args.export or backend_given):
         parser.error("give --backend (or --from-log to re-score stored replies, or --export)")
     return args
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def read_items(args: argparse.Namespace) -> list[JudgeItem]:
@@ -150,7 +158,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
         if not args.from_log and backend is None:
             flags = {key: f"--{key.replace('_', '-')}" for key in BACKEND_FLAGS} | {"path": "--model-path",
                                                                                     "name": "--backend"}
-            backend = build_backend(backend_config(args), args.device or "cpu", flags)
+            backend = build_backend(backend_config(args), args.device or default_device(), flags)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     with FolderLock(out, ".judge.lock", "a judging pass"):

@@ -196,7 +196,7 @@ def tiny_qwen25_vl(folder):
 def test_a_tiny_random_qwen25_vl_judges_end_to_end_and_its_garbage_is_parse_error(tmp_path):
     judge_folder = tiny_qwen25_vl(tmp_path / "tiny_judge")
     backend = build_backend({"name": "transformers", "path": str(judge_folder), "dtype": "float32",
-                             "min_pixels": 784, "max_pixels": 3136, "max_new_tokens": 8}, "cpu")
+                             "max_pixels": 1568, "max_new_tokens": 8}, "cpu")
     png = io.BytesIO()
     picture(3).save(png, format="PNG")
     first = backend.ask(Request("k", "SC", 1, "score the image edit", (png.getvalue(),) * 2, False))
@@ -205,7 +205,7 @@ def test_a_tiny_random_qwen25_vl_judges_end_to_end_and_its_garbage_is_parse_erro
         first.text  # greedy: deterministic
     described = backend.describe()
     assert described["model_class"] == "Qwen2_5_VLForConditionalGeneration" and described["decoding"]["greedy"]
-    assert described["image_processor_size"] == {"shortest_edge": 784, "longest_edge": 3136}
+    assert described["image_processor_size"] == {"shortest_edge": 784, "longest_edge": 1568}  # saved min, given max
 
     model, metadata, _ = gedit_tree(tmp_path, per_type=1)
     out = tmp_path / "out"
