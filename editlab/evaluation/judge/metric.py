@@ -37,7 +37,7 @@ class JudgeMetric(Metric):
         scores = protocol.scores
         self.columns = tuple(Column(c, higher_is_better=True if c in scores else None) for c in protocol.columns)
         self.headline = scores[:3]
-        self.statuses: Counter[str] = Counter()
+        self.statuses: dict[str, str] = {}  # key -> status (run.py's untimed warm-up scores its first item twice)
 
     @property
     def unavailable(self) -> list[str]:
@@ -54,7 +54,7 @@ class JudgeMetric(Metric):
                                       Image.fromarray(sample.source), Image.fromarray(sample.edited))
             row = self.judge.protocol.row(parsed)
             status, message = status_of(parsed)
-            self.statuses[status] += 1
+            self.statuses[sample.key] = status
             for column in self.judge.protocol.scores:
                 if row[column] != row[column]:  # NaN: a case it needs failed
                     sample.failures[column] = f"judge {status}: {message[:160]}"
@@ -63,7 +63,8 @@ class JudgeMetric(Metric):
         return rows
 
     def _write_record(self) -> None:
-        record = pass_record(self.judge.protocol, self.backend_info, self.statuses, [], self.judge.max_attempts,
+        record = pass_record(self.judge.protocol, self.backend_info, Counter(self.statuses.values()), [],
+                             self.judge.max_attempts,
                              self.judge.calls, self.judge.new_calls, label=self.label,
                              mode="run.py metric (source and edit as the harness prepared them)")
         atomic_write_json(self.judge.calls.path.with_name("judge.json"), record)

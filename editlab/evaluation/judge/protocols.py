@@ -6,8 +6,9 @@ template and the instruction; ``PQ`` sends the edit alone with the PQ template. 
 per item SC = min(SC pair), PQ = min(PQ pair), O = sqrt(SC * PQ).
 
 ImgEdit-Bench Basic (``PKU-YuanGroup/ImgEdit`` Benchmark/Basic): one case per item, the edit type's rubric prompt
-with the instruction, then the original, then the result; the reply names three criteria with 1-5 scores, and the
-item's score is their mean.
+with the instruction, then the original, then the result (two images for every type, as the official script sends
+them, though the extract and style prompts speak of one and three); the reply names three criteria with 1-5 scores,
+and the item's score is their mean (unrounded here; the official step1 rounds it to 2 decimals).
 
 Images go to the judge as PNG bytes (both benchmarks' scorers send PNG); the SHA-256 of each is recorded.
 

@@ -29,6 +29,7 @@ class CallLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
+        self._by_case: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.skipped: list[int] = []  # line numbers that are not records (torn by a kill, or edited by hand)
         data = self.path.read_bytes() if self.path.is_file() else b""
         self._needs_newline = bool(data) and not data.endswith(b"\n")
@@ -38,7 +39,7 @@ class CallLog:
             except ValueError:
                 record = None
             if isinstance(record, dict) and {"key", "case", "attempt", "final"} <= record.keys():
-                self.records.append(record)
+                self._add(record)
             elif line.strip():
                 self.skipped.append(number)
         if self.skipped:
@@ -48,8 +49,11 @@ class CallLog:
 
     def attempts(self, key: str, case: str, match: dict[str, Any]) -> list[dict[str, Any]]:
         """The records of ``key``/``case`` made with the same judge, prompt and images (``match``), in order."""
-        return [r for r in self.records if r["key"] == key and r["case"] == case
-                and all(r.get(k) == v for k, v in match.items())]
+        return [r for r in self._by_case.get((key, case), []) if all(r.get(k) == v for k, v in match.items())]
+
+    def _add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._by_case.setdefault((record["key"], record["case"]), []).append(record)
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +63,7 @@ class CallLog:
             f.flush()
             os.fsync(f.fileno())
         self._needs_newline = False
-        self.records.append(record)
+        self._add(record)
 
     def finals(self) -> Iterator[dict[str, Any]]:
         return (r for r in self.records if r["final"])
