@@ -8,6 +8,31 @@ from PIL import Image
 
 from editlab.evaluation.judge.backends import ScriptedBackend
 
+# Replies the official GEdit parser (stepfun-ai/Step1X-Edit@570eba6 GEdit-Bench/viescore/utils.py, mllm_output_to_dict,
+# retried by VIEScore.evaluate) mishandles, with what editlab makes of them
+GEDIT_REPLIES = [
+    ('{"score": [7, 9], "reasoning": "good"}', "ok", (7, 9)),
+    ('```json\n{"score": [7, 9], "reasoning": "good"}\n```', "ok", (7, 9)),  # fenced
+    ('Here is my answer: {"score": [0, 10], "reasoning": "..."} Done.', "ok", (0, 10)),  # prose around one object
+    ('{"score": [3, 4], "reasoning": "a {brace} inside"}', "ok", (3, 4)),
+    ('{"score": 4}', "parse_error", ()),  # scalar: the official parser makes it [4]
+    ("[6, 0]", "parse_error", ()),  # bare list: parsed, then random on the second pass
+    ("7", "parse_error", ()),  # bare number: likewise
+    ("I'm sorry, I can't help with rating these images.", "parse_error", ()),  # refusal text: random
+    ("", "parse_error", ()),  # empty (the GPT wrapper's reply to every API error): random
+    ('{"score": [12, 15]}', "out_of_range", (12, 15)),  # accepted as is by the official parser
+    ('{"score": [-1, 5]}', "out_of_range", (-1, 5)),
+    ('{"score": [1, 2]} {"score": [3, 4]}', "parse_error", ()),  # two objects: endless loop officially
+    ("{'score': [1, 2], 'reasoning': 'x'}", "parse_error", ()),  # single-quoted: endless loop officially
+    ('{"score": [7.0, 8.0]}', "parse_error", ()),  # strict: JSON integers only
+    ('{"score": ["7", "8"]}', "parse_error", ()),
+    ('{"score": [true, 8]}', "parse_error", ()),
+    ('{"score": [7, 8, 9]}', "parse_error", ()),
+    ('{"score": [NaN, 8]}', "parse_error", ()),
+    ('{"reasoning": "no score"}', "parse_error", ()),
+    ('{"score": [7, 8], "reasoning": "unterminated}', "parse_error", ()),  # braced non-JSON
+]
+
 GOOD_SC, GOOD_PQ = '{"score": [7, 9], "reasoning": "done"}', '```json\n{"score": [8, 6], "reasoning": "clean"}\n```'
 
 

@@ -145,7 +145,8 @@ def test_scripted_replies_from_a_file_by_item_case_and_attempt(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a tiny random Qwen2.5-VL judge, built in memory and saved as a checkpoint folder (vlm_judges §4.3)
+# a tiny random Qwen2.5-VL judge, built in memory and saved as a checkpoint folder (sizes after transformers' own
+# Qwen2.5-VL model tester, tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py)
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]

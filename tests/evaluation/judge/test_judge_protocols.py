@@ -1,6 +1,6 @@
 """The judged benchmarks' protocols: the prompts are the original scorers' byte for byte, images go as the scorers
-send them, and every reply of the official parser's trap table (vlm_judges §1.5) gets a status, never a made-up
-score."""
+send them, and every reply the official GEdit parser mishandles (conftest's GEDIT_REPLIES) gets a status, never a
+made-up score."""
 
 import hashlib
 import io
@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import GEDIT_REPLIES
 from PIL import Image
 
 from editlab.evaluation.judge.protocols import (
@@ -21,7 +22,7 @@ from editlab.evaluation.judge.protocols import (
 
 GEDIT_SC_SHA256 = "8f529562c2f89f8db51a3f7cc4d487686f676909c21010b67b0e65ec78150de5"
 GEDIT_PQ_SHA256 = "2473ff2c7406e06545c5c039ceb039ff2604ebacf150868a48f0bf07c9e733b0"
-# PKU-YuanGroup/ImgEdit@547185d Benchmark/Basic/prompts.json (the design notes give f9468dc8…27b5a0)
+# PKU-YuanGroup/ImgEdit@547185d Benchmark/Basic/prompts.json, hashed as fetched (f9468dc8…27b5a0)
 IMGEDIT_PROMPTS_SHA256 = "f9468dc848776ee0a6c2e2c31e678c7224e9cb61b013747c8c52d4a05627b5a0"
 
 
@@ -87,31 +88,6 @@ def test_imgedit_transport_text_then_original_then_result():
     assert decode(case.images[0]).size == (30, 20) and decode(case.images[1]).size == (40, 40)  # no resizing
     with pytest.raises(ValueError, match="unknown ImgEdit edit type 'paint'"):
         ImgEditProtocol().render("paint", "x", source, edit)
-
-
-# vlm_judges §1.5: what the official parser does with each reply, and what editlab does
-GEDIT_REPLIES = [
-    ('{"score": [7, 9], "reasoning": "good"}', "ok", (7, 9)),
-    ('```json\n{"score": [7, 9], "reasoning": "good"}\n```', "ok", (7, 9)),  # fenced
-    ('Here is my answer: {"score": [0, 10], "reasoning": "..."} Done.', "ok", (0, 10)),  # prose around one object
-    ('{"score": [3, 4], "reasoning": "a {brace} inside"}', "ok", (3, 4)),
-    ('{"score": 4}', "parse_error", ()),  # scalar: the official parser makes it [4]
-    ("[6, 0]", "parse_error", ()),  # bare list: parsed, then random on the second pass
-    ("7", "parse_error", ()),  # bare number: likewise
-    ("I'm sorry, I can't help with rating these images.", "parse_error", ()),  # refusal text: random
-    ("", "parse_error", ()),  # empty (the GPT wrapper's reply to every API error): random
-    ('{"score": [12, 15]}', "out_of_range", (12, 15)),  # accepted as is by the official parser
-    ('{"score": [-1, 5]}', "out_of_range", (-1, 5)),
-    ('{"score": [1, 2]} {"score": [3, 4]}', "parse_error", ()),  # two objects: endless loop officially
-    ("{'score': [1, 2], 'reasoning': 'x'}", "parse_error", ()),  # single-quoted: endless loop officially
-    ('{"score": [7.0, 8.0]}', "parse_error", ()),  # strict: JSON integers only
-    ('{"score": ["7", "8"]}', "parse_error", ()),
-    ('{"score": [true, 8]}', "parse_error", ()),
-    ('{"score": [7, 8, 9]}', "parse_error", ()),
-    ('{"score": [NaN, 8]}', "parse_error", ()),
-    ('{"reasoning": "no score"}', "parse_error", ()),
-    ('{"score": [7, 8], "reasoning": "unterminated}', "parse_error", ()),  # braced non-JSON
-]
 
 
 @pytest.mark.parametrize(("reply", "status", "scores"), GEDIT_REPLIES)

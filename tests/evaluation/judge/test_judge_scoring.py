@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import GOOD_PQ, GOOD_SC, Killed, KilledAfter, gedit_tree, picture, read_jsonl, scripted
+from conftest import GEDIT_REPLIES, GOOD_PQ, GOOD_SC, Killed, KilledAfter, gedit_tree, picture, read_jsonl, scripted
 
 from editlab.evaluation.judge import cli
 from editlab.evaluation.judge.backends import ScriptedBackend
@@ -212,3 +212,16 @@ def test_imgedit_summary_means_the_three_criteria_and_counts_cap_violations():
     assert summary.loc["add", "imgedit_s1"] == 3.0 and summary.loc["add", "n_cap_violation"] == 1
     assert summary.loc["all_macro", "imgedit_avg"] == pytest.approx(3.5)  # (3 + 4) / 2
     assert summary.loc["all_micro", "imgedit_avg"] == pytest.approx(10 / 3)
+
+
+@pytest.mark.parametrize(("reply", "status", "scores"), GEDIT_REPLIES)
+def test_every_trap_table_reply_through_the_scripted_judge(tmp_path, reply, status, scores):
+    """The official parser's hard cases end to end: the reply as a judge gives it, retried, recorded; never a score
+    unless ok."""
+    backend = scripted({("k1", "SC"): [reply]})
+    _, parsed = judge_one(tmp_path, backend, max_attempts=2)
+    assert parsed["SC"].status == status
+    assert backend.calls == (2 if status == "ok" else 3)  # one SC call when it parses, else both attempts
+    row = GEditProtocol().row(parsed)
+    assert (row["gedit_sc"] == min(scores)) if status == "ok" else math.isnan(row["gedit_sc"])
+    assert [r["status"] for r in read_jsonl(tmp_path / "judge_calls.jsonl") if r["case"] == "SC"][-1] == status
