@@ -17,6 +17,7 @@ from editlab.evaluation.judge import cli
 from editlab.evaluation.judge.backends import ScriptedBackend
 from editlab.evaluation.protocol import Sample, build_metrics
 from editlab.evaluation.toyset import write_piebench
+from editlab.experiments.job_folder import check_output_folder
 
 CONF = Path(__file__).resolve().parents[3] / "editlab" / "conf"
 IMGEDIT_OK = "Brief reasoning: fine.\n{}: 4\n{}: 3\n{}: 4"
@@ -147,6 +148,7 @@ def test_editlab_job_folder_pass_goes_into_the_job_folder(tmp_path):
     assert (job / "judge_gedit" / "judge_scores.csv").is_file()
     calls = read_jsonl(job / "judge_gedit" / "judge_calls.jsonl")
     assert {c["key"] for c in calls} == set(scores.loc[scores["status"] == "ok", "key"])
+    check_output_folder(job)  # run.py may still resume into the job folder the judge wrote into
 
 
 def test_export_evalscope_writes_absolute_paths_of_existing_edits(tmp_path, capsys):
