@@ -29,7 +29,9 @@ import torch
 NEEDS = frozenset({"source", "edited", "prompts", "instruction", "mask", "ground_truth", "references"})
 # metric kind -> its builder; a config may also name any "module:function"
 BUILDERS = {"piebench": "editlab.evaluation.metrics:build_piebench_metrics",
-            "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics"}
+            "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics",
+            "gedit_judge": "editlab.evaluation.judge.metric:build_gedit_judge",
+            "imgedit_judge": "editlab.evaluation.judge.metric:build_imgedit_judge"}
 
 
 class Column(str):
@@ -57,7 +59,8 @@ class Column(str):
 class Sample:
     """One item to score: uint8 HWC images, the (H, W) 0/1 edit mask (1 = edited), the prompts the output was made
     with. A metric records in ``failures`` which of its columns' backbones failed for it, and why (a note on the
-    row: `evaluation.backbones.failure_notes`)."""
+    row: `evaluation.backbones.failure_notes`). ``key`` and ``edit_type`` name the item (a judge records its calls
+    by key and picks its rubric by type)."""
 
     edited: np.ndarray
     source: np.ndarray | None = None
@@ -67,6 +70,8 @@ class Sample:
     instruction: str = ""
     ground_truth: np.ndarray | None = None
     failures: dict[str, str] = field(default_factory=dict)
+    key: str = ""
+    edit_type: str = ""
 
 
 class Metric:

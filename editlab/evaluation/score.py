@@ -91,7 +91,8 @@ def score_item(item: PieBenchItem, dataset: PieBenchDataset, edits: Path, metric
         mask = dataset.load_mask(item, source.height, source.width)
         edited = np.asarray(edit)
         sample = Sample(edited, np.asarray(source), mask, item.source_prompt, item.target_prompt, item.instruction,
-                        load_ground_truth(dataset.root, item.image_path, edited))
+                        load_ground_truth(dataset.root, item.image_path, edited), key=item.image_id,
+                        edit_type=item.edit_type)
         row |= metrics.score([sample])[0]
         notes += failure_notes(sample.failures)
         row["error"] = ""

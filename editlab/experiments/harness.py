@@ -225,7 +225,7 @@ def score_item(task: str, prepared: Prepared, result: EditResult, peak_mb: float
     source = None if prepared.image is None else np.asarray(prepared.image)
     truth = load_ground_truth(dataset.root, item.image_path, output) if task == "edit" else None
     sample = Sample(output, source, prepared.mask, item.source_prompt, prepared.request.target_prompt,
-                    item.instruction, truth)
+                    item.instruction, truth, key=item.image_id, edit_type=item.edit_type)
     row.update(metrics.score([sample])[0])
     row["note"] = "; ".join(n for n in [*prepared.notes, *failure_notes(sample.failures)] if n)
     return Outcome(row, prepared.image, result.edited)

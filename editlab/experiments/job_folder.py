@@ -60,8 +60,9 @@ class RunError(Exception):
 # What a job writes into its folder (Hydra: .hydra/ and <job>.log; the harness: the rest), and what a sweep writes
 # into its own (multirun.yaml, the report). Anything else in a folder was put there by someone else.
 JOB_ENTRIES = ("results.csv", "summary.csv", "job.json", "set_metrics.json", "annotation_images", "wandb", ".hydra",
-               "*.log", "job_error.txt", ".editlab.lock", "superseded_*")
-OUTPUTS = ("results.csv", "summary.csv", "set_metrics.json", "annotation_images", "wandb")
+               "*.log", "job_error.txt", ".editlab.lock", "superseded_*", "judge_*", "judge.json")
+OUTPUTS = ("results.csv", "summary.csv", "set_metrics.json", "annotation_images", "wandb", "judge_calls.jsonl",
+           "judge.json")  # a judge metric set's calls log and record (evaluation.judge)
 
 
 def _foreign(folder: Path, ours: Iterable[str]) -> list[str]:

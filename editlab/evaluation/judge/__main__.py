@@ -1,0 +1,3 @@
+from editlab.evaluation.judge.cli import cli
+
+cli()
