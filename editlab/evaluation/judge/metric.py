@@ -72,8 +72,9 @@ class JudgeMetric(Metric):
 
 def build_judge_metric(benchmark: str, cfg: Mapping, device, names: Mapping[str, str] | None,
                        prefix: str) -> JudgeMetric:
-    """``cfg``: ``calls_log`` (path), ``max_attempts``, ``label``, ``on_missing`` (a local judge that cannot be
-    loaded: stop, or with ``warn`` score nothing, its columns unavailable), ``backend`` (`backends.build_backend`)."""
+    """``cfg``: ``calls_log`` (path), ``max_attempts``, ``judge_label`` (what the judge is, for judge.json; not
+    ``label``, which marks toy backbones in the tables), ``on_missing`` (a local judge that cannot be loaded: stop,
+    or with ``warn`` score nothing, its columns unavailable), ``backend`` (`backends.build_backend`)."""
     names = names or {}
     name = {key: names.get(key, f"{prefix}.{key}") for key in ("calls_log", "on_missing")}
     on_missing = backbones.check_on_missing(cfg)
@@ -92,9 +93,9 @@ def build_judge_metric(benchmark: str, cfg: Mapping, device, names: Mapping[str,
         backend = build_backend(section, str(device), backend_names)
     protocol = make_protocol(benchmark)
     if backend is None:
-        return JudgeMetric(None, protocol, {}, cfg.get("label") or "")
+        return JudgeMetric(None, protocol, {}, cfg.get("judge_label") or "")
     judge = Judge(protocol, backend, CallLog(Path(cfg["calls_log"])), cfg.get("max_attempts", 3))
-    return JudgeMetric(judge, protocol, backend.describe(), cfg.get("label") or "")
+    return JudgeMetric(judge, protocol, backend.describe(), cfg.get("judge_label") or "")
 
 
 def build_gedit_judge(cfg: Mapping, device="cpu", names: Mapping[str, str] | None = None,

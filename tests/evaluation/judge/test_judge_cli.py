@@ -185,7 +185,8 @@ def test_the_metric_configs_compose_with_their_kind(option):
     GlobalHydra.instance().clear()
     metrics = OmegaConf.to_container(cfg.metrics, resolve=False)
     assert metrics["kind"] == option and metrics["calls_log"].endswith("/judge_calls.jsonl")
-    assert metrics["backend"]["name"] == "transformers" and metrics["label"]
+    assert metrics["backend"]["name"] == "transformers" and metrics["judge_label"]
+    assert "label" not in metrics  # metrics.label marks toy backbones: the tables would call the judge a toy
 
 
 def test_gedit_judge_metric_scores_samples_and_notes_failures(tmp_path):
