@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +77,9 @@ def _load(path: str, mtime: float) -> dict[str, dict]:
                      or not v.get("source")]
         problems += [f"column {c['key']}: mean {c['mean']!r} needs mean: macro and `of`, the column it averages"
                      for c in layout.get("columns", ()) if "mean" in c and (c["mean"] != "macro" or not c.get("of"))]
+        judge = layout.get("judge")
+        if judge is not None and not (isinstance(judge, dict) and judge.get("label") and judge.get("ids")):
+            problems.append("judge needs a label and ids (our judge ids that the published numbers compare with)")
         if layout.get("reference") and layout["reference"] not in ids:
             problems.append(f"reference row {layout['reference']!r} is not a row")
         if problems:
@@ -114,6 +118,18 @@ class Job:
         sets = {key.split(".")[2] for key in self.config if key.startswith("metrics.sets.")}
         kinds = [self.config.get(f"metrics.sets.{name}.kind") for name in sets] or [self.config.get("metrics.kind")]
         return {str(kind or "piebench") for kind in kinds}
+
+    @property
+    def judge(self) -> str:
+        """The judge that scored the job (a judged metric set's backend: the served model's name, the local model's
+        path, or the backend's name), or "" for a job without one."""
+        prefixes = ["metrics."] + sorted({".".join(key.split(".")[:3]) + "." for key in self.config
+                                          if key.startswith("metrics.sets.")})
+        for prefix in prefixes:
+            if backend := self.config.get(f"{prefix}backend.name"):
+                field = {"openai_compat": "model", "transformers": "path"}.get(str(backend))
+                return str(self.config.get(f"{prefix}backend.{field}") if field else backend)
+        return ""
 
     @property
     def metrics_label(self) -> str:
@@ -279,6 +295,21 @@ def _column_value(column: dict, overall: dict, per_type: pd.DataFrame, results: 
     return math.nan  # none, or one per shard: a set metric of parts is not the whole set's (noted in _fill)
 
 
+def _scored_notes(layout: dict, overall: dict, results: pd.DataFrame) -> list[str]:
+    """For each metric a column shows that some items lack (a judge's failed reply, a backbone that failed: the
+    row's note says why), how many of the items it was scored on, and the failures by status."""
+    notes = []
+    notes_text = results["note"].fillna("").astype(str) if "note" in results else pd.Series("", results.index)
+    for key in dict.fromkeys(c.get("of", c["key"]) for c in layout["columns"]):
+        scored, total = overall.get(f"n_{key}"), int(overall.get("n", 0))
+        if scored is None or pd.isna(scored) or int(scored) >= total:
+            continue
+        statuses = notes_text.str.extract(rf"\b{re.escape(key)} failed \(judge (\w+)", expand=False).dropna()
+        counts = ", ".join(f"{status} {n}" for status, n in statuses.value_counts().sort_index().items())
+        notes.append(f"{key}: scored {int(scored)} / {total} items" + (f" (failed: {counts})" if counts else ""))
+    return notes
+
+
 def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     groups: dict[str, list[Job]] = {}
     for job in sorted(matched, key=lambda j: j.mtime):
@@ -317,6 +348,7 @@ def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     succeeded = results[(errors == "").to_numpy()]
     result.values = {c["key"]: _column_value(c, overall, result.per_type, succeeded, result.jobs)
                      for c in layout["columns"]}
+    result.notes += _scored_notes(layout, overall, succeeded)
     sharded = sorted({k for job in result.jobs for k in job.set_metrics} if len(result.jobs) > 1 else set())
     if sharded:
         result.notes.append(f"{', '.join(sharded)}: {len(result.jobs)} shards each scored their own part, which is "

@@ -84,18 +84,26 @@ def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
     results = resolve(layout_id, jobs)
     columns = {c["key"]: c for c in layout["columns"]}
     records = []
+    notes = []
     for result in results:
         row = result.row
+        published = row.get("published") or {}
+        if (judge := layout.get("judge")) and published and result.jobs:  # judged numbers only beside the same judge
+            ours_by = {job.judge for job in result.jobs}
+            if not ours_by <= set(judge["ids"]):
+                published = {}
+                notes.append(f"{row['label']}: the paper's numbers are {judge['label']}'s; this row's judge is "
+                             f"{', '.join(sorted(ours_by))}: not shown beside them")
         for column in layout["columns"]:
             ours = result.values.get(column["key"], math.nan) if result.status in (OK, "reference") else math.nan
-            paper = float((row.get("published") or {}).get(column["key"], math.nan))
+            paper = float(published.get(column["key"], math.nan))
             records.append({"layout": layout_id, "row": row["id"], "label": row["label"],
                             "group": row.get("group", ""), "column": column["key"], "name": header(column),
                             "direction": column.get("direction", ""),
                             "decimals": int(column.get("decimals", 2)), "ours": ours, "paper": paper,
                             "diff": ours - paper, "status": result.status, "job": result.job_name, "n": result.n})
     table = pd.DataFrame.from_records(records, columns=list(TIDY_COLUMNS))
-    notes = [note for r in results for note in _row_notes(r)]
+    notes = [note for r in results for note in _row_notes(r)] + notes
     notes += [f"{c['name']}: not computed ({c['unavailable']})" for c in layout["columns"] if c.get("unavailable")]
     context = [f"{r['label']}: {header(columns[key])} {value['value']:.{columns[key].get('decimals', 2)}f} "
                f"({' '.join(value['source'].split())})"

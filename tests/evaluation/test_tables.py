@@ -23,8 +23,10 @@ from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
 LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
-ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "course_poster": 5, "icd_table1": 16, "icd_table2": 13,
-              "icd_table5": 4, "icd_table3": 8, "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4, "fast_editing": 17}
+ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "gedit": 6, "imgedit": 5, "course_poster": 5, "icd_table1": 16,
+              "icd_table2": 13,
+              "icd_table5": 4, "icd_table3": 8, "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4,
+              "fast_editing": 17}
 PIE_EDITORS = ("ddim_p2p", "null_text", "npi", "direct_inversion", "pix2pix_zero", "instruct_pix2pix")
 PIE_RAW = {"structure_distance": 0.05, "psnr_unedit_part": 25.0, "lpips_unedit_part": 0.08, "mse_unedit_part": 0.004,
            "ssim_unedit_part": 0.8, "clip_similarity_source_image": 20.0, "clip_similarity_target_image": 24.0,
@@ -199,6 +201,33 @@ def test_a_macro_column_averages_the_edit_types_means_and_the_bare_key_the_items
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken, allow_unicode=True))
     with pytest.raises(ValueError, match="mean: macro"):
         tables.load_layouts(tmp_path / "bad.yaml")
+
+
+def test_judged_rows_show_the_papers_numbers_only_beside_the_same_judge_and_count_what_was_scored(tmp_path):
+    gpt = {"metrics.backend.name": "openai_compat", "metrics.backend.model": "gpt-4.1"}
+    qwen7b = {"metrics.backend.name": "transformers", "metrics.backend.path": "Qwen/Qwen2.5-VL-7B-Instruct"}
+    # two task types: "a" 2 items of O 6 (one failed), "b" 2 items of O 8 -> micro 7.33, macro 7.0
+    scores = {"gedit_sc": [6.0, math.nan, 8.0, 8.0], "gedit_pq": [6.0, math.nan, 8.0, 8.0],
+              "gedit_o": [6.0, math.nan, 8.0, 8.0]}
+    for name, editor, judge in (("kontext", "flux_kontext", gpt), ("qwen", "qwen_image_edit", qwen7b)):
+        folder = make_job(tmp_path / "sweep" / name, editor, metrics="gedit_judge", values=scores, items=4,
+                          edit_types=("a", "a", "b", "b"),
+                          extra={**judge, "model.name": "qwen_image_edit" if editor == "qwen_image_edit" else ""})
+        results = pd.read_csv(folder / "results.csv", dtype={"image_id": str, "edit_type": str, "note": str})
+        results.loc[1, "note"] = "gedit_o failed (judge parse_error: no JSON object): left out of its mean"
+        results.to_csv(folder / "results.csv", index=False)
+    table = tables.build_table("gedit", tables.find_jobs([tmp_path / "sweep"]))
+    kontext, qwen = cells(table, "flux_kontext"), cells(table, "qwen_image_edit")
+    assert kontext.loc["gedit_o", "ours"] == pytest.approx(22 / 3)
+    assert kontext.loc["gedit_o_macro", "ours"] == pytest.approx(7.0)
+    assert kontext.loc["gedit_o_macro", "paper"] == 6.00  # the same judge: beside ours
+    assert qwen.loc["gedit_o_macro", "ours"] == pytest.approx(7.0) and math.isnan(qwen.loc["gedit_o_macro", "paper"])
+    notes = " ".join(table.attrs["notes"])
+    assert ("Qwen-Image-Edit: the paper's numbers are GPT-4.1's; this row's judge is "
+            "Qwen/Qwen2.5-VL-7B-Instruct") in notes
+    assert "gedit_o: scored 3 / 4 items (failed: parse_error 1)" in notes
+    not_run = cells(table, "qwen_image_edit_2509")
+    assert not_run.loc["gedit_o_macro", "paper"] == 7.54  # a row not run shows the paper's numbers alone
 
 
 def test_the_latest_configuration_of_a_row_is_shown_with_a_note_and_shards_merge(tmp_path):
