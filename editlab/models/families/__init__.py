@@ -116,6 +116,18 @@ class Family:
         return []
 
 
+def diffusers_class(name: str, since: str) -> type:
+    """diffusers' class ``name`` (first released in diffusers ``since``), looked up when a model or an editor needs
+    it, so an older diffusers fails there, with what to install, and not on import."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(f"{name} is not in the installed diffusers {diffusers.__version__}; it needs diffusers "
+                             f">= {since}: pip install -U 'diffusers>={since}'")
+    return cls
+
+
 FAMILIES: dict[str, Family] = {}
 
 
