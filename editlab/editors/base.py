@@ -306,8 +306,14 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
 
 
 def check_family(cls: type[Editor], family: str) -> None:
-    """Stop before building an editor on a model family it does not support, naming the editors that fit."""
-    if cls.families is not None and family not in cls.families:
-        fit = sorted(name for name, other in EDITORS.items() if other.families is None or family in other.families)
-        raise EditorConfigError(f"editor {cls.name} runs on the {', '.join(cls.families)} model families, not on "
-                                f"{family}; editors for {family} models: {', '.join(fit)}")
+    """Stop before building an editor on a model family it does not support, naming the editors that fit (an editor
+    for any family fits those with ``generic_editors``)."""
+    from editlab.models.families import FAMILIES
+
+    def fits(editor: type[Editor]) -> bool:
+        return family in editor.families if editor.families is not None else FAMILIES[family].generic_editors
+
+    if not fits(cls):
+        runs_on = ", ".join(cls.families) if cls.families is not None else "generic"
+        raise EditorConfigError(f"editor {cls.name} runs on the {runs_on} model families, not on {family}; editors "
+                                f"for {family} models: {', '.join(sorted(n for n, e in EDITORS.items() if fits(e)))}")

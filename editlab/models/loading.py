@@ -14,10 +14,11 @@ Three kinds of model config:
   encoder; sd3: ``sd3`` (SD3-medium); flux: ``flux`` (FLUX.1-dev)) with random weights, for speed and memory
   benchmarks.
 
-Any kind takes an optional ``lora`` (hub id, directory or file in the diffusers LoRA format; ``lora_weight_name``
-names the file inside a repo), loaded through the pipeline's LoRA loader and, with ``lora_fuse`` (default true),
-fused into the weights. It is loaded before offload hooks are installed: loading LoRAs into an offloaded pipeline
-misreads the hooks (diffusers #10914).
+Any kind takes an optional ``scheduler``: keys of the scheduler config that replace the checkpoint's (a
+step-distilled LoRA's schedule, e.g. Qwen-Image-Lightning's shift), and an optional ``lora`` (hub id, directory or
+file in the diffusers LoRA format; ``lora_weight_name`` names the file inside a repo), loaded through the pipeline's
+LoRA loader and, with ``lora_fuse`` (default true), fused into the weights. It is loaded before offload hooks are
+installed: loading LoRAs into an offloaded pipeline misreads the hooks (diffusers #10914).
 
 The VAE stays in ``precision.vae_dtype`` (fp32 by default; a model config may set its own ``vae_dtype``): encoding
 images in half precision is a known NaN source, and inversion starts from that latent. Latent trajectories are kept
@@ -131,6 +132,8 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
         modules, scheduler = _load_pretrained(family, model, dtype, vae_dtype)
     else:
         modules, scheduler = _build_local(family, model), family.scheduler()
+    if model.get("scheduler"):  # scheduler config keys the model sets (a step-distilled LoRA's schedule)
+        scheduler = type(scheduler).from_config({**scheduler.config, **model["scheduler"]})
     family.check(model, modules, scheduler, vae_dtype)
     vae = modules["vae"]
     for module in modules.values():
