@@ -5,19 +5,23 @@ diffusers, mismatched dtypes), and the shared model unchanged after an edit and 
 
 import hashlib
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from editlab.editors import flux_kontext
 from editlab.editors.base import EditorConfigError, EditRequest, build_editor
 from editlab.models.components import ModelLoadError
-from editlab.models.families.flux import unpack
+from editlab.models.families import FAMILIES
+from editlab.models.families.flux import build_tiny_flux, unpack
 from editlab.models.loading import load_components
 
+CONF = Path(__file__).resolve().parents[2] / "editlab" / "conf" / "model"
 FP32, NO_OFFLOAD = {"dtype": "float32", "vae_dtype": "float32"}, {"mode": "none"}
 TINY_KONTEXT = {"name": "tiny_flux_kontext", "kind": "tiny", "arch": "flux", "kontext": True, "resolution": 64}
 TINY_QWEN = {"name": "tiny_qwen_image_edit", "kind": "tiny", "arch": "qwen_image", "resolution": 64}
@@ -197,3 +201,32 @@ def test_qwen_refusals(qwen, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", SimpleNamespace(__version__="0.34.0"))
     with pytest.raises(ModelLoadError, match=r"QwenImageEditPipeline is not in the installed diffusers 0\.34\.0"):
         build_editor(QWEN, qwen)
+
+
+def test_flux_kontext_dev_loads_from_its_hub_id_or_a_local_folder(tmp_path, monkeypatch, kontext):
+    """``model=flux_kontext_dev``: every FLUX module from black-forest-labs/FLUX.1-Kontext-dev's subfolders, the
+    networks in bf16 and the VAE in fp32 (no network: the classes' from_pretrained are stand-ins); the same config
+    with a local diffusers folder as its path edits."""
+    config = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / "flux_kontext_dev.yaml")).items()
+              if k != "defaults"}
+    kontext.family.pipeline(kontext).save_pretrained(tmp_path / "kontext")
+    local = load_components({**config, "path": str(tmp_path / "kontext"), "resolution": 64}, FP32, NO_OFFLOAD,
+                            "cpu")
+    with build_editor(KONTEXT, local) as editor:
+        assert editor.edit(_request()).nfe == 2
+
+    built, calls = build_tiny_flux(0), []
+    for name, cls in FAMILIES["flux"].modules.items():
+        def fake(source, _name=name, **kwargs):
+            calls.append((_name, source, kwargs))
+            return built[_name]
+        monkeypatch.setattr(cls, "from_pretrained", fake)
+    monkeypatch.setattr("diffusers.DDIMScheduler.load_config", lambda source, **kwargs: dict(kontext.scheduler.config))
+    monkeypatch.setattr("editlab.models.loading.hub_kwargs", lambda path, key: {})
+    m = load_components({**config, "resolution": 64}, {"dtype": "bfloat16", "vae_dtype": "float32"}, NO_OFFLOAD,
+                        "cpu")
+    assert {source for _, source, _ in calls} == {"black-forest-labs/FLUX.1-Kontext-dev"}
+    kwargs = {name: kw for name, _, kw in calls}
+    assert all(kw["subfolder"] == name for name, kw in kwargs.items()) and len(kwargs) == 6
+    assert kwargs["transformer"]["dtype"] == kwargs["text_encoder_2"]["dtype"] == torch.bfloat16
+    assert kwargs["vae"]["dtype"] == torch.float32 and m.options["kontext"] is True
