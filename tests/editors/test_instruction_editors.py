@@ -1,7 +1,8 @@
 """The trained instruction editors on tiny random models: FLUX.1 Kontext (`editors.flux_kontext`) and Qwen-Image-Edit
 (`editors.qwen_image_edit`). Their NFE formulas, the Kontext reference and output sizes (the pipeline's own encoding
 and size rule), every setting reaching the pipeline, the refusals (another model, no instruction, an older
-diffusers, mismatched dtypes), and the shared model unchanged after an edit and `close`."""
+diffusers, mismatched dtypes), the shared model unchanged after an edit and `close`, and flux_kontext_dev's hub and
+local loading."""
 
 import hashlib
 import sys
