@@ -50,6 +50,7 @@ def reference_size(width: int, height: int, auto_resize: bool, multiple: int) ->
     """The reference's (width, height): the preferred Kontext resolution nearest the aspect, or the image's own;
     floored to ``multiple``."""
     if auto_resize:
+        # imported here: an older diffusers lacks the module, and every editor module is imported on start
         from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
         _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
