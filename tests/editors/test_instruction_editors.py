@@ -231,3 +231,16 @@ def test_flux_kontext_dev_loads_from_its_hub_id_or_a_local_folder(tmp_path, monk
     assert all(kw["subfolder"] == name for name, kw in kwargs.items()) and len(kwargs) == 6
     assert kwargs["transformer"]["dtype"] == kwargs["text_encoder_2"]["dtype"] == torch.bfloat16
     assert kwargs["vae"]["dtype"] == torch.float32 and m.options["kontext"] is True
+
+
+@pytest.mark.parametrize(("model", "editor_config", "vae_dtype"), [(TINY_KONTEXT, KONTEXT, "float32"),
+                                                                   (TINY_QWEN, QWEN, "bfloat16")],
+                         ids=["flux_kontext", "qwen_image_edit"])
+def test_a_bf16_transformer_edits_as_on_a_gpu(model, editor_config, vae_dtype):
+    """The GPU configurations: Kontext's bf16 networks with the fp32 VAE (the editor encodes the reference itself),
+    Qwen's VAE in the compute dtype (its pipeline encodes the reference in it)."""
+    m = load_components(model, {"dtype": "bfloat16", "vae_dtype": vae_dtype}, NO_OFFLOAD, "cpu")
+    with build_editor({**editor_config, "num_steps": 1}, m) as editor:
+        result = editor.edit(_request())
+    assert result.edited.size == (64, 64) and result.nfe == (1 if editor_config is KONTEXT else 2)
+    assert np.asarray(result.edited).std() > 0  # an image, not a constant fill
