@@ -49,6 +49,11 @@ class QwenImageEditEditor(Editor):
                 "edit pipelines encode the reference in the compute dtype: set model.vae_dtype=${precision.dtype} "
                 "(the Qwen model configs do)"
             )
+        if num_steps == 1 and c.scheduler.config.get("shift_terminal"):
+            raise EditorConfigError(
+                f"editor.num_steps=1 on model={c.name}, whose scheduler stretches its schedule to shift_terminal="
+                f"{c.scheduler.config.shift_terminal}: with one step that is 0/0, a NaN schedule; use 2 or more steps"
+            )
         self.num_steps, self.true_cfg_scale = num_steps, true_cfg_scale
         # CFG off: no negative prompt, so the pipeline neither encodes it nor warns that it is unused
         self.negative_prompt = negative_prompt if true_cfg_scale > 1 else None

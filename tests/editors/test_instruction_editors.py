@@ -195,6 +195,11 @@ def test_qwen_refusals(qwen, monkeypatch):
     with pytest.raises(EditorConfigError, match="true_cfg_scale=4.0 needs editor.negative_prompt"):
         build_editor({**QWEN, "negative_prompt": None}, qwen)
     mixed = load_components(TINY_QWEN, {"dtype": "float32", "vae_dtype": "bfloat16"}, NO_OFFLOAD, "cpu")
+    with pytest.raises(EditorConfigError, match="shift_terminal=0.02: with one step that is 0/0"):
+        build_editor({**QWEN, "num_steps": 1}, qwen)  # diffusers' stretch of a one-step schedule is NaN
+    lightning = load_components({**TINY_QWEN, "scheduler": {"shift_terminal": None}}, FP32, NO_OFFLOAD, "cpu")
+    with build_editor({**QWEN, "num_steps": 1, "true_cfg_scale": 1.0}, lightning) as editor:  # no stretch: fine
+        assert editor.edit(_request()).nfe == 1
     with pytest.raises(EditorConfigError, match=r"set model.vae_dtype=\$\{precision.dtype\}"):
         build_editor(QWEN, mixed)
     with build_editor(QWEN, qwen) as editor, pytest.raises(ValueError, match="has no editing instruction"):
@@ -240,7 +245,7 @@ def test_a_bf16_transformer_edits_as_on_a_gpu(model, editor_config, vae_dtype):
     """The GPU configurations: Kontext's bf16 networks with the fp32 VAE (the editor encodes the reference itself),
     Qwen's VAE in the compute dtype (its pipeline encodes the reference in it)."""
     m = load_components(model, {"dtype": "bfloat16", "vae_dtype": vae_dtype}, NO_OFFLOAD, "cpu")
-    with build_editor({**editor_config, "num_steps": 1}, m) as editor:
+    with build_editor({**editor_config, "num_steps": 2}, m) as editor:
         result = editor.edit(_request())
-    assert result.edited.size == (64, 64) and result.nfe == (1 if editor_config is KONTEXT else 2)
+    assert result.edited.size == (64, 64) and result.nfe == (2 if editor_config is KONTEXT else 4)
     assert np.asarray(result.edited).std() > 0  # an image, not a constant fill
