@@ -28,7 +28,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from editlab.editors.base import Editor, EditorConfigError, EditRequest, EditResult, register, required_instruction
-from editlab.models.components import Components
+from editlab.models.components import Components, nan_cause
 from editlab.models.loading import attach_pipeline
 
 
@@ -72,8 +72,7 @@ class QwenImageEditEditor(Editor):
             max_sequence_length=c.options["max_sequence_length"], generator=request.generator(), output_type="pt",
         ).images  # [1, 3, H, W] in [0, 1]
         if not torch.isfinite(images).all():
-            raise FloatingPointError(f"the pipeline returned NaN/inf pixels (the networks run in {c.dtype}); try "
-                                     "precision=bf16 or fp32, or milder editor settings")
+            raise FloatingPointError(f"the pipeline returned NaN/inf pixels; {nan_cause('transformer', c.dtype)}")
         edited = Image.fromarray((images[0].permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8))
         if edited.size != (width, height):
             edited = edited.resize((width, height), Image.BICUBIC)
