@@ -249,3 +249,12 @@ def test_a_bf16_transformer_edits_as_on_a_gpu(model, editor_config, vae_dtype):
         result = editor.edit(_request())
     assert result.edited.size == (64, 64) and result.nfe == (2 if editor_config is KONTEXT else 4)
     assert np.asarray(result.edited).std() > 0  # an image, not a constant fill
+
+
+@pytest.mark.parametrize(("model", "editor_config"), [(TINY_KONTEXT, KONTEXT), (TINY_QWEN, QWEN)],
+                         ids=["flux_kontext", "qwen_image_edit"])
+def test_a_nan_edit_is_an_error_not_an_image(model, editor_config):
+    m = load_components(model, FP32, NO_OFFLOAD, "cpu")  # its own: the hook below breaks the transformer
+    m.transformer.register_forward_hook(lambda module, args, out: (out[0] * float("nan"),))
+    with build_editor(editor_config, m) as editor, pytest.raises(FloatingPointError, match="NaN/inf.*float32"):
+        editor.edit(_request())
