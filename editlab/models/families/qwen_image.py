@@ -119,7 +119,7 @@ def build_qwen_image_arch(seed: int = 0) -> dict[str, Any]:
 @register
 class QwenImage(Family):
     name = "qwen_image"
-    standalone = {"transformer": "transformer_path", "vae": "vae_path"}
+    standalone: dict[str, str] = {}  # every module from model.path
     denoiser = "transformer"
     prediction_type = "flow"
     generic_editors = False
