@@ -152,6 +152,14 @@ def pipeline_latents(pipe: Callable, generator: torch.Generator, num_steps: int,
                 output_type="latent").images
 
 
+def required_instruction(request: EditRequest, editor: str) -> str:
+    """The request's editing instruction, or a ValueError (the item's failure row) for an item without one."""
+    if not request.instruction.strip():
+        raise ValueError(f"the item has no editing instruction (the benchmark's editing_instruction is empty), and "
+                         f"editor {editor} edits from an instruction only")
+    return request.instruction
+
+
 EDITORS: dict[str, type[Editor]] = {}
 
 
@@ -200,7 +208,7 @@ PARAMETER_RANGES: dict[str, tuple[float | None, float | None]] = {
     "lambda_ac": (0, None), "lambda_kl": (0, None), "lora_rank": (1, None), "lora_alpha": (0, None),
     "controlnet_conditioning_scale": (0, None), "canny_low": (0, 255), "canny_high": (0, 255),
     "reverse_steps": (0, 999), "forward_steps": (0, 999),  # each timestep of the list
-    "inversion_guidance_scale": (0, None),
+    "inversion_guidance_scale": (0, None), "true_cfg_scale": (0, None), "max_area": (1, None),
     "gamma": (0, 1), "eta": (0, 1), "eta_start": (0, 1), "eta_stop": (0, 1), "eta_decay_power": (0, None),
 }
 
@@ -298,8 +306,14 @@ def build_editor(cfg: Mapping[str, Any], components: Components) -> Editor:
 
 
 def check_family(cls: type[Editor], family: str) -> None:
-    """Stop before building an editor on a model family it does not support, naming the editors that fit."""
-    if cls.families is not None and family not in cls.families:
-        fit = sorted(name for name, other in EDITORS.items() if other.families is None or family in other.families)
-        raise EditorConfigError(f"editor {cls.name} runs on the {', '.join(cls.families)} model families, not on "
-                                f"{family}; editors for {family} models: {', '.join(fit)}")
+    """Stop before building an editor on a model family it does not support, naming the editors that fit (an editor
+    for any family fits those with ``generic_editors``)."""
+    from editlab.models.families import FAMILIES
+
+    def fits(editor: type[Editor]) -> bool:
+        return family in editor.families if editor.families is not None else FAMILIES[family].generic_editors
+
+    if not fits(cls):
+        runs_on = ", ".join(cls.families) if cls.families is not None else "generic"
+        raise EditorConfigError(f"editor {cls.name} runs on the {runs_on} model families, not on {family}; editors "
+                                f"for {family} models: {', '.join(sorted(n for n, e in EDITORS.items() if fits(e)))}")

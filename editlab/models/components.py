@@ -79,7 +79,7 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(self.vae)
 
     @property
     def latent_size(self) -> int:
@@ -150,10 +150,10 @@ class Components:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """fp32 latents [B, C, h, w] -> list of RGB images (clamped, rounded down to uint8 like the reference)."""
         if not torch.isfinite(latents).all():
-            raise FloatingPointError(f"NaN/inf in the latents before decoding; {_nan_cause('denoiser', self.dtype)}")
+            raise FloatingPointError(f"NaN/inf in the latents before decoding; {nan_cause('denoiser', self.dtype)}")
         x = vae_decode(self.vae, latents)
         if not torch.isfinite(x).all():  # clamped, a NaN image would pass as all black and an inf one as all white
-            raise FloatingPointError(f"the VAE decoder returned NaN/inf pixels; {_nan_cause('VAE', self.vae_dtype)}")
+            raise FloatingPointError(f"the VAE decoder returned NaN/inf pixels; {nan_cause('VAE', self.vae_dtype)}")
         return [Image.fromarray(img) for img in to_uint8(x)]
 
     def predict(self, latents: torch.Tensor, t: Any, cond: torch.Tensor | Conditioning, **kwargs: Any
@@ -181,7 +181,7 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents.to(vae.dtype)).sample.float()
 
 
-def _nan_cause(network: str, dtype: torch.dtype) -> str:
+def nan_cause(network: str, dtype: torch.dtype) -> str:
     """What a non-finite output of ``network`` running in ``dtype`` most likely means, and what to try."""
     if dtype in (torch.float16, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")

@@ -3,21 +3,23 @@
 Three kinds of model config:
 - ``pretrained``: a hub id or a local directory in the diffusers layout of ``model.family`` (`models.families`; sd
   by default: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; sdxl adds ``text_encoder_2/``,
-  ``tokenizer_2/``; sd3 and flux have ``transformer/`` and three / two text encoders, T5 the last). Optional
+  ``tokenizer_2/``; sd3 and flux have ``transformer/`` and three / two text encoders, T5 the last; qwen_image has
+  ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``processor/``). Optional
   ``unet_path`` / ``vae_path`` (the family's standalone keys) replace a module with a model of its own folder (e.g.
   an LCM-distilled UNet, the fp16-fix SDXL VAE); ``t5: false`` loads SD3 without T5. ``HF_HUB_OFFLINE=1`` is
   honoured by huggingface_hub itself.
 - ``tiny``: a tiny random model built locally (no network), for tests and the offline default run; ``arch`` names a
   family's tiny build (sd: ``sd`` (default), ``ip2p`` (8 input channels); sdxl: ``sdxl``, with a random ControlNet;
-  sd3: ``sd3``, ``sd35``; flux: ``flux``).
+  sd3: ``sd3``, ``sd35``; flux: ``flux``, Kontext's too; qwen_image: ``qwen_image``).
 - ``random_arch``: a full-size architecture (sd: ``sd15``; sdxl: ``sdxl``, with a random ControlNet mirroring its
-  encoder; sd3: ``sd3`` (SD3-medium); flux: ``flux`` (FLUX.1-dev)) with random weights, for speed and memory
-  benchmarks.
+  encoder; sd3: ``sd3`` (SD3-medium); flux: ``flux`` (FLUX.1-dev, Kontext's); qwen_image: ``qwen_image``
+  (Qwen-Image-Edit)) with random weights, for speed and memory benchmarks.
 
-Any kind takes an optional ``lora`` (hub id, directory or file in the diffusers LoRA format; ``lora_weight_name``
-names the file inside a repo), loaded through the pipeline's LoRA loader and, with ``lora_fuse`` (default true),
-fused into the weights. It is loaded before offload hooks are installed: loading LoRAs into an offloaded pipeline
-misreads the hooks (diffusers #10914).
+Any kind takes an optional ``scheduler``: keys of the scheduler config that replace the checkpoint's (a
+step-distilled LoRA's schedule, e.g. Qwen-Image-Lightning's shift), and an optional ``lora`` (hub id, directory or
+file in the diffusers LoRA format; ``lora_weight_name`` names the file inside a repo), loaded through the pipeline's
+LoRA loader and, with ``lora_fuse`` (default true), fused into the weights. It is loaded before offload hooks are
+installed: loading LoRAs into an offloaded pipeline misreads the hooks (diffusers #10914).
 
 The VAE stays in ``precision.vae_dtype`` (fp32 by default; a model config may set its own ``vae_dtype``): encoding
 images in half precision is a known NaN source, and inversion starts from that latent. Latent trajectories are kept
@@ -131,6 +133,8 @@ def load_components(model: Mapping[str, Any], precision: Mapping[str, Any], offl
         modules, scheduler = _load_pretrained(family, model, dtype, vae_dtype)
     else:
         modules, scheduler = _build_local(family, model), family.scheduler()
+    if model.get("scheduler"):  # scheduler config keys the model sets (a step-distilled LoRA's schedule)
+        scheduler = type(scheduler).from_config({**scheduler.config, **model["scheduler"]})
     family.check(model, modules, scheduler, vae_dtype)
     vae = modules["vae"]
     for module in modules.values():

@@ -5,7 +5,8 @@ end-of-word marker) and no merges, so every character is one token and distinct 
 models and full-size random-weight architectures use it, since the real CLIP vocabulary lives on the hub.
 `word_tokenizer(words)` adds merges to that vocabulary so that every given word is one token (the toy world's).
 `t5_char_tokenizer()` is T5's counterpart (a unigram model over printable ASCII characters and the word-start mark),
-for the T5 encoders of tiny and random-weight SD3 / FLUX models.
+for the T5 encoders of tiny and random-weight SD3 / FLUX models. `qwen_char_tokenizer()` is Qwen2's counterpart,
+with the chat and vision markers Qwen-Image's prompt templates use, for its Qwen2.5-VL encoder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CLIP_MAX_LENGTH = 77
@@ -65,3 +66,19 @@ def t5_char_tokenizer() -> T5Tokenizer:
     other character is unknown. No sentinel tokens (only T5's pre-training uses them)."""
     pieces = ["<pad>", "</s>", "<unk>", "\u2581", *map(chr, range(ord("!"), ord("~") + 1))]
     return T5Tokenizer(vocab=[(piece, -1.0) for piece in pieces], extra_ids=0)
+
+
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>")  # Qwen2.5-VL's chat and vision markers
+
+
+def qwen_char_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level `Qwen2Tokenizer` without merges (every byte one token) plus ``<|endoftext|>`` (its padding and
+    end) and `QWEN_SPECIAL_TOKENS`, each one token, so that the processor expands ``<|image_pad|>`` per image patch
+    as with the real vocabulary."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for token in ("<|endoftext|>", *QWEN_SPECIAL_TOKENS):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    return tokenizer

@@ -41,7 +41,8 @@ def test_default_is_the_offline_toy_tour(hydra_conf):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.callbacks.sweep_report
     editors = cfg.hydra.sweeper.params.editor.split(",")
     # the tour names what it leaves out
-    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux", "rf_inversion_sd3"}
+    without_toy_model = {"icd_sdxl", "lcm_controlnet", "flowedit_flux", "rf_inversion_sd3", "flux_kontext",
+                         "qwen_image_edit"}
     assert set(editors) == {p.stem for p in (CONF / "editor").glob("*.yaml")} - without_toy_model
     assert all(name in " ".join(cfg.sweep_notes) for name in without_toy_model)
     assert (cfg.model.name, cfg.metrics.label, cfg.dataset.name, cfg.dataset.size) == ("toy", "toy", "builtin", 32)
@@ -75,13 +76,39 @@ def test_without_the_tour_the_defaults_are_offline_tiny_ddim_p2p(hydra_conf):
 
 @pytest.mark.parametrize(("model", "default"), [
     *[(name, "bf16") for name in ("sd3", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sd3_arch",
-                                  "flux_arch")],
-    ("tiny_sd3", "fp32"), ("tiny_flux", "fp32"),  # CPU tests: bf16 is emulated there
+                                  "flux_arch", "flux_kontext_dev", "flux_kontext_arch", "qwen_image_edit",
+                                  "qwen_image_edit_2509", "qwen_image_edit_2511", "qwen_image_edit_lightning",
+                                  "qwen_image_edit_2509_lightning", "qwen_image_edit_arch")],
+    ("tiny_sd3", "fp32"), ("tiny_flux", "fp32"), ("tiny_flux_kontext", "fp32"),  # CPU tests: bf16 is emulated there
+    ("tiny_qwen_image_edit", "fp32"),
 ])
 def test_flow_transformer_models_choose_their_precision_and_the_command_line_wins(hydra_conf, model, default):
     assert compose(config_name="run", overrides=["~experiment", f"model={model}"]).precision.name == default
     cfg = compose(config_name="run", overrides=["~experiment", f"model={model}", "precision=fp16"])
     assert (cfg.precision.name, cfg.precision.vae_dtype) == ("fp16", "float32")
+    if model.startswith(("qwen", "tiny_qwen")):  # the Qwen pipelines encode the reference in the compute dtype
+        assert OmegaConf.to_container(cfg.model, resolve=True)["vae_dtype"] == "float16"
+
+
+def test_model_configs_bring_their_editor_settings(hydra_conf):
+    """The models' own sampling for the instruction editors (conf/editor_weights/<model>/<editor>.yaml), under the
+    command line: the -2509 / -2511 cards' 40 steps, Lightning's 8 steps without CFG, the tiny Kontext's own-size
+    reference."""
+    def editor(*overrides):
+        return compose(config_name="run", overrides=["~experiment", *overrides]).editor
+
+    assert editor("model=qwen_image_edit", "editor=qwen_image_edit").num_steps == 50
+    for model in ("qwen_image_edit_2509", "qwen_image_edit_2511"):
+        assert editor(f"model={model}", "editor=qwen_image_edit").num_steps == 40
+    lightning = editor("model=qwen_image_edit_2509_lightning", "editor=qwen_image_edit")
+    assert (lightning.num_steps, lightning.true_cfg_scale) == (8, 1.0)
+    assert editor("model=qwen_image_edit_lightning", "editor=qwen_image_edit", "editor.num_steps=4").num_steps == 4
+    assert editor("model=tiny_flux_kontext", "editor=flux_kontext").auto_resize is False
+    assert editor("model=flux_kontext_dev", "editor=flux_kontext").auto_resize is True
+    model = compose(config_name="run", overrides=["~experiment", "model=qwen_image_edit_2509_lightning"]).model
+    assert (model.path, model.pipeline, model.scheduler.shift_terminal) == ("Qwen/Qwen-Image-Edit-2509", "edit_plus",
+                                                                          None)
+    assert model.lora_weight_name.startswith("Qwen-Image-Edit-2509/") and "8steps" in model.lora_weight_name
 
 
 def test_pie_bench_dataset_selects_the_reference_metrics(hydra_conf):

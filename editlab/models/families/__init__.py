@@ -49,6 +49,7 @@ class Family:
     tiny_archs: dict[str, Callable[[int], dict[str, Any]]] = {}  # model.arch of kind tiny -> builder(seed)
     random_archs: dict[str, Callable[[int], dict[str, Any]]] = {}  # model.arch of kind random_arch -> builder(seed)
     prediction_type: str = "epsilon"
+    generic_editors: bool = True  # editors written for any family (``Editor.families`` None) run on its models
 
     def scheduler(self, config: Mapping[str, Any] | None = None) -> Any:
         """The family's diffusers scheduler (its schedule's source), from a checkpoint's scheduler config or, for
@@ -108,12 +109,28 @@ class Family:
     def latent_channels(self, m: Components) -> int:
         return m.vae.config.latent_channels
 
+    def vae_scale_factor(self, vae: Any) -> int:
+        """Pixels per latent along a side: the VAE's downsamplings."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
     def pipeline(self, m: Components) -> DiffusionPipeline | None:
         """A diffusers pipeline over the loaded modules (LoRA loading, offload hooks); None: the family has none."""
         return None
 
     def attention_sites(self, m: Components) -> list[AttentionSite]:
         return []
+
+
+def diffusers_class(name: str, since: str) -> type:
+    """diffusers' class ``name`` (first released in diffusers ``since``), looked up when a model or an editor needs
+    it, so an older diffusers fails there, with what to install, and not on import."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(f"{name} is not in the installed diffusers {diffusers.__version__}; it needs diffusers "
+                             f">= {since}: pip install -U 'diffusers>={since}'")
+    return cls
 
 
 FAMILIES: dict[str, Family] = {}

@@ -9,6 +9,10 @@ Black Forest Labs, "FLUX.1" (2024)].
 - schnell is step-distilled, without that input and unguided (``none``), on an unshifted grid; its T5 sequence is
   256 tokens (``model.max_sequence_length``), dev's 512.
 
+FLUX.1 Kontext [dev] is a FLUX.1-dev-shaped transformer trained to edit: the reference image's tokens follow the
+noisy ones (`editors.flux_kontext`). Its model configs set ``kontext: true`` (`Components.options`), so the Kontext
+editor knows a Kontext model from the FLUX.1 text-to-image ones, which have the same architecture.
+
 T5 is required: FLUX takes its whole token sequence from T5 (CLIP-L gives only the pooled vector), so unlike SD3 it
 has no documented T5-less mode and a config with ``t5: false`` is refused; offload saves the memory instead.
 """
@@ -113,6 +117,10 @@ class Flux(SD3):
                 "saves its memory instead"
             )
         return self.modules
+
+    def options(self, model: Mapping[str, Any]) -> dict[str, Any]:
+        """SD3's, and ``kontext``: whether the model is a FLUX.1 Kontext editing model."""
+        return {**super().options(model), "kontext": bool(model.get("kontext", False))}
 
     def patch(self, transformer) -> int:
         """2: the pipeline packs 2x2 latent patches into one token (the transformer's own patch is 1)."""
