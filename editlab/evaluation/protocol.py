@@ -29,7 +29,8 @@ import torch
 NEEDS = frozenset({"source", "edited", "prompts", "instruction", "mask", "ground_truth", "references"})
 # metric kind -> its builder; a config may also name any "module:function"
 BUILDERS = {"piebench": "editlab.evaluation.metrics:build_piebench_metrics",
-            "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics"}
+            "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics",
+            "none": "editlab.evaluation.protocol:no_metrics"}
 
 
 class Column(str):
@@ -123,6 +124,18 @@ class MetricSets(Metric):
 
     def finish(self, outputs: Sequence[Path], references: Sequence[Path]) -> dict[str, float]:
         return {k: v for m in self.metrics if m.set_columns for k, v in m.finish(outputs, references).items()}
+
+
+def no_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] | None = None,
+               prefix: str = "metrics") -> Metric:
+    """``metrics=none``: no score, the outputs and their costs only (a judged benchmark's scores come from its judge,
+    afterwards)."""
+    return NoMetrics()
+
+
+class NoMetrics(Metric):
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        return [{} for _ in samples]
 
 
 def builder(kind: str) -> Callable[..., Metric]:
