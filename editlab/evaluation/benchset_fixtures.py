@@ -106,18 +106,22 @@ def gedit_table(rows: list[dict] | None = None) -> pa.Table:
                     schema=schema.with_metadata(metadata))
 
 
+def write_table(path: Path, table: pa.Table) -> None:
+    """``table`` as parquet (a ``.parquet`` path) or as an Arrow IPC stream, the format `datasets` writes."""
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+        return
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
 def write_gedit(folder: str | Path, file_format: str = "arrow", rows: list[dict] | None = None,
                 revision: str | None = FIXTURE_REVISION) -> Path:
     """``folder/data/train-00000-of-00001.<arrow|parquet>`` (and the revision record unless ``revision`` is None)."""
     folder = Path(folder)
     path = folder / "data" / f"train-00000-of-00001.{file_format}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = gedit_table(rows)
-    if file_format == "parquet":
-        pq.write_table(table, path)
-    else:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+    write_table(path, gedit_table(rows))
     if revision is not None:
         (folder / gedit.REVISION_FILE).write_text(json.dumps({"repo": gedit.REPO, "revision": revision}))
     return folder

@@ -65,12 +65,16 @@ class ImgEditDataset(InstructionSet):
         if entry["edit_type"] not in EDIT_TYPES:
             raise ValueError(f"{where}: edit_type {entry['edit_type']!r} is not one of {', '.join(EDIT_TYPES)}")
         try:
-            if not isinstance(entry["id"], str):
-                raise ValueError(f"item {key}: id {entry['id']!r} is not a path")
-            self._sources[key] = relative_image_path(entry["id"], key)
+            self._sources[key] = relative_image_path(entry["id"], key) if isinstance(entry["id"], str) else ""
+        except ValueError:
+            self._sources[key] = ""
+        if not self._sources[key]:
+            raise ValueError(f"{where}: id {entry['id']!r} must be a path relative to dataset.images that stays "
+                             "inside it")
+        try:
             return instruction_item(key, f"{key}.png", entry["prompt"], entry["edit_type"])
         except ValueError as err:
-            raise ValueError(f"{self.json}: {err}".replace("PIE-Bench entry ", "item ")) from None
+            raise ValueError(f"{self.json}: {err}") from None
 
     def image_file(self, item: PieBenchItem) -> Path:
         return file_inside(self.root, self._sources[item.image_id], item.image_id)

@@ -84,8 +84,8 @@ class MaskFolder:
             raise FileNotFoundError(f"dataset.masks={folder} is not a folder (the downloaded CoCoEdit masks, "
                                     "wyh6666/GEditBench_ImgEditBench_with_mask)")
         if polarity not in POLARITIES:
-            given = "is not set" if polarity is None else f"={polarity!r}"
-            raise ValueError(f"dataset.mask_polarity {given}: say which colour of the masks in {folder} marks "
+            given = " is not set" if polarity is None else f"={polarity!r}"
+            raise ValueError(f"dataset.mask_polarity{given}: say which colour of the masks in {folder} marks "
                              f"the edited region ({' or '.join(POLARITIES)}); the files do not say it. Open one "
                              "mask beside its source image: if white covers the edited object, white_is_edited")
         return cls(Path(folder), polarity)
