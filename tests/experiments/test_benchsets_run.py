@@ -15,6 +15,7 @@ from PIL import Image
 from editlab.editors.base import EditResult
 from editlab.evaluation import benchset_fixtures as F
 from editlab.evaluation.gedit import GEditDataset
+from editlab.evaluation.metrics import PieBenchMetrics
 from editlab.evaluation.protocol import build_metrics
 from editlab.experiments.harness import check_fits_dataset, prepare_item, score_item
 
@@ -87,6 +88,7 @@ def test_clip_scores_are_refused_on_items_without_captions(tmp_path):
     check_fits_dataset(cfg, data, build_metrics({**offline, "kind": "none"}))
     with pytest.raises(ValueError, match="the metrics need an edit mask"):
         check_fits_dataset(cfg, data, build_metrics(offline))
+    assert "prompts" in PieBenchMetrics(clip=object()).needs and "prompts" not in PieBenchMetrics().needs
     clip = build_metrics(offline)
     clip.needs = clip.needs | {"prompts"}  # as with a CLIP backbone (which cannot load offline)
     with pytest.raises(ValueError, match="need an edit mask, source and target captions, .*metrics=preservation"):
