@@ -14,8 +14,9 @@ The revision: the copy's own, from ``editlab_download.json`` (written by ``pytho
 download gedit``) or from the hub cache's ``snapshots/<sha>`` folder name; recorded in job.json, and refused when
 ``dataset.revision`` names another.
 
-Edits are saved in the official tree, ``<out>/annotation_images/fullset/<task_type>/<language>/<key>.png``:
-``<out>/annotation_images`` is the ``<save_path>/<model>`` folder GEdit-Bench's scorer reads.
+Edits are saved in the official tree, ``<out>/annotation_images/fullset/<task_type>/<language>/<key>.png``, with
+the source beside each (``<key>_SRCIMG.png``, `GEditDataset.source_beside_edit`): ``<out>/annotation_images`` is the
+``<save_path>/<model>`` folder GEdit-Bench's scorer reads.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from PIL import Image
 
 from editlab.evaluation.files import atomic_write
 from editlab.evaluation.instruction_sets import InstructionSet, MaskFolder, check_choices, instruction_item, select
-from editlab.evaluation.piebench import PieBenchItem
+from editlab.evaluation.piebench import PieBenchItem, edited_image_path
 
 REPO = "stepfun-ai/GEdit-Bench"
 TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",
@@ -213,6 +214,12 @@ class GEditDataset(InstructionSet):
             atomic_write(path, lambda f: f.write(data), "wb")
         self._files[item.image_id] = path
         return path
+
+    def source_beside_edit(self, output_dir: Path, item: PieBenchItem) -> Path:
+        """``<key>_SRCIMG.png`` beside the edit, as in the official tree: the source the scorer compares the edit
+        with (and resizes it to). It is the source as the editor saw it: ``input_image`` itself for an editor that
+        takes images at their own size, the square crop for one fitted to a square resolution."""
+        return edited_image_path(output_dir, item).with_name(f"{item.image_id}_SRCIMG.png")
 
     def mask_file(self, item: PieBenchItem) -> Path:
         """CoCoEdit's layout, ``[geditbench/]fullset/<task_type>/en/<key>_mask.png``. It has English rows only; a cn

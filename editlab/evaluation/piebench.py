@@ -201,6 +201,11 @@ class ItemSet:
         """What identifies the benchmark's copy beyond its folder (a hub revision), recorded in job.json; {}: none."""
         return {}
 
+    def source_beside_edit(self, output_dir: Path, item: PieBenchItem) -> Path | None:
+        """Where a run also saves the source as the editor saw it, for a scorer that reads it beside the edit;
+        None: nowhere."""
+        return None
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -55,6 +55,8 @@ def test_identity_on_gedit_writes_the_official_tree_and_records_the_revision(run
     for key, task in zip(rows["image_id"], rows["edit_type"]):
         edit = out / "annotation_images" / "fullset" / task / "en" / f"{key}.png"
         assert Image.open(edit).size == (64, 64)  # the tiny model's square resolution: the portrait was cropped
+        source = edit.with_name(f"{key}_SRCIMG.png")  # the official tree's source, as the editor saw it
+        assert np.array_equal(np.asarray(Image.open(source)), np.asarray(Image.open(edit)))  # identity: unchanged
     assert set(rows["note"]) == {"resized 48x80->64x64"}  # no "empty prompt" note: the items have no captions
     job = json.loads((out / "job.json").read_text())
     assert job["dataset_source"] == {"repo": "stepfun-ai/GEdit-Bench", "revision": "editlab-fixture-1"}
