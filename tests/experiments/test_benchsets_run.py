@@ -139,3 +139,14 @@ def test_an_editor_of_native_size_gets_the_source_uncropped_and_is_scored_at_its
     assert outcome.edited.size == (96, 160)  # saved as the editor made it
     assert "edit 96x160 resized to the source's 48x80 for the metrics" in outcome.row["note"]
     assert outcome.row["psnr_unedit_part"] > 30
+
+
+def test_the_wandb_table_takes_items_with_and_without_masks(call_main, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name, extra in (("masked", ("metrics=offline", *MASKS)), ("plain", ())):
+        out = tmp_path / name
+        done = call_main("run", "~experiment", "model=tiny", "warmup=false", "editor=identity", *GEDIT, *extra,
+                         f"hydra.run.dir={out}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert list((out / "wandb").glob("offline-run-*")) and len(results(out)) == 5
