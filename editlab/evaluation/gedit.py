@@ -10,6 +10,12 @@ digits, the same in both languages), ``task_type`` (one of the 11 `TASK_TYPES`),
 not documented). An item is one row of the chosen language; its source is ``input_image``, whose bytes are copied
 unchanged into ``dataset.cache`` (``<cache>/<revision>/<language>/<key>.<format>``), never into the data folder.
 
+Sizes: ``input_image`` is a portrait of about 384x640. An editor fitted to its model's square resolution (every
+editor by default, `harness.fit_to_resolution`) gets the short side scaled to it and the middle square: at 512 the
+top and bottom fifths of the picture are cut off, and the edit and the ``_SRCIMG`` beside it are that square. An
+editor that keeps the aspect (``Editor.native_size``) gets the whole image at its own size and sizes it itself; an
+edit of another size is resized (bicubic) to the source's for the metrics, as GEdit-Bench's scorer does.
+
 The revision: the copy's own, from ``editlab_download.json`` (written by ``python -m editlab.evaluation.benchsets
 download gedit``) or from the hub cache's ``snapshots/<sha>`` folder name; recorded in job.json, and refused when
 ``dataset.revision`` names another.
