@@ -150,3 +150,20 @@ def test_the_wandb_table_takes_items_with_and_without_masks(call_main, monkeypat
                          f"hydra.run.dir={out}")
         assert done.returncode == 0, done.stderr[-3000:]
         assert list((out / "wandb").glob("offline-run-*")) and len(results(out)) == 5
+
+
+def test_the_committed_demo_sets_are_what_the_fixture_writer_writes(tmp_path):
+    F.main([str(tmp_path)])
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {p.relative_to(FIXTURES) for p in FIXTURES.rglob("*") if p.is_file()}
+    for path in written:
+        if path.suffix in (".png", ".jpg"):  # pixels (encoders may differ between Pillow versions)
+            assert np.array_equal(np.asarray(Image.open(tmp_path / path)), np.asarray(Image.open(FIXTURES / path)))
+        elif path.suffix == ".json":
+            assert json.loads((tmp_path / path).read_text()) == json.loads((FIXTURES / path).read_text())
+    fresh, committed = (GEditDataset(root / "gedit_mini", tmp_path / "cache" / name)
+                        for name, root in (("fresh", tmp_path), ("committed", FIXTURES)))
+    assert list(fresh) == list(committed)
+    for a, b in zip(fresh, committed):
+        pixels = [np.asarray(Image.open(data.image_file(item))) for data, item in ((fresh, a), (committed, b))]
+        assert np.array_equal(*pixels)
