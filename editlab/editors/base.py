@@ -71,6 +71,12 @@ class Editor:
     tasks: tuple[str, ...] = ("edit",)  # of TASKS: what the method does
     families: tuple[str, ...] | None = None  # the model families it runs on (`models.families`); None: any
     parameter_choices: dict[str, tuple[str, ...]] = {}  # the allowed string values of parameters, by name
+    # what of an item the method reads besides its image ("prompts": the source and target captions; "instruction":
+    # the editing instruction); a dataset whose items lack it is refused before the model loads
+    needs: frozenset[str] = frozenset({"prompts"})
+    # True: takes the source at its own size and sizes it as its model wants (an instruction editor that keeps the
+    # aspect); False: the harness fits it to the model's square resolution (short side, centre crop)
+    native_size: bool = False
 
     def __init__(self, components: Components):
         self.components = components

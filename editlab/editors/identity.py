@@ -12,5 +12,7 @@ from editlab.editors.base import Editor, EditRequest, EditResult, register
 
 @register("identity")
 class IdentityEditor(Editor):
+    needs = frozenset()  # reads no text: a baseline on every benchmark
+
     def _edit(self, request: EditRequest) -> EditResult:
         return EditResult(edited=request.image.copy(), reconstruction=request.image.copy())

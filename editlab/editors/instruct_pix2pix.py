@@ -33,6 +33,8 @@ from editlab.models.loading import attach_pipeline
 @register("instruct_pix2pix")
 class InstructPix2PixEditor(Editor):
     families = ("sd",)
+    needs = frozenset({"instruction"})
+
     def __init__(self, components: Components, num_steps: int = 50, guidance_scale: float = 7.5,
                  image_guidance_scale: float = 1.5):
         super().__init__(components)

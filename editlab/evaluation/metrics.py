@@ -211,6 +211,8 @@ class PieBenchMetrics(Metric):
         device: str | torch.device = "cpu",
     ) -> None:
         self.structure, self.clip, self.lpips, self.device = structure, clip, lpips, device
+        if clip is None:  # the captions serve the CLIP scores alone: without them, items with no captions score too
+            self.needs = self.needs - {"prompts"}
 
     @property
     def unavailable(self) -> list[str]:

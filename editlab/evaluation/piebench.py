@@ -192,6 +192,19 @@ class ItemSet:
     (``image_file``) and give its edit mask (``load_mask``)."""
 
     items: list[PieBenchItem]
+    # what its items offer an editor (`Editor.needs`) and the metrics (`Metric.needs`): a PIE-Bench item has captions,
+    # an instruction and an edit mask; an instruction benchmark's has no captions (`evaluation.instruction_sets`)
+    provides: frozenset[str] = frozenset({"source", "prompts", "instruction", "mask"})
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """What identifies the benchmark's copy beyond its folder (a hub revision), recorded in job.json; {}: none."""
+        return {}
+
+    def source_beside_edit(self, output_dir: Path, item: PieBenchItem) -> Path | None:
+        """Where a run also saves the source as the editor saw it, for a scorer that reads it beside the edit;
+        None: nowhere."""
+        return None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -31,7 +31,8 @@ NEEDS = frozenset({"source", "edited", "prompts", "instruction", "mask", "ground
 BUILDERS = {"piebench": "editlab.evaluation.metrics:build_piebench_metrics",
             "icd_paper": "editlab.evaluation.paper_metrics:build_icd_metrics",
             "gedit_judge": "editlab.evaluation.judge.metric:build_gedit_judge",
-            "imgedit_judge": "editlab.evaluation.judge.metric:build_imgedit_judge"}
+            "imgedit_judge": "editlab.evaluation.judge.metric:build_imgedit_judge",
+            "none": "editlab.evaluation.protocol:no_metrics"}
 
 
 class Column(str):
@@ -128,6 +129,18 @@ class MetricSets(Metric):
 
     def finish(self, outputs: Sequence[Path], references: Sequence[Path]) -> dict[str, float]:
         return {k: v for m in self.metrics if m.set_columns for k, v in m.finish(outputs, references).items()}
+
+
+def no_metrics(cfg: Mapping, device: str | torch.device = "cpu", names: Mapping[str, str] | None = None,
+               prefix: str = "metrics") -> Metric:
+    """``metrics=none``: no score, the outputs and their costs only (a judged benchmark's scores come from its judge,
+    afterwards)."""
+    return NoMetrics()
+
+
+class NoMetrics(Metric):
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        return [{} for _ in samples]
 
 
 def builder(kind: str) -> Callable[..., Metric]:

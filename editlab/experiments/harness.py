@@ -42,9 +42,12 @@ from tqdm import tqdm
 from editlab.editors.base import TASKS, EditRequest, EditResult, build_editor
 from editlab.evaluation.backbones import failure_notes
 from editlab.evaluation.files import atomic_write
+from editlab.evaluation.gedit import GEditDataset
 from editlab.evaluation.ground_truth import load_ground_truth, with_ground_truth
 from editlab.evaluation.icd_benchmark import IcdCsvDataset
-from editlab.evaluation.piebench import PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
+from editlab.evaluation.imgedit import ImgEditDataset
+from editlab.evaluation.instruction_sets import MaskFolder
+from editlab.evaluation.piebench import ItemSet, PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from editlab.evaluation.protocol import Sample, build_metrics
 from editlab.evaluation.summary import format_summary, metric_gaps, summarize
 from editlab.evaluation.toyset import dataset_root, write_piebench
@@ -91,8 +94,22 @@ def _check_counts(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"dataset.{key}={value!r}: give a whole number (shard: 0 <= shard < num_shards)")
 
 
-def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset | IcdCsvDataset:
+def build_dataset(cfg: Mapping[str, Any]) -> ItemSet:
     _check_counts(cfg)
+    selection = {"ids": [str(i) for i in cfg["ids"]] if cfg.get("ids") else None, "limit": cfg.get("limit"),
+                 "shard": cfg.get("shard", 0), "num_shards": cfg.get("num_shards", 1)}
+    if cfg["kind"] in ("gedit", "imgedit"):
+        masks = MaskFolder.from_config(cfg.get("masks"), cfg.get("mask_polarity"))
+        if cfg["kind"] == "imgedit":
+            if not cfg.get("json") or not cfg.get("images"):
+                raise ValueError("dataset=imgedit needs dataset.json=/path/to/basic_edit.json and "
+                                 "dataset.images=/path/to/its/source/images")
+            return ImgEditDataset(cfg["json"], cfg["images"], cfg.get("edit_types"), masks=masks, **selection)
+        if not cfg.get("root"):
+            raise ValueError("dataset=gedit needs dataset.root=/path/to/GEdit-Bench (python -m "
+                             "editlab.evaluation.benchsets download gedit --revision <sha> --to <folder>)")
+        return GEditDataset(cfg["root"], cfg["cache"], cfg.get("revision"), cfg.get("language", "en"),
+                            cfg.get("subset", "full"), cfg.get("task_types"), masks=masks, **selection)
     if cfg["kind"] == "icd_csv":
         if not cfg.get("csv"):
             raise ValueError(f"dataset={cfg['name']} needs dataset.csv=/path/to/<benchmark>.csv (and dataset.images=)")
@@ -104,23 +121,24 @@ def build_dataset(cfg: Mapping[str, Any]) -> PieBenchDataset | IcdCsvDataset:
     if cfg["kind"] == "toyset":
         write_piebench(root, n_per_type=cfg["n_per_type"], size=cfg["size"], seed=cfg["seed"])
     elif cfg["kind"] != "piebench":
-        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench, toyset or icd_csv")
+        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench, toyset, icd_csv, gedit or "
+                         "imgedit")
     edit_types = cfg.get("edit_types")
-    return PieBenchDataset(
-        root, edit_types=[str(t) for t in edit_types] if edit_types else None,
-        ids=[str(i) for i in cfg["ids"]] if cfg.get("ids") else None, limit=cfg.get("limit"),
-        shard=cfg.get("shard", 0), num_shards=cfg.get("num_shards", 1), mask_size=cfg.get("mask_size"),
-    )
+    return PieBenchDataset(root, edit_types=[str(t) for t in edit_types] if edit_types else None,
+                           mask_size=cfg.get("mask_size"), **selection)
 
 
-def fit_to_resolution(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray, str]:
-    """Resize the short side to ``size`` and centre-crop (image: bicubic, mask: nearest). Note what was done."""
+def fit_to_resolution(image: Image.Image, mask: np.ndarray | None, size: int | None
+                      ) -> tuple[Image.Image, np.ndarray | None, str]:
+    """Resize the short side to ``size`` and centre-crop (image: bicubic, mask: nearest). Note what was done.
+    ``size`` None (an editor that takes images at their own size, `Editor.native_size`): unchanged."""
     width, height = image.size
-    if (width, height) == (size, size):
+    if size is None or (width, height) == (size, size):
         return image, mask, ""
-    mask_img = fit(Image.fromarray((mask * 255).astype(np.uint8)), (size, size), Image.NEAREST)
-    return fit(image, (size, size)), (np.asarray(mask_img) > 127).astype(np.float64), \
-        f"resized {width}x{height}->{size}x{size}"
+    if mask is not None:
+        mask = (np.asarray(fit(Image.fromarray((mask * 255).astype(np.uint8)), (size, size), Image.NEAREST)) > 127
+                ).astype(np.float64)
+    return fit(image, (size, size)), mask, f"resized {width}x{height}->{size}x{size}"
 
 
 _PROC = Path("/proc/self")
@@ -174,13 +192,16 @@ class Prepared:
     notes: list[str]
 
 
-def prepare_item(task: str, item: PieBenchItem, dataset: PieBenchDataset, resolution: int, seed: int,
+def prepare_item(task: str, item: PieBenchItem, dataset: ItemSet, resolution: int | None, seed: int,
                  row: dict[str, Any]) -> Prepared:
-    """Load ``item``'s image and mask at the model's ``resolution`` and make its request; ``row["note"]`` says what
-    was noted. Raises what makes the item fail (a missing or corrupt image, a mask that does not fit)."""
+    """Load ``item``'s image and mask at the model's ``resolution`` (None: at the image's own) and make its request;
+    ``row["note"]`` says what was noted. Raises what makes the item fail (a missing or corrupt image, a mask that
+    does not fit). Items without captions (an instruction benchmark's) have empty prompts, which no editor that
+    runs on them reads (`check_fits_dataset`)."""
     prompts = (("source", item.source_prompt),) if task != "edit" else \
         (("source", item.source_prompt), ("target", item.target_prompt))
-    notes = [f"empty {name} prompt" for name, prompt in prompts if not prompt.strip()]
+    captions = "prompts" in dataset.provides
+    notes = [f"empty {name} prompt" for name, prompt in prompts if captions and not prompt.strip()]
     image = mask = None
     if task != "generation":
         image, note = load_rgb_image(dataset.image_file(item))
@@ -221,13 +242,18 @@ def score_item(task: str, prepared: Prepared, result: EditResult, peak_mb: float
     row, item = prepared.row, prepared.item
     row.update(seconds=result.seconds, nfe=result.nfe, backward_passes=result.extras.get("backward_passes", 0),
                peak_mem_mb=peak_mb, batch_size=result.batch_size)
-    output = np.asarray(result.edited)
+    edited, notes = result.edited, prepared.notes
+    if prepared.image is not None and edited.size != prepared.image.size:  # an editor of its own output size
+        notes = [*notes, f"edit {edited.width}x{edited.height} resized to the source's "
+                         f"{prepared.image.width}x{prepared.image.height} for the metrics"]
+        edited = edited.convert("RGB").resize(prepared.image.size, Image.BICUBIC)  # as GEdit-Bench's scorer does
+    output = np.asarray(edited)
     source = None if prepared.image is None else np.asarray(prepared.image)
     truth = load_ground_truth(dataset.root, item.image_path, output) if task == "edit" else None
     sample = Sample(output, source, prepared.mask, item.source_prompt, prepared.request.target_prompt,
                     item.instruction, truth, key=item.image_id, edit_type=item.edit_type)
     row.update(metrics.score([sample])[0])
-    row["note"] = "; ".join(n for n in [*prepared.notes, *failure_notes(sample.failures)] if n)
+    row["note"] = "; ".join(n for n in [*notes, *failure_notes(sample.failures)] if n)
     return Outcome(row, prepared.image, result.edited)
 
 
@@ -254,7 +280,8 @@ def process_items(task: str, items: list[PieBenchItem], dataset: PieBenchDataset
         row = {"image_id": item.image_id, "edit_type": item.edit_type, "error": "", "note": "",
                "inputs": (inputs or {}).get(item.image_id, "")}
         try:
-            ready.append(prepare_item(task, item, dataset, editor.components.resolution, seed, row))
+            resolution = None if editor.native_size else editor.components.resolution
+            ready.append(prepare_item(task, item, dataset, resolution, seed, row))
         except Exception as err:  # noqa: BLE001 - one bad item must not stop a sweep
             outcomes[item.image_id] = failed_item(row, err)
     for prepared, edited in zip(ready, run_editor(task, ready, editor) if ready else []):
@@ -328,7 +355,7 @@ SETUP_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ModelLoadErr
                 RuntimeError)  # RuntimeError: a metric backbone that cannot be loaded (metrics.on_missing=error)
 
 
-def load_dataset(cfg: DictConfig) -> PieBenchDataset | IcdCsvDataset:
+def load_dataset(cfg: DictConfig) -> ItemSet:
     """The configured dataset; a configuration or data problem becomes a `RunError`."""
     try:
         return build_dataset(cfg.dataset)
@@ -336,14 +363,43 @@ def load_dataset(cfg: DictConfig) -> PieBenchDataset | IcdCsvDataset:
         raise _setup_failure(err) from err
 
 
-def _setup(cfg: DictConfig, dataset: PieBenchDataset, job_num: int | None):
+TEXTS = {"prompts": "source and target captions", "instruction": "an editing instruction",
+         "mask": "an edit mask"}  # what an item may hold, for `check_fits_dataset`'s messages
+FIXES = {"prompts": "the PIE CLIP scores read the target caption: metrics=preservation scores the unedited part "
+                    "without them (with dataset.masks), metrics=none scores nothing",
+         "mask": "give dataset.masks=<folder of the benchmark's edit masks> and dataset.mask_polarity=..., or "
+                 "metrics=none"}
+
+
+def check_fits_dataset(cfg: DictConfig, dataset: ItemSet, metrics=None) -> None:
+    """The editor (before its model loads), and the metrics when given, read only what the dataset's items hold:
+    a caption editor or a CLIP score on an instruction benchmark (its items have no captions) would run on empty
+    prompts and report a score of nothing."""
+    from editlab.editors.base import EDITORS, _import_editor_modules
+
+    _import_editor_modules()
+    name, where = cfg.editor.name, f"dataset={cfg.dataset.name}"
+    held = ", ".join(TEXTS[k] for k in TEXTS if k in dataset.provides) or "no text"
+    if (cls := EDITORS.get(name)) and (lacking := cls.needs - dataset.provides):
+        fit = sorted(other for other, klass in EDITORS.items() if klass.needs <= dataset.provides)
+        raise ValueError(f"editor {name} reads {', '.join(TEXTS[k] for k in sorted(lacking))}, which the items of "
+                         f"{where} do not have (they hold {held}); editors that run on it: {', '.join(fit)}")
+    if metrics is not None and (lacking := sorted(metrics.needs & TEXTS.keys() - dataset.provides)):
+        fixes = "; ".join(FIXES.get(k, "choose another metric set") for k in lacking)
+        raise ValueError(f"the metrics need {', '.join(TEXTS[k] for k in lacking)}, which the items of {where} do "
+                         f"not have: {fixes}")
+
+
+def _setup(cfg: DictConfig, dataset: ItemSet, job_num: int | None):
     """Editor (parameters validated) and metrics; a configuration or data problem becomes a `RunError` before the
     first item is edited."""
     try:
+        check_fits_dataset(cfg, dataset)
         # no code runs from a weights file: load_components, build_editor and build_metrics load safely themselves
         editor = load_editor(cfg, job_device(cfg.device, job_num))
         metrics = with_ground_truth(build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True),
                                                   editor.components.device))
+        check_fits_dataset(cfg, dataset, metrics)
         task = task_name(cfg)
         if task not in editor.tasks:
             raise ValueError(f"editor {cfg.editor.name} does not do task={task} (it does: {', '.join(editor.tasks)}); "
@@ -442,7 +498,8 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
     task = task_name(cfg)
     inputs = inputs_of(dataset, task)
     check_inputs(cfg, output_dir, inputs)
-    job = record_job(cfg, output_dir, check_job(cfg, output_dir), cfg.logger.get("group") or group)
+    job = record_job(cfg, output_dir, check_job(cfg, output_dir), cfg.logger.get("group") or group,
+                     dataset.provenance)
     with RunLogger(cfg, output_dir, group, job["wandb_id"], job_name) as logger, contextlib.ExitStack() as cleanup:
         editor, metrics = _setup(cfg, dataset, job_num)  # a setup error is the W&B run's error too
         cleanup.callback(editor.close)  # the shared models as the editor found them
@@ -468,6 +525,8 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
                     with disk_errors(output_dir):
                         if outcome.edited is not None and cfg.save_images:
                             save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
+                            if source := dataset.source_beside_edit(output_dir, item):  # GEdit's <key>_SRCIMG.png
+                                save_image_atomic(outcome.source, source)
                         results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
                     logger.log_item(outcome.row)
                     progress.update()

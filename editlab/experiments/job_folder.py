@@ -291,7 +291,8 @@ def check_inputs(cfg: DictConfig, output_dir: Path, inputs: Mapping[str, str]) -
 # job.json: what the results in a directory were made with
 
 # Keys that pick items or only change how a run reports (not what its rows hold): resuming with others is fine.
-NOT_FINGERPRINTED = ("dataset.limit", "dataset.ids", "dataset.edit_types", "dataset.shard", "dataset.num_shards")
+NOT_FINGERPRINTED = ("dataset.limit", "dataset.ids", "dataset.edit_types", "dataset.shard", "dataset.num_shards",
+                     "dataset.task_types", "dataset.subset", "dataset.cache")
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -373,13 +374,17 @@ def check_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def record_job(cfg: DictConfig, output_dir: Path, previous: dict[str, Any], group: str | None) -> dict[str, Any]:
+def record_job(cfg: DictConfig, output_dir: Path, previous: dict[str, Any], group: str | None,
+               provenance: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write ``job.json`` once the job has started: the fingerprint, the job's W&B run id (the previous record's,
     so a resumed job logs into the same run) and group, the benchmark's folder, which `evaluation.aggregate` draws
-    its grid from, and the paper table row the job produces, which `evaluation.tables` lays out."""
+    its grid from, what identifies its copy (``provenance``, e.g. a hub dataset's revision: ``dataset_source``),
+    and the paper table row the job produces, which `evaluation.tables` lays out."""
     root = dataset_root(cfg.dataset)
     job = {"config": fingerprint(cfg), "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:12],
            "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row"), "wandb_group": group}
+    if provenance:
+        job["dataset_source"] = dict(provenance)
     write_json(output_dir / "job.json", job)
     return job
 

@@ -135,8 +135,9 @@ class RunLogger:
             item = items[row["image_id"]]
             truth = ground_truth_file(dataset.root, item.image_path)
             try:
-                mask = Image.fromarray((dataset.load_mask(item) * 255).astype(np.uint8))
-            except ValueError:  # a malformed mask: its row already says so
+                mask = dataset.load_mask(item)  # None: the benchmark has no masks
+                mask = None if mask is None else Image.fromarray((mask * 255).astype(np.uint8))
+            except (ValueError, OSError):  # a malformed or missing mask: its row already says so
                 mask = None
             table.add_data(
                 item.image_id, item.edit_type, EDIT_TYPES.get(item.edit_type, ""),

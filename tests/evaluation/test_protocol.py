@@ -61,7 +61,7 @@ def build_brightness(cfg, device="cpu", names=None, prefix="metrics") -> Brightn
 def test_a_metric_in_a_test_file_combines_with_piebench():
     metrics = build_metrics({"sets": {"piebench": OFFLINE, "brightness": BRIGHTNESS}})
     assert isinstance(metrics, MetricSets) and metrics.columns == (*PIE, "brightness", "brightness_change")
-    assert metrics.needs == {"source", "edited", "prompts", "mask"} and metrics.set_columns == ()
+    assert metrics.needs == {"source", "edited", "mask"} and metrics.set_columns == ()  # CLIP off: no captions
     (row,) = metrics.score([sample()])
     assert list(row) == list(metrics.columns) and row["brightness"] == pytest.approx(20)
     assert row["brightness_change"] == pytest.approx(20) and math.isfinite(row["psnr_unedit_part"])

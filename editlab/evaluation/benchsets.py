@@ -1,0 +1,65 @@
+"""Local copies of the judged benchmarks' hub files, pinned to one commit:
+
+    python -m editlab.evaluation.benchsets download gedit --revision <sha> --to /data/GEdit-Bench
+    python -m editlab.evaluation.benchsets download imgedit --revision <sha> --to /data/ImgEdit
+    python -m editlab.evaluation.benchsets download masks --revision <sha> --to /data/cocoedit_masks
+
+``gedit``: the hub dataset ``stepfun-ai/GEdit-Bench`` (dataset.root=<to>). ``imgedit``: ``Benchmark.tar`` of
+``sysuyy/ImgEdit`` (the Basic set's source images; its ``basic_edit.json`` is in the GitHub repository
+PKU-YuanGroup/ImgEdit, ``Benchmark/Basic/``), unpacked into <to>. ``masks``: CoCoEdit's masks,
+``wyh6666/GEditBench_ImgEditBench_with_mask`` (dataset.masks=<to>; archives in it are not unpacked). ``--revision``
+is a commit (40 hex digits, from the dataset's "History" on the hub), recorded in ``<to>/editlab_download.json``,
+where the readers find it (`evaluation.gedit.local_revision`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+from editlab.evaluation.gedit import REPO, REVISION_FILE, SHA
+
+HUB = {  # benchmark -> (hub dataset, the files to fetch; None: all)
+    "gedit": (REPO, None),
+    "imgedit": ("sysuyy/ImgEdit", ["Benchmark.tar"]),  # the repository also holds the 1.2M-pair training set
+    "masks": ("wyh6666/GEditBench_ImgEditBench_with_mask", None),
+}
+
+
+def download(benchmark: str, revision: str, to: str | Path) -> Path:
+    """The files of ``benchmark`` at commit ``revision`` in the folder ``to`` (resumes a partial copy)."""
+    if not SHA.fullmatch(revision):
+        raise ValueError(f"--revision {revision!r}: pin a commit, 40 lower-case hex digits (a branch moves)")
+    from huggingface_hub import snapshot_download
+
+    repo, patterns = HUB[benchmark]
+    folder = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision, local_dir=to,
+                                    allow_patterns=patterns))
+    if benchmark == "imgedit":
+        with tarfile.open(folder / "Benchmark.tar") as archive:
+            archive.extractall(folder, filter="data")  # no file outside the folder, no links out of it
+    (folder / REVISION_FILE).write_text(json.dumps({"repo": repo, "revision": revision}))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m editlab.evaluation.benchsets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("download", help="a benchmark's hub files at one commit")
+    fetch.add_argument("benchmark", choices=sorted(HUB))
+    fetch.add_argument("--revision", required=True, help="the commit (40 hex digits)")
+    fetch.add_argument("--to", required=True, type=Path, help="the folder to download into")
+    args = parser.parse_args(argv)
+    try:
+        folder = download(args.benchmark, args.revision, args.to)
+    except (ValueError, OSError, tarfile.TarError) as err:
+        sys.exit(f"error: {err}")
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
