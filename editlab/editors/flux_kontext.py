@@ -60,6 +60,8 @@ def reference_size(width: int, height: int, auto_resize: bool, multiple: int) ->
 @register("flux_kontext")
 class FluxKontextEditor(Editor):
     families = ("flux",)
+    needs = frozenset({"instruction"})  # the item's editing instruction; no captions
+    native_size = True  # takes the source at its own size and returns the edit at it (GEdit's portrait images)
 
     def __init__(self, components: Components, num_steps: int = 28, guidance_scale: float = 2.5,
                  auto_resize: bool = True, max_area: int | None = None, true_cfg_scale: float = 1.0,

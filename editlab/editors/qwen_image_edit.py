@@ -35,6 +35,8 @@ from editlab.models.loading import attach_pipeline
 @register("qwen_image_edit")
 class QwenImageEditEditor(Editor):
     families = ("qwen_image",)
+    needs = frozenset({"instruction"})  # the item's editing instruction; no captions
+    native_size = True  # takes the source at its own size and returns the edit at it (GEdit's portrait images)
 
     def __init__(self, components: Components, num_steps: int = 50, true_cfg_scale: float = 4.0,
                  negative_prompt: str | None = " "):

@@ -167,3 +167,27 @@ def test_the_committed_demo_sets_are_what_the_fixture_writer_writes(tmp_path):
     for a, b in zip(fresh, committed):
         pixels = [np.asarray(Image.open(data.image_file(item))) for data, item in ((fresh, a), (committed, b))]
         assert np.array_equal(*pixels)
+
+
+def test_kontext_on_gedit_then_the_judge_reads_the_job_folder(run_py, tmp_path, capsys):
+    """The issue's loop on the fixture set: an instruction editor at the sources' own size, then the post-hoc judge
+    over the job folder (its dataset rebuilt from job.json), then ImgEdit's protocol refused on GEdit edits."""
+    from editlab.evaluation.judge import cli
+    from editlab.evaluation.judge.backends import ScriptedBackend
+
+    out = tmp_path / "kontext"
+    run_py("model=tiny_flux_kontext", "editor=flux_kontext", *GEDIT, f"hydra.run.dir={out}")
+    rows = results(out)
+    assert len(rows) == 5 and (rows["error"] == "").all() and set(rows["nfe"]) == {28}
+    key, task = rows["image_id"][0], rows["edit_type"][0]
+    edit = out / "annotation_images" / "fullset" / task / "en" / f"{key}.png"
+    assert Image.open(edit).size == (48, 80)  # native size: the portrait source is not cropped
+    replies = {"SC": ['{"score": [7, 6], "reasoning": "ok"}'] * 5, "PQ": ["not a score"] * 5}
+    scores = cli.main(["--benchmark", "gedit", "--edits", str(out), "--max-attempts", "1"],
+                      backend=ScriptedBackend(default=replies))
+    assert len(scores) == 5 and scores["gedit_sc"].eq(6).all() and scores["gedit_o"].isna().all()
+    printed = capsys.readouterr().out
+    assert "scored 0/5 items (failures: parse_error 5)" in printed and "all_macro" in printed
+    with pytest.raises(SystemExit, match="holds edits of gedit; judge them with --benchmark gedit"):
+        cli.main(["--benchmark", "imgedit", "--edits", str(out), "--out", str(tmp_path / "img")],
+                 backend=ScriptedBackend(default=replies))

@@ -86,7 +86,7 @@ def read_items(args: argparse.Namespace) -> list[JudgeItem]:
     if not args.edits.is_dir():
         raise ValueError(f"--edits {args.edits} is not a folder")
     if is_job_folder(args.edits):
-        items = editlab_items(args.edits, args.data)
+        items = editlab_items(args.edits, args.data, args.benchmark)
     elif args.metadata is None:
         raise ValueError(f"--edits {args.edits} is not an editlab job folder (results.csv, job.json): give --metadata "
                          "(GEdit: the items' instructions and types; ImgEdit: basic_edit.json)")

@@ -1,8 +1,8 @@
 """Where the edits to judge are, and what each was asked: three folder layouts -> `JudgeItem`s.
 
 - an editlab job folder (``results.csv``, ``job.json``, ``annotation_images/``): the items of the job's benchmark
-  (a PIE-Bench-format folder: ``job.json``'s ``dataset_root``, or ``--data``) that have a row; an item whose row
-  is an error is an ``input_error`` (its edit failed);
+  (rebuilt from ``job.json``: PIE-Bench or the built-in set, GEdit-Bench, ImgEdit; its folder is ``dataset_root``,
+  or ``--data``) that have a row; an item whose row is an error is an ``input_error`` (its edit failed);
 - the official GEdit-Bench tree ``<model>/fullset/<task_type>/<language>/<key>.png`` with the source beside it as
   ``<key>_SRCIMG.png``; instructions, types, languages and the intersection flag come from a metadata file (JSON list
   or ``{key: entry}``, JSONL or CSV with the dataset's fields ``key, task_type, instruction, instruction_language,
@@ -23,35 +23,63 @@ from typing import Any
 
 from editlab.evaluation.judge.protocols import GEDIT_TASK_TYPES
 from editlab.evaluation.judge.scoring import JudgeItem
-from editlab.evaluation.piebench import PieBenchDataset, edited_image_path
+from editlab.evaluation.piebench import edited_image_path
 from editlab.evaluation.summary import read_results
 
 GEDIT_LANGUAGES = ("en", "cn")
+DATASET_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
 
 def is_job_folder(folder: Path) -> bool:
     return (folder / "results.csv").is_file() and (folder / "job.json").is_file()
 
 
-def editlab_items(folder: Path, data: Path | None = None) -> Iterator[JudgeItem]:
-    """The job's items that have a row, with their source, instruction and edit type."""
+def job_dataset(folder: Path, data: Path | None = None):
+    """The benchmark a job ran on, rebuilt from its ``job.json`` (the dataset config's defaults under the keys the
+    job recorded; ``data``: another copy of it). Rows select the items, so limits and shards need not be known."""
+    from omegaconf import OmegaConf
+
+    from editlab.experiments.harness import build_dataset
+
     job = json.loads((folder / "job.json").read_text())
+    recorded = {key.split(".", 1)[1]: value for key, value in job.get("config", {}).items()
+                if key.startswith("dataset.")}
+    name = recorded.get("name") or "pie_bench"
+    defaults = OmegaConf.load(DATASET_CONFIGS / f"{name}.yaml") if (DATASET_CONFIGS / f"{name}.yaml").is_file() \
+        else OmegaConf.create({"kind": "piebench"})
+    cfg = {key: value for key, value in OmegaConf.to_container(defaults, resolve=True).items() if key != "defaults"}
+    cfg |= {key: value for key, value in recorded.items() if key not in ("limit", "ids", "shard", "num_shards")}
     root = data or (Path(job["dataset_root"]) if job.get("dataset_root") else None)
     if root is None:
         raise ValueError(f"{folder / 'job.json'} names no benchmark folder (dataset_root): give --data")
+    cfg["images" if cfg.get("kind") == "imgedit" else "root"] = str(root)
+    if cfg.get("kind") == "toyset":
+        cfg["kind"] = "piebench"  # the generated set is on disk already: read it as it is
+    return build_dataset(cfg)
+
+
+def editlab_items(folder: Path, data: Path | None = None, benchmark: str | None = None) -> Iterator[JudgeItem]:
+    """The job's items that have a row, with their source, instruction and edit type. The source of an item whose
+    edit has its source beside it (GEdit's ``<key>_SRCIMG.png``: the image the editor saw) is that file. A job run
+    on one judged benchmark is not judged by the other's protocol (``benchmark``)."""
     rows = read_results(folder / "results.csv").drop_duplicates("image_id", keep="last").set_index("image_id")
-    dataset = PieBenchDataset(root)
+    dataset = job_dataset(folder, data)
+    ran_on = next((kind for kind, cls in (("gedit", "GEditDataset"), ("imgedit", "ImgEditDataset"))
+                   if type(dataset).__name__ == cls), None)
+    if benchmark and ran_on and ran_on != benchmark:
+        raise ValueError(f"{folder} holds edits of {ran_on}; judge them with --benchmark {ran_on}")
     for item in dataset:
         if item.image_id not in rows.index:
             continue  # not edited (yet)
         error = f"the run's edit failed: {rows.loc[item.image_id, 'error']}" if rows.loc[item.image_id, "error"] \
-            else "" if item.instruction else f"no editing instruction for {item.image_id} in {root}"
+            else "" if item.instruction else f"no editing instruction for {item.image_id} in {dataset.root}"
+        beside = dataset.source_beside_edit(folder, item) if hasattr(dataset, "source_beside_edit") else None
         try:
-            source = dataset.image_file(item)
-        except ValueError as err:  # an image path leading outside the benchmark
+            source = beside if beside is not None and beside.is_file() else dataset.image_file(item)
+        except ValueError as err:  # an image path leading outside the benchmark, an unreadable image
             source, error = None, error or str(err)
         yield JudgeItem(item.image_id, item.edit_type, item.instruction, source, edited_image_path(folder, item),
-                        error=error)
+                        getattr(item, "language", ""), getattr(item, "intersection", None), error=error)
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
