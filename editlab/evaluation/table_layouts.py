@@ -107,6 +107,8 @@ class Job:
     set_metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     wandb_group: str | None = None  # the W&B group of the job's run (job.json)
+    posthoc_judge: str = ""  # the judge of a post-hoc judging pass over the job (judge_<benchmark>/judge.json)
+    posthoc_judged: tuple[str, ...] = ()  # the benchmarks of those passes (gedit, imgedit)
 
     @property
     def task(self) -> str:
@@ -117,12 +119,14 @@ class Job:
         """The kinds of its metric set, or of each of its ``metrics.sets`` (`evaluation.protocol`)."""
         sets = {key.split(".")[2] for key in self.config if key.startswith("metrics.sets.")}
         kinds = [self.config.get(f"metrics.sets.{name}.kind") for name in sets] or [self.config.get("metrics.kind")]
-        return {str(kind or "piebench") for kind in kinds}
+        return {str(kind or "piebench") for kind in kinds} | {f"{b}_judge" for b in self.posthoc_judged}
 
     @property
     def judge(self) -> str:
-        """The judge that scored the job (a judged metric set's backend: the served model's name, the local model's
-        path, or the backend's name), or "" for a job without one."""
+        """The judge that scored the job (a post-hoc pass's, else a judged metric set's backend: the served model's
+        name, the local model's path, or the backend's name), or "" for a job without one."""
+        if self.posthoc_judge:
+            return self.posthoc_judge
         prefixes = ["metrics."] + sorted({".".join(key.split(".")[:3]) + "." for key in self.config
                                           if key.startswith("metrics.sets.")})
         for prefix in prefixes:
@@ -154,13 +158,50 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+JUDGED = {"gedit": ("gedit_sc", "gedit_pq", "gedit_o"), "imgedit": ("imgedit_avg",)}  # whose failures are noted
+
+
+def with_judged_scores(results: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
+    """``results`` with the scores of a post-hoc judging pass over the job (``editlab-judge``: ``judge_<benchmark>/
+    judge_scores.csv``, matched by item key; they replace the columns of a judge run in the job), a failed judgement
+    noted on its row as the in-run judge notes it; the judge's id (``judge.json``, "" without a pass) and the
+    benchmarks judged."""
+    judge, judged = "", []
+    for benchmark, noted in JUDGED.items():
+        path = folder / f"judge_{benchmark}" / "judge_scores.csv"
+        if not path.is_file():
+            continue
+        try:
+            scores = pd.read_csv(path, dtype={"key": str, "status": str, "message": str}, keep_default_na=False,
+                                 na_values={c: ["", "nan"] for c in (*noted, "gedit_sc", "gedit_pq")})
+        except (OSError, ValueError) as err:
+            log.warning("%s cannot be read (%s): the job's judged scores are left out", path, err)
+            continue
+        scores = scores.drop_duplicates("key", keep="last").set_index("key")
+        columns = [c for c in scores if c.startswith(f"{benchmark}_")]
+        ids = results["image_id"].astype(str)
+        for column in columns:
+            results[column] = pd.to_numeric(ids.map(scores[column]), errors="coerce")
+        failed = ids.map(scores["status"]).fillna("").ne("ok") & ids.isin(scores.index)
+        why = ids.map(lambda key: f"{scores.at[key, 'status']}: {str(scores.at[key, 'message'])[:160]}"
+                      if key in scores.index else "")
+        notes = results["note"].fillna("").astype(str) if "note" in results else pd.Series("", results.index)
+        for column in noted:
+            missing = failed & results[column].isna()
+            notes = notes.where(~missing, notes + "; " + column + " failed (judge " + why + "): left out of its mean")
+        results["note"] = notes.str.lstrip("; ")
+        judge = str(_read_json(path.with_name("judge.json")).get("judge") or "")
+        judged.append(benchmark)
+    return results, judge, tuple(judged)
+
+
 def read_job(folder: Path, root: Path) -> Job:
-    """The job in ``folder`` (found under ``root``, which names it)."""
+    """The job in ``folder`` (found under ``root``, which names it), with the scores of a post-hoc judging pass."""
     meta = _read_json(folder / "job.json")
-    results = None
+    results, judge, judged = None, "", ()
     if (folder / "results.csv").is_file():
         try:
-            results = read_results(folder / "results.csv")
+            results, judge, judged = with_judged_scores(read_results(folder / "results.csv"), folder)
         except (OSError, ValueError, KeyError) as err:
             log.warning("%s cannot be read (%s): the job counts as without results", folder / "results.csv", err)
     config = dict(meta.get("config") or {})
@@ -175,7 +216,7 @@ def read_job(folder: Path, root: Path) -> Job:
     return Job(path=folder, name=str(folder.relative_to(root)) if folder != root else folder.name, config=config,
                paper_row=None if paper_row is None else str(paper_row), mtime=stamp.stat().st_mtime,
                results=results, set_metrics=set_metrics, error=error, root=root,
-               wandb_group=meta.get("wandb_group"))
+               wandb_group=meta.get("wandb_group"), posthoc_judge=judge, posthoc_judged=judged)
 
 
 def find_jobs(folders: Iterable[Path | str]) -> list[Job]:

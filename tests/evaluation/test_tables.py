@@ -230,6 +230,27 @@ def test_judged_rows_show_the_papers_numbers_only_beside_the_same_judge_and_coun
     assert not_run.loc["gedit_o_macro", "paper"] == 7.54  # a row not run shows the paper's numbers alone
 
 
+def test_a_post_hoc_judging_pass_fills_the_judged_columns_of_its_job(tmp_path):
+    folder = make_job(tmp_path / "sweep" / "0", "flux_kontext", metrics="none", items=4,
+                      edit_types=("a", "b", "b", "b"))
+    ids = pd.read_csv(folder / "results.csv", dtype={"image_id": str})["image_id"]
+    judged = folder / "judge_gedit"
+    judged.mkdir()
+    o = [4.0, 8.0, 6.0, math.nan]  # type a: 4; type b: 8, 6 and a failed call -> micro 6.0, macro 5.5
+    pd.DataFrame({"key": ids, "task_type": ["a", "b", "b", "b"], "gedit_sc": o, "gedit_pq": o, "gedit_o": o,
+                  "status": ["ok", "ok", "ok", "api_error"], "message": ["", "", "", "HTTP 429"]}
+                 ).to_csv(judged / "judge_scores.csv", index=False)
+    (judged / "judge.json").write_text(json.dumps({"judge": "gpt-4.1", "backend": "openai_compat"}))
+    (job,) = tables.find_jobs([tmp_path / "sweep"])
+    assert job.judge == "gpt-4.1" and "gedit_judge" in job.metrics_kinds
+    table = tables.build_table("gedit", [job])
+    kontext = cells(table, "flux_kontext")
+    assert kontext.loc["gedit_o", "ours"] == pytest.approx(6.0)
+    assert kontext.loc["gedit_o_macro", "ours"] == pytest.approx(5.5)
+    assert kontext.loc["gedit_o_macro", "paper"] == 6.0  # judged by GPT-4.1: beside the paper's
+    assert "gedit_o: scored 3 / 4 items (failed: api_error 1)" in " ".join(table.attrs["notes"])
+
+
 def test_the_latest_configuration_of_a_row_is_shown_with_a_note_and_shards_merge(tmp_path):
     make_job(tmp_path / "old", "ddim_p2p", values={"psnr_unedit_part": 10.0}, mtime=1_000_000)
     make_job(tmp_path / "new", "ddim_p2p", values={"psnr_unedit_part": 30.0}, extra={"editor.num_steps": 10},
