@@ -23,7 +23,7 @@ from editlab.evaluation.summary import summarize
 from editlab.evaluation.table_render import wide
 
 LAYOUTS = yaml.safe_load(table_layouts.LAYOUTS_FILE.read_text())
-ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "gedit": 6, "imgedit": 5, "course_poster": 5, "icd_table1": 16,
+ROW_COUNTS = {"piebench": 6, "flow_editors": 5, "gedit": 6, "imgedit": 6, "course_poster": 5, "icd_table1": 16,
               "icd_table2": 13,
               "icd_table5": 4, "icd_table3": 8, "icd_table4": 6, "icd_table6": 5, "icd_fig9": 4,
               "fast_editing": 17}

@@ -38,8 +38,10 @@ def hydra_conf():
 def test_every_paper_experiment_has_a_toy_variant_or_says_why():
     real = {e for e in EXPERIMENTS if "/toy/" not in e}
     toy = {e.replace("/toy/", "/") for e in EXPERIMENTS if "/toy/" in e}
-    # no SDXL-family toy model (fast_editing*, icd_table3): those run on real weights only
-    assert real - toy == {"paper/fast_editing", "paper/fast_editing_reference", "paper/icd_table3"}
+    # no SDXL-family toy model (fast_editing*, icd_table3) and no toy instruction editor (gedit, imgedit): those run
+    # on real weights only
+    assert real - toy == {"paper/fast_editing", "paper/fast_editing_reference", "paper/icd_table3", "paper/gedit",
+                          "paper/imgedit"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
