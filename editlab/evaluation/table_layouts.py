@@ -321,9 +321,10 @@ def _column_value(column: dict, overall: dict, per_type: pd.DataFrame, results: 
     key = column["key"]
     if column.get("vs_reference"):
         return math.nan  # filled in by the reference pass
-    if column.get("mean") == "macro":  # the unweighted mean of the edit types' means (GEdit's official overall)
+    if column.get("mean") == "macro":  # the unweighted mean of the edit types' means (GEdit's official overall),
+        # which a type without one scored item leaves undefined, as GEdit's own average does
         means = pd.to_numeric(per_type.get(column["of"], pd.Series(dtype=float)), errors="coerce")
-        return float(means.mean()) if means.notna().any() else math.nan
+        return float(means.mean()) if len(means) and means.notna().all() else math.nan
     if key == "peak_mem_gb":
         peak = pd.to_numeric(results.get("peak_mem_mb", pd.Series(dtype=float)), errors="coerce")
         return float(peak.max() / 1024) if peak.notna().any() else math.nan

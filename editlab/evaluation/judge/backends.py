@@ -86,8 +86,9 @@ class ScriptedBackend:
 
     def ask(self, request: Request) -> Reply:
         self.calls += 1
-        replies = (self.by_case.get((request.key, request.case)) or self.default.get(request.case)
-                   or self.default.get(""))
+        bare = request.key.rsplit("/", 1)[-1]  # GEdit's calls are keyed <language>/<key>: a reply may name either
+        replies = (self.by_case.get((request.key, request.case)) or self.by_case.get((bare, request.case))
+                   or self.default.get(request.case) or self.default.get(""))
         if not replies:
             return Reply(None, "api_error", f"no scripted reply for {request.key}/{request.case}")
         entry = replies[min(request.attempt, len(replies)) - 1]
