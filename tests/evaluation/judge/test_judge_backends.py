@@ -138,6 +138,7 @@ def test_scripted_replies_from_a_file_by_item_case_and_attempt(tmp_path):
     assert [ask("k1", "SC", a).text for a in (1, 2, 3)] == ["first", "second", "second"]
     assert (ask("k2", "SC").status, ask("k2", "SC").message) == ("refused", "blocked")
     assert (ask("k9", "PQ").text, ask("k9", "SC").text) == ("any PQ", "anything else")
+    assert ask("en/k1", "SC").text == "first"  # GEdit's calls are keyed <language>/<key>: the bare key matches
     assert ScriptedBackend().ask(Request("k", "SC", 1, "", (), False)).status == "api_error"
     path.write_text('{"key": "k1", "case": "SC"}\n')
     with pytest.raises(ValueError, match="line 1: expected an object with 'reply' or 'status'"):
