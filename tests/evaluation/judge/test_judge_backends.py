@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from conftest import GOOD_PQ, GOOD_SC, gedit_tree, picture
+from judge_helpers import GOOD_PQ, GOOD_SC, gedit_tree, picture
 
 from editlab.evaluation.judge import cli
 from editlab.evaluation.judge.backends import OpenAICompatBackend, Request, ScriptedBackend, build_backend

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import GOOD_PQ, GOOD_SC, gedit_tree, imgedit_flat, picture, read_jsonl, scripted
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from judge_helpers import GOOD_PQ, GOOD_SC, gedit_tree, imgedit_flat, picture, read_jsonl, scripted
 from omegaconf import OmegaConf
 
 from editlab.evaluation.backbones import failure_notes

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import GEDIT_REPLIES
+from judge_helpers import GEDIT_REPLIES
 from PIL import Image
 
 from editlab.evaluation.judge.protocols import (

@@ -6,7 +6,17 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import GEDIT_REPLIES, GOOD_PQ, GOOD_SC, Killed, KilledAfter, gedit_tree, picture, read_jsonl, scripted
+from judge_helpers import (
+    GEDIT_REPLIES,
+    GOOD_PQ,
+    GOOD_SC,
+    Killed,
+    KilledAfter,
+    gedit_tree,
+    picture,
+    read_jsonl,
+    scripted,
+)
 
 from editlab.evaluation.judge import cli
 from editlab.evaluation.judge.backends import ScriptedBackend
