@@ -4,8 +4,9 @@ checkpoints, `QwenImageEditPlusPipeline` (``model.pipeline``), over the loaded m
 
 1. Sizes, as the pipelines fix them: the reference goes to the VAE at about 1024² pixels with the image's aspect
    (sides rounded to multiples of 32), whatever the output size; the VL encoder sees the image too, at that size
-   (Edit; its processor then limits the pixels) or at about 384² (Plus). The output has the source's size, each side
-   floored to a multiple of twice the VAE factor.
+   (Edit; its processor then limits the pixels) or at about 384² (Plus). The output has the image's aspect at
+   ``max_area`` pixels (default: the model's resolution², the pipelines' own 1024² on the Qwen models), sides rounded
+   to multiples of 32 as the pipelines compute their default size.
 2. Text: the instruction inside the pipeline's fixed system template, with the image, through Qwen2.5-VL; the
    template's first tokens are dropped from its last hidden state.
 3. Sample: ``num_steps`` Euler steps on linspace(1, 1/N, N) with the dynamic shift of the output's token count (and
@@ -13,9 +14,9 @@ checkpoints, `QwenImageEditPlusPipeline` (``model.pipeline``), over the loaded m
    and a ``negative_prompt`` (the docs' " "), each step calls the transformer on the instruction and on the negative
    prompt, combines them as CFG and rescales each token's combined velocity to the norm of its conditional one
    (NFE = 2N); at ``true_cfg_scale`` <= 1 (a step-distilled Lightning LoRA) one call per step (NFE = N).
-4. The pipeline decodes (its VAE in the compute dtype); a non-finite image is an error, never an output. An output of
-   another size than the source's (a side not a multiple of twice the VAE factor) is resized to it (bicubic), since
-   the metrics compare the two pixel by pixel.
+4. The pipeline decodes (its VAE in the compute dtype); a non-finite image is an error, never an output. The output
+   is resized to the source's size (bicubic), since the metrics compare the two pixel by pixel (GEdit's scorer
+   resizes an edit to its source likewise).
 
 Plus takes one image per call, so each request is its own call (the base class's `run_batch`).
 """
@@ -39,7 +40,7 @@ class QwenImageEditEditor(Editor):
     native_size = True  # takes the source at its own size and returns the edit at it (GEdit's portrait images)
 
     def __init__(self, components: Components, num_steps: int = 50, true_cfg_scale: float = 4.0,
-                 negative_prompt: str | None = " "):
+                 negative_prompt: str | None = " ", max_area: int | None = None):
         super().__init__(components)
         c = components
         if true_cfg_scale > 1 and negative_prompt is None:
@@ -56,7 +57,11 @@ class QwenImageEditEditor(Editor):
                 f"editor.num_steps=1 on model={c.name}, whose scheduler stretches its schedule to shift_terminal="
                 f"{c.scheduler.config.shift_terminal}: with one step that is 0/0, a NaN schedule; use 2 or more steps"
             )
+        if max_area is not None and max_area < 32 * 32:
+            raise EditorConfigError(f"editor.max_area={max_area} is below one 32x32 tile; give output pixels, e.g. "
+                                    "1048576 (1024²)")
         self.num_steps, self.true_cfg_scale = num_steps, true_cfg_scale
+        self.max_area = max_area or c.resolution**2
         # CFG off: no negative prompt, so the pipeline neither encodes it nor warns that it is unused
         self.negative_prompt = negative_prompt if true_cfg_scale > 1 else None
         # its own scheduler (the model's config): the pipeline's stepping state stays out of the shared model
@@ -68,9 +73,12 @@ class QwenImageEditEditor(Editor):
         c = self.components
         instruction = required_instruction(request, self.name)
         width, height = request.image.size
+        # the pipelines' default output size (their calculate_dimensions) at max_area: [aspect, 32-px multiples]
+        out_w = max(32, round((self.max_area * width / height) ** 0.5 / 32) * 32)
+        out_h = max(32, round((self.max_area * height / width) ** 0.5 / 32) * 32)
         images = self.pipe(
             image=request.image, prompt=instruction, negative_prompt=self.negative_prompt,
-            true_cfg_scale=self.true_cfg_scale, height=height, width=width, num_inference_steps=self.num_steps,
+            true_cfg_scale=self.true_cfg_scale, height=out_h, width=out_w, num_inference_steps=self.num_steps,
             max_sequence_length=c.options["max_sequence_length"], generator=request.generator(), output_type="pt",
         ).images  # [1, 3, H, W] in [0, 1]
         if not torch.isfinite(images).all():

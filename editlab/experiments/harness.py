@@ -41,16 +41,13 @@ from tqdm import tqdm
 
 from editlab.editors.base import TASKS, EditRequest, EditResult, build_editor
 from editlab.evaluation.backbones import failure_notes
+from editlab.evaluation.datasets import build_dataset
 from editlab.evaluation.files import atomic_write
-from editlab.evaluation.gedit import GEditDataset
 from editlab.evaluation.ground_truth import load_ground_truth, with_ground_truth
-from editlab.evaluation.icd_benchmark import IcdCsvDataset
-from editlab.evaluation.imgedit import ImgEditDataset
-from editlab.evaluation.instruction_sets import MaskFolder
 from editlab.evaluation.piebench import ItemSet, PieBenchDataset, PieBenchItem, edited_image_path, load_rgb_image
 from editlab.evaluation.protocol import Sample, build_metrics
 from editlab.evaluation.summary import format_summary, metric_gaps, summarize
-from editlab.evaluation.toyset import dataset_root, write_piebench
+from editlab.evaluation.toyset import dataset_root
 from editlab.experiments.console import details, quiet_libraries
 from editlab.experiments.job_folder import (  # noqa: F401 - RunError, ResultsFile, flatten, read_job ...: API
     RESULT_COLUMNS,
@@ -81,51 +78,6 @@ from editlab.models.images import fit
 from editlab.models.loading import load_components
 
 log = logging.getLogger(__name__)
-
-
-def _check_counts(cfg: Mapping[str, Any]) -> None:
-    """``dataset.limit`` (null: every item) and the shard settings are whole numbers in range, or the key is named."""
-    limit = cfg.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"dataset.limit={limit!r}: give a whole number of items >= 1, or dataset.limit=null for all")
-    for key in ("shard", "num_shards"):
-        value = cfg.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_shards" else 0):
-            raise ValueError(f"dataset.{key}={value!r}: give a whole number (shard: 0 <= shard < num_shards)")
-
-
-def build_dataset(cfg: Mapping[str, Any]) -> ItemSet:
-    _check_counts(cfg)
-    selection = {"ids": [str(i) for i in cfg["ids"]] if cfg.get("ids") else None, "limit": cfg.get("limit"),
-                 "shard": cfg.get("shard", 0), "num_shards": cfg.get("num_shards", 1)}
-    if cfg["kind"] in ("gedit", "imgedit"):
-        masks = MaskFolder.from_config(cfg.get("masks"), cfg.get("mask_polarity"))
-        if cfg["kind"] == "imgedit":
-            if not cfg.get("json") or not cfg.get("images"):
-                raise ValueError("dataset=imgedit needs dataset.json=/path/to/basic_edit.json and "
-                                 "dataset.images=/path/to/its/source/images")
-            return ImgEditDataset(cfg["json"], cfg["images"], cfg.get("edit_types"), masks=masks, **selection)
-        if not cfg.get("root"):
-            raise ValueError("dataset=gedit needs dataset.root=/path/to/GEdit-Bench (python -m "
-                             "editlab.evaluation.benchsets download gedit --revision <sha> --to <folder>)")
-        return GEditDataset(cfg["root"], cfg["cache"], cfg.get("revision"), cfg.get("language", "en"),
-                            cfg.get("subset", "full"), cfg.get("task_types"), masks=masks, **selection)
-    if cfg["kind"] == "icd_csv":
-        if not cfg.get("csv"):
-            raise ValueError(f"dataset={cfg['name']} needs dataset.csv=/path/to/<benchmark>.csv (and dataset.images=)")
-        return IcdCsvDataset(cfg["csv"], cfg.get("images"), limit=cfg.get("limit"), shard=cfg.get("shard", 0),
-                             num_shards=cfg.get("num_shards", 1))
-    root = dataset_root(cfg)
-    if root is None:
-        raise ValueError(f"dataset={cfg['name']} needs dataset.root=/path/to/the/benchmark (mapping_file.json)")
-    if cfg["kind"] == "toyset":
-        write_piebench(root, n_per_type=cfg["n_per_type"], size=cfg["size"], seed=cfg["seed"])
-    elif cfg["kind"] != "piebench":
-        raise ValueError(f"unknown dataset.kind={cfg['kind']!r}; expected piebench, toyset, icd_csv, gedit or "
-                         "imgedit")
-    edit_types = cfg.get("edit_types")
-    return PieBenchDataset(root, edit_types=[str(t) for t in edit_types] if edit_types else None,
-                           mask_size=cfg.get("mask_size"), **selection)
 
 
 def fit_to_resolution(image: Image.Image, mask: np.ndarray | None, size: int | None

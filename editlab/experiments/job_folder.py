@@ -382,7 +382,8 @@ def record_job(cfg: DictConfig, output_dir: Path, previous: dict[str, Any], grou
     and the paper table row the job produces, which `evaluation.tables` lays out."""
     root = dataset_root(cfg.dataset)
     job = {"config": fingerprint(cfg), "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:12],
-           "dataset_root": str(root) if root else None, "paper_row": cfg.get("paper_row"), "wandb_group": group}
+           "dataset_root": str(root.resolve()) if root else None, "paper_row": cfg.get("paper_row"),
+           "wandb_group": group}
     if provenance:
         job["dataset_source"] = dict(provenance)
     write_json(output_dir / "job.json", job)

@@ -74,7 +74,8 @@ def test_caption_editors_and_mask_metrics_are_refused_naming_what_runs(run_py, t
     p2p = run_py("editor=ddim_p2p", *GEDIT, f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert p2p.returncode == 1
     assert "editor ddim_p2p reads source and target captions, which the items of dataset=gedit do not have" in \
-        p2p.stderr and "editors that run on it: identity, instruct_pix2pix" in p2p.stderr
+        p2p.stderr
+    assert "editors that run on it: flux_kontext, identity, instruct_pix2pix, qwen_image_edit" in p2p.stderr
     masked = run_py("editor=identity", "metrics=offline", *IMGEDIT, f"hydra.run.dir={tmp_path / 'b'}", check=False)
     assert masked.returncode == 1 and "the metrics need an edit mask" in masked.stderr
     assert "dataset.masks=" in masked.stderr and not (tmp_path / "b" / "results.csv").exists()

@@ -39,7 +39,7 @@ def job_dataset(folder: Path, data: Path | None = None):
     job recorded; ``data``: another copy of it). Rows select the items, so limits and shards need not be known."""
     from omegaconf import OmegaConf
 
-    from editlab.experiments.harness import build_dataset
+    from editlab.evaluation.datasets import build_dataset
 
     job = json.loads((folder / "job.json").read_text())
     recorded = {key.split(".", 1)[1]: value for key, value in job.get("config", {}).items()
