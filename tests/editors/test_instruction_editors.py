@@ -189,6 +189,13 @@ def test_qwen_settings_reach_the_pipeline(qwen):
         editor.pipe = spy = Spy(editor.pipe)
         editor.edit(_request())
     assert spy.calls[0]["negative_prompt"] is None
+    with build_editor({**QWEN, "max_area": 64 * 128}, qwen) as editor:  # the pipelines' own sizing at max_area
+        editor.pipe = spy = Spy(editor.pipe)
+        wide = editor.edit(EditRequest(Image.new("RGB", (80, 40), (90, 120, 40)), "", "", "turn it green"))
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    assert (spy.calls[0]["width"], spy.calls[0]["height"]) == calculate_dimensions(64 * 128, 2.0)[:2] == (128, 64)
+    assert wide.edited.size == (80, 40)  # back at the source's size for the metrics
 
 
 def test_qwen_refusals(qwen, monkeypatch):
