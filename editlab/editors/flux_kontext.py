@@ -33,6 +33,7 @@ from editlab.editors.base import Editor, EditorConfigError, EditRequest, EditRes
 from editlab.models.components import Components, vae_encode
 from editlab.models.families import diffusers_class
 from editlab.models.families.flux import unpack
+from editlab.models.families.sd import check_tokens
 from editlab.models.loading import attach_pipeline
 
 SINCE = "0.35.0"  # the first diffusers with FluxKontextPipeline
@@ -96,7 +97,9 @@ class FluxKontextEditor(Editor):
     def _edit(self, request: EditRequest) -> EditResult:
         c, pipe = self.components, self.pipe
         instruction = required_instruction(request, self.name)
-        c.check_prompt(instruction)  # CLIP and T5 would cut it silently
+        # T5 carries the instruction and must take all of it; CLIP gives only its pooled vector, from the first 77
+        # tokens, as the pipeline (and BFL's reference code) cut it for every Kontext instruction
+        check_tokens(instruction, c.tokenizer_2, c.options["max_sequence_length"], "T5 (model.max_sequence_length)")
         width, height = request.image.size
         # 1. The reference, resized the pipeline's way and encoded by the components' VAE: [1, 16, h_r, w_r].
         ref_w, ref_h = reference_size(width, height, self.auto_resize, self.multiple)

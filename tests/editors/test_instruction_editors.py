@@ -148,8 +148,10 @@ def test_kontext_refusals(kontext, monkeypatch):
                                               "cpu"))
     with build_editor(KONTEXT, kontext) as editor, pytest.raises(ValueError, match="has no editing instruction"):
         editor.edit(_request(instruction=" "))
-    with build_editor(KONTEXT, kontext) as editor, pytest.raises(ValueError, match="tokens"):
-        editor.edit(_request(instruction="make it " + "very " * 40 + "blue"))  # CLIP's 77 tokens: refused, not cut
+    with build_editor(KONTEXT, kontext) as editor:  # past CLIP's 77 tokens: only its pooled vector is cut
+        assert editor.edit(_request(instruction="make it " + "very " * 50 + "blue")).nfe == 2
+    with build_editor(KONTEXT, kontext) as editor, pytest.raises(ValueError, match=r"T5 \(model.max_sequence_length"):
+        editor.edit(_request(instruction="make it " + "very " * 600 + "blue"))  # T5's 512: refused, not cut
     monkeypatch.setitem(sys.modules, "diffusers", SimpleNamespace(__version__="0.34.0"))  # an older diffusers
     with pytest.raises(ModelLoadError, match=r"FluxKontextPipeline is not in the installed diffusers 0\.34\.0; it "
                                              r"needs diffusers >= 0\.35\.0"):
