@@ -4,7 +4,9 @@
 ``basic_edit.json`` maps string keys (``"1082"``) to ``{"id": "<folder>/<file>.jpg", "prompt", "edit_type"}``:
 737 items of 9 edit types over 171 source images (an image serves several edits). The source is
 ``<dataset.images>/<id>`` (the images of the dataset's ``Benchmark.tar``); the item's key names its edit,
-``<out>/annotation_images/<key>.png``, so ``<out>/annotation_images`` is the flat folder ImgEdit's scorer reads.
+``<out>/annotation_images/<key>.png``, so ``<out>/annotation_images`` is the flat folder ImgEdit's scorer reads. The
+source as the editor saw it (the square crop, for an editor fitted to its model's resolution) is saved in its
+subfolder ``sources/<key>.png``, which the judge compares the edit with.
 
 Masks: CoCoEdit's layout is ``[imgedit/]singleturn/<folder>/<file stem>_mask.png``, keyed by the source image, so the
 edits of one image share a mask; whether that mask suits each of them was not checked here.
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from editlab.evaluation.instruction_sets import InstructionSet, MaskFolder, check_choices, instruction_item, select
-from editlab.evaluation.piebench import PieBenchItem, file_inside, read_mapping, relative_image_path
+from editlab.evaluation.piebench import PieBenchItem, edited_image_path, file_inside, read_mapping, relative_image_path
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class ImgEditDataset(InstructionSet):
 
     def image_file(self, item: PieBenchItem) -> Path:
         return file_inside(self.root, self._sources[item.image_id], item.image_id)
+
+    def source_beside_edit(self, output_dir: Path, item: PieBenchItem) -> Path:
+        return edited_image_path(output_dir, item).parent / "sources" / f"{item.image_id}.png"
 
     def mask_file(self, item: PieBenchItem) -> Path:
         base = self.masks.folder / "imgedit" if (self.masks.folder / "imgedit").is_dir() else self.masks.folder

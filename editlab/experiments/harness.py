@@ -477,7 +477,7 @@ def _run_locked(cfg: DictConfig, output_dir: Path, group: str, run_name: str, jo
                     with disk_errors(output_dir):
                         if outcome.edited is not None and cfg.save_images:
                             save_image_atomic(outcome.edited, edited_image_path(output_dir, item))
-                            if source := dataset.source_beside_edit(output_dir, item):  # GEdit's <key>_SRCIMG.png
+                            if source := dataset.source_beside_edit(output_dir, item):  # the source it saw
                                 save_image_atomic(outcome.source, source)
                         results.append(outcome.row)  # the commit point: the image, when saved, is already on disk
                     logger.log_item(outcome.row)

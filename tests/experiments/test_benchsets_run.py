@@ -107,6 +107,11 @@ def test_masks_give_the_background_metrics_and_instruct_pix2pix_runs_on_imgedit(
     assert set(rows["nfe"]) == {2}
     assert all((out / "annotation_images" / f"{key}.png").is_file() for key in rows["image_id"])  # the flat folder
     assert np.isfinite(rows["psnr_unedit_part"]).all() and np.isfinite(rows["ssim_unedit_part"]).all()
+    from editlab.evaluation.judge.layouts import editlab_items
+
+    for item in editlab_items(out):  # the judge compares each edit with the square crop the editor saw
+        assert item.source_path == out / "annotation_images" / "sources" / f"{item.key}.png"
+        assert Image.open(item.source_path).size == Image.open(item.edit_path).size == (64, 64)
     identity = tmp_path / "identity"
     run_py("editor=identity", "metrics=offline", *GEDIT, *MASKS, f"hydra.run.dir={identity}")
     rows = results(identity)
