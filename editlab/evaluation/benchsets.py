@@ -29,13 +29,34 @@ HUB = {  # benchmark -> (hub dataset, the files to fetch; None: all)
 }
 
 
+def check_target(to: Path, repo: str, revision: str) -> None:
+    """``to`` is new, empty, or a (partial) copy of the same repository at the same commit: a download never writes
+    over files it did not put there, and a folder never mixes two commits under one record."""
+    if not to.exists() or (to.is_dir() and not any(to.iterdir())):
+        return
+    if not to.is_dir():
+        raise ValueError(f"--to {to} is a file: give a folder to download into")
+    try:
+        record = json.loads((to / REVISION_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"--to {to} holds files that no download of this command put there: give a new or empty "
+                         "folder (nothing in it is overwritten)")
+    if (record.get("repo"), record.get("revision")) != (repo, revision):
+        raise ValueError(f"--to {to} holds {record.get('repo')} at {record.get('revision')}, not {repo} at "
+                         f"{revision}: give a new folder for another commit")
+
+
 def download(benchmark: str, revision: str, to: str | Path) -> Path:
-    """The files of ``benchmark`` at commit ``revision`` in the folder ``to`` (resumes a partial copy)."""
+    """The files of ``benchmark`` at commit ``revision`` in the folder ``to`` (new or empty; or a partial copy of the
+    same commit, which it completes)."""
     if not SHA.fullmatch(revision):
         raise ValueError(f"--revision {revision!r}: pin a commit, 40 lower-case hex digits (a branch moves)")
     from huggingface_hub import snapshot_download
 
     repo, patterns = HUB[benchmark]
+    check_target(Path(to), repo, revision)
     folder = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision, local_dir=to,
                                     allow_patterns=patterns))
     if benchmark == "imgedit":

@@ -393,3 +393,18 @@ def test_download_refuses_a_branch_for_a_revision(fake_hub, tmp_path):
         benchsets.main(["download", "gedit", "--revision", "main", "--to", str(tmp_path / "x")])
     assert fake_hub == [] and not (tmp_path / "x").exists()
 
+
+
+def test_download_writes_over_nothing_it_did_not_put_there(fake_hub, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit, match="holds files that no download of this command put there"):
+        benchsets.main(["download", "gedit", "--revision", SHA, "--to", str(mine)])
+    assert fake_hub == [] and (mine / "notes.txt").read_text() == "the user's"
+    copy = tmp_path / "GEdit-Bench"
+    benchsets.main(["download", "gedit", "--revision", SHA, "--to", str(copy)])
+    benchsets.main(["download", "gedit", "--revision", SHA, "--to", str(copy)])  # the same commit: completes it
+    with pytest.raises(SystemExit, match=f"holds {REPO} at {SHA}, not {REPO} at {'b' * 40}"):
+        benchsets.main(["download", "gedit", "--revision", "b" * 40, "--to", str(copy)])
+    assert len(fake_hub) == 2
