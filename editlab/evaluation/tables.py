@@ -88,8 +88,8 @@ def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
     for result in results:
         row = result.row
         published = row.get("published") or {}
-        if (judge := layout.get("judge")) and published and result.jobs:  # judged numbers only beside the same judge
-            ours_by = {job.judge for job in result.jobs}
+        if (judge := layout.get("judge")) and published:  # judged numbers only beside the same judge's
+            ours_by = {job.judge for job in result.jobs if job.judge}  # none: not judged yet, ours are n/a
             if not ours_by <= set(judge["ids"]):
                 published = {}
                 notes.append(f"{row['label']}: the paper's numbers are {judge['label']}'s; this row's judge is "
