@@ -23,7 +23,8 @@ Parsing is strict (the official GEdit parser inserts a random score when it cann
   ``4.5``, ``**4**``) is ``parse_error``, a number outside 1-5 ``out_of_range``. The rubric says the second and third
   scores must not exceed the first; a reply that breaks this keeps its scores (the official scorer counts them as
   they are) and is flagged ``cap_violation``, counted in every summary, never fixed.
-A reply is never turned into a default score: a failed case has no scores, and every row that needs it is NaN.
+A reply is never turned into a default score: a failed case has no scores, and an item with a failed case has NaN
+headline scores (GEdit SC, PQ, O; ImgEdit s1-s3 and avg), whichever case failed.
 """
 
 from __future__ import annotations
@@ -162,13 +163,15 @@ class GEditProtocol:
         return parse_gedit(reply)
 
     def row(self, parsed: Mapping[str, Parsed]) -> dict[str, float]:
-        """The item's scores: NaN for every score a failed case feeds."""
+        """The item's scores. The sub-scores of a case that parsed are kept; SC, PQ and O only when every case is
+        ``ok`` (the item's status), so each per-item mean is over the same items the summary counts as scored."""
         row = nan_row(self.columns)
         for case, names in self.parts.items():
             if parsed[case].status == "ok":
                 row |= dict(zip(names, map(float, parsed[case].scores)))
-                row[f"gedit_{case.lower()}"] = float(min(parsed[case].scores))
-        row["gedit_o"] = math.sqrt(row["gedit_sc"] * row["gedit_pq"])  # NaN when either part failed
+        if all(parsed[case].status == "ok" for case in self.cases):
+            row["gedit_sc"], row["gedit_pq"] = (float(min(parsed[case].scores)) for case in self.cases)
+            row["gedit_o"] = math.sqrt(row["gedit_sc"] * row["gedit_pq"])
         return row
 
     def template_hashes(self) -> dict[str, str]:

@@ -47,6 +47,24 @@ def test_gedit_tree_pass_writes_scores_summary_record_and_prints_the_table(tmp_p
     assert "all_macro" in printed and "all_micro" in printed and "2/4" in printed and "n_parse_error" in printed
 
 
+def test_per_item_scores_and_the_summary_average_the_same_items(tmp_path):
+    """An item whose SC failed has no PQ either: averaging judge_scores.csv gives the summary's micro mean."""
+    model, metadata, keys = gedit_tree(tmp_path, per_type=3)
+    out = tmp_path / "judged"
+    backend = scripted({("en/" + keys[1], "SC"): ["7"], ("en/" + keys[2], "PQ"): ['{"score": [1, 1]}'],
+                        ("en/" + keys[4], "PQ"): [{"status": "refused", "message": "blocked"}]})
+    cli.main(["--benchmark", "gedit", "--edits", str(model), "--metadata", str(metadata), "--out", str(out),
+              "--max-attempts", "1"], backend=backend)
+    scores = pd.read_csv(out / "judge_scores.csv")
+    summary = pd.read_csv(out / "judge_summary.csv", keep_default_na=False, na_values=["nan", ""])
+    micro = summary[(summary["subset"] == "full") & (summary["task_type"] == "all_micro")].iloc[0]
+    assert list(scores["status"]) == ["ok", "parse_error", "ok", "ok", "refused", "ok"]
+    for column in ("gedit_sc", "gedit_pq", "gedit_o"):
+        assert scores[column].notna().tolist() == (scores["status"] == "ok").tolist()
+        assert scores[column].mean() == pytest.approx(micro[column])
+    assert scores.loc[1, "gedit_pq_naturalness"] == 8.0 and np.isnan(scores.loc[1, "gedit_sc_success"])
+
+
 def test_gedit_language_filter_and_bad_metadata(tmp_path):
     model, metadata, _ = gedit_tree(tmp_path)
     argv = ["--benchmark", "gedit", "--edits", str(model), "--out", str(tmp_path / "o"), "--backend", "scripted"]
@@ -199,9 +217,12 @@ def test_gedit_judge_metric_scores_samples_and_notes_failures(tmp_path):
     bad = Sample(edit, source, instruction="make it blue", key="bad", edit_type="1")
     rows = metric.score([good, bad])
     assert (rows[0]["gedit_sc"], rows[0]["gedit_pq"]) == (7.0, 6.0) and not good.failures
-    assert np.isnan(rows[1]["gedit_sc"]) and np.isnan(rows[1]["gedit_o"]) and rows[1]["gedit_pq"] == 6.0
-    assert set(bad.failures) == {"gedit_sc", "gedit_o"}
-    assert failure_notes(bad.failures)[0].startswith("gedit_sc failed (judge parse_error: SC: 0 JSON objects")
+    assert all(np.isnan(rows[1][c]) for c in ("gedit_sc", "gedit_pq", "gedit_o"))  # the item failed: no headline
+    assert rows[1]["gedit_pq_artifacts"] == 6.0  # the parsed case's sub-scores stay
+    assert set(bad.failures) == {"gedit_sc", "gedit_pq", "gedit_o"}
+    notes = failure_notes(bad.failures)
+    assert notes[0].startswith("gedit_sc failed (judge parse_error: SC: 0 JSON objects")
+    assert notes[1].startswith("gedit_pq failed (judge parse_error: SC: ")
     record = json.loads((tmp_path / "judge.json").read_text())
     assert (record["n_total"], record["n_scored"], record["failures"]) == (2, 1, {"parse_error": 1})
     with pytest.raises(ValueError, match="needs each item's key"):

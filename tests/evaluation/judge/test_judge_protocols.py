@@ -134,9 +134,14 @@ def test_gedit_row_takes_minima_and_is_nan_where_a_case_failed():
     assert row["gedit_o"] == pytest.approx(math.sqrt(24))
     assert (row["gedit_sc_success"], row["gedit_sc_overedit"]) == (6.0, 9.0)
     failed = protocol.row({"SC": Parsed("parse_error", message="x"), "PQ": Parsed("ok", (8, 4))})
-    assert math.isnan(failed["gedit_sc"]) and math.isnan(failed["gedit_o"]) and failed["gedit_pq"] == 4.0
+    # the item failed: no headline score at all (PQ parsed, but the summary's means leave the item out), while the
+    # parsed case's sub-scores stay
+    assert all(math.isnan(failed[c]) for c in protocol.scores)
+    assert (failed["gedit_pq_naturalness"], failed["gedit_pq_artifacts"]) == (8.0, 4.0)
+    assert math.isnan(failed["gedit_sc_success"])
     out = protocol.row({"SC": Parsed("ok", (6, 9)), "PQ": Parsed("out_of_range", (12, 3), "x")})
-    assert math.isnan(out["gedit_pq"]) and math.isnan(out["gedit_pq_naturalness"])  # no score from a bad reply
+    assert all(math.isnan(out[c]) for c in protocol.scores) and out["gedit_sc_success"] == 6.0
+    assert math.isnan(out["gedit_pq_naturalness"])  # no score from a bad reply
 
 
 def test_imgedit_row_is_the_mean_of_three_with_the_cap_flag():

@@ -42,7 +42,7 @@ def test_a_failing_case_is_tried_max_attempts_times_then_its_last_status_is_fina
     assert [(r["attempt"], r["status"], r["final"]) for r in sc] == [
         (1, "parse_error", False), (2, "parse_error", False), (3, "out_of_range", True)]
     row = GEditProtocol().row(parsed)
-    assert math.isnan(row["gedit_sc"]) and math.isnan(row["gedit_o"]) and row["gedit_pq"] == 6.0
+    assert all(math.isnan(row[c]) for c in ("gedit_sc", "gedit_pq", "gedit_o")) and row["gedit_pq_artifacts"] == 6.0
 
 
 def test_a_retry_that_succeeds_ends_the_case(tmp_path):
