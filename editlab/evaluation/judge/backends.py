@@ -9,13 +9,17 @@ there is none).
   ``trust_remote_code=False``, safetensors only), greedy decoding.
 
 A backend reports a server or model failure as a `Reply` with status ``api_error`` (``refused`` for a content
-filter or an explicit refusal) and the message; it never invents a reply. ``describe()`` is what ``judge.json``
-records of it (no secret).
+filter or an explicit refusal) and the message; it never invents a reply. ``identity()`` is what the calls log
+matches a stored reply on: the backend, the model and its revision or endpoint, and the first 12 hex digits of
+`settings_sha256` over the settings that change replies (decoding, pixel limits, dtype, revision), so changed settings
+judge again. ``describe()`` is what ``judge.json`` records of it (no secret): ``judge`` is the plain model id or path
+(what the tables compare with published numbers), with the identity and the full settings hash beside it.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -102,7 +106,14 @@ class ScriptedBackend:
         return "scripted"
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "scripted", "judge": "scripted", "replies": self.source or "in memory"}
+        return {"backend": "scripted", "judge": "scripted", "identity": self.identity(),
+                "replies": self.source or "in memory"}
+
+
+def settings_sha256(settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the settings that change a judge's replies (canonical JSON): part of the judge's identity, so a
+    pass with other settings judges again instead of reusing replies made under the old ones."""
+    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode()).hexdigest()
 
 
 def data_uri(png: bytes) -> str:
@@ -181,14 +192,17 @@ class OpenAICompatBackend:
         host = parts.hostname or ""
         return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
+
     def identity(self) -> str:
-        return f"openai_compat:{self.model}@{self.endpoint()}"
+        return f"openai_compat:{self.model}@{self.endpoint()}#{settings_sha256(self.settings())[:12]}"
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "openai_compat", "judge": self.model, "endpoint": self.endpoint(),
-                "api_key_env": self.api_key_env, "decoding": {"temperature": self.temperature,
-                                                              "max_tokens": self.max_tokens, "seed": self.seed},
-                "timeout_s": self.timeout_s, "image_encoding": "PNG data URIs"}
+        return {"backend": "openai_compat", "judge": self.model, "identity": self.identity(),
+                "endpoint": self.endpoint(), "api_key_env": self.api_key_env, "decoding": self.settings(),
+                "settings_sha256": settings_sha256(self.settings()), "timeout_s": self.timeout_s,
+                "image_encoding": "PNG data URIs"}
 
 
 class TransformersBackend:
@@ -209,6 +223,7 @@ class TransformersBackend:
             raise ValueError(f"dtype={dtype!r}: the judge runs in float32, float16 or bfloat16")
         self.path, self.revision, self.dtype, self.device = path, revision, dtype, device
         self.min_pixels, self.max_pixels, self.max_new_tokens, self.seed = min_pixels, max_pixels, max_new_tokens, seed
+        self.attn_implementation = attn_implementation
         source = local_or_hub(path, key)
         common = {"revision": revision, "trust_remote_code": False, **hub_kwargs(source, key)}
         with weights_only_loading():
@@ -242,8 +257,13 @@ class TransformersBackend:
         return Reply(reply, model=self.identity(), tokens={"prompt_tokens": int(inputs["input_ids"].shape[1]),
                                                            "completion_tokens": int(new.shape[1])})
 
+    def settings(self) -> dict[str, Any]:
+        return {"revision": self.revision, "dtype": self.dtype, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "max_new_tokens": self.max_new_tokens, "greedy": True,
+                "attn_implementation": self.attn_implementation, "seed": self.seed}
+
     def identity(self) -> str:
-        return f"transformers:{self.path}@{self.revision or 'unpinned'}"
+        return f"transformers:{self.path}@{self.revision or 'unpinned'}#{settings_sha256(self.settings())[:12]}"
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -251,12 +271,14 @@ class TransformersBackend:
 
         processor = getattr(self.processor, "image_processor", None)
         size = getattr(processor, "size", None)
-        return {"backend": "transformers", "judge": self.path, "revision": self.revision, "dtype": self.dtype,
+        return {"backend": "transformers", "judge": self.path, "identity": self.identity(),
+                "settings_sha256": settings_sha256(self.settings()), "revision": self.revision, "dtype": self.dtype,
                 "device": str(self.model.device), "model_class": type(self.model).__name__,
                 "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
                 "image_processor_size": dict(size) if size else None,
                 "decoding": {"greedy": True, "num_beams": 1, "max_new_tokens": self.max_new_tokens},
-                "seed": self.seed, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "seed": self.seed,
+                "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "gpu": torch.cuda.get_device_name(self.model.device) if self.model.device.type == "cuda" else None}
 
 

@@ -115,6 +115,37 @@ def test_the_api_key_is_never_written(tmp_path, monkeypatch):
     assert record["n_total"] == 4
 
 
+def test_settings_that_change_replies_are_part_of_the_judges_identity(tmp_path, monkeypatch):
+    """A pass with another temperature, max_tokens or seed judges again; the judge id the tables read stays the
+    plain model name."""
+    calls = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(req)
+        prompt = json.loads(req.content)["messages"][0]["content"][-1]["text"]
+        return httpx.Response(200, json=answer(GOOD_SC if "Editing instruction" in prompt else GOOD_PQ))
+
+    base = backend_for(handler, monkeypatch)
+    assert base.identity() == backend_for(handler, monkeypatch).identity()  # stable
+    assert base.identity().startswith("openai_compat:judge-v1@http://judge.local:8000/v1#")
+    others = [backend_for(handler, monkeypatch, **change) for change in
+              ({"temperature": 0.7}, {"max_tokens": 512}, {"seed": 1})]
+    assert len({base.identity(), *(other.identity() for other in others)}) == 4
+    assert backend_for(handler, monkeypatch, timeout_s=5).identity() == base.identity()  # not a reply setting
+    described = others[0].describe()
+    assert described["judge"] == "judge-v1" and described["identity"] == others[0].identity()
+    assert len(described["settings_sha256"]) == 64 and described["settings_sha256"] != base.describe()[
+        "settings_sha256"]
+
+    model, metadata, _ = gedit_tree(tmp_path, per_type=1)
+    argv = ["--benchmark", "gedit", "--edits", str(model), "--metadata", str(metadata), "--out", str(tmp_path / "o")]
+    cli.main(argv, backend=base)
+    cli.main(argv, backend=backend_for(handler, monkeypatch))
+    assert len(calls) == 4  # the same settings: every reply reused
+    cli.main(argv, backend=others[0])
+    assert len(calls) == 8  # another temperature: judged again
+
+
 def test_openai_compat_describes_its_endpoint_without_user_info_or_query(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", KEY)
     backend = OpenAICompatBackend("https://user:pw@api.example.com:8443/v1?token=abc", "gpt-4.1", "JUDGE_KEY")
@@ -219,4 +250,9 @@ def test_a_tiny_random_qwen25_vl_judges_end_to_end_and_its_garbage_is_parse_erro
     assert len(calls) == 2 * 2 * 2  # items x cases x attempts
     assert all(c["status"] == "parse_error" and isinstance(c["reply"], str) and c["backend_status"] == "ok"
                for c in calls)  # the model answered; its answer is not a score
-    assert {c["judge"] for c in calls} == {f"transformers:{judge_folder}@unpinned"}
+    assert {c["judge"] for c in calls} == {backend.identity()} == {described["identity"]}
+    assert backend.identity().startswith(f"transformers:{judge_folder}@unpinned#")
+    assert described["judge"] == str(judge_folder)  # what the tables compare with: the plain path
+    other = build_backend({"name": "transformers", "path": str(judge_folder), "dtype": "float32",
+                           "max_pixels": 1568, "max_new_tokens": 16}, "cpu")
+    assert other.identity() != backend.identity()  # another decoding length: not the same judge for resuming
