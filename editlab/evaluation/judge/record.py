@@ -3,7 +3,9 @@
 One line per call attempt: the item's key, task type and language, the case (SC | PQ | imgedit), the attempt, the
 judge's identity, the SHA-256 of each image as sent and of the rendered prompt, the raw reply, what the backend said
 (``backend_status``, ``message``, the model it named, tokens, latency), the parsed sub-scores, the status and
-whether the line ends its case (``final``: ok, or the last attempt allowed).
+whether the line ends its case (``final``: ok, or the last attempt allowed). When ``max_attempts`` is lowered below
+the attempts a case already has, a line that is no call ends it: a copy of its last attempt with ``final`` true and
+``closes`` (that attempt's number).
 
 A case is done when a final line with the same judge, prompt hash and image hashes exists: a rerun reuses it (its
 reply is parsed again, so a rerun and a replay give the very same scores) and continues an unfinished case at its

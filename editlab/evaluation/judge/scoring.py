@@ -76,7 +76,9 @@ class Judge:
         if replay:
             return Parsed("api_error", message="no final call in the log for this item and case (--from-log calls "
                                                "no judge: run without it to judge the item)")
-        parsed = parsed_of(previous[-1], self.protocol) if previous else None
+        if len(previous) >= self.max_attempts:  # max_attempts lowered below the attempts made: the last one is final
+            return self._close(previous[-1])
+        parsed = None
         for attempt in range(len(previous) + 1, self.max_attempts + 1):
             request = Request(key, case.name, attempt, case.prompt, case.images, case.text_first)
             reply, seconds = timed(self.backend, request)
@@ -92,7 +94,16 @@ class Judge:
                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             if final:
                 break
-        return parsed  # an unfinished case whose attempts were used up (max_attempts lowered): its last outcome
+        return parsed
+
+    def _close(self, last: dict[str, Any]) -> Parsed:
+        """End a case whose logged attempts reach ``max_attempts`` with a final line repeating its last attempt (no
+        call is made), so a replay, a resume and the counts all see the case as done, with that attempt's outcome."""
+        parsed = parsed_of(last, self.protocol)
+        self.calls.append(last | {"scores": list(parsed.scores), "flags": list(parsed.flags), "status": parsed.status,
+                                  "message": parsed.message, "final": True, "closes": last["attempt"],
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return parsed
 
 
 def status_of(parsed: Mapping[str, Parsed]) -> tuple[str, str]:

@@ -166,6 +166,31 @@ def test_replay_from_the_log_is_bit_identical_and_calls_no_judge(tmp_path):
     assert (out / "judge_calls.jsonl").read_bytes() == calls  # nothing called, nothing appended
 
 
+def test_max_attempts_lowered_below_the_logged_attempts_ends_the_case_with_its_last_one(tmp_path):
+    """Killed after two of three SC attempts, resumed with --max-attempts 1: the second attempt is final (a closing
+    line, no call), and a replay gives the very same scores."""
+    out = tmp_path / "out"
+    failing = {("en/" + f"{0:032x}", "SC"): ["7", "", GOOD_SC]}
+    with pytest.raises(Killed):
+        gedit_pass(tmp_path / "run", out, KilledAfter(scripted(failing), 2))
+    resumed = scripted(failing)
+    scores = gedit_pass(tmp_path / "run", out, resumed, "--max-attempts", "1")
+    assert scores.loc[0, "status"] == "parse_error" and math.isnan(scores.loc[0, "gedit_o"])
+    assert "0 JSON objects" in scores.loc[0, "message"]  # the second attempt's reply ("") is the outcome
+    first_sc = [r for r in read_jsonl(out / "judge_calls.jsonl") if r["key"].endswith(f"{0:032x}") and
+                r["case"] == "SC"]
+    assert [(r["attempt"], r["final"], r.get("closes")) for r in first_sc] == [(1, False, None), (2, False, None),
+                                                                               (2, True, 2)]
+    assert resumed.calls == 2 * 6 - 1  # every case but the closed one (item 0 SC), whose close made no call
+    written = (out / "judge_scores.csv").read_bytes(), (out / "judge_summary.csv").read_bytes()
+    replayed = gedit_pass(tmp_path / "run", out, None, "--from-log")
+    assert list(replayed["status"]).count("api_error") == 0  # no "no final call"
+    assert ((out / "judge_scores.csv").read_bytes(), (out / "judge_summary.csv").read_bytes()) == written
+    again = scripted(failing)
+    gedit_pass(tmp_path / "run", out, again)  # the default max_attempts again: the case stays closed
+    assert again.calls == 0 and (out / "judge_scores.csv").read_bytes() == written[0]
+
+
 def test_replay_of_an_item_the_log_lacks_is_a_counted_failure(tmp_path):
     out = tmp_path / "out"
     model, metadata, keys = gedit_tree(tmp_path, per_type=2)
