@@ -12,7 +12,8 @@
 ``judge_calls.jsonl`` (the same command resumes a killed pass: no reply lost, no call repeated), per-item
 ``judge_scores.csv``, ``judge_summary.csv`` (per type, ``all_macro`` = GEdit's official mean of type means,
 ``all_micro`` = the per-item mean, n_scored / n_total, failures by status) and ``judge.json``; prints the summary.
-``--from-log`` re-scores from the stored replies without calling a judge (bit-identical scores). ``--export
+``--from-log`` re-scores from the stored replies without calling a judge (bit-identical scores); when the log holds
+several judges' replies, ``--judge`` says whose (its judge.json keeps that judge's description). ``--export
 evalscope`` only writes ``evalscope_<language>.jsonl`` (``{"id": key, "image_path": absolute path}``) for
 EvalScope's model-free GEdit mode.
 """
@@ -32,7 +33,7 @@ from editlab.evaluation.files import FolderLock, atomic_write, atomic_write_json
 from editlab.evaluation.judge.backends import BACKENDS, build_backend
 from editlab.evaluation.judge.layouts import editlab_items, gedit_items, imgedit_items, is_job_folder
 from editlab.evaluation.judge.protocols import protocol as make_protocol
-from editlab.evaluation.judge.record import CallLog, pass_record
+from editlab.evaluation.judge.record import CallLog, pass_record, replay_judge, replayed_judge
 from editlab.evaluation.judge.scoring import Judge, JudgeItem, judge_items
 from editlab.evaluation.judge.summary import format_summary, summarize
 
@@ -61,6 +62,8 @@ def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argpa
     parser.add_argument("--backend", choices=BACKENDS, help="the judge (not needed with --from-log or --export)")
     parser.add_argument("--max-attempts", type=int, default=3, help="calls per case before its failure is final")
     parser.add_argument("--from-log", action="store_true", help="re-score from judge_calls.jsonl; call no judge")
+    parser.add_argument("--judge", help="--from-log: whose stored replies to re-score (a judge identity of the log, "
+                        "or its plain model id), when the log holds several judges'")
     parser.add_argument("--export", choices=["evalscope"], help="only write EvalScope's JSONL of the edits")
     group = parser.add_argument_group("backend settings (transformers: --model-path ...; openai_compat: --base-url, "
                                       "--model, --api-key-env ...; scripted: --replies)")
@@ -73,7 +76,18 @@ def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argpa
         parser.error("--max-attempts must be a whole number >= 1")
     if not (args.backend or args.from_log or args.export or backend_given):
         parser.error("give --backend (or --from-log to re-score stored replies, or --export)")
+    if args.judge is not None and not args.from_log:
+        parser.error("--judge chooses whose stored replies --from-log re-scores; a pass that judges uses --backend")
     return args
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file, or {} when it is missing or not one (an earlier pass's judge.json is a help, not a need)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def default_device() -> str:
@@ -163,17 +177,24 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
         raise SystemExit(f"error: {err}") from None
     with FolderLock(out, ".judge.lock", "a judging pass"):
         calls = CallLog(out / "judge_calls.jsonl")
-        judge = Judge(protocol, None if args.from_log else backend, calls, args.max_attempts)
+        if args.from_log:
+            try:
+                identity = replay_judge(calls, args.judge)
+            except ValueError as err:
+                raise SystemExit(f"error: --from-log: {err}") from None
+            info = replayed_judge(calls, identity, read_json(out / "judge.json"))  # before a new one replaces it
+            judge = Judge(protocol, None, calls, args.max_attempts, replay_judge=identity)
+        else:
+            info = backend.describe()
+            judge = Judge(protocol, backend, calls, args.max_attempts)
         scores = judge_items(items, judge)
         summary = summarize(scores, protocol)
         atomic_write(out / "judge_scores.csv", lambda f: scores.to_csv(f, index=False))
         atomic_write(out / "judge_summary.csv", lambda f: summary.to_csv(f, index=False))
-        info = {"backend": "replay of judge_calls.jsonl", "judges_in_log": sorted({r.get("judge", "") for r in
-                                                                                   calls.finals()})} \
-            if args.from_log else backend.describe()
         record = pass_record(protocol, info, scores["status"].value_counts().to_dict(),
                              list(scores["language"].fillna("")), args.max_attempts, calls, judge.new_calls,
-                             mode="from-log" if args.from_log else "judge", edits=str(args.edits.resolve()),
+                             mode="replay of stored replies" if args.from_log else "judge",
+                             edits=str(args.edits.resolve()),
                              metadata=str(args.metadata) if args.metadata else None,
                              subset=f"language={args.language or 'all'}", limit=args.limit)
         atomic_write_json(out / "judge.json", record)

@@ -87,13 +87,44 @@ def versions() -> dict[str, str]:
 
 def pass_record(protocol, backend_info: dict[str, Any], statuses: Mapping[str, int], languages: list[str],
                 max_attempts: int, calls: CallLog, new_calls: int, **extra: Any) -> dict[str, Any]:
-    """``judge.json``: how a scoring pass was made (no secret), and how many items it scored or not, by status."""
+    """``judge.json``: how a scoring pass was made (no secret), and how many items it scored or not, by status.
+    ``backend_fields`` names the keys that describe the judge (`replayed_judge` copies them into a replay's)."""
     return {
         "benchmark": protocol.title, "protocol": protocol.name, "template_sha256": protocol.template_hashes(),
-        "image_transport": protocol.transport, **backend_info, "max_attempts": max_attempts, "repetitions": 1,
+        "image_transport": protocol.transport, **backend_info, "backend_fields": list(backend_info),
+        "max_attempts": max_attempts, "repetitions": 1,
         "languages": sorted({x for x in languages if x}), "n_total": int(sum(statuses.values())),
         "n_scored": int(statuses.get("ok", 0)),
         "failures": {k: int(v) for k, v in sorted(statuses.items()) if k != "ok"},
         "calls_log": str(calls.path), "calls_this_pass": new_calls, "log_lines_skipped": calls.skipped,
         "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
+
+
+def replay_judge(calls: CallLog, wanted: str | None = None) -> str:
+    """The identity of the judge whose final replies a replay re-scores: ``wanted`` (its identity, or its plain id
+    when that names one identity), else the log's only judge; several judges and no choice is refused."""
+    judges = sorted({str(r.get("judge", "")) for r in calls.finals()})
+    if not judges:
+        raise ValueError(f"{calls.path} holds no final judge reply to re-score")
+    if wanted is not None:
+        chosen = sorted({str(r.get("judge", "")) for r in calls.finals() if wanted in (r.get("judge"),
+                                                                                        r.get("judge_id"))})
+        if len(chosen) != 1:
+            raise ValueError(f"--judge {wanted!r} names {len(chosen) or 'no'} judge(s) of {calls.path}; give one of "
+                             f"the judges found there: {', '.join(judges)}")
+        return chosen[0]
+    if len(judges) > 1:
+        raise ValueError(f"{calls.path} holds the replies of {len(judges)} judges ({', '.join(judges)}): choose whose "
+                         "replies to re-score with --judge")
+    return judges[0]
+
+
+def replayed_judge(calls: CallLog, identity: str, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """What a replay's ``judge.json`` says of the judge: the stored ``judge.json``'s description when it is of the
+    same judge, else what the log knows (its plain id, its backend and identity)."""
+    if stored.get("identity") == identity and isinstance(stored.get("backend_fields"), list):
+        return {key: stored[key] for key in stored["backend_fields"] if key in stored}
+    ids = {r.get("judge_id") for r in calls.finals() if r.get("judge") == identity} - {None, ""}
+    return {"judge": ids.pop() if len(ids) == 1 else identity, "backend": identity.split(":", 1)[0],
+            "identity": identity}

@@ -3,8 +3,9 @@
 
 A reader of any layout hands `judge_items` an iterable of `JudgeItem` (key, task type, instruction, source and edit
 paths, language, intersection flag): that is the whole boundary between benchmarks' file layouts and the judge.
-With ``backend=None`` the `Judge` replays: it parses the stored replies again and calls nothing (``--from-log``);
-a case without a final record is then an ``api_error`` saying so.
+With ``backend=None`` the `Judge` replays the stored replies of one judge (``replay_judge``, the identity its
+calls were logged with): it parses them again and calls nothing (``--from-log``); a case without a final record of
+that judge is then an ``api_error`` saying so.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def parsed_of(record: Mapping[str, Any], protocol: GEditProtocol | ImgEditProtoc
 
 class Judge:
     def __init__(self, protocol: GEditProtocol | ImgEditProtocol, backend, calls: CallLog,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, replay_judge: str | None = None) -> None:
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts!r}: give a whole number >= 1")
+        if (backend is None) == (replay_judge is None):
+            raise ValueError("a Judge either calls a backend or replays the stored replies of one judge, not both")
         self.protocol, self.backend, self.calls, self.max_attempts = protocol, backend, calls, max_attempts
+        self.identity = backend.identity() if backend is not None else replay_judge
+        self.judge_id = str(backend.describe().get("judge", "")) if backend is not None else ""  # the plain model id
         self.new_calls = 0
 
     def judge(self, key: str, task_type: str, instruction: str, source: Image.Image, edit: Image.Image,
@@ -69,8 +74,7 @@ class Judge:
 
     def _case(self, key: str, task_type: str, language: str, case) -> Parsed:
         replay = self.backend is None
-        match = case.fingerprint | ({} if replay else {"judge": self.backend.identity()})
-        previous = self.calls.attempts(key, case.name, match)
+        previous = self.calls.attempts(key, case.name, case.fingerprint | {"judge": self.identity})
         if finals := [r for r in previous if r["final"]]:
             return parsed_of(finals[-1], self.protocol)
         if replay:
@@ -84,7 +88,8 @@ class Judge:
             reply, seconds = timed(self.backend, request)
             self.new_calls += 1
             record = {"key": key, "task_type": task_type, "language": language, "case": case.name,
-                      "attempt": attempt, "judge": self.backend.identity(), **case.fingerprint, "reply": reply.text,
+                      "attempt": attempt, "judge": self.identity, "judge_id": self.judge_id, **case.fingerprint,
+                      "reply": reply.text,
                       "backend_status": reply.status, "backend_message": reply.message, "model": reply.model,
                       "tokens": reply.tokens, "latency_s": round(seconds, 4)}
             parsed = parsed_of(record, self.protocol)

@@ -1,6 +1,7 @@
 """Judging items: bounded retries, failures as NaN with their status, the calls log as the resume point (a kill loses
 no reply and repeats no call), replay from stored replies bit-identical, and the macro / micro summary."""
 
+import json
 import math
 
 import numpy as np
@@ -164,6 +165,55 @@ def test_replay_from_the_log_is_bit_identical_and_calls_no_judge(tmp_path):
     assert (out / "judge_scores.csv").read_bytes() == scores
     assert (out / "judge_summary.csv").read_bytes() == summary
     assert (out / "judge_calls.jsonl").read_bytes() == calls  # nothing called, nothing appended
+
+
+class OtherJudge(ScriptedBackend):
+    """A second judge (another identity and model id) with its own replies."""
+
+    def identity(self):
+        return "scripted:other"
+
+    def describe(self):
+        return super().describe() | {"judge": "other-model", "endpoint": "http://other"}
+
+
+def test_replay_of_a_log_of_two_judges_takes_the_chosen_judges_replies_and_keeps_its_description(tmp_path):
+    out = tmp_path / "out"
+    first = gedit_pass(tmp_path / "run", out, scripted())
+    first_record = json.loads((out / "judge.json").read_text())
+    other = OtherJudge(default={"SC": ['{"score": [3, 2]}'], "PQ": ['{"score": [5, 5]}']})
+    second = gedit_pass(tmp_path / "run", out, other)
+    second_scores = (out / "judge_scores.csv").read_bytes()
+    assert second["gedit_sc"].tolist() == [2.0] * 6 and first["gedit_sc"].tolist() == [7.0] * 6
+    with pytest.raises(SystemExit, match=r"holds the replies of 2 judges \(scripted, scripted:other\): choose .* "
+                                         "--judge"):
+        gedit_pass(tmp_path / "run", out, None, "--from-log")
+    with pytest.raises(SystemExit, match="--judge 'gpt-4.1' names no judge.*judges found there: scripted, "
+                                         "scripted:other"):
+        gedit_pass(tmp_path / "run", out, None, "--from-log", "--judge", "gpt-4.1")
+
+    replayed = gedit_pass(tmp_path / "run", out, None, "--from-log", "--judge", "other-model")  # by its plain id
+    assert (out / "judge_scores.csv").read_bytes() == second_scores  # only that judge's replies, none mixed in
+    record = json.loads((out / "judge.json").read_text())
+    assert record["mode"] == "replay of stored replies" and record["judge"] == "other-model"
+    assert (record["identity"], record["endpoint"], record["backend"]) == ("scripted:other", "http://other",
+                                                                           "scripted")
+    assert record["n_scored"] == len(replayed) == 6
+    gedit_pass(tmp_path / "run", out, None, "--from-log", "--judge", "scripted:other")  # a replay of a replay
+    assert {k: v for k, v in json.loads((out / "judge.json").read_text()).items() if k != "time"} == \
+        {k: v for k, v in record.items() if k != "time"}
+
+    replayed = gedit_pass(tmp_path / "run", out, None, "--from-log", "--judge", "scripted")
+    pd.testing.assert_frame_equal(replayed, first)
+    record = json.loads((out / "judge.json").read_text())  # the stored judge.json describes the other judge
+    assert (record["judge"], record["backend"], record["identity"]) == ("scripted", "scripted", "scripted")
+    assert first_record["judge"] == "scripted" and "endpoint" not in record
+
+
+def test_judge_without_from_log_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gedit_pass(tmp_path / "run", tmp_path / "out", scripted(), "--judge", "scripted")
+    assert "--judge chooses whose stored replies --from-log re-scores" in capsys.readouterr().err
 
 
 def test_max_attempts_lowered_below_the_logged_attempts_ends_the_case_with_its_last_one(tmp_path):
