@@ -7,7 +7,8 @@ gedit_o`` and the four sub-scores; ImgEdit ``imgedit_s1..s3`` (the type's three 
 the scores NaN and puts its status on the row's note ("gedit_o failed (judge parse_error: ...)"), which the summary
 counts (``n_gedit_o``: the items its mean is over). Every call goes to ``calls_log`` (the job's
 ``judge_calls.jsonl``, so a resumed job repeats no call) and ``judge.json`` beside it records the judge, the
-protocol's hashes and the status counts, rewritten after each item.
+protocol's hashes and the status counts of every item the log's final records hold for this judge (the whole job,
+resumed runs included), rewritten after each batch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from editlab.evaluation.files import atomic_write_json
 from editlab.evaluation.judge.backends import BACKEND_KEYS, build_backend
 from editlab.evaluation.judge.protocols import protocol as make_protocol
 from editlab.evaluation.judge.record import CallLog, pass_record
-from editlab.evaluation.judge.scoring import Judge, status_of
+from editlab.evaluation.judge.scoring import Judge, logged_statuses, status_of
 from editlab.evaluation.protocol import Column, Metric, Sample
 
 
@@ -37,7 +38,6 @@ class JudgeMetric(Metric):
         scores = protocol.scores
         self.columns = tuple(Column(c, higher_is_better=True if c in scores else None) for c in protocol.columns)
         self.headline = scores[:3]
-        self.statuses: dict[str, str] = {}  # key -> status (run.py's untimed warm-up scores its first item twice)
 
     @property
     def unavailable(self) -> list[str]:
@@ -54,7 +54,6 @@ class JudgeMetric(Metric):
                                       Image.fromarray(sample.source), Image.fromarray(sample.edited))
             row = self.judge.protocol.row(parsed)
             status, message = status_of(parsed)
-            self.statuses[sample.key] = status
             for column in self.judge.protocol.scores:
                 if row[column] != row[column]:  # NaN: a case it needs failed
                     sample.failures[column] = f"judge {status}: {message[:160]}"
@@ -63,7 +62,9 @@ class JudgeMetric(Metric):
         return rows
 
     def _write_record(self) -> None:
-        record = pass_record(self.judge.protocol, self.backend_info, Counter(self.statuses.values()), [],
+        # counted from the log, by key (run.py's untimed warm-up scores its first item twice)
+        statuses = logged_statuses(self.judge.calls, self.judge.protocol, self.judge.identity)
+        record = pass_record(self.judge.protocol, self.backend_info, Counter(statuses.values()), [],
                              self.judge.max_attempts,
                              self.judge.calls, self.judge.new_calls, label=self.label,
                              mode="run.py metric (source and edit as the harness prepared them)")

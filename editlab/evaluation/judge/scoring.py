@@ -120,6 +120,18 @@ def status_of(parsed: Mapping[str, Parsed]) -> tuple[str, str]:
     return first.status, f"{case}: {first.message}"
 
 
+def logged_statuses(calls: CallLog, protocol: GEditProtocol | ImgEditProtocol, identity: str) -> dict[str, str]:
+    """Each item's status from the log's final records of the judge ``identity`` (a case's last one): every item that
+    judge has finished in this log, in this process or an earlier one (a resumed job's count covers the whole job)."""
+    cases: dict[str, dict[str, Parsed]] = {}
+    for record in calls.finals():
+        if record.get("judge") == identity:
+            cases.setdefault(record["key"], {})[record["case"]] = Parsed(record["status"],
+                                                                         message=record.get("message", ""))
+    return {key: status_of({case: parsed[case] for case in protocol.cases})[0] for key, parsed in cases.items()
+            if set(protocol.cases) <= parsed.keys()}
+
+
 def item_row(item: JudgeItem, protocol, parsed: Mapping[str, Parsed] | None, error: str = "") -> dict[str, Any]:
     row = {"key": item.key, "task_type": item.task_type, "language": item.language,
            "intersection": item.intersection}

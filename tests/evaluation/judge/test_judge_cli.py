@@ -229,6 +229,24 @@ def test_gedit_judge_metric_scores_samples_and_notes_failures(tmp_path):
         metric.score([Sample(edit, source, instruction="x")])
 
 
+def test_the_metrics_judge_json_counts_every_item_of_the_job_after_a_resume(tmp_path):
+    """A resumed job's judge.json counts the items judged before the resume too (from the calls log)."""
+    cfg = {"kind": "gedit_judge", "calls_log": str(tmp_path / "judge_calls.jsonl"), "max_attempts": 1,
+           "backend": {"name": "scripted", "replies": str(replies_file(tmp_path / "r.jsonl"))}}
+    source, edit = np.asarray(picture(0)), np.asarray(picture(1))
+
+    def sample(key):
+        return Sample(edit, source, instruction="make it blue", key=key, edit_type="1")
+
+    build_metrics(cfg).score([sample("a"), sample("bad")])
+    resumed = build_metrics(cfg)  # a new process
+    resumed.score([sample("a")])  # the warm-up edit: judged again, counted once
+    resumed.score([sample("c")])
+    record = json.loads((tmp_path / "judge.json").read_text())
+    assert (record["n_total"], record["n_scored"], record["failures"]) == (3, 2, {"parse_error": 1})
+    assert record["identity"] == "scripted" and record["calls_this_pass"] == 2
+
+
 def test_imgedit_judge_metric_refuses_a_type_it_does_not_know(tmp_path):
     cfg = {"kind": "imgedit_judge", "calls_log": str(tmp_path / "judge_calls.jsonl"),
            "backend": {"name": "scripted", "replies": str(replies_file(tmp_path / "r.jsonl"))}}
