@@ -216,27 +216,33 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from editlab.models.hub import hub_kwargs, local_or_hub
-        from editlab.models.safe_load import weights_only_loading
+        from editlab.models.errors import ModelLoadError
+        from editlab.models.hub import hub_kwargs, is_local, resolve_local
+        from editlab.models.safe_load import UnsafeWeightsError, weights_only_loading
 
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype={dtype!r}: the judge runs in float32, float16 or bfloat16")
         self.path, self.revision, self.dtype, self.device = path, revision, dtype, device
         self.min_pixels, self.max_pixels, self.max_new_tokens, self.seed = min_pixels, max_pixels, max_new_tokens, seed
         self.attn_implementation = attn_implementation
-        source = local_or_hub(path, key)
+        what = f"point {key} at a vision-language judge model folder or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"
+        if is_local(path) and not resolve_local(path).is_dir():
+            raise ModelLoadError(f"{key}={path!r} is not a directory; {what}")
+        source = str(resolve_local(path)) if is_local(path) else path
         common = {"revision": revision, "trust_remote_code": False, **hub_kwargs(source, key)}
-        with weights_only_loading():
-            self.processor = AutoProcessor.from_pretrained(source, **common)
-            if min_pixels or max_pixels:  # the pixel limits as transformers 5 takes them: the image processor's size
-                saved = dict(self.processor.image_processor.size)
-                size = {"shortest_edge": min_pixels or saved.get("shortest_edge"),
-                        "longest_edge": max_pixels or saved.get("longest_edge")}
-                self.processor = AutoProcessor.from_pretrained(source, **common, size=size)
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            placement = {"device_map": "auto"} if device == "auto" else {}
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=getattr(torch, dtype), use_safetensors=True, **common, **extra, **placement).eval()
+        # the pixel limits as transformers 5 takes them: each given one replaces that bound of the saved size
+        limits = {name: value for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        try:
+            with weights_only_loading():
+                self.processor = AutoProcessor.from_pretrained(source, **common, **limits)
+                extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+                placement = {"device_map": "auto"} if device == "auto" else {}
+                self.model = AutoModelForImageTextToText.from_pretrained(
+                    source, dtype=getattr(torch, dtype), use_safetensors=True, **common, **extra, **placement).eval()
+        except UnsafeWeightsError:
+            raise
+        except Exception as err:  # noqa: BLE001 - transformers fails in many ways on a folder that is no judge
+            raise ModelLoadError(f"cannot load the judge {key}={path!r}: {type(err).__name__}: {err}; {what}") from err
         if device != "auto":
             self.model.to(device)
 

@@ -36,6 +36,8 @@ from editlab.evaluation.judge.protocols import protocol as make_protocol
 from editlab.evaluation.judge.record import CallLog, pass_record, replay_judge, replayed_judge
 from editlab.evaluation.judge.scoring import Judge, JudgeItem, judge_items
 from editlab.evaluation.judge.summary import format_summary, summarize
+from editlab.models.errors import ModelLoadError
+from editlab.models.safe_load import UnsafeWeightsError
 
 log = logging.getLogger(__name__)
 OUR_FILES = ("judge_calls.jsonl", "judge_scores.csv", "judge_summary.csv", "judge.json")
@@ -173,7 +175,7 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
             flags = {key: f"--{key.replace('_', '-')}" for key in BACKEND_FLAGS} | {"path": "--model-path",
                                                                                     "name": "--backend"}
             backend = build_backend(backend_config(args), args.device or default_device(), flags)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ModelLoadError, UnsafeWeightsError) as err:  # a judge that cannot be loaded too
         raise SystemExit(f"error: {err}") from None
     with FolderLock(out, ".judge.lock", "a judging pass"):
         calls = CallLog(out / "judge_calls.jsonl")

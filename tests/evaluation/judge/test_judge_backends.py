@@ -146,6 +146,22 @@ def test_settings_that_change_replies_are_part_of_the_judges_identity(tmp_path, 
     assert len(calls) == 8  # another temperature: judged again
 
 
+def test_a_judge_model_path_that_is_no_judge_is_a_clean_cli_error(tmp_path, capsys):
+    model, metadata, _ = gedit_tree(tmp_path, per_type=1)
+    argv = ["--benchmark", "gedit", "--edits", str(model), "--metadata", str(metadata), "--out", str(tmp_path / "o"),
+            "--backend", "transformers", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^error: --model-path='/nonexistent/judge' is not a directory; point "
+                                         "--model-path at a vision-language judge model folder or hub id"):
+        cli.main([*argv, "--model-path", "/nonexistent/judge"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*argv, "--model-path", str(tmp_path / "empty")])
+    message = str(stopped.value)
+    assert message.startswith(f"error: cannot load the judge --model-path={str(tmp_path / 'empty')!r}: ValueError: ")
+    assert "vision-language judge model folder or hub id" in message and "diffusers" not in message
+    assert not (tmp_path / "o" / "judge_calls.jsonl").exists()
+
+
 def test_openai_compat_describes_its_endpoint_without_user_info_or_query(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", KEY)
     backend = OpenAICompatBackend("https://user:pw@api.example.com:8443/v1?token=abc", "gpt-4.1", "JUDGE_KEY")
