@@ -58,7 +58,7 @@ def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argpa
                         "Intersection_exist (JSON / JSONL / CSV); ImgEdit: basic_edit.json")
     parser.add_argument("--images", type=Path, help="ImgEdit: the original images' root (<root>/<id>)")
     parser.add_argument("--data", type=Path, help="job folder: the benchmark folder (default: job.json's)")
-    parser.add_argument("--language", choices=["en", "cn"], help="GEdit: judge one language only")
+    parser.add_argument("--language", choices=["en", "cn"], help="GEdit: judge the items of one language only")
     parser.add_argument("--limit", type=int, help="judge the first N items")
     parser.add_argument("--out", type=Path, help="output folder (default for a job folder: <job>/judge_<benchmark>)")
     parser.add_argument("--backend", choices=BACKENDS, help="the judge (not needed with --from-log or --export)")
@@ -78,6 +78,8 @@ def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argpa
         parser.error("--max-attempts must be a whole number >= 1")
     if not (args.backend or args.from_log or args.export or backend_given):
         parser.error("give --backend (or --from-log to re-score stored replies, or --export)")
+    if args.language and args.benchmark != "gedit":
+        parser.error("--language chooses GEdit-Bench's en or cn items; ImgEdit-Bench's have no language")
     if args.judge is not None and not args.from_log:
         parser.error("--judge chooses whose stored replies --from-log re-scores; a pass that judges uses --backend")
     return args
@@ -102,7 +104,12 @@ def read_items(args: argparse.Namespace) -> list[JudgeItem]:
     if not args.edits.is_dir():
         raise ValueError(f"--edits {args.edits} is not a folder")
     if is_job_folder(args.edits):
-        items = editlab_items(args.edits, args.data, args.benchmark)
+        if given := [flag for flag, value in (("--metadata", args.metadata), ("--images", args.images)) if value]:
+            raise ValueError(f"{' and '.join(given)}: not for an editlab job folder ({args.edits}), whose items, "
+                             "instructions and sources come from its job.json and benchmark folder (--data gives "
+                             "another copy of that folder)")
+        items = (item for item in editlab_items(args.edits, args.data, args.benchmark)
+                 if not args.language or item.language == args.language)
     elif args.metadata is None:
         raise ValueError(f"--edits {args.edits} is not an editlab job folder (results.csv, job.json): give --metadata "
                          "(GEdit: the items' instructions and types; ImgEdit: basic_edit.json)")

@@ -106,3 +106,28 @@ class KilledAfter:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def gedit_job_folder(root: Path, language: str = "en") -> tuple[Path, list[str]]:
+    """A run.py job folder over the GEdit-Bench fixture (`benchset_fixtures.write_gedit`) in ``language``: job.json
+    naming dataset=gedit, results.csv, the edits and their ``_SRCIMG`` sources in the official tree."""
+    import pandas as pd
+
+    from editlab.evaluation import benchset_fixtures
+    from editlab.evaluation.gedit import GEditDataset
+    from editlab.evaluation.piebench import edited_image_path
+
+    data, cache, job = root / "GEdit-Bench", root / "cache", root / "job"
+    benchset_fixtures.write_gedit(data)
+    rows = []
+    for number, item in enumerate(GEditDataset(data, cache, language=language)):
+        edit = edited_image_path(job, item)
+        edit.parent.mkdir(parents=True, exist_ok=True)
+        picture(number).save(edit)
+        picture(50 + number).save(edit.with_name(f"{item.image_id}_SRCIMG.png"))
+        rows.append({"run": "default", "editor": "x", "model": "tiny", "precision": "fp32", "image_id": item.image_id,
+                     "edit_type": item.edit_type, "error": "", "note": ""})
+    pd.DataFrame(rows).to_csv(job / "results.csv", index=False)
+    config = {"dataset.name": "gedit", "dataset.language": language, "dataset.cache": str(cache)}
+    (job / "job.json").write_text(json.dumps({"config": config, "dataset_root": str(data)}))
+    return job, [row["image_id"] for row in rows]

@@ -9,7 +9,16 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from judge_helpers import GOOD_PQ, GOOD_SC, gedit_tree, imgedit_flat, picture, read_jsonl, scripted
+from judge_helpers import (
+    GOOD_PQ,
+    GOOD_SC,
+    gedit_job_folder,
+    gedit_tree,
+    imgedit_flat,
+    picture,
+    read_jsonl,
+    scripted,
+)
 from omegaconf import OmegaConf
 
 from editlab.evaluation.backbones import failure_notes
@@ -167,6 +176,31 @@ def test_editlab_job_folder_pass_goes_into_the_job_folder(tmp_path):
     calls = read_jsonl(job / "judge_gedit" / "judge_calls.jsonl")
     assert {c["key"] for c in calls} == set(scores.loc[scores["status"] == "ok", "key"])
     check_output_folder(job)  # run.py may still resume into the job folder the judge wrote into
+
+
+@pytest.mark.parametrize("language", ["en", "cn"])
+def test_language_filters_a_job_folders_items_and_metadata_or_images_are_refused(tmp_path, language):
+    job, keys = gedit_job_folder(tmp_path, language)
+    scores = cli.main(["--benchmark", "gedit", "--edits", str(job), "--language", language], backend=scripted())
+    assert list(scores["key"]) == keys and set(scores["language"]) == {language} and set(scores["status"]) == {"ok"}
+    record = json.loads((job / "judge_gedit" / "judge.json").read_text())
+    assert record["subset"] == f"language={language}" and record["languages"] == [language]
+    other = "cn" if language == "en" else "en"
+    with pytest.raises(SystemExit, match=f"no items to judge in .* for --language {other}"):
+        cli.main(["--benchmark", "gedit", "--edits", str(job), "--language", other], backend=scripted())
+    with pytest.raises(SystemExit, match="--metadata and --images: not for an editlab job folder"):
+        cli.main(["--benchmark", "gedit", "--edits", str(job), "--metadata", str(tmp_path / "m.json"), "--images",
+                  str(tmp_path)], backend=scripted())
+    with pytest.raises(SystemExit, match="--images: not for an editlab job folder"):
+        cli.main(["--benchmark", "gedit", "--edits", str(job), "--images", str(tmp_path)], backend=scripted())
+
+
+def test_language_is_refused_for_imgedit(tmp_path, capsys):
+    edits, metadata, images, _ = imgedit_flat(tmp_path, ("add",))
+    with pytest.raises(SystemExit):
+        cli.main(["--benchmark", "imgedit", "--edits", str(edits), "--metadata", str(metadata), "--images",
+                  str(images), "--out", str(tmp_path / "o"), "--language", "en"], backend=scripted())
+    assert "ImgEdit-Bench's have no language" in capsys.readouterr().err
 
 
 def test_export_evalscope_writes_absolute_paths_of_existing_edits(tmp_path, capsys):
