@@ -43,10 +43,13 @@ class Request:
     text_first: bool
 
 
+REPLY_STATUSES = ("ok", "api_error", "refused")  # what a backend may say of a call (parsing gives the others)
+
+
 @dataclass
 class Reply:
     text: str | None
-    status: str = "ok"  # ok | api_error | refused
+    status: str = "ok"  # one of REPLY_STATUSES
     message: str = ""
     model: str = ""  # the model the server says answered
     tokens: dict[str, int] = field(default_factory=dict)
@@ -79,6 +82,11 @@ class ScriptedBackend:
                 entry = json.loads(line)
                 if not isinstance(entry, dict) or not ({"reply", "status"} & entry.keys()):
                     raise ValueError("expected an object with 'reply' or 'status'")
+                if (status := entry.get("status", "ok")) not in REPLY_STATUSES:
+                    raise ValueError(f"status {status!r} is not one a judge backend gives ({', '.join(REPLY_STATUSES)}"
+                                     "; a reply's parse status comes from parsing its 'reply')")
+                if status == "ok" and not isinstance(entry.get("reply"), str):
+                    raise ValueError("a reply with status 'ok' needs 'reply', the judge's text")
             except ValueError as err:
                 raise ValueError(f"{path} line {number}: {err}; each line is a JSON object such as "
                                  '{"key": "k1", "case": "SC", "reply": "..."}') from None

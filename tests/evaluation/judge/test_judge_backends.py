@@ -5,6 +5,7 @@ must become parse_error rows, not scores)."""
 import base64
 import io
 import json
+import re
 
 import httpx
 import pytest
@@ -189,6 +190,20 @@ def test_scripted_replies_from_a_file_by_item_case_and_attempt(tmp_path):
     assert ScriptedBackend().ask(Request("k", "SC", 1, "", (), False)).status == "api_error"
     path.write_text('{"key": "k1", "case": "SC"}\n')
     with pytest.raises(ValueError, match="line 1: expected an object with 'reply' or 'status'"):
+        ScriptedBackend.from_file(path)
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ({"key": "k1", "case": "SC", "status": "timeout", "message": "slow"}, "status 'timeout' is not one a judge "
+                                                                          "backend gives (ok, api_error, refused"),
+    ({"status": "parse_error"}, "status 'parse_error' is not one"),
+    ({"key": "k1", "status": "ok"}, "a reply with status 'ok' needs 'reply'"),
+    ({"key": "k1", "reply": 7}, "a reply with status 'ok' needs 'reply'"),
+])
+def test_scripted_replies_file_refuses_an_unknown_status_naming_file_and_line(tmp_path, line, says):
+    path = tmp_path / "replies.jsonl"
+    path.write_text(json.dumps({"reply": "fine"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} line 2: {re.escape(says)}"):
         ScriptedBackend.from_file(path)
 
 
