@@ -297,9 +297,10 @@ class TransformersBackend:
 
 
 BACKENDS = ("transformers", "openai_compat", "scripted")
-BACKEND_KEYS = ("name", "path", "revision", "dtype", "device", "min_pixels", "max_pixels", "max_new_tokens",
-                "attn_implementation", "seed", "base_url", "model", "api_key_env", "timeout_s", "temperature",
-                "max_tokens", "replies")
+BACKEND_SETTINGS = {"path": str, "revision": str, "dtype": str, "device": str, "min_pixels": int, "max_pixels": int,
+                    "max_new_tokens": int, "attn_implementation": str, "seed": int, "base_url": str, "model": str,
+                    "api_key_env": str, "timeout_s": float, "temperature": float, "max_tokens": int, "replies": str}
+BACKEND_KEYS = ("name", *BACKEND_SETTINGS)  # a backend config's keys (the CLI's flags name the settings)
 
 
 def build_backend(cfg: Mapping[str, Any], device: str = "cpu", names: Mapping[str, str] | None = None):

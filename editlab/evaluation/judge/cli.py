@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from editlab.evaluation.files import FolderLock, atomic_write, atomic_write_json
-from editlab.evaluation.judge.backends import BACKENDS, build_backend
+from editlab.evaluation.judge.backends import BACKEND_SETTINGS, BACKENDS, build_backend
 from editlab.evaluation.judge.layouts import editlab_items, gedit_items, imgedit_items, is_job_folder
 from editlab.evaluation.judge.protocols import protocol as make_protocol
 from editlab.evaluation.judge.record import CallLog, pass_record, replay_judge, replayed_judge
@@ -41,10 +41,8 @@ from editlab.models.safe_load import UnsafeWeightsError
 
 log = logging.getLogger(__name__)
 OUR_FILES = ("judge_calls.jsonl", "judge_scores.csv", "judge_summary.csv", "judge.json")
-# the backend settings: flag -> (backend config key, type)
-BACKEND_FLAGS = {"replies": str, "model_path": str, "revision": str, "dtype": str, "device": str, "min_pixels": int,
-                 "max_pixels": int, "max_new_tokens": int, "attn_implementation": str, "base_url": str, "model": str,
-                 "api_key_env": str, "timeout_s": float, "temperature": float, "max_tokens": int, "seed": int}
+FLAG_OF = {"path": "model_path"}  # a backend setting whose flag has another name (--path would be vague)
+BACKEND_FLAGS = {FLAG_OF.get(key, key): kind for key, kind in BACKEND_SETTINGS.items()}  # flag -> type
 
 
 def parse_args(argv: Sequence[str] | None, backend_given: bool = False) -> argparse.Namespace:
@@ -127,10 +125,8 @@ def read_items(args: argparse.Namespace) -> list[JudgeItem]:
 
 
 def backend_config(args: argparse.Namespace) -> dict:
-    values = {key: getattr(args, key) for key in BACKEND_FLAGS if getattr(args, key) is not None}
-    if "model_path" in values:
-        values["path"] = values.pop("model_path")
-    return {"name": args.backend, **values}
+    values = {key: getattr(args, FLAG_OF.get(key, key)) for key in BACKEND_SETTINGS}
+    return {"name": args.backend, **{key: value for key, value in values.items() if value is not None}}
 
 
 def output_folder(args: argparse.Namespace) -> Path:
@@ -179,8 +175,8 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
         if args.from_log and not (out / "judge_calls.jsonl").is_file():
             raise ValueError(f"--from-log: no judge_calls.jsonl in {out}")
         if not args.from_log and backend is None:
-            flags = {key: f"--{key.replace('_', '-')}" for key in BACKEND_FLAGS} | {"path": "--model-path",
-                                                                                    "name": "--backend"}
+            flags = {key: f"--{FLAG_OF.get(key, key).replace('_', '-')}" for key in BACKEND_SETTINGS}
+            flags["name"] = "--backend"
             backend = build_backend(backend_config(args), args.device or default_device(), flags)
     except (OSError, ValueError, ModelLoadError, UnsafeWeightsError) as err:  # a judge that cannot be loaded too
         raise SystemExit(f"error: {err}") from None

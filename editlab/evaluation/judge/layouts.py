@@ -21,12 +21,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from editlab.evaluation.judge.protocols import GEDIT_TASK_TYPES
+from editlab.evaluation.gedit import LANGUAGES as GEDIT_LANGUAGES
+from editlab.evaluation.gedit import TASK_TYPES as GEDIT_TASK_TYPES
 from editlab.evaluation.judge.scoring import JudgeItem
 from editlab.evaluation.piebench import edited_image_path
 from editlab.evaluation.summary import read_results
 
-GEDIT_LANGUAGES = ("en", "cn")
 DATASET_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
 
@@ -118,6 +118,9 @@ def _field(entry: Any, names: tuple[str, ...], path: Path, number: int) -> str:
 
 
 def _relative(value: str, what: str) -> str:
+    """``value`` unchanged if it is a plain relative path. Not `piebench.relative_image_path`: that one normalises
+    (``./``, backslashes) and speaks of PIE-Bench entries, while a metadata key must stay verbatim (it names
+    ``<key>.png`` and the item in the calls log)."""
     parts = PurePosixPath(value).parts
     if not parts or PurePosixPath(value).is_absolute() or ".." in parts or "\\" in value:
         raise ValueError(f"{what} {value!r} is not a plain relative path")

@@ -43,8 +43,6 @@ from PIL import Image
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 STATUSES = ("ok", "parse_error", "api_error", "refused", "out_of_range")
 FAILURES = STATUSES[1:]
-GEDIT_TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human",
-                    "style_change", "subject-add", "subject-remove", "subject-replace", "text_change", "tone_transfer")
 
 
 def sha256(data: bytes | str) -> str:

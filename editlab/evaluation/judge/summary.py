@@ -17,8 +17,6 @@ import pandas as pd
 from editlab.evaluation.judge.protocols import FAILURES
 from editlab.evaluation.judge.scoring import STATUS_INPUT
 
-OVERALL = ("all_macro", "all_micro")
-
 
 def _block(rows: pd.DataFrame, scores: tuple[str, ...], extra: dict[str, str]) -> list[dict]:
     """Per type, then the macro and micro rows, for one subset and language."""

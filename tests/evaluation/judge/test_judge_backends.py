@@ -257,10 +257,16 @@ def tiny_qwen25_vl(folder):
     return folder
 
 
-def test_a_tiny_random_qwen25_vl_judges_end_to_end_and_its_garbage_is_parse_error(tmp_path):
+def test_a_tiny_random_qwen25_vl_judges_end_to_end_and_its_garbage_is_parse_error(tmp_path, monkeypatch):
+    import transformers
+
     judge_folder = tiny_qwen25_vl(tmp_path / "tiny_judge")
+    loads, load = [], transformers.AutoProcessor.from_pretrained
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda *args, **kwargs: loads.append(kwargs) or load(*args, **kwargs))
     backend = build_backend({"name": "transformers", "path": str(judge_folder), "dtype": "float32",
                              "max_pixels": 1568, "max_new_tokens": 8}, "cpu")
+    assert len(loads) == 1 and loads[0]["max_pixels"] == 1568  # one processor load, with the pixel limit
     png = io.BytesIO()
     picture(3).save(png, format="PNG")
     first = backend.ask(Request("k", "SC", 1, "score the image edit", (png.getvalue(),) * 2, False))

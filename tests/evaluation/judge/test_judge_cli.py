@@ -230,6 +230,17 @@ def replies_file(path: Path) -> Path:
     return path
 
 
+def test_every_backend_setting_is_a_flag_and_comes_back_under_its_config_key():
+    from editlab.evaluation.judge.backends import BACKEND_KEYS, BACKEND_SETTINGS
+
+    values = {"str": "x", "int": "3", "float": "0.5"}
+    argv = [arg for key, kind in BACKEND_SETTINGS.items()
+            for arg in (f"--{cli.FLAG_OF.get(key, key).replace('_', '-')}", values[kind.__name__])]
+    config = cli.backend_config(cli.parse_args(["--benchmark", "gedit", "--edits", ".", "--backend", "scripted",
+                                                *argv]))
+    assert tuple(config) == BACKEND_KEYS and config["path"] == "x" and config["max_tokens"] == 3
+
+
 @pytest.mark.parametrize("option", ["gedit_judge", "imgedit_judge"])
 def test_the_metric_configs_compose_with_their_kind(option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -1,10 +1,15 @@
 """The judged benchmarks' protocols: the prompts are the original scorers' byte for byte, images go as the scorers
-send them, and every reply the official GEdit parser mishandles (conftest's GEDIT_REPLIES) gets a status, never a
+send them, and every reply the official GEdit parser mishandles (judge_helpers' GEDIT_REPLIES) gets a status, never a
 made-up score."""
 
 import hashlib
 import io
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +25,27 @@ from editlab.evaluation.judge.protocols import (
     parse_imgedit,
 )
 
+ROOT = Path(__file__).resolve().parents[3]
 GEDIT_SC_SHA256 = "8f529562c2f89f8db51a3f7cc4d487686f676909c21010b67b0e65ec78150de5"
 GEDIT_PQ_SHA256 = "2473ff2c7406e06545c5c039ceb039ff2604ebacf150868a48f0bf07c9e733b0"
 # PKU-YuanGroup/ImgEdit@547185d Benchmark/Basic/prompts.json, hashed as fetched (f9468dc8…27b5a0)
 IMGEDIT_PROMPTS_SHA256 = "f9468dc848776ee0a6c2e2c31e678c7224e9cb61b013747c8c52d4a05627b5a0"
+
+
+def test_gedits_types_and_languages_are_the_readers_and_gedit_does_not_import_the_judge():
+    from editlab.evaluation import gedit
+    from editlab.evaluation.judge import layouts
+
+    assert layouts.GEDIT_TASK_TYPES is gedit.TASK_TYPES and layouts.GEDIT_LANGUAGES is gedit.LANGUAGES
+    code = ("import sys, editlab.evaluation.gedit; "
+            "sys.exit(any(m.startswith('editlab.evaluation.judge') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}
+                          ).returncode == 0
+
+
+def test_the_prompts_sources_name_the_test_that_checks_them():
+    named = re.findall(r"`(tests/[^`]+\.py)`", (PROMPTS / "SOURCES.md").read_text())
+    assert named and all((ROOT / path).is_file() for path in named)
 
 
 def test_gedit_templates_are_viescores_byte_for_byte():
