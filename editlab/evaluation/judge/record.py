@@ -1,7 +1,8 @@
 """``judge_calls.jsonl``: the append-only record of every judge call, and the resume point of a judging pass.
 
 One line per call attempt: the item's key, task type and language, the case (SC | PQ | imgedit), the attempt, the
-judge's identity, the SHA-256 of each image as sent and of the rendered prompt, the raw reply, what the backend said
+judge's identity (``judge``: backend, model, revision or endpoint, settings hash) and plain id (``judge_id``), the
+SHA-256 of each image as sent and of the rendered prompt, the raw reply, what the backend said
 (``backend_status``, ``message``, the model it named, tokens, latency), the parsed sub-scores, the status and
 whether the line ends its case (``final``: ok, or the last attempt allowed). When ``max_attempts`` is lowered below
 the attempts a case already has, a line that is no call ends it: a copy of its last attempt with ``final`` true and

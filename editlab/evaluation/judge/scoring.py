@@ -89,9 +89,8 @@ class Judge:
             self.new_calls += 1
             record = {"key": key, "task_type": task_type, "language": language, "case": case.name,
                       "attempt": attempt, "judge": self.identity, "judge_id": self.judge_id, **case.fingerprint,
-                      "reply": reply.text,
-                      "backend_status": reply.status, "backend_message": reply.message, "model": reply.model,
-                      "tokens": reply.tokens, "latency_s": round(seconds, 4)}
+                      "reply": reply.text, "backend_status": reply.status, "backend_message": reply.message,
+                      "model": reply.model, "tokens": reply.tokens, "latency_s": round(seconds, 4)}
             parsed = parsed_of(record, self.protocol)
             final = parsed.status == "ok" or attempt == self.max_attempts
             self.calls.append(record | {"scores": list(parsed.scores), "flags": list(parsed.flags),
