@@ -43,6 +43,7 @@ import pandas as pd
 import yaml
 
 from editlab.evaluation.files import current
+from editlab.evaluation.judge.protocols import protocol
 from editlab.evaluation.summary import read_results, summarize
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,6 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-JUDGED = {"gedit": ("gedit_sc", "gedit_pq", "gedit_o"), "imgedit": ("imgedit_avg",)}  # whose failures are noted
 
 
 def with_judged_scores(results: pd.DataFrame, folder: Path) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
@@ -167,13 +167,14 @@ def with_judged_scores(results: pd.DataFrame, folder: Path) -> tuple[pd.DataFram
     noted on its row as the in-run judge notes it; the judge's id (``judge.json``, "" without a pass) and the
     benchmarks judged."""
     judge, judged = "", []
-    for benchmark, noted in JUDGED.items():
+    for benchmark in ("gedit", "imgedit"):
+        noted = protocol(benchmark).scores  # the headline scores, whose failures are noted
         path = folder / f"judge_{benchmark}" / "judge_scores.csv"
         if not path.is_file():
             continue
         try:
             scores = pd.read_csv(path, dtype={"key": str, "status": str, "message": str}, keep_default_na=False,
-                                 na_values={c: ["", "nan"] for c in (*noted, "gedit_sc", "gedit_pq")})
+                                 na_values={c: ["", "nan"] for c in noted})
         except (OSError, ValueError) as err:
             log.warning("%s cannot be read (%s): the job's judged scores are left out", path, err)
             continue

@@ -191,7 +191,8 @@ def test_kontext_on_gedit_then_the_judge_reads_the_job_folder(run_py, tmp_path, 
     replies = {"SC": ['{"score": [7, 6], "reasoning": "ok"}'] * 5, "PQ": ["not a score"] * 5}
     scores = cli.main(["--benchmark", "gedit", "--edits", str(out), "--max-attempts", "1"],
                       backend=ScriptedBackend(default=replies))
-    assert len(scores) == 5 and scores["gedit_sc"].eq(6).all() and scores["gedit_o"].isna().all()
+    assert len(scores) == 5 and scores[["gedit_sc", "gedit_pq", "gedit_o"]].isna().all().all()  # PQ failed
+    assert scores["gedit_sc_overedit"].eq(6).all()  # the SC reply's sub-scores stay
     printed = capsys.readouterr().out
     assert "scored 0/5 items (failures: parse_error 5)" in printed and "all_macro" in printed
     with pytest.raises(SystemExit, match="holds edits of gedit; judge them with --benchmark gedit"):

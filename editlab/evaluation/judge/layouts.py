@@ -73,7 +73,7 @@ def editlab_items(folder: Path, data: Path | None = None, benchmark: str | None 
             continue  # not edited (yet)
         error = f"the run's edit failed: {rows.loc[item.image_id, 'error']}" if rows.loc[item.image_id, "error"] \
             else "" if item.instruction else f"no editing instruction for {item.image_id} in {dataset.root}"
-        beside = dataset.source_beside_edit(folder, item) if hasattr(dataset, "source_beside_edit") else None
+        beside = dataset.source_beside_edit(folder, item)
         try:
             source = beside if beside is not None and beside.is_file() else dataset.image_file(item)
         except ValueError as err:  # an image path leading outside the benchmark, an unreadable image
