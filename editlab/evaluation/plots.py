@@ -128,9 +128,9 @@ def quality_vs_cost(points: pd.DataFrame, path: Path, *, x_label: str, y_label: 
 
 
 def per_edit_type_bars(per_type: pd.DataFrame, path: Path, *, metric_label: str, title: str = "") -> Path | None:
-    """``per_type`` (columns method, edit_type, value: a metric's mean per PIE-Bench edit type, n: the items it
-    averages) as grouped bars, one group per edit type, one bar per method; the items per type under its name, per
-    method in the legend."""
+    """``per_type`` (columns method, edit_type, value: a metric's mean per edit type, PIE-Bench's or a judged
+    benchmark's, n: the items it averages) as grouped bars, one group per edit type, one bar per method; the items
+    per type under its name, per method in the legend."""
     data = _finite(per_type, "value") if len(per_type) else per_type
     if data.empty:
         return None
@@ -140,7 +140,8 @@ def per_edit_type_bars(per_type: pd.DataFrame, path: Path, *, metric_label: str,
     methods = list(dict.fromkeys(data["method"]))
     table = table[methods]
     with mpl.rc_context(STYLE):
-        figure = _figure(max(8.0, 1.1 * len(table) + 3), 5.5)
+        figure_width = max(8.0, 1.1 * len(table) + 3)
+        figure = _figure(figure_width, 5.5)
         ax = figure.add_subplot()
         width = 0.8 / len(methods)
         positions = np.arange(len(table))
@@ -153,9 +154,10 @@ def per_edit_type_bars(per_type: pd.DataFrame, path: Path, *, metric_label: str,
         names = [f"{t} {EDIT_TYPES.get(str(t), '')}".replace("_", " ").strip() + f"\n{span}"
                  for t, span in zip(table.index, spans)]
         ax.set_xticks(positions, names, rotation=30, ha="right")
-        ax.set_xlabel("PIE-Bench edit type")
+        pie_types = all(str(t).isdigit() for t in table.index)  # PIE-Bench's 0-9; GEdit / ImgEdit name theirs
+        ax.set_xlabel("PIE-Bench edit type" if pie_types else "edit type")
         ax.set_ylabel(metric_label)
-        ax.set_title(_title(title, 110))
+        ax.set_title(_title(title, int(7 * figure_width)))  # the legend takes the figure's right part
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
         return _save(figure, path)
