@@ -340,8 +340,9 @@ def _column_value(column: dict, overall: dict, per_type: pd.DataFrame, results: 
 
 def _scored_notes(layout: dict, overall: dict, results: pd.DataFrame) -> list[str]:
     """For each metric a column shows that some items lack (a judge's failed reply, a backbone that failed: the
-    row's note says why), how many of the items it was scored on, and the failures by status."""
-    notes = []
+    row's note says why), how many of the items it was scored on, and the failures by status; metrics that share
+    those counts share a note."""
+    keys_by_note: dict[str, list[str]] = {}
     notes_text = results["note"].fillna("").astype(str) if "note" in results else pd.Series("", results.index)
     for key in dict.fromkeys(c.get("of", c["key"]) for c in layout["columns"]):
         scored, total = overall.get(f"n_{key}"), int(overall.get("n", 0))
@@ -349,8 +350,9 @@ def _scored_notes(layout: dict, overall: dict, results: pd.DataFrame) -> list[st
             continue
         statuses = notes_text.str.extract(rf"\b{re.escape(key)} failed \(judge (\w+)", expand=False).dropna()
         counts = ", ".join(f"{status} {n}" for status, n in statuses.value_counts().sort_index().items())
-        notes.append(f"{key}: scored {int(scored)} / {total} items" + (f" (failed: {counts})" if counts else ""))
-    return notes
+        note = f"scored {int(scored)} / {total} items" + (f" (failed: {counts})" if counts else "")
+        keys_by_note.setdefault(note, []).append(key)
+    return [f"{', '.join(keys)}: {note}" for note, keys in keys_by_note.items()]
 
 
 def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
