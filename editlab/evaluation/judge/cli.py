@@ -34,7 +34,7 @@ from editlab.evaluation.judge.backends import BACKEND_SETTINGS, BACKENDS, build_
 from editlab.evaluation.judge.layouts import editlab_items, gedit_items, imgedit_items, is_job_folder
 from editlab.evaluation.judge.protocols import protocol as make_protocol
 from editlab.evaluation.judge.record import CallLog, pass_record, replay_judge, replayed_judge
-from editlab.evaluation.judge.scoring import Judge, JudgeItem, judge_items
+from editlab.evaluation.judge.scoring import STATUS_UNREACHED, Judge, JudgeItem, judge_items
 from editlab.evaluation.judge.summary import format_summary, summarize
 from editlab.models.errors import ModelLoadError
 from editlab.models.safe_load import UnsafeWeightsError
@@ -207,9 +207,15 @@ def main(argv: Sequence[str] | None = None, backend=None) -> pd.DataFrame | None
     print(f"{protocol.title}; judge: {record.get('judge', record['backend'])}; scored {record['n_scored']}/"
           f"{record['n_total']} items (failures: {failures}); {judge.new_calls} judge calls this pass -> {out}")
     print(format_summary(summary))
+    if unreached := int((scores["status"] == STATUS_UNREACHED).sum()):
+        first = scores.loc[scores["status"] == STATUS_UNREACHED, "message"].iloc[0]
+        print(f"{unreached} items: the judge was not reached ({first}); run the same command again to ask it again "
+              "(the other items' replies are kept)")
     return scores
 
 
 def cli() -> None:
-    """The ``editlab-judge`` command."""
-    main()
+    """The ``editlab-judge`` command; exit status 1 when the judge could not be reached for some items."""
+    scores = main()
+    if scores is not None and (scores["status"] == STATUS_UNREACHED).any():
+        raise SystemExit(1)

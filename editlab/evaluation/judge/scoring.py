@@ -28,6 +28,7 @@ from editlab.evaluation.piebench import load_rgb_image
 
 log = logging.getLogger(__name__)
 STATUS_INPUT = "input_error"  # an item that could not be judged at all (missing or unreadable image, unknown type)
+STATUS_UNREACHED = "api_error"  # the judge gave no answer (network, rate limit, server): asked again on a later pass
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,20 @@ class Judge:
     def _case(self, key: str, task_type: str, language: str, case) -> Parsed:
         replay = self.backend is None
         previous = self.calls.attempts(key, case.name, case.fingerprint | {"judge": self.identity})
-        if finals := [r for r in previous if r["final"]]:
-            return parsed_of(finals[-1], self.protocol)
+        finals = [k for k, r in enumerate(previous) if r["final"]]
+        if finals and (replay or previous[finals[-1]]["status"] != STATUS_UNREACHED):
+            return parsed_of(previous[finals[-1]], self.protocol)
         if replay:
             return Parsed("api_error", message="no final call in the log for this item and case (--from-log calls "
                                                "no judge: run without it to judge the item)")
-        if len(previous) >= self.max_attempts:  # max_attempts lowered below the attempts made: the last one is final
-            return self._close(previous[-1])
+        # a case whose judge was never reached (network, rate limit, server) is asked again by a later pass, in a
+        # round of max_attempts attempts of its own; a reply, even an unparseable one, is the judge's answer
+        pending = previous[finals[-1] + 1:] if finals else previous  # the attempts of the open round
+        last_attempt = len(previous) - len(pending) + self.max_attempts
+        if len(pending) >= self.max_attempts:  # max_attempts lowered below the attempts made: the last one is final
+            return self._close(pending[-1])
         parsed = None
-        for attempt in range(len(previous) + 1, self.max_attempts + 1):
+        for attempt in range(len(previous) + 1, last_attempt + 1):
             request = Request(key, case.name, attempt, case.prompt, case.images, case.text_first)
             reply, seconds = timed(self.backend, request)
             self.new_calls += 1
@@ -92,7 +98,7 @@ class Judge:
                       "reply": reply.text, "backend_status": reply.status, "backend_message": reply.message,
                       "model": reply.model, "tokens": reply.tokens, "latency_s": round(seconds, 4)}
             parsed = parsed_of(record, self.protocol)
-            final = parsed.status == "ok" or attempt == self.max_attempts
+            final = parsed.status == "ok" or attempt == last_attempt
             self.calls.append(record | {"scores": list(parsed.scores), "flags": list(parsed.flags),
                                         "status": parsed.status, "message": parsed.message, "final": final,
                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -335,3 +335,13 @@ def test_a_judge_that_cannot_be_loaded_stops_or_with_warn_leaves_its_columns_una
     assert all(np.isnan(v) for v in row.values()) and not (tmp_path / "judge_calls.jsonl").exists()
     with pytest.raises(ValueError, match="metrics.backend.replies: the scripted judge needs"):
         build_metrics(cfg | {"on_missing": "warn", "backend": {"name": "scripted"}})  # a config error always stops
+
+
+def test_the_command_exits_1_when_the_judge_was_not_reached_for_some_items(monkeypatch):
+    unreached = pd.DataFrame({"status": ["ok", "api_error"], "message": ["", "HTTP 429"]})
+    monkeypatch.setattr(cli, "main", lambda: unreached)
+    with pytest.raises(SystemExit) as exited:
+        cli.cli()
+    assert exited.value.code == 1
+    monkeypatch.setattr(cli, "main", lambda: pd.DataFrame({"status": ["ok", "parse_error"], "message": ["", "x"]}))
+    cli.cli()  # a reply that does not parse is the judge's answer: counted, not an error of the command

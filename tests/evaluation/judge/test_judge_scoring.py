@@ -140,6 +140,27 @@ def test_resume_after_a_kill_loses_no_reply_and_repeats_no_call(tmp_path, kill_a
     pd.testing.assert_frame_equal(scores, reference)
 
 
+def test_an_unreached_judge_is_asked_again_by_the_next_pass_and_an_answer_is_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    down = scripted(sc=[{"status": "api_error", "message": "ConnectError: no route to host"}])
+    first = gedit_pass(tmp_path / "run", out, down)
+    assert (first["status"] == "api_error").all() and down.calls == 6 * 3 + 6  # 3 SC attempts each; PQ answered
+    assert "6 items: the judge was not reached (SC: ConnectError: no route to host); run the same command again" in \
+        capsys.readouterr().out
+    up = scripted()
+    second = gedit_pass(tmp_path / "run", out, up)
+    assert up.calls == 6 and (second["status"] == "ok").all()  # only the unreached SC calls are made again
+    records = read_jsonl(out / "judge_calls.jsonl")
+    attempts = [(r["key"], r["case"], r["attempt"]) for r in records]
+    assert len(attempts) == len(set(attempts)) and max(a for _, case, a in attempts if case == "SC") == 4
+    third = scripted()
+    pd.testing.assert_frame_equal(gedit_pass(tmp_path / "run", out, third), second)
+    assert third.calls == 0  # answered cases are final
+    replayed = cli.main(["--benchmark", "gedit", "--edits", str(tmp_path / "run" / "model"), "--metadata",
+                         str(tmp_path / "run" / "gedit_meta.json"), "--out", str(out), "--from-log"])
+    pd.testing.assert_frame_equal(replayed, second)
+
+
 def test_a_torn_last_line_is_skipped_reported_and_its_call_made_again(tmp_path, caplog):
     out = tmp_path / "out"
     gedit_pass(tmp_path / "run", out, scripted())
