@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from editlab.evaluation.judge.protocols import GEditProtocol, ImgEditProtocol
+
 
 @dataclass(frozen=True)
 class Request:
@@ -53,6 +55,9 @@ class Reply:
     message: str = ""
     model: str = ""  # the model the server says answered
     tokens: dict[str, int] = field(default_factory=dict)
+
+
+SCRIPTED_CASES = ("", *GEditProtocol.cases, *ImgEditProtocol.cases)  # "": any case
 
 
 class ScriptedBackend:
@@ -87,6 +92,9 @@ class ScriptedBackend:
                                      "; a reply's parse status comes from parsing its 'reply')")
                 if status == "ok" and not isinstance(entry.get("reply"), str):
                     raise ValueError("a reply with status 'ok' needs 'reply', the judge's text")
+                if (case := entry.get("case", "")) not in SCRIPTED_CASES:
+                    raise ValueError(f"case {case!r} is not a protocol's call: {', '.join(SCRIPTED_CASES[1:])} "
+                                     "(or no case: any)")
             except ValueError as err:
                 raise ValueError(f"{path} line {number}: {err}; each line is a JSON object such as "
                                  '{"key": "k1", "case": "SC", "reply": "..."}') from None

@@ -199,6 +199,7 @@ def test_scripted_replies_from_a_file_by_item_case_and_attempt(tmp_path):
     ({"status": "parse_error"}, "status 'parse_error' is not one"),
     ({"key": "k1", "status": "ok"}, "a reply with status 'ok' needs 'reply'"),
     ({"key": "k1", "reply": 7}, "a reply with status 'ok' needs 'reply'"),
+    ({"case": "sc", "reply": "{}"}, "case 'sc' is not a protocol's call: SC, PQ, imgedit"),
 ])
 def test_scripted_replies_file_refuses_an_unknown_status_naming_file_and_line(tmp_path, line, says):
     path = tmp_path / "replies.jsonl"
