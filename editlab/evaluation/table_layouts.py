@@ -355,6 +355,18 @@ def _scored_notes(layout: dict, overall: dict, results: pd.DataFrame) -> list[st
     return [f"{', '.join(keys)}: {note}" for note, keys in keys_by_note.items()]
 
 
+def _macro_notes(layout: dict, per_type: pd.DataFrame) -> list[str]:
+    """Why a macro column is undefined where some types have a mean: the types without one (columns undefined for
+    the same types share a note)."""
+    keys_by_types: dict[str, list[str]] = {}
+    for column in (c for c in layout["columns"] if c.get("mean") == "macro" and c["of"] in per_type):
+        means = pd.to_numeric(per_type[column["of"]], errors="coerce")
+        if means.isna().any() and means.notna().any():
+            keys_by_types.setdefault(", ".join(per_type.loc[means.isna(), "edit_type"].astype(str)), []).append(
+                column["key"])
+    return [f"{', '.join(keys)}: undefined, no scored item of type {types}" for types, keys in keys_by_types.items()]
+
+
 def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     groups: dict[str, list[Job]] = {}
     for job in sorted(matched, key=lambda j: j.mtime):
@@ -393,7 +405,7 @@ def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
     succeeded = results[(errors == "").to_numpy()]
     result.values = {c["key"]: _column_value(c, overall, result.per_type, succeeded, result.jobs)
                      for c in layout["columns"]}
-    result.notes += _scored_notes(layout, overall, succeeded)
+    result.notes += _scored_notes(layout, overall, succeeded) + _macro_notes(layout, result.per_type)
     sharded = sorted({k for job in result.jobs for k in job.set_metrics} if len(result.jobs) > 1 else set())
     if sharded:
         result.notes.append(f"{', '.join(sharded)}: {len(result.jobs)} shards each scored their own part, which is "

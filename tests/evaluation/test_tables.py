@@ -200,6 +200,7 @@ def test_a_macro_column_averages_the_edit_types_means_and_the_bare_key_the_items
     make_job(tmp_path / "job", values={"score": [1.0, 1.0, 1.0, math.nan]}, items=4, edit_types=("1", "1", "1", "2"))
     (row,) = table_layouts.resolve("m", tables.find_jobs([tmp_path / "job"]))
     assert row.values["score"] == pytest.approx(1.0) and math.isnan(row.values["score_macro"])  # type 2: none scored
+    assert "score_macro: undefined, no scored item of type 2" in row.notes
     broken = {"m": {**layout["m"], "columns": [{"key": "x", "name": "x", "direction": "↑", "mean": "median"}]}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken, allow_unicode=True))
     with pytest.raises(ValueError, match="mean: macro"):
