@@ -50,8 +50,8 @@ TIDY_COLUMNS = ("layout", "row", "label", "group", "column", "name", "direction"
 
 
 def describe_runs(layout: dict, results: list[RowResult]) -> str:
-    """What the rows' jobs ran: model, data set, items per row and the layout's ``run_settings`` (each a config key's
-    values over the jobs of its rows)."""
+    """What the rows' jobs ran: model, data set, items per row, the layout's ``run_settings`` (each a config key's
+    values over the jobs of its rows) and the judge of judged scores."""
     ran = [r for r in results if r.status in (OK, "reference")]
     if not ran:
         return "nothing run"
@@ -64,6 +64,8 @@ def describe_runs(layout: dict, results: list[RowResult]) -> str:
     items = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     parts = [f"model {values('model.name')}", f"data set {values('dataset.name')}", f"{items} items per row"]
     parts += [f"{s['name']} {v}" for s in layout.get("run_settings", ()) if (v := values(s["key"], s.get("rows")))]
+    if judges := sorted({job.judge for r in ran for job in r.jobs if job.judge}):
+        parts.append(f"judge {' / '.join(judges)}")
     return ", ".join(parts)
 
 

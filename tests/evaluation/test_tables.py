@@ -252,6 +252,7 @@ def test_a_post_hoc_judging_pass_fills_the_judged_columns_of_its_job(tmp_path):
     assert kontext.loc["gedit_o", "ours"] == pytest.approx(6.0)
     assert kontext.loc["gedit_o_macro", "ours"] == pytest.approx(5.5)
     assert kontext.loc["gedit_o_macro", "paper"] == 6.0  # judged by GPT-4.1: beside the paper's
+    assert table.attrs["ran"].endswith("judge gpt-4.1")
     assert "gedit_sc, gedit_pq, gedit_o: scored 3 / 4 items (failed: api_error 1)" in " ".join(table.attrs["notes"])
 
 
