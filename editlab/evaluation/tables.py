@@ -121,8 +121,25 @@ def build_table(layout_id: str, jobs: list[Job]) -> pd.DataFrame:
                        "comparable with the paper's")
     table.attrs.update(layout=layout_id, title=layout["title"], setup=layout.get("setup", ""),
                        ran=describe_runs(layout, results), source=" ".join(layout["source"].split()),
-                       header=heading, notes=notes, context=context)
+                       header=heading, notes=notes, context=context,
+                       per_type=None if (by_type := per_type_table(layout, results)) is None else
+                       by_type.to_dict("records"))  # records, not a frame: pandas compares attrs
     return table
+
+
+def per_type_table(layout: dict, results: list[RowResult]) -> pd.DataFrame | None:
+    """The layout's ``per_type`` columns per row and edit type: their means and the items scored of the type's
+    (the fewest over the columns), for a benchmark whose papers report types (GEdit's 11 task types); None without."""
+    columns = layout.get("per_type")
+    frames = [result.per_type.reindex(columns=["edit_type", "n", *columns, *(f"n_{c}" for c in columns)])
+              .assign(method=result.row["label"]) for result in results
+              if columns and result.status == OK and result.per_type is not None]
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    counts = table[[f"n_{c}" for c in columns]].apply(lambda col: col.fillna(table["n"]))  # absent: none failed
+    table["scored"] = counts.min(axis=1).astype(int).astype(str) + " / " + table["n"].astype(int).astype(str)
+    return table[["method", "edit_type", *columns, "scored"]].rename(columns={"edit_type": "type"})
 
 
 def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = None, plots: bool = True,
@@ -133,6 +150,10 @@ def write_outputs(table: pd.DataFrame, outdir: Path, jobs: list[Job] | None = No
     outdir.mkdir(parents=True, exist_ok=True)
     layout_id = table.attrs["layout"]
     texts = {outdir / f"table_{layout_id}.{fmt}": render(table, fmt, delta) for fmt in ("md", "tex", "csv")}
+    if (records := table.attrs.get("per_type")) is not None:
+        per_type = pd.DataFrame(records)
+        texts[outdir / f"table_{layout_id}_per_type.csv"] = per_type.to_csv(index=False)
+        texts[outdir / f"table_{layout_id}_per_type.md"] = per_type.to_markdown(index=False, floatfmt=".2f") + "\n"
     for path, text in texts.items():  # all rendered first: a failing format leaves no file of the set half-new
         atomic_write_text(path, text)
     written = list(texts)
@@ -151,7 +172,10 @@ def lay_out(layouts: list[str], jobs: list[Job], outdir: Path, delta: bool = Fal
         files = write_outputs(table, outdir, jobs, delta=delta)
         tables[f"tables/{layout_id}"] = table.astype({"n": int})
         plots += [f for f in files if f.suffix == ".png"]
-        texts.append(f"{render(table, delta=delta)}\nwritten: {', '.join(str(f) for f in files)}")
+        records = table.attrs.get("per_type")
+        by_type = "" if records is None else \
+            f"\nper type:\n{pd.DataFrame(records).to_string(index=False, float_format=lambda v: f'{v:.2f}')}"
+        texts.append(f"{render(table, delta=delta)}{by_type}\nwritten: {', '.join(str(f) for f in files)}")
     return texts, tables, plots
 
 

@@ -253,6 +253,11 @@ def test_a_post_hoc_judging_pass_fills_the_judged_columns_of_its_job(tmp_path):
     assert kontext.loc["gedit_o_macro", "ours"] == pytest.approx(5.5)
     assert kontext.loc["gedit_o_macro", "paper"] == 6.0  # judged by GPT-4.1: beside the paper's
     assert table.attrs["ran"].endswith("judge gpt-4.1")
+    by_type = pd.DataFrame(table.attrs["per_type"]).set_index("type")  # the per-type table beside it
+    assert by_type.loc["a", "gedit_o"] == 4.0 and by_type.loc["b", "gedit_o"] == pytest.approx(7.0)
+    assert list(by_type["scored"]) == ["1 / 1", "2 / 3"]
+    files = tables.write_outputs(table, tmp_path / "out", [job], plots=False)
+    assert {f.name for f in files} >= {"table_gedit_per_type.csv", "table_gedit_per_type.md"}
     assert "gedit_sc, gedit_pq, gedit_o: scored 3 / 4 items (failed: api_error 1)" in " ".join(table.attrs["notes"])
 
 
