@@ -8,7 +8,7 @@ diffusers' `FluxKontextPipeline` (diffusers >= 0.35.0) over the loaded FLUX-fami
    resolutions Kontext was trained on (1024² for a square image); without, the image's own size. Both are floored
    to multiples of twice the VAE factor and resized the pipeline's way (its image processor). The editor encodes
    the reference itself, where the pipeline would encode it in the compute dtype, so a bf16 transformer runs with
-   the fp32 VAE; the result is the pipeline's own encoding.
+   the fp32 VAE; in fp32 the result is the pipeline's own encoding.
 2. Output size: the image's aspect at ``max_area`` pixels (default: the model's resolution², i.e. the pipeline's
    1024² for flux_kontext_dev), each side floored to that multiple, as the pipeline computes it.
 3. Sample: the pipeline's ``num_steps`` Euler steps on linspace(1, 1/N, N) with the dynamic shift of the output's
@@ -100,14 +100,19 @@ class FluxKontextEditor(Editor):
         # T5 carries the instruction and must take all of it; CLIP gives only its pooled vector, from the first 77
         # tokens, as the pipeline (and BFL's reference code) cut it for every Kontext instruction
         check_tokens(instruction, c.tokenizer_2, c.options["max_sequence_length"], "T5 (model.max_sequence_length)")
-        width, height = request.image.size
+        image = request.image.convert("RGB")  # the VAE takes three channels (a grey or RGBA source given directly)
+        width, height = image.size
         # 1. The reference, resized the pipeline's way and encoded by the components' VAE: [1, 16, h_r, w_r].
         ref_w, ref_h = reference_size(width, height, self.auto_resize, self.multiple)
-        resized = pipe.image_processor.resize(request.image, ref_h, ref_w)
+        out_w, out_h = kontext_size(width, height, self.max_area, self.multiple)
+        if min(ref_w, ref_h, out_w, out_h) < self.multiple:
+            raise ValueError(f"a {width}x{height} source gives a {ref_w}x{ref_h} reference and a {out_w}x{out_h} "
+                             f"output, below one {self.multiple}-pixel token: crop it to a less extreme aspect or "
+                             "set editor.auto_resize=true / a larger editor.max_area")
+        resized = pipe.image_processor.resize(image, ref_h, ref_w)
         pixels = pipe.image_processor.preprocess(resized, ref_h, ref_w)  # [1, 3, H_r, W_r] in [-1, 1]
         reference = vae_encode(c.vae, pixels.to(c.device))
         # 2.-3. Sample at the output size; tokens [1, (h/2)(w/2), 64] in the compute dtype.
-        out_w, out_h = kontext_size(width, height, self.max_area, self.multiple)
         tokens = pipe(
             image=reference.to(c.dtype), prompt=instruction, height=height, width=width, max_area=self.max_area,
             num_inference_steps=self.num_steps, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale,

@@ -72,12 +72,13 @@ class QwenImageEditEditor(Editor):
     def _edit(self, request: EditRequest) -> EditResult:
         c = self.components
         instruction = required_instruction(request, self.name)
-        width, height = request.image.size
+        image = request.image.convert("RGB")  # the VAE takes three channels (a grey or RGBA source given directly)
+        width, height = image.size
         # the pipelines' default output size (their calculate_dimensions) at max_area: [aspect, 32-px multiples]
         out_w = max(32, round((self.max_area * width / height) ** 0.5 / 32) * 32)
         out_h = max(32, round((self.max_area * height / width) ** 0.5 / 32) * 32)
         images = self.pipe(
-            image=request.image, prompt=instruction, negative_prompt=self.negative_prompt,
+            image=image, prompt=instruction, negative_prompt=self.negative_prompt,
             true_cfg_scale=self.true_cfg_scale, height=out_h, width=out_w, num_inference_steps=self.num_steps,
             max_sequence_length=c.options["max_sequence_length"], generator=request.generator(), output_type="pt",
         ).images  # [1, 3, H, W] in [0, 1]

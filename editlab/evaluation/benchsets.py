@@ -57,12 +57,14 @@ def download(benchmark: str, revision: str, to: str | Path) -> Path:
 
     repo, patterns = HUB[benchmark]
     check_target(Path(to), repo, revision)
+    Path(to).mkdir(parents=True, exist_ok=True)  # the record first: a killed download is resumed, never mistaken
+    (Path(to) / REVISION_FILE).write_text(json.dumps({"repo": repo, "revision": revision, "complete": False}))
     folder = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision, local_dir=to,
                                     allow_patterns=patterns))
     if benchmark == "imgedit":
         with tarfile.open(folder / "Benchmark.tar") as archive:
             archive.extractall(folder, filter="data")  # no file outside the folder, no links out of it
-    (folder / REVISION_FILE).write_text(json.dumps({"repo": repo, "revision": revision}))
+    (folder / REVISION_FILE).write_text(json.dumps({"repo": repo, "revision": revision, "complete": True}))
     return folder
 
 
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = download(args.benchmark, args.revision, args.to)
     except (ValueError, OSError, tarfile.TarError) as err:
         sys.exit(f"error: {err}")
+    except TypeError as err:  # tarfile's extraction filters came with Python 3.10.12 / 3.11.4
+        sys.exit(f"error: unpacking needs Python >= 3.10.12 (or 3.11.4), which filters what an archive may write "
+                 f"({err})")
     print(folder)
 
 

@@ -77,6 +77,9 @@ def local_revision(root: Path) -> str | None:
             raise ValueError(f"{record} cannot be read ({err}); download the copy again") from None
         if repo != REPO:
             raise ValueError(f"{record} says the folder holds {repo}, not {REPO}: set dataset.root to GEdit-Bench")
+        if recorded.get("complete") is False:
+            raise ValueError(f"{root} is an unfinished download: run `python -m editlab.evaluation.benchsets download "
+                             f"gedit --revision {revision} --to {root}` again to complete it")
         return str(revision)
     if root.parent.name == "snapshots" and SHA.fullmatch(root.name):
         return root.name

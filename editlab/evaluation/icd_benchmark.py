@@ -48,6 +48,8 @@ def parse_blend_words(value: object, where: str) -> tuple[str, str] | None:
 class IcdCsvDataset(ItemSet):
     """Items of one iCD benchmark CSV, filtered by ``limit`` and sharded like `PieBenchDataset`."""
 
+    provides = ItemSet.provides - {"instruction"}  # captions only: an instruction editor is refused up front
+
     def __init__(self, csv: str | Path, images: str | Path | None = None, limit: int | None = None,
                  shard: int = 0, num_shards: int = 1) -> None:
         if not 0 <= shard < num_shards:

@@ -200,6 +200,21 @@ def test_qwen_settings_reach_the_pipeline(qwen):
     assert wide.edited.size == (80, 40)  # back at the source's size for the metrics
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_a_grey_or_rgba_source_is_edited_as_rgb(mode, kontext, qwen):
+    source = Image.new(mode, (64, 64), 120)
+    for config, model in ((KONTEXT, kontext), ({**QWEN, "num_steps": 2}, qwen)):
+        with build_editor(config, model) as editor:
+            result = editor.edit(EditRequest(source, "", "", "turn it green"))
+        assert result.edited.mode == "RGB" and result.edited.size == (64, 64)
+
+
+def test_kontext_refuses_a_source_too_narrow_for_one_token(kontext):
+    too_narrow = r"a 7x64 source gives a 0x64 reference .* below one \d+-pixel"
+    with build_editor(KONTEXT, kontext) as editor, pytest.raises(ValueError, match=too_narrow):
+        editor.edit(EditRequest(Image.new("RGB", (7, 64)), "", "", "turn it green"))
+
+
 def test_qwen_refusals(qwen, monkeypatch):
     with pytest.raises(EditorConfigError, match="true_cfg_scale=4.0 needs editor.negative_prompt"):
         build_editor({**QWEN, "negative_prompt": None}, qwen)

@@ -408,3 +408,24 @@ def test_download_writes_over_nothing_it_did_not_put_there(fake_hub, tmp_path):
     with pytest.raises(SystemExit, match=f"holds {REPO} at {SHA}, not {REPO} at {'b' * 40}"):
         benchsets.main(["download", "gedit", "--revision", "b" * 40, "--to", str(copy)])
     assert len(fake_hub) == 2
+
+
+def test_a_killed_download_is_completed_by_the_same_command_and_not_read_before(fake_hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    complete = huggingface_hub.snapshot_download
+
+    def killed(repo_id, **kwargs):
+        (Path(kwargs["local_dir"]) / "half.arrow").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", killed)
+    copy = tmp_path / "GEdit-Bench"
+    with pytest.raises(KeyboardInterrupt):
+        benchsets.main(["download", "gedit", "--revision", SHA, "--to", str(copy)])
+    with pytest.raises(ValueError, match="is an unfinished download: run .*benchsets download gedit --revision"):
+        gedit(copy, tmp_path / "cache", revision=SHA)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", complete)
+    (copy / "half.arrow").unlink()  # what the hub client would replace
+    benchsets.main(["download", "gedit", "--revision", SHA, "--to", str(copy)])  # the same command resumes
+    assert len(gedit(copy, tmp_path / "cache", revision=SHA)) == 5

@@ -198,3 +198,14 @@ def test_kontext_on_gedit_then_the_judge_reads_the_job_folder(run_py, tmp_path, 
     with pytest.raises(SystemExit, match="holds edits of gedit; judge them with --benchmark gedit"):
         cli.main(["--benchmark", "imgedit", "--edits", str(out), "--out", str(tmp_path / "img")],
                  backend=ScriptedBackend(default=replies))
+
+
+def test_an_instruction_editor_is_refused_up_front_on_icd_caption_csvs(tmp_path):
+    from editlab.evaluation.icd_benchmark import IcdCsvDataset
+
+    (tmp_path / "pairs.csv").write_text("file_name,old_caption,edited_caption\na.png,a cat,a dog\n")
+    data = IcdCsvDataset(tmp_path / "pairs.csv", tmp_path)
+    cfg = OmegaConf.create({"editor": {"name": "flux_kontext"}, "dataset": {"name": "icd_csv"}})
+    with pytest.raises(ValueError, match="editor flux_kontext reads an editing instruction, which the items of "
+                                         "dataset=icd_csv do not have"):
+        check_fits_dataset(cfg, data)

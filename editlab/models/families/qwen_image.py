@@ -76,10 +76,10 @@ def qwen_processor(tokenizer: Qwen2Tokenizer, max_pixels: int) -> Qwen2VLProcess
 
 def build_tiny_qwen_image(seed: int = 0) -> dict[str, Any]:
     """Tiny random Qwen-Image-shaped model: a 2-block transformer 32 wide (rotary axes 8 + 4 + 4 = the 16-wide heads),
-    a 4-channel causal VAE of factor 8 (64² images <-> 8² latents <-> 4² tokens), a 2-layer Qwen2.5-VL 16 wide whose
-    processor sees at most 56² pixels (4 image tokens), with `qwen_char_tokenizer`. The pipelines resize the
-    reference to about 1024² whatever the model, so the VAE encodes 1024² images and the transformer attends over
-    64² reference tokens: about a second per step on a CPU."""
+    a 4-channel causal VAE of factor 16 (five levels: 64² images <-> 4² latents <-> 2² tokens), a 2-layer Qwen2.5-VL
+    16 wide whose processor sees at most 56² pixels (4 image tokens), with `qwen_char_tokenizer`. The pipelines
+    resize the reference to about 1024² whatever the model, so the VAE encodes 1024² images and the transformer
+    attends over 32² reference tokens: about a second per step on a CPU."""
     z = 4
     torch.manual_seed(seed)
     transformer = diffusers_class("QwenImageTransformer2DModel", SINCE)(
