@@ -39,6 +39,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from PIL import Image
 from tqdm import tqdm
 
+from editlab.conf import group_config
 from editlab.editors.base import TASKS, EditRequest, EditResult, build_editor
 from editlab.evaluation.backbones import failure_notes
 from editlab.evaluation.datasets import build_dataset
@@ -276,9 +277,6 @@ def reference_images(dataset: PieBenchDataset) -> list[Path]:
     return sorted(references)
 
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
 def model_for(model: dict[str, Any], editor: str) -> dict[str, Any]:
     """``model`` as ``editor`` runs on it: the model's ``variants`` entry of the editor's name updates the model's keys
     (the toy model's InstructPix2Pix UNet for instruct_pix2pix) or names another model config that replaces it (the
@@ -286,8 +284,7 @@ def model_for(model: dict[str, Any], editor: str) -> dict[str, Any]:
     model = dict(model)
     variant = (model.pop("variants", None) or {}).get(editor) or {}
     if isinstance(variant, str):  # its Hydra defaults (a default precision) are the configured model's to give
-        loaded = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{variant}.yaml"), resolve=True)
-        return {key: value for key, value in loaded.items() if key != "defaults"}
+        return group_config("model", variant)
     return {**model, **variant}
 
 

@@ -21,13 +21,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from editlab.conf import group_config
 from editlab.evaluation.gedit import LANGUAGES as GEDIT_LANGUAGES
 from editlab.evaluation.gedit import TASK_TYPES as GEDIT_TASK_TYPES
 from editlab.evaluation.judge.scoring import JudgeItem
 from editlab.evaluation.piebench import edited_image_path
 from editlab.evaluation.summary import read_results
-
-DATASET_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
 
 def is_job_folder(folder: Path) -> bool:
@@ -37,17 +36,16 @@ def is_job_folder(folder: Path) -> bool:
 def job_dataset(folder: Path, data: Path | None = None):
     """The benchmark a job ran on, rebuilt from its ``job.json`` (the dataset config's defaults under the keys the
     job recorded; ``data``: another copy of it). Rows select the items, so limits and shards need not be known."""
-    from omegaconf import OmegaConf
-
     from editlab.evaluation.datasets import build_dataset
 
     job = json.loads((folder / "job.json").read_text())
     recorded = {key.split(".", 1)[1]: value for key, value in job.get("config", {}).items()
                 if key.startswith("dataset.")}
     name = recorded.get("name") or "pie_bench"
-    defaults = OmegaConf.load(DATASET_CONFIGS / f"{name}.yaml") if (DATASET_CONFIGS / f"{name}.yaml").is_file() \
-        else OmegaConf.create({"kind": "piebench"})
-    cfg = {key: value for key, value in OmegaConf.to_container(defaults, resolve=True).items() if key != "defaults"}
+    try:
+        cfg = group_config("dataset", name)
+    except FileNotFoundError:  # a dataset config of the user's own: a PIE-Bench-format folder
+        cfg = {"kind": "piebench"}
     cfg |= {key: value for key, value in recorded.items() if key not in ("limit", "ids", "shard", "num_shards")}
     root = data or (Path(job["dataset_root"]) if job.get("dataset_root") else None)
     if root is None:

@@ -7,14 +7,14 @@ teacher's samples and round trips."""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from editlab.conf import CONF, group_config
 from editlab.diffusion.solver import euler_step, midpoint_step, solve
 from editlab.experiments.toy_build.data import EVAL_EDIT_STREAM, item_rng
 from editlab.experiments.toy_build.flow import FLOW_FOLDER
@@ -28,11 +28,9 @@ from editlab.models.images import to_uint8
 from editlab.models.loading import load_components
 from editlab.toyworld.scenes import make_edit
 
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the package's Hydra configs (the editors' settings)
 FP32 = {"dtype": "float32", "vae_dtype": "float32"}  # the bars are measured in full precision
 TEACHER_SCALES = (3.0, 5.0, 7.5)  # the CFG scales of the teacher's samples; 3: the toy tour's guidance
 ROUND_TRIP_SCALE = 7.5  # the CFG scale of the guided round trips (SD's usual one, as in Null-Text Inversion)
-FLOW_MODEL = CONF / "model" / "toy_flow.yaml"
 FLOW_SAMPLE_STEPS, FLOW_SAMPLE_SCALE = 28, 3.0  # SD3's default step count; the toy's best CFG
 
 
@@ -144,7 +142,7 @@ def flow_report(w: World, judge: ToyClip, z0: torch.Tensor, vae_psnr: float) -> 
     regeneration of held-out scenes (their own captions, `eval_steps` steps) with Euler and with the midpoint rule
     (RF-Solver's step, twice the calls), against the VAE's own PSNR on them (the ceiling)."""
     p, held = w.profile, w.heldout
-    model = {**OmegaConf.to_container(OmegaConf.load(FLOW_MODEL), resolve=True),
+    model = {**group_config("model", "toy_flow"),
              "path": str((w.out / FLOW_FOLDER).resolve()), "vae_path": str((w.out / "vae").resolve())}
     c = load_components(model, FP32, {"mode": "none"}, str(w.device))
     m = min(p.teacher_images, len(held.captions))
