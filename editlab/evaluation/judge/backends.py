@@ -19,7 +19,6 @@ judge again. ``describe()`` is what ``judge.json`` records of it (no secret): ``
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from editlab.evaluation.judge.protocols import GEditProtocol, ImgEditProtocol
+from editlab.evaluation.judge.protocols import GEditProtocol, ImgEditProtocol, sha256
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class ScriptedBackend:
 def settings_sha256(settings: Mapping[str, Any]) -> str:
     """SHA-256 of the settings that change a judge's replies (canonical JSON): part of the judge's identity, so a
     pass with other settings judges again instead of reusing replies made under the old ones."""
-    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode()).hexdigest()
+    return sha256(json.dumps(dict(settings), sort_keys=True))
 
 
 def data_uri(png: bytes) -> str:
