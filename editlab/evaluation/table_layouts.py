@@ -338,33 +338,40 @@ def _column_value(column: dict, overall: dict, per_type: pd.DataFrame, results: 
     return math.nan  # none, or one per shard: a set metric of parts is not the whole set's (noted in _fill)
 
 
+def _shared_notes(notes: Iterable[tuple[str, str]]) -> list[str]:
+    """``(key, note)`` pairs as ``"key, key: note"`` lines, the keys of one note on one line, in first-seen order."""
+    keys_by_note: dict[str, list[str]] = {}
+    for key, note in notes:
+        keys_by_note.setdefault(note, []).append(key)
+    return [f"{', '.join(keys)}: {note}" for note, keys in keys_by_note.items()]
+
+
 def _scored_notes(layout: dict, overall: dict, results: pd.DataFrame) -> list[str]:
     """For each metric a column shows that some items lack (a judge's failed reply, a backbone that failed: the
     row's note says why), how many of the items it was scored on, and the failures by status; metrics that share
     those counts share a note."""
-    keys_by_note: dict[str, list[str]] = {}
     notes_text = results["note"].fillna("").astype(str) if "note" in results else pd.Series("", results.index)
+    notes = []
     for key in dict.fromkeys(c.get("of", c["key"]) for c in layout["columns"]):
         scored, total = overall.get(f"n_{key}"), int(overall.get("n", 0))
         if scored is None or pd.isna(scored) or int(scored) >= total:
             continue
         statuses = notes_text.str.extract(rf"\b{re.escape(key)} failed \(judge (\w+)", expand=False).dropna()
         counts = ", ".join(f"{status} {n}" for status, n in statuses.value_counts().sort_index().items())
-        note = f"scored {int(scored)} / {total} items" + (f" (failed: {counts})" if counts else "")
-        keys_by_note.setdefault(note, []).append(key)
-    return [f"{', '.join(keys)}: {note}" for note, keys in keys_by_note.items()]
+        notes.append((key, f"scored {int(scored)} / {total} items" + (f" (failed: {counts})" if counts else "")))
+    return _shared_notes(notes)
 
 
 def _macro_notes(layout: dict, per_type: pd.DataFrame) -> list[str]:
     """Why a macro column is undefined where some types have a mean: the types without one (columns undefined for
     the same types share a note)."""
-    keys_by_types: dict[str, list[str]] = {}
+    notes = []
     for column in (c for c in layout["columns"] if c.get("mean") == "macro" and c["of"] in per_type):
         means = pd.to_numeric(per_type[column["of"]], errors="coerce")
         if means.isna().any() and means.notna().any():
-            keys_by_types.setdefault(", ".join(per_type.loc[means.isna(), "edit_type"].astype(str)), []).append(
-                column["key"])
-    return [f"{', '.join(keys)}: undefined, no scored item of type {types}" for types, keys in keys_by_types.items()]
+            missing = ", ".join(per_type.loc[means.isna(), "edit_type"].astype(str))
+            notes.append((column["key"], f"undefined, no scored item of type {missing}"))
+    return _shared_notes(notes)
 
 
 def _fill(result: RowResult, layout: dict, matched: list[Job]) -> None:
