@@ -91,7 +91,6 @@ class FluxKontextEditor(Editor):
             text_encoder=c.text_encoder, tokenizer=c.tokenizer, text_encoder_2=c.text_encoder_2,
             tokenizer_2=c.tokenizer_2, transformer=c.transformer,
         )
-        self.pipe.set_progress_bar_config(disable=True)
         attach_pipeline(c, self.pipe)
 
     def _edit(self, request: EditRequest) -> EditResult:

@@ -61,7 +61,6 @@ class InstructPix2PixEditor(Editor):
             vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        self.pipe.set_progress_bar_config(disable=True)
         attach_pipeline(c, self.pipe)
 
     def sample(self, image_latents: torch.Tensor, instruction: str, generator: torch.Generator) -> torch.Tensor:

@@ -98,7 +98,6 @@ class LCMControlNetEditor(Editor):
             tokenizer_2=c.tokenizer_2, unet=c.unet, controlnet=self.controlnet, scheduler=scheduler,
             add_watermarker=False,
         )
-        self.pipe.set_progress_bar_config(disable=True)
         if attention_slicing:
             self.pipe.enable_attention_slicing()
         attach_pipeline(c, self.pipe)

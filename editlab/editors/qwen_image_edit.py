@@ -66,7 +66,6 @@ class QwenImageEditEditor(Editor):
         self.negative_prompt = negative_prompt if true_cfg_scale > 1 else None
         # its own scheduler (the model's config): the pipeline's stepping state stays out of the shared model
         self.pipe = c.family.pipeline(c, FlowMatchEulerDiscreteScheduler.from_config(c.scheduler.config))
-        self.pipe.set_progress_bar_config(disable=True)
         attach_pipeline(c, self.pipe)
 
     def _edit(self, request: EditRequest) -> EditResult:

@@ -195,8 +195,10 @@ def attach_pipeline(components: Components, pipe: DiffusionPipeline) -> Diffusio
 
     Without offload its modules are moved there. With offload, diffusers' hooks are re-installed on ``pipe``: that
     offloads the modules only it holds too, and lets its ``__call__`` put every model back when it ends. The hooks also
-    fire when the modules are called directly, so `Components` helpers keep working.
+    fire when the modules are called directly, so `Components` helpers keep working. Its own progress bar is off:
+    it runs inside the harness's.
     """
+    pipe.set_progress_bar_config(disable=True)
     if components.offload == "none":
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
